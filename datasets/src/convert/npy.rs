@@ -1,0 +1,187 @@
+//! NumPy `.npy` arrays: images `(N, ...)` of uint8 or float, labels `(N,)` of integers.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use npyz::{DType, NpyFile, Order};
+
+use super::{shape_for, ConvertSummary};
+use crate::error::{DataError, Result};
+use crate::format::{DataSchema, PixelType};
+use crate::writer::{DatasetWriter, PixelSlice, Rows, WriterSpec};
+
+type Npy = NpyFile<BufReader<File>>;
+
+fn open_npy(path: &Path) -> Result<(Npy, String, Vec<usize>)> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let npy = NpyFile::new(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| DataError::input(path, format!("not a readable .npy file: {e}")))?;
+    let type_str = match npy.dtype() {
+        DType::Plain(ts) => ts.to_string(),
+        other => {
+            return Err(DataError::input(
+                path,
+                format!("dtype {} is not a plain numeric type", other.descr()),
+            ))
+        }
+    };
+    if npy.order() == Order::Fortran && npy.shape().len() > 1 {
+        return Err(DataError::input(
+            path,
+            "is in Fortran order; expected C order (np.ascontiguousarray)",
+        ));
+    }
+    let shape = npy.shape().iter().map(|d| *d as usize).collect();
+    Ok((npy, type_str, shape))
+}
+
+fn read_all<T: npyz::Deserialize>(npy: Npy, path: &Path) -> Result<Vec<T>> {
+    npy.into_vec::<T>()
+        .map_err(|e| DataError::input(path, format!("truncated or unreadable data: {e}")))
+}
+
+fn read_labels(path: &Path, rows: usize) -> Result<Vec<Option<i64>>> {
+    let (npy, ts, shape) = open_npy(path)?;
+    if shape != [rows] {
+        return Err(DataError::input(
+            path,
+            format!("labels have shape {shape:?}, expected [{rows}] to match the images"),
+        ));
+    }
+    let values: Vec<i64> = match &ts[1..] {
+        "u1" => read_all::<u8>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "i1" => read_all::<i8>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "u2" => read_all::<u16>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "i2" => read_all::<i16>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "u4" => read_all::<u32>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "i4" => read_all::<i32>(npy, path)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "i8" => read_all::<i64>(npy, path)?,
+        _ => {
+            return Err(DataError::input(
+                path,
+                format!("labels have dtype {ts}, expected an integer dtype"),
+            ))
+        }
+    };
+    if let Some(i) = values.iter().position(|v| *v < 0) {
+        return Err(DataError::input(
+            path,
+            format!("label {} at index {i}; expected labels ≥ 0", values[i]),
+        ));
+    }
+    Ok(values.into_iter().map(Some).collect())
+}
+
+/// Converts an `(N, ...)` image array (and optionally `(N,)` labels) to Parquet at `out`.
+/// uint8 arrays stay uint8; float arrays become float32 and must be finite.
+pub fn convert_npy(
+    images: &Path,
+    labels: Option<&Path>,
+    out: &Path,
+    shape: Option<&[usize]>,
+    row_group_size: usize,
+) -> Result<ConvertSummary> {
+    let (npy, ts, dims) = open_npy(images)?;
+    if dims.len() < 2 || dims.contains(&0) {
+        return Err(DataError::input(
+            images,
+            format!("array shape {dims:?}; expected (N, ...) with N ≥ 1 and at least one value per example"),
+        ));
+    }
+    let rows = dims[0];
+    let dim: usize = dims[1..].iter().product();
+    let shape = match shape {
+        Some(s) => shape_for(dim, Some(s), images)?,
+        None => dims[1..].to_vec(),
+    };
+    let pixels = match &ts[1..] {
+        "u1" => Pixels::Uint8(read_all::<u8>(npy, images)?),
+        "f4" => Pixels::Float32(read_all::<f32>(npy, images)?),
+        "f8" => Pixels::Float32(
+            read_all::<f64>(npy, images)?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        ),
+        _ => {
+            return Err(DataError::input(
+                images,
+                format!("dtype {ts}, expected uint8, float32 or float64"),
+            ))
+        }
+    };
+    if let Pixels::Float32(v) = &pixels {
+        if let Some(i) = v.iter().position(|f| !f.is_finite()) {
+            return Err(DataError::input(
+                images,
+                format!(
+                    "example {} holds {} at element {}; expected finite values",
+                    i / dim,
+                    v[i],
+                    i % dim
+                ),
+            ));
+        }
+    }
+    let labels = labels.map(|p| read_labels(p, rows)).transpose()?;
+    let pixel = match pixels {
+        Pixels::Uint8(_) => PixelType::Uint8,
+        Pixels::Float32(_) => PixelType::Float32,
+    };
+    let spec = WriterSpec {
+        schema: DataSchema {
+            shape: shape.clone(),
+            dim,
+            pixel,
+            has_label: labels.is_some(),
+            has_id: true,
+        },
+        extra_columns: vec![],
+        row_group_size,
+    };
+    let mut writer = DatasetWriter::create(out, spec)?;
+    for start in (0..rows).step_by(row_group_size) {
+        let end = (start + row_group_size).min(rows);
+        let ids: Vec<u64> = (start as u64..end as u64).collect();
+        let x = match &pixels {
+            Pixels::Uint8(v) => PixelSlice::Uint8(&v[start * dim..end * dim]),
+            Pixels::Float32(v) => PixelSlice::Float32(&v[start * dim..end * dim]),
+        };
+        writer.write(Rows {
+            x,
+            labels: labels.as_ref().map(|l| &l[start..end]),
+            ids: Some(&ids),
+            extra: &[],
+        })?;
+    }
+    let rows = writer.finish()?;
+    Ok(ConvertSummary {
+        rows,
+        shape,
+        labeled: if labels.is_some() { rows } else { 0 },
+    })
+}
+
+enum Pixels {
+    Uint8(Vec<u8>),
+    Float32(Vec<f32>),
+}

@@ -1,0 +1,301 @@
+//! The data plan: which rows each rank reads at each step, exactly once per epoch.
+//!
+//! Each epoch has one *global order* of all rows, a function of (seed, epoch) and the dataset
+//! alone — never of the world size:
+//! 1. the chunks (row groups) are permuted with a seed derived from (seed, epoch), and their rows
+//!    laid end to end;
+//! 2. that sequence is cut into windows of `shuffle_window` rows (rounded up to a multiple of the
+//!    batch size), and each window is permuted with a seed derived from (seed, epoch, window) —
+//!    a bounded shuffle, like a shuffle buffer of that size.
+//!
+//! Step `t` consumes positions `[t·B, (t+1)·B)` of the global order (the last batch of an epoch
+//! may be short). Its rows are sorted by where they lie in the chunk sequence and cut into
+//! `world` contiguous, near-equal parts; rank `r` takes part `r`. So the rows of a global batch
+//! are the same whatever the world size (N workers train like one process), each rank reads
+//! mostly its own slice of every window's row groups, and a [`Cursor`] is just (epoch, step):
+//! resuming, or re-dealing the rest of an epoch to another world size, visits every remaining
+//! row exactly once.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::seed::derive_seed;
+
+/// A row of the dataset: a chunk index (into the chunk list the plan was built from) and a row
+/// within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RowRef {
+    /// Chunk index.
+    pub chunk: u32,
+    /// Row within the chunk.
+    pub row: u32,
+}
+
+/// Position in the data plan: the next step to take in an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Epoch, from 0.
+    pub epoch: u64,
+    /// Steps of that epoch already taken.
+    pub step: u64,
+}
+
+impl Cursor {
+    /// The start of an epoch.
+    pub fn start(epoch: u64) -> Self {
+        Cursor { epoch, step: 0 }
+    }
+}
+
+const CHUNK_STREAM: u64 = 1;
+const WINDOW_STREAM: u64 = 2;
+
+/// The plan of a dataset for one run: chunk sizes, seed, global batch size and shuffle window.
+#[derive(Debug, Clone)]
+pub struct DataPlan {
+    chunk_rows: Vec<u64>,
+    rows: u64,
+    seed: u64,
+    batch: u64,
+    window: u64,
+    shuffle: bool,
+}
+
+impl DataPlan {
+    /// A plan over chunks of the given row counts. `shuffle_window` is rounded up to a multiple
+    /// of `batch_size`. With `shuffle` false the global order is the file order (for evaluation).
+    pub fn new(
+        chunk_rows: Vec<u64>,
+        seed: u64,
+        batch_size: u64,
+        shuffle_window: u64,
+        shuffle: bool,
+    ) -> Result<Self> {
+        if batch_size == 0 || shuffle_window == 0 {
+            return Err(DataError::Invalid(format!(
+                "data plan: batch size ({batch_size}) and shuffle window ({shuffle_window}) must be positive"
+            )));
+        }
+        if chunk_rows.len() > u32::MAX as usize
+            || chunk_rows.iter().any(|r| *r > u64::from(u32::MAX))
+        {
+            return Err(DataError::Invalid(
+                "data plan: at most 2^32 chunks of at most 2^32 rows each".into(),
+            ));
+        }
+        let rows = chunk_rows.iter().sum();
+        if rows == 0 {
+            return Err(DataError::Invalid(
+                "data plan: the dataset has no rows".into(),
+            ));
+        }
+        let window = shuffle_window.div_ceil(batch_size) * batch_size;
+        Ok(DataPlan {
+            chunk_rows,
+            rows,
+            seed,
+            batch: batch_size,
+            window,
+            shuffle,
+        })
+    }
+
+    /// Rows per epoch.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Global batch size.
+    pub fn batch_size(&self) -> u64 {
+        self.batch
+    }
+
+    /// Steps per epoch (the last may be short).
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.rows.div_ceil(self.batch)
+    }
+
+    /// Rows in the global batch of a step.
+    pub fn batch_rows(&self, step: u64) -> u64 {
+        self.batch.min(self.rows.saturating_sub(step * self.batch))
+    }
+
+    /// The global order of one epoch.
+    pub fn epoch(&self, epoch: u64) -> EpochOrder<'_> {
+        let mut order: Vec<u32> = (0..self.chunk_rows.len() as u32).collect();
+        if self.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, &[CHUNK_STREAM, epoch]));
+            order.shuffle(&mut rng);
+        }
+        let mut starts = Vec::with_capacity(order.len());
+        let mut at = 0u64;
+        for &c in &order {
+            starts.push(at);
+            at += self.chunk_rows[c as usize];
+        }
+        EpochOrder {
+            plan: self,
+            epoch,
+            order,
+            starts,
+        }
+    }
+
+    /// The batches rank `rank` of `world` reads from `cursor` to the end of the cursor's epoch.
+    pub fn rank_plan(&self, cursor: Cursor, world: u32, rank: u32) -> Result<RankPlan<'_>> {
+        if world == 0 || rank >= world {
+            return Err(DataError::Invalid(format!(
+                "data plan: rank {rank} is not in a world of {world}"
+            )));
+        }
+        if cursor.step > self.steps_per_epoch() {
+            return Err(DataError::Invalid(format!(
+                "data plan: cursor step {} is past the end of the epoch ({} steps)",
+                cursor.step,
+                self.steps_per_epoch()
+            )));
+        }
+        Ok(RankPlan {
+            order: self.epoch(cursor.epoch),
+            window: None,
+            next_step: cursor.step,
+            world,
+            rank,
+        })
+    }
+
+    /// `rank_plan` from the start of an epoch.
+    pub fn plan(&self, epoch: u64, world: u32, rank: u32) -> Result<RankPlan<'_>> {
+        self.rank_plan(Cursor::start(epoch), world, rank)
+    }
+}
+
+/// The global order of one epoch.
+#[derive(Debug, Clone)]
+pub struct EpochOrder<'a> {
+    plan: &'a DataPlan,
+    epoch: u64,
+    order: Vec<u32>,
+    starts: Vec<u64>,
+}
+
+impl EpochOrder<'_> {
+    /// Offsets into the epoch's chunk sequence of the positions of window `index`, in order.
+    fn window(&self, index: u64) -> Vec<u64> {
+        let start = index * self.plan.window;
+        let end = (start + self.plan.window).min(self.plan.rows);
+        let mut offsets: Vec<u64> = (start..end).collect();
+        if self.plan.shuffle {
+            let seed = derive_seed(self.plan.seed, &[WINDOW_STREAM, self.epoch, index]);
+            offsets.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        }
+        offsets
+    }
+
+    /// The row at an offset of the chunk sequence.
+    fn row_at(&self, offset: u64) -> RowRef {
+        let i = self.starts.partition_point(|s| *s <= offset) - 1;
+        RowRef {
+            chunk: self.order[i],
+            row: (offset - self.starts[i]) as u32,
+        }
+    }
+}
+
+/// The batches of one rank, step by step, to the end of an epoch.
+#[derive(Debug, Clone)]
+pub struct RankPlan<'a> {
+    order: EpochOrder<'a>,
+    window: Option<(u64, Vec<u64>)>,
+    next_step: u64,
+    world: u32,
+    rank: u32,
+}
+
+/// One step of a rank's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedBatch {
+    /// Where the plan stands after this batch.
+    pub cursor_after: Cursor,
+    /// Rows of the whole global batch (all ranks).
+    pub global_rows: u64,
+    /// This rank's rows, sorted by position in the chunk sequence.
+    pub rows: Vec<RowRef>,
+}
+
+impl RankPlan<'_> {
+    /// The cursor of the next batch.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            epoch: self.order.epoch,
+            step: self.next_step,
+        }
+    }
+
+    /// Steps per shuffle window.
+    pub fn steps_per_window(&self) -> u64 {
+        self.order.plan.window / self.order.plan.batch
+    }
+
+    /// The remaining batches of the current shuffle window (empty at the end of the epoch).
+    /// Reading window by window lets a reader know when a decoded chunk is needed for the
+    /// last time.
+    pub fn next_window(&mut self) -> Vec<PlannedBatch> {
+        let per_window = self.steps_per_window();
+        let end = (self.next_step / per_window + 1) * per_window;
+        let mut batches = Vec::new();
+        while self.next_step < end {
+            match self.next() {
+                Some(b) => batches.push(b),
+                None => break,
+            }
+        }
+        batches
+    }
+}
+
+impl Iterator for RankPlan<'_> {
+    type Item = PlannedBatch;
+
+    fn next(&mut self) -> Option<PlannedBatch> {
+        let plan = self.order.plan;
+        let step = self.next_step;
+        if step >= plan.steps_per_epoch() {
+            return None;
+        }
+        let window_index = step / self.steps_per_window();
+        if self.window.as_ref().map(|(i, _)| *i) != Some(window_index) {
+            self.window = Some((window_index, self.order.window(window_index)));
+        }
+        let (_, window) = self.window.as_ref().expect("window was just set");
+        let first = (step * plan.batch - window_index * plan.window) as usize;
+        let global_rows = plan.batch_rows(step);
+        let mut offsets = window[first..first + global_rows as usize].to_vec();
+        offsets.sort_unstable();
+        let (lo, hi) = share(global_rows, self.world, self.rank);
+        let rows = offsets[lo as usize..hi as usize]
+            .iter()
+            .map(|o| self.order.row_at(*o))
+            .collect();
+        self.next_step += 1;
+        Some(PlannedBatch {
+            cursor_after: self.cursor(),
+            global_rows,
+            rows,
+        })
+    }
+}
+
+/// The half-open range of `n` items that rank `rank` of `world` takes: near-equal contiguous
+/// parts, the first `n % world` ranks one larger.
+pub fn share(n: u64, world: u32, rank: u32) -> (u64, u64) {
+    let (w, r) = (u64::from(world), u64::from(rank));
+    let base = n / w;
+    let extra = n % w;
+    let lo = r * base + r.min(extra);
+    let hi = lo + base + u64::from(r < extra);
+    (lo, hi)
+}

@@ -1,0 +1,300 @@
+//! Bad input: each case is a clear error naming the file (and row group/column where known).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::types::UInt8Type;
+use arrow_array::{
+    ArrayRef, FixedSizeListArray, Float32Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    UInt8Array,
+};
+use arrow_schema::{DataType, Field, Schema};
+use common::write_u8;
+use elbo_datasets::{inspect, BatchStream, Binarize, Binarizer, DataError, Dataset};
+use parquet::arrow::ArrowWriter;
+
+fn write_raw(path: &Path, columns: Vec<(&str, ArrayRef)>, metadata: &[(&str, &str)]) {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
+    let meta = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, meta));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .unwrap();
+    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+fn fsl_u8(rows: usize, dim: i32) -> ArrayRef {
+    let values = UInt8Array::from(vec![1u8; rows * dim as usize]);
+    Arc::new(
+        FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", DataType::UInt8, true)),
+            dim,
+            Arc::new(values),
+            None,
+        )
+        .unwrap(),
+    )
+}
+
+fn fsl_f32(values: Vec<f32>, dim: i32) -> ArrayRef {
+    Arc::new(
+        FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", DataType::Float32, true)),
+            dim,
+            Arc::new(Float32Array::from(values)),
+            None,
+        )
+        .unwrap(),
+    )
+}
+
+/// Opens and reads every row group; returns the error text.
+fn read_error(spec: &str) -> String {
+    let result = Dataset::open(spec).and_then(|ds| inspect(&ds).map(|_| ()));
+    match result {
+        Ok(()) => panic!("{spec} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_file() {
+    let msg = read_error("/nonexistent/dir/x.parquet");
+    assert!(msg.contains("/nonexistent/dir/x.parquet"), "{msg}");
+}
+
+#[test]
+fn not_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("notes.parquet");
+    std::fs::write(&p, b"hello, this is not parquet at all").unwrap();
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("notes.parquet") && msg.contains("not a readable Parquet file"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn truncated_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_u8(&dir.path().join("t.parquet"), 0, 100, 8, 10);
+    let bytes = std::fs::read(&p).unwrap();
+    for cut in [bytes.len() / 2, bytes.len() - 3] {
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let msg = read_error(p.to_str().unwrap());
+        assert!(
+            msg.contains("t.parquet") && msg.contains("not a readable Parquet file"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn corrupted_row_group_names_the_row_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_u8(&dir.path().join("c.parquet"), 0, 100, 8, 10);
+    let mut bytes = std::fs::read(&p).unwrap();
+    // Overwrite data pages (after the 4-byte magic), keep the footer intact.
+    for b in &mut bytes[4..200] {
+        *b = 0xff;
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("c.parquet") && msg.contains("row group"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_column_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_raw(
+        &p,
+        vec![("x", Arc::new(Int32Array::from(vec![1, 2, 3])))],
+        &[],
+    );
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("w.parquet")
+            && msg.contains("column `x` has type Int32")
+            && msg.contains("FixedSizeList<UInt8>"),
+        "{msg}"
+    );
+
+    let p = dir.path().join("no_x.parquet");
+    write_raw(&p, vec![("pixels", fsl_u8(2, 4))], &[]);
+    assert!(read_error(p.to_str().unwrap()).contains("no column `x`"));
+
+    let p = dir.path().join("label.parquet");
+    write_raw(
+        &p,
+        vec![
+            ("x", fsl_u8(2, 4)),
+            ("label", Arc::new(Float32Array::from(vec![1.0, 2.0]))),
+        ],
+        &[],
+    );
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("column `label` has type Float32, expected Int64"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn variable_length_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("list.parquet");
+    let lists = ListArray::from_iter_primitive::<UInt8Type, _, _>(vec![
+        Some(vec![Some(1u8), Some(2)]),
+        Some(vec![Some(3u8)]),
+    ]);
+    write_raw(&p, vec![("x", Arc::new(lists))], &[]);
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("list.parquet") && msg.contains("column `x` has type List"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn shape_metadata_must_match_list_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.parquet");
+    write_raw(
+        &p,
+        vec![("x", fsl_u8(2, 784))],
+        &[("elbo.shape", "1,28,27")],
+    );
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("s.parquet")
+            && msg.contains("1,28,27 has 756 elements")
+            && msg.contains("784"),
+        "{msg}"
+    );
+    write_raw(
+        &p,
+        vec![("x", fsl_u8(2, 784))],
+        &[("elbo.shape", "28 by 28")],
+    );
+    assert!(read_error(p.to_str().unwrap()).contains("expected positive integers"));
+}
+
+#[test]
+fn non_finite_values() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bad) in [("nan.parquet", f32::NAN), ("inf.parquet", f32::INFINITY)] {
+        let p = dir.path().join(name);
+        let mut v = vec![0.5f32; 12];
+        v[9] = bad;
+        write_raw(&p, vec![("x", fsl_f32(v, 4))], &[]);
+        let msg = read_error(p.to_str().unwrap());
+        assert!(
+            msg.contains(name)
+                && msg.contains("row group 0")
+                && msg.contains("row 2")
+                && msg.contains("finite"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn negative_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("neg.parquet");
+    write_raw(
+        &p,
+        vec![
+            ("x", fsl_u8(3, 4)),
+            (
+                "label",
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(-2)])),
+            ),
+        ],
+        &[],
+    );
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("neg.parquet") && msg.contains("column `label`") && msg.contains("-2"),
+        "{msg}"
+    );
+    // The stream reports it too (training must not silently use it).
+    let ds = std::sync::Arc::new(Dataset::open(p.to_str().unwrap()).unwrap());
+    let plan = ds.plan(0, 3, 3, true).unwrap();
+    let mut s = BatchStream::new(
+        ds.clone(),
+        plan.plan(0, 1, 0).unwrap(),
+        Binarizer::new(Binarize::None, 0),
+        1,
+    );
+    assert!(matches!(s.next(), Some(Err(DataError::Value { .. }))));
+    assert!(s.next().is_none(), "a failed stream ends");
+}
+
+#[test]
+fn mismatched_schemas_in_one_glob() {
+    let dir = tempfile::tempdir().unwrap();
+    write_u8(&dir.path().join("a.parquet"), 0, 10, 8, 5);
+    write_u8(&dir.path().join("b.parquet"), 10, 10, 9, 5);
+    let msg = read_error(&format!("{}/*.parquet", dir.path().display()));
+    assert!(
+        msg.contains("b.parquet") && msg.contains("a.parquet") && msg.contains("schema differs"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn empty_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = read_error(dir.path().to_str().unwrap());
+    assert!(msg.contains("no *.parquet files"), "{msg}");
+    let msg = read_error(&format!("{}/*.parquet", dir.path().display()));
+    assert!(msg.contains("no files match"), "{msg}");
+    let p = dir.path().join("zero.parquet");
+    write_raw(&p, vec![("x", fsl_u8(0, 4))], &[]);
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("zero.parquet") && msg.contains("no rows"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn null_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("null.parquet");
+    let values = UInt8Array::from(vec![1u8; 12]);
+    let nulls = arrow_buffer::NullBuffer::from(vec![true, false, true]);
+    let x = FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::UInt8, true)),
+        4,
+        Arc::new(values),
+        Some(nulls),
+    )
+    .unwrap();
+    write_raw(&p, vec![("x", Arc::new(x))], &[]);
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("null.parquet")
+            && msg.contains("row group 0")
+            && msg.contains("null or empty example"),
+        "{msg}"
+    );
+}

@@ -1,0 +1,16 @@
+//! The typed, layered configuration of an elbo run.
+//!
+//! Layers, in increasing priority: built-in defaults, a TOML file, `ELBO__SECTION__KEY`
+//! environment variables, and `--set section.key=value` flags. An unknown key or a value of the
+//! wrong type is an error that names the key and the layer it came from; nothing falls back to a
+//! default silently.
+
+mod load;
+mod schema;
+mod validate;
+
+pub use load::{known_keys, load, Layers, Origin, SettingsError, ENV_PREFIX, ENV_SEPARATOR};
+pub use schema::{
+    Binarize, ClusterConfig, Config, DataConfig, ModelConfig, ModelKind, Optimizer, RunConfig,
+    SpritesConfig, TrainConfig,
+};

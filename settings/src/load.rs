@@ -1,0 +1,351 @@
+//! Layered loading: defaults ← TOML file ← environment ← `--set` flags.
+//!
+//! Every layer is checked on its own against the set of known keys before the layers are merged,
+//! so an unknown key is reported with the layer that introduced it; a value of the wrong type is
+//! reported with the layer that set it last (the one that won the merge).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{ConfigError, Environment, File, FileFormat, Map, Source, Value, ValueKind};
+
+use crate::schema::Config;
+use crate::validate::validate;
+
+/// Prefix of environment variables read as config (`ELBO__TRAIN__BATCH_SIZE`).
+pub const ENV_PREFIX: &str = "ELBO";
+/// Separator between the prefix and key path segments in environment variable names.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// The inputs of one config resolution, in increasing priority.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    /// A TOML file (`--config FILE`).
+    pub file: Option<PathBuf>,
+    /// The process environment (only `ELBO__*` variables are read).
+    pub env: Vec<(String, String)>,
+    /// `--set KEY=VALUE` flags, in command-line order (a later one wins).
+    pub flags: Vec<String>,
+}
+
+/// Where a config value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in defaults.
+    Default,
+    /// A TOML file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A `--set` flag.
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => write!(f, "built-in defaults"),
+            Origin::File(p) => write!(f, "config file {}", p.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "flag --set {flag}"),
+        }
+    }
+}
+
+/// Errors of config resolution. Each names the key and the source.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A key that the schema does not have.
+    #[error("unknown config key `{key}` (from {origin}){hint}")]
+    UnknownKey {
+        /// The dotted key.
+        key: String,
+        /// The layer that set it.
+        origin: Origin,
+        /// A suggestion (`; did you mean …?`) or the list of keys of the section.
+        hint: String,
+    },
+    /// A value that does not have the expected type or is out of range.
+    #[error("invalid value for config key `{key}` (from {origin}): {message}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// The layer that set it.
+        origin: Origin,
+        /// What was found and what was expected.
+        message: String,
+    },
+    /// A `--set` flag that is not `KEY=VALUE`.
+    #[error("malformed flag --set {0:?}: expected KEY=VALUE, e.g. --set train.batch_size=256")]
+    BadFlag(String),
+    /// The config file is missing, unreadable or not valid TOML.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A `--set` flag layer as a `config` source.
+#[derive(Debug, Clone)]
+struct Flags(Vec<(String, String)>);
+
+impl Source for Flags {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, ConfigError> {
+        let mut root = Map::new();
+        for (key, raw) in &self.0 {
+            let origin = format!("--set {key}");
+            insert_dotted(&mut root, key, Value::new(Some(&origin), raw.as_str()));
+        }
+        Ok(root)
+    }
+}
+
+fn insert_dotted(table: &mut Map<String, Value>, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            table.insert(key.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let entry = table
+                .entry(head.to_string())
+                .or_insert_with(|| Value::new(None, Map::<String, Value>::new()));
+            if !matches!(entry.kind, ValueKind::Table(_)) {
+                *entry = Value::new(None, Map::<String, Value>::new());
+            }
+            if let ValueKind::Table(sub) = &mut entry.kind {
+                insert_dotted(sub, rest, value);
+            }
+        }
+    }
+}
+
+fn flatten(prefix: &str, table: &Map<String, Value>, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match &v.kind {
+            ValueKind::Table(sub) if !sub.is_empty() => flatten(&key, sub, out),
+            _ => out.push(key),
+        }
+    }
+}
+
+fn flat_keys(source: &dyn Source) -> Result<Vec<String>, ConfigError> {
+    let mut keys = Vec::new();
+    flatten("", &source.collect()?, &mut keys);
+    Ok(keys)
+}
+
+/// All leaf keys of the schema, dotted, sorted.
+pub fn known_keys() -> Vec<String> {
+    let defaults = config::Config::try_from(&Config::default())
+        .expect("the default config serialises to a table");
+    let mut keys = flat_keys(&defaults).expect("the default config collects");
+    keys.sort();
+    keys
+}
+
+fn parse_flags(flags: &[String]) -> Result<Vec<(String, String)>, SettingsError> {
+    flags
+        .iter()
+        .map(|flag| match flag.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => Err(SettingsError::BadFlag(flag.clone())),
+        })
+        .collect()
+}
+
+fn env_var_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+        key.replace('.', ENV_SEPARATOR).to_uppercase()
+    )
+}
+
+/// Checks one layer's keys against the schema and records which layer set each key.
+fn check_layer(
+    keys: Vec<String>,
+    origin_of: impl Fn(&str) -> Origin,
+    known: &[String],
+    winners: &mut BTreeMap<String, Origin>,
+) -> Result<(), SettingsError> {
+    for key in keys {
+        let origin = origin_of(&key);
+        if known.binary_search(&key).is_err() {
+            return Err(SettingsError::UnknownKey {
+                hint: hint_for(&key, known),
+                key,
+                origin,
+            });
+        }
+        winners.insert(key, origin);
+    }
+    Ok(())
+}
+
+fn hint_for(key: &str, known: &[String]) -> String {
+    let section = format!("{key}.");
+    let children: Vec<&str> = known
+        .iter()
+        .filter(|k| k.starts_with(&section))
+        .map(String::as_str)
+        .collect();
+    if !children.is_empty() {
+        return format!(
+            "; `{key}` is a section, expected a table with keys {}",
+            children.join(", ")
+        );
+    }
+    let best = known
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .min()
+        .filter(|(d, _)| *d <= 3);
+    match best {
+        Some((_, k)) => format!("; did you mean `{k}`?"),
+        None => format!("; known keys: {}", known.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Splits a `config` deserialisation error into the key it concerns and a message.
+fn describe(err: &ConfigError) -> (Option<String>, String) {
+    match err {
+        ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => (
+            key.clone(),
+            format!("found {unexpected}, expected {expected}"),
+        ),
+        ConfigError::At { error, key, .. } => {
+            let (inner_key, message) = describe(error);
+            (key.clone().or(inner_key), message)
+        }
+        other => (None, other.to_string()),
+    }
+}
+
+/// Resolves the config from all layers, validates it and fills derived defaults.
+pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
+    let known = known_keys();
+    let mut winners: BTreeMap<String, Origin> =
+        known.iter().map(|k| (k.clone(), Origin::Default)).collect();
+    let defaults = config::Config::try_from(&Config::default())
+        .expect("the default config serialises to a table");
+    let mut builder = config::Config::builder().add_source(defaults);
+
+    if let Some(path) = &layers.file {
+        let file_err = |message: String| SettingsError::File {
+            path: path.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let source = File::from_str(&text, FileFormat::Toml);
+        let keys = flat_keys(&source).map_err(|e| file_err(e.to_string()))?;
+        check_layer(keys, |_| Origin::File(path.clone()), &known, &mut winners)?;
+        builder = builder.add_source(source);
+    }
+
+    let env_map: Map<String, String> = layers
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .cloned()
+        .collect();
+    let env = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .source(Some(env_map));
+    let keys = flat_keys(&env).map_err(|e| SettingsError::Invalid {
+        key: String::new(),
+        origin: Origin::Env(ENV_PREFIX.into()),
+        message: e.to_string(),
+    })?;
+    check_layer(keys, |k| Origin::Env(env_var_name(k)), &known, &mut winners)?;
+    builder = builder.add_source(env);
+
+    let flags = Flags(parse_flags(&layers.flags)?);
+    let flag_origin = |k: &str| {
+        let raw = flags
+            .0
+            .iter()
+            .rev()
+            .find(|(fk, _)| fk == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        Origin::Flag(format!("{k}={raw}"))
+    };
+    let keys = flat_keys(&flags).expect("flags collect infallibly");
+    check_layer(keys, flag_origin, &known, &mut winners)?;
+    builder = builder.add_source(flags.clone());
+
+    let origin_of = |key: &str| winners.get(key).cloned().unwrap_or(Origin::Default);
+    let with_choices = |key: &str, message: String| match crate::schema::choices(key) {
+        Some(choices) => format!("{message}; expected one of: {}", choices.join(", ")),
+        None => message,
+    };
+    let merged = builder.build().map_err(|e| {
+        let (key, message) = describe(&e);
+        let key = key.unwrap_or_default();
+        SettingsError::Invalid {
+            origin: origin_of(&key),
+            message: with_choices(&key, message),
+            key,
+        }
+    })?;
+    let mut cfg: Config = merged.try_deserialize().map_err(|e| {
+        let (key, message) = describe(&e);
+        let key = key.unwrap_or_default();
+        SettingsError::Invalid {
+            origin: origin_of(&key),
+            message: with_choices(&key, message),
+            key,
+        }
+    })?;
+    validate(&cfg).map_err(|(key, message)| SettingsError::Invalid {
+        origin: origin_of(key),
+        key: key.to_string(),
+        message,
+    })?;
+    if cfg.run.dir.is_empty() {
+        cfg.run.dir = Path::new("runs")
+            .join(&cfg.run.name)
+            .to_string_lossy()
+            .into_owned();
+    }
+    Ok(cfg)
+}
+
+impl Config {
+    /// The config as TOML, as `elbo config show` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serialises to TOML")
+    }
+}

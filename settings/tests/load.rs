@@ -1,0 +1,232 @@
+//! Layering and error reporting of the config.
+
+use std::path::PathBuf;
+
+use elbo_settings::{load, Binarize, Config, Layers, ModelKind, Optimizer, Origin, SettingsError};
+
+fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn flags(f: &[&str]) -> Vec<String> {
+    f.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn defaults_resolve_the_run_directory() {
+    let cfg = load(&Layers::default()).unwrap();
+    let mut want = Config::default();
+    want.run.dir = "runs/default".into();
+    assert_eq!(cfg, want);
+}
+
+#[test]
+fn layers_apply_in_order_file_env_flags() {
+    let (_d, path) = file("[train]\nbatch_size = 64\nlr = 0.01\nepochs = 3\n[model]\nkind = \"beta_vae\"\n[data]\nbinarize = \"dynamic\"\n");
+    let layers = Layers {
+        file: Some(path),
+        env: env(&[
+            ("ELBO__TRAIN__BATCH_SIZE", "256"),
+            ("ELBO__TRAIN__LR", "0.5"),
+            ("HOME", "/x"),
+            ("ELBO_LOG", "debug"),
+        ]),
+        flags: flags(&[
+            "train.lr=0.002",
+            "run.name=exp1",
+            "train.optimizer=sgd",
+            "train.optimizer=adamw",
+        ]),
+    };
+    let cfg = load(&layers).unwrap();
+    assert_eq!(cfg.train.epochs, 3, "file");
+    assert_eq!(cfg.train.batch_size, 256, "env over file");
+    assert_eq!(cfg.train.lr, 0.002, "flag over env");
+    assert_eq!(cfg.train.optimizer, Optimizer::Adamw, "last flag wins");
+    assert_eq!(cfg.model.kind, ModelKind::BetaVae);
+    assert_eq!(cfg.data.binarize, Binarize::Dynamic);
+    assert_eq!(cfg.run.dir, "runs/exp1");
+    assert_eq!(
+        cfg.model.latent_dim,
+        Config::default().model.latent_dim,
+        "untouched keys keep defaults"
+    );
+}
+
+#[test]
+fn show_output_round_trips() {
+    let layers = Layers {
+        flags: flags(&["cluster.workers=4", "data.sprites.size=64"]),
+        ..Default::default()
+    };
+    let cfg = load(&layers).unwrap();
+    let (_d, path) = file(&cfg.to_toml());
+    assert_eq!(
+        load(&Layers {
+            file: Some(path),
+            ..Default::default()
+        })
+        .unwrap(),
+        cfg
+    );
+}
+
+fn unknown(layers: &Layers) -> (String, Origin, String) {
+    match load(layers).unwrap_err() {
+        SettingsError::UnknownKey { key, origin, hint } => (key, origin, hint),
+        other => panic!("expected an unknown key, got {other}"),
+    }
+}
+
+#[test]
+fn unknown_keys_name_the_key_and_the_source() {
+    let (_d, path) = file("[train]\nbatchsize = 64\n");
+    let (key, origin, hint) = unknown(&Layers {
+        file: Some(path.clone()),
+        ..Default::default()
+    });
+    assert_eq!(
+        (key.as_str(), origin),
+        ("train.batchsize", Origin::File(path))
+    );
+    assert!(hint.contains("did you mean `train.batch_size`"), "{hint}");
+
+    let (key, origin, _) = unknown(&Layers {
+        env: env(&[("ELBO__TRAIN__BACTH_SIZE", "1")]),
+        ..Default::default()
+    });
+    assert_eq!(
+        (key.as_str(), origin),
+        (
+            "train.bacth_size",
+            Origin::Env("ELBO__TRAIN__BACTH_SIZE".into())
+        )
+    );
+
+    let (key, origin, _) = unknown(&Layers {
+        flags: flags(&["modle.kind=vae"]),
+        ..Default::default()
+    });
+    assert_eq!(
+        (key.as_str(), origin),
+        ("modle.kind", Origin::Flag("modle.kind=vae".into()))
+    );
+
+    let (key, _, hint) = unknown(&Layers {
+        flags: flags(&["train=1"]),
+        ..Default::default()
+    });
+    assert_eq!(key, "train");
+    assert!(hint.contains("is a section"), "{hint}");
+}
+
+fn invalid(layers: &Layers) -> String {
+    match load(layers).unwrap_err() {
+        e @ SettingsError::Invalid { .. } => e.to_string(),
+        other => panic!("expected an invalid value, got {other}"),
+    }
+}
+
+#[test]
+fn wrong_types_name_the_key_the_source_and_the_expectation() {
+    let (_d, path) = file("[train]\nepochs = \"ten\"\n");
+    let msg = invalid(&Layers {
+        file: Some(path),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`train.epochs`")
+            && msg.contains("run.toml")
+            && msg.contains("expected an integer"),
+        "{msg}"
+    );
+
+    let msg = invalid(&Layers {
+        env: env(&[("ELBO__TRAIN__BATCH_SIZE", "lots")]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`train.batch_size`")
+            && msg.contains("ELBO__TRAIN__BATCH_SIZE")
+            && msg.contains("\"lots\""),
+        "{msg}"
+    );
+
+    let msg = invalid(&Layers {
+        flags: flags(&["model.kind=gan"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.kind`")
+            && msg.contains("--set model.kind=gan")
+            && msg.contains("vae, beta_vae"),
+        "{msg}"
+    );
+
+    let msg = invalid(&Layers {
+        flags: flags(&["train.batch_size=0"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`train.batch_size`") && msg.contains("positive"),
+        "{msg}"
+    );
+
+    let msg = invalid(&Layers {
+        flags: flags(&["train.lr=-1"]),
+        ..Default::default()
+    });
+    assert!(msg.contains("`train.lr`"), "{msg}");
+
+    let msg = invalid(&Layers {
+        flags: flags(&["run.name=../x"]),
+        ..Default::default()
+    });
+    assert!(msg.contains("`run.name`"), "{msg}");
+
+    let msg = invalid(&Layers {
+        flags: flags(&["data.sprites.size=48"]),
+        ..Default::default()
+    });
+    assert!(msg.contains("expected 32 or 64"), "{msg}");
+}
+
+#[test]
+fn malformed_inputs() {
+    assert!(matches!(
+        load(&Layers {
+            flags: flags(&["train.lr"]),
+            ..Default::default()
+        }),
+        Err(SettingsError::BadFlag(_))
+    ));
+    assert!(matches!(
+        load(&Layers {
+            flags: flags(&["=3"]),
+            ..Default::default()
+        }),
+        Err(SettingsError::BadFlag(_))
+    ));
+    let missing = Layers {
+        file: Some("/nonexistent/run.toml".into()),
+        ..Default::default()
+    };
+    assert!(matches!(load(&missing), Err(SettingsError::File { .. })));
+    let (_d, path) = file("[train\nlr = 1");
+    let err = load(&Layers {
+        file: Some(path),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(err, SettingsError::File { .. }), "{err}");
+}

@@ -1,0 +1,196 @@
+//! `elbo bench …`: throughput measurements.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use elbo_datasets::{
+    BatchStream, Binarize, Binarizer, DataSchema, Dataset, DatasetWriter, PixelSlice, PixelType,
+    Rows, WriterSpec, DEFAULT_ROW_GROUP_SIZE,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::layers::cache_root;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Stream a uint8 Parquet dataset through the reader into shuffled f32 batches.
+    Data(DataBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DataBenchArgs {
+    /// Dataset to stream; by default a synthetic MNIST-sized file (rows × 784 uint8, ~80 %
+    /// zeros like handwritten digits) generated once into the cache directory.
+    #[arg(long)]
+    file: Option<String>,
+    /// Rows of the synthetic file.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: u64,
+    /// Shuffle window in rows.
+    #[arg(long, default_value_t = 16_384)]
+    shuffle_window: u64,
+    /// Decoder threads (default: one per core).
+    #[arg(long)]
+    decode_threads: Option<usize>,
+    /// Epochs to time (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DataBenchReport {
+    file: String,
+    rows: u64,
+    dim: usize,
+    batch_size: u64,
+    decode_threads: usize,
+    seconds: f64,
+    rows_per_s: f64,
+    /// Megabytes (10^6) of stored example values (uint8: one byte each) per second.
+    mb_per_s: f64,
+    /// Peak resident memory while streaming (VmHWM after a reset), in MiB.
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Data(args) => bench_data(args),
+    }
+}
+
+fn synthetic_file(rows: u64) -> anyhow::Result<PathBuf> {
+    let dir = cache_root();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+    let path = dir.join(format!("bench-data-v1-{rows}x784.parquet"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let dim = 784;
+    let spec = WriterSpec {
+        schema: DataSchema {
+            shape: vec![1, 28, 28],
+            dim,
+            pixel: PixelType::Uint8,
+            has_label: true,
+            has_id: true,
+        },
+        extra_columns: vec![],
+        row_group_size: DEFAULT_ROW_GROUP_SIZE,
+    };
+    let mut writer = DatasetWriter::create(&path, spec)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut start = 0;
+    while start < rows {
+        let n = (DEFAULT_ROW_GROUP_SIZE as u64).min(rows - start);
+        let x: Vec<u8> = (0..n as usize * dim)
+            .map(|_| {
+                if rng.random::<f32>() < 0.8 {
+                    0
+                } else {
+                    rng.random_range(1..=255)
+                }
+            })
+            .collect();
+        let labels: Vec<Option<i64>> = (0..n).map(|_| Some(rng.random_range(0..10))).collect();
+        let ids: Vec<u64> = (start..start + n).collect();
+        writer.write(Rows {
+            x: PixelSlice::Uint8(&x),
+            labels: Some(&labels),
+            ids: Some(&ids),
+            extra: &[],
+        })?;
+        start += n;
+    }
+    writer.finish()?;
+    Ok(path)
+}
+
+/// Resets the kernel's peak-RSS mark of this process (Linux), so VmHWM measures from now.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn bench_data(args: DataBenchArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 || args.shuffle_window == 0 || args.repeats == 0 || args.rows == 0 {
+        bail!("--rows, --batch-size, --shuffle-window and --repeats must be positive");
+    }
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => synthetic_file(args.rows)?.to_string_lossy().into_owned(),
+    };
+    let ds = Arc::new(Dataset::open(&file)?);
+    let threads = args
+        .decode_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let plan = ds.plan(0, args.batch_size, args.shuffle_window, true)?;
+    let binarizer = Binarizer::new(Binarize::None, 0);
+    let have_peak = reset_peak_rss();
+    let mut best = f64::INFINITY;
+    for epoch in 0..u64::from(args.repeats) {
+        let start = Instant::now();
+        let mut rows = 0u64;
+        let mut checksum = 0f32;
+        for batch in BatchStream::new(ds.clone(), plan.plan(epoch, 1, 0)?, binarizer, threads) {
+            let batch = batch?;
+            rows += batch.rows() as u64;
+            checksum += batch.x[0];
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if rows != ds.rows() {
+            bail!("streamed {rows} rows of {}", ds.rows());
+        }
+        tracing::debug!(epoch, secs, checksum, "streamed one epoch");
+        best = best.min(secs);
+    }
+    let dim = ds.schema().dim;
+    let bytes_per_value = match ds.schema().pixel {
+        PixelType::Uint8 => 1.0,
+        PixelType::Float32 => 4.0,
+    };
+    let report = DataBenchReport {
+        file,
+        rows: ds.rows(),
+        dim,
+        batch_size: args.batch_size,
+        decode_threads: threads,
+        seconds: best,
+        rows_per_s: ds.rows() as f64 / best,
+        mb_per_s: ds.rows() as f64 * dim as f64 * bytes_per_value / best / 1e6,
+        peak_rss_mib: if have_peak { peak_rss_mib() } else { None },
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "streamed {} rows × {} in {:.3} s: {:.0} rows/s, {:.1} MB/s, peak RSS {}",
+            report.rows,
+            report.dim,
+            report.seconds,
+            report.rows_per_s,
+            report.mb_per_s,
+            report
+                .peak_rss_mib
+                .map_or("n/a".into(), |m| format!("{m:.1} MiB"))
+        );
+    }
+    Ok(())
+}

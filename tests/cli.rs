@@ -1,0 +1,303 @@
+//! End-to-end tests of the `elbo` binary: config resolution, data commands, bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn elbo(args: &[&str], envs: &[(&str, &str)], cache: &Path) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_elbo"));
+    cmd.args(args)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_LOG", "warn");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the elbo binary runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Asserts a clean failure (exit 1, no panic) and returns stderr.
+fn fails(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn config_show_layers_file_env_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[train]\nbatch_size = 64\nepochs = 2\n[run]\nname = \"exp\"\n",
+    )
+    .unwrap();
+    let out = ok(&elbo(
+        &[
+            "config",
+            "show",
+            "--config",
+            file.to_str().unwrap(),
+            "--set",
+            "train.lr=0.01",
+        ],
+        &[("ELBO__TRAIN__BATCH_SIZE", "256")],
+        dir.path(),
+    ));
+    let shown: toml::Table = toml::from_str(&out).unwrap();
+    assert_eq!(shown["train"]["batch_size"].as_integer(), Some(256));
+    assert_eq!(shown["train"]["epochs"].as_integer(), Some(2));
+    assert_eq!(shown["train"]["lr"].as_float(), Some(0.01));
+    assert_eq!(shown["run"]["dir"].as_str(), Some("runs/exp"));
+    let keys = ok(&elbo(&["config", "keys"], &[], dir.path()));
+    for key in [
+        "run.name",
+        "run.dir",
+        "run.seed",
+        "data.train",
+        "data.test",
+        "data.binarize",
+        "train.epochs",
+        "train.batch_size",
+        "train.optimizer",
+        "train.lr",
+        "model.kind",
+        "model.latent_dim",
+        "cluster.workers",
+    ] {
+        assert!(keys.lines().any(|l| l == key), "missing key {key}");
+    }
+}
+
+#[test]
+fn config_typos_are_errors_naming_key_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(&elbo(
+        &["config", "show", "--set", "train.batchsize=3"],
+        &[],
+        dir.path(),
+    ));
+    assert!(
+        err.contains("train.batchsize")
+            && err.contains("--set")
+            && err.contains("train.batch_size"),
+        "{err}"
+    );
+    let err = fails(&elbo(
+        &["config", "show"],
+        &[("ELBO__MODEL__LATENT", "3")],
+        dir.path(),
+    ));
+    assert!(
+        err.contains("model.latent") && err.contains("ELBO__MODEL__LATENT"),
+        "{err}"
+    );
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[Train]\nlr = 0.1\n").unwrap();
+    let err = fails(&elbo(
+        &["config", "show", "--config", file.to_str().unwrap()],
+        &[],
+        dir.path(),
+    ));
+    assert!(err.contains("c.toml"), "{err}");
+}
+
+#[test]
+fn make_sprites_then_inspect_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sprites");
+    ok(&elbo(
+        &[
+            "data",
+            "make-sprites",
+            "--out",
+            out.to_str().unwrap(),
+            "--n",
+            "500",
+            "--size",
+            "32",
+            "--row-group-size",
+            "128",
+        ],
+        &[],
+        dir.path(),
+    ));
+    let json = ok(&elbo(
+        &[
+            "data",
+            "inspect",
+            out.join("train.parquet").to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+        dir.path(),
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rows"], 500);
+    assert_eq!(v["row_groups"], 4);
+    assert_eq!(v["shape"], serde_json::json!([1, 32, 32]));
+    assert_eq!(v["labeled"], 500);
+    assert_eq!(v["x_max"], 1.0);
+    let text = ok(&elbo(
+        &["data", "inspect", out.to_str().unwrap()],
+        &[],
+        dir.path(),
+    ));
+    assert!(text.contains("rows        550"), "{text}");
+}
+
+#[test]
+fn convert_idx_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = vec![0, 0, 8, 3, 0, 0, 0, 50, 0, 0, 0, 4, 0, 0, 0, 4];
+    img.extend((0..50 * 16).map(|i| (i % 256) as u8));
+    let mut lab = vec![0, 0, 8, 1, 0, 0, 0, 50];
+    lab.extend((0..50).map(|i| (i % 10) as u8));
+    let (i, l, o) = (
+        dir.path().join("img.idx"),
+        dir.path().join("lab.idx"),
+        dir.path().join("d.parquet"),
+    );
+    std::fs::write(&i, img).unwrap();
+    std::fs::write(&l, lab).unwrap();
+    let args = [
+        "data",
+        "convert",
+        "--format",
+        "idx",
+        "--images",
+        i.to_str().unwrap(),
+        "--labels",
+        l.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ];
+    let said = ok(&elbo(&args, &[], dir.path()));
+    assert!(
+        said.contains("wrote 50 rows of shape 1,4,4 (50 labeled)"),
+        "{said}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&elbo(
+        &["data", "inspect", o.to_str().unwrap(), "--json"],
+        &[],
+        dir.path(),
+    )))
+    .unwrap();
+    assert_eq!(
+        (v["rows"].as_u64(), v["label_histogram"]["9"].as_u64()),
+        (Some(50), Some(5))
+    );
+}
+
+#[test]
+fn bad_input_fails_cleanly_naming_the_file_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.parquet");
+    std::fs::write(&junk, "not parquet").unwrap();
+    let err = fails(&elbo(
+        &["data", "inspect", junk.to_str().unwrap()],
+        &[],
+        dir.path(),
+    ));
+    assert!(err.contains("junk.parquet"), "{err}");
+    let err = fails(&elbo(
+        &["data", "inspect", "/nonexistent/x.parquet"],
+        &[],
+        dir.path(),
+    ));
+    assert!(err.contains("/nonexistent/x.parquet"), "{err}");
+
+    let img = dir.path().join("img.idx");
+    std::fs::write(&img, [0, 0, 8, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 5]).unwrap();
+    let out = dir.path().join("out.parquet");
+    let err = fails(&elbo(
+        &[
+            "data",
+            "convert",
+            "--format",
+            "idx",
+            "--images",
+            img.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+        dir.path(),
+    ));
+    assert!(
+        err.contains("img.idx") && err.contains("magic number"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "only the inputs remain: {left:?}");
+
+    let err = fails(&elbo(
+        &[
+            "data",
+            "convert",
+            "--format",
+            "idx",
+            "--images",
+            img.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--shape",
+            "1,2",
+        ],
+        &[],
+        dir.path(),
+    ));
+    assert!(err.contains("--shape"), "{err}");
+    let err = fails(&elbo(
+        &[
+            "data",
+            "make-sprites",
+            "--out",
+            dir.path().join("s").to_str().unwrap(),
+            "--size",
+            "48",
+        ],
+        &[],
+        dir.path(),
+    ));
+    assert!(err.contains("expected 32 or 64"), "{err}");
+}
+
+#[test]
+fn bench_data_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = ok(&elbo(
+        &[
+            "bench",
+            "data",
+            "--rows",
+            "3000",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        &[],
+        dir.path(),
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rows"], 3000);
+    assert_eq!(v["dim"], 784);
+    assert!(v["rows_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["mb_per_s"].as_f64().unwrap() > 0.0);
+}
