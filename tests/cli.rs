@@ -301,3 +301,18 @@ fn bench_data_reports_json() {
     assert!(v["rows_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["mb_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn every_shipped_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            ok(&elbo(&["config", "show", "--config", path.to_str().unwrap()], &[], dir.path()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "configs/ holds {seen} files");
+}

@@ -1,1 +1,3 @@
-//! Placeholder.
+//! elbo-coordinator
+//!
+//! See README.md beside this crate: filled by a later issue.

@@ -1,1 +1,3 @@
-//! Placeholder.
+//! elbo-proto
+//!
+//! See README.md beside this crate: filled by a later issue.

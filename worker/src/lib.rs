@@ -1,1 +1,3 @@
-//! Placeholder.
+//! elbo-worker
+//!
+//! See README.md beside this crate: filled by a later issue.
