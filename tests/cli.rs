@@ -310,7 +310,11 @@ fn every_shipped_config_loads() {
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            ok(&elbo(&["config", "show", "--config", path.to_str().unwrap()], &[], dir.path()));
+            ok(&elbo(
+                &["config", "show", "--config", path.to_str().unwrap()],
+                &[],
+                dir.path(),
+            ));
             seen += 1;
         }
     }
