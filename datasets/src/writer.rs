@@ -222,6 +222,7 @@ impl DatasetWriter {
             .map_err(|e| DataError::io(&target, e))?;
         tmp.persist(&target)
             .map_err(|e| DataError::io(&target, e.error))?;
+        crate::fsutil::sync_parent_dir(&target)?;
         Ok(self.rows)
     }
 }
