@@ -1,3 +1,24 @@
-//! elbo-models
-//!
-//! See README.md beside this crate: filled by a later issue.
+//! The VAE family on candle: encoders/decoders, likelihoods, KL terms, objectives (ELBO, β,
+//! warm-up, free bits, IWAE bound) behind one [`Model`] trait. Knows nothing of networks or files.
+
+mod bernoulli;
+mod error;
+mod iwae;
+mod layers;
+mod likelihood;
+mod model;
+mod noise;
+mod objective;
+mod params;
+mod vae;
+
+pub use bernoulli::bernoulli_nll;
+pub use error::{ModelError, Result};
+pub use iwae::{iw_bound, ActiveUnits};
+pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Mlp};
+pub use likelihood::{Likelihood, LikelihoodKind};
+pub use model::{Input, Model};
+pub use noise::{Noise, Purpose};
+pub use objective::{gaussian_kl, vae_loss, LossOutput, Objective};
+pub use params::Params;
+pub use vae::{Architecture, Vae, VaeSpec};

@@ -1,0 +1,63 @@
+//! Parameters by name, initialised from a seeded RNG (candle's CPU RNG cannot be seeded).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+
+/// The trainable parameters of a model, sorted by name (never HashMap order).
+#[derive(Debug, Clone)]
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+    device: Device,
+    rng: ChaCha8Rng,
+}
+
+impl Params {
+    /// An empty store whose initialisations are drawn from `seed`.
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Params {
+            vars: BTreeMap::new(),
+            device: device.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Parameters in name order.
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// Total number of scalars.
+    pub fn numel(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// A new parameter with values uniform in `[-bound, bound]`.
+    pub fn uniform(&mut self, name: &str, shape: &[usize], bound: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..=bound)).collect();
+        self.insert(name, Tensor::from_vec(values, shape, &self.device)?)
+    }
+
+    /// A new parameter filled with `value`.
+    pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
+        self.insert(name, (Tensor::ones(shape, DType::F32, &self.device)? * f64::from(value))?)
+    }
+
+    fn insert(&mut self, name: &str, init: Tensor) -> Result<Tensor> {
+        assert!(!self.vars.contains_key(name), "parameter {name} defined twice");
+        let var = Var::from_tensor(&init)?;
+        let t = var.as_tensor().clone();
+        self.vars.insert(name.to_string(), var);
+        Ok(t)
+    }
+}
