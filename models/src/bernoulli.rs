@@ -26,11 +26,21 @@ impl CustomOp2 for BernoulliNll {
         "bernoulli-nll"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, x) = (slice(s1, l1)?, slice(s2, l2)?);
         let (rows, dim) = l1.shape().dims2()?;
         if l2.shape() != l1.shape() {
-            candle_core::bail!("bernoulli nll: logits {:?} and targets {:?} differ", l1.shape(), l2.shape());
+            candle_core::bail!(
+                "bernoulli nll: logits {:?} and targets {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let out: Vec<f32> = logits
             .chunks_exact(dim.max(1))
@@ -41,7 +51,13 @@ impl CustomOp2 for BernoulliNll {
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
-    fn bwd(&self, logits: &Tensor, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = logits.apply_op3_no_bwd(x, &grad.contiguous()?, &BernoulliNllGrad)?;
         Ok((Some(g), None))
     }
@@ -66,8 +82,16 @@ impl CustomOp3 for BernoulliNllGrad {
         let (logits, x, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, dim) = l1.shape().dims2()?;
         let mut out = Vec::with_capacity(logits.len());
-        for ((l, x), g) in logits.chunks_exact(dim.max(1)).zip(x.chunks_exact(dim.max(1))).zip(g) {
-            out.extend(l.iter().zip(x).map(|(l, x)| g * (1.0 / (1.0 + (-l).exp()) - x)));
+        for ((l, x), g) in logits
+            .chunks_exact(dim.max(1))
+            .zip(x.chunks_exact(dim.max(1)))
+            .zip(g)
+        {
+            out.extend(
+                l.iter()
+                    .zip(x)
+                    .map(|(l, x)| g * (1.0 / (1.0 + (-l).exp()) - x)),
+            );
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -76,7 +100,9 @@ impl CustomOp3 for BernoulliNllGrad {
 /// Per-example Bernoulli negative log-likelihood of `x` (B, D) under `logits` (B, D), in nats.
 pub fn bernoulli_nll(logits: &Tensor, x: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() {
-        Ok(logits.contiguous()?.apply_op2(&x.contiguous()?, BernoulliNll)?)
+        Ok(logits
+            .contiguous()?
+            .apply_op2(&x.contiguous()?, BernoulliNll)?)
     } else {
         let per = ((logits.relu()? - (x * logits)?)? + logits.abs()?.neg()?.exp()?.log1p()?)?;
         Ok(per.sum(1)?)

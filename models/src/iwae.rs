@@ -9,14 +9,23 @@ use crate::noise::Noise;
 /// Per-example IWAE bound `log (1/k) Σ_s w_s` with k samples — an estimate of log p(x) that
 /// tightens as k grows (k = 1 is the ELBO). Samples are decoded in groups of at most
 /// `max_rows` (samples × batch) rows, so k = 1000 fits in memory.
-pub fn iw_bound(model: &dyn Model, input: &Input<'_>, noise: &Noise, k: usize, max_rows: usize) -> Result<Vec<f64>> {
+pub fn iw_bound(
+    model: &dyn Model,
+    input: &Input<'_>,
+    noise: &Noise,
+    k: usize,
+    max_rows: usize,
+) -> Result<Vec<f64>> {
     let b = input.ids.len();
     let per_group = (max_rows / b.max(1)).clamp(1, k.max(1));
     let mut log_w: Vec<Vec<f32>> = vec![Vec::with_capacity(k); b];
     let mut start = 0;
     while start < k {
         let end = (start + per_group).min(k);
-        let w = model.log_weights(input, noise, start..end)?.t()?.to_vec2::<f32>()?; // (B, S)
+        let w = model
+            .log_weights(input, noise, start..end)?
+            .t()?
+            .to_vec2::<f32>()?; // (B, S)
         for (acc, row) in log_w.iter_mut().zip(w) {
             acc.extend(row);
         }
@@ -60,7 +69,11 @@ impl ActiveUnits {
     /// Variance of each dimension's posterior mean.
     pub fn variances(&self) -> Vec<f64> {
         let n = self.n.max(1) as f64;
-        self.sum.iter().zip(&self.sum_sq).map(|(s, q)| q / n - (s / n) * (s / n)).collect()
+        self.sum
+            .iter()
+            .zip(&self.sum_sq)
+            .map(|(s, q)| q / n - (s / n) * (s / n))
+            .collect()
     }
 
     /// Dimensions whose variance exceeds `threshold` (0.01 in the literature).

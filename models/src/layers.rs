@@ -48,7 +48,12 @@ pub struct Mlp {
 
 impl Mlp {
     /// Layers `sizes[0] → sizes[1] → …`, named `{name}.{i}`.
-    pub fn new(params: &mut Params, name: &str, sizes: &[usize], activation: Activation) -> Result<Self> {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        sizes: &[usize],
+        activation: Activation,
+    ) -> Result<Self> {
         let layers = sizes
             .windows(2)
             .enumerate()
@@ -97,9 +102,19 @@ pub struct ConvEncoder {
 
 impl ConvEncoder {
     /// An encoder for `(channels, side, side)` images.
-    pub fn new(params: &mut Params, name: &str, channels: usize, side: usize, activation: Activation) -> Result<Self> {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        channels: usize,
+        side: usize,
+        activation: Activation,
+    ) -> Result<Self> {
         let (depth, last) = conv_depth(side)?;
-        let cfg = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
         let mut convs = Vec::new();
         let mut cin = channels;
         for (i, &cout) in CONV_CHANNELS.iter().take(depth).enumerate() {
@@ -109,7 +124,11 @@ impl ConvEncoder {
             convs.push(Conv2d::new(w, Some(b), cfg));
             cin = cout;
         }
-        Ok(ConvEncoder { convs, activation, features: cin * last * last })
+        Ok(ConvEncoder {
+            convs,
+            activation,
+            features: cin * last * last,
+        })
     }
 
     /// `(B, C, S, S) → (B, features)`.
@@ -133,20 +152,47 @@ pub struct ConvDecoder {
 
 impl ConvDecoder {
     /// A decoder for `(channels, side, side)` images; its input has `features` values.
-    pub fn new(params: &mut Params, name: &str, channels: usize, side: usize, activation: Activation) -> Result<(Self, usize)> {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        channels: usize,
+        side: usize,
+        activation: Activation,
+    ) -> Result<(Self, usize)> {
         let (depth, last) = conv_depth(side)?;
-        let cfg = ConvTranspose2dConfig { padding: 1, stride: 2, ..Default::default() };
-        let chans: Vec<usize> = CONV_CHANNELS.iter().take(depth).rev().copied().chain([channels]).collect();
+        let cfg = ConvTranspose2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let chans: Vec<usize> = CONV_CHANNELS
+            .iter()
+            .take(depth)
+            .rev()
+            .copied()
+            .chain([channels])
+            .collect();
         let mut deconvs = Vec::new();
         for (i, pair) in chans.windows(2).enumerate() {
             let (cin, cout) = (pair[0], pair[1]);
             let bound = 1.0 / ((cout * 16) as f32).sqrt();
-            let w = params.uniform(&format!("{name}.deconv{i}.weight"), &[cin, cout, 4, 4], bound)?;
+            let w = params.uniform(
+                &format!("{name}.deconv{i}.weight"),
+                &[cin, cout, 4, 4],
+                bound,
+            )?;
             let b = params.uniform(&format!("{name}.deconv{i}.bias"), &[cout], bound)?;
             deconvs.push(ConvTranspose2d::new(w, Some(b), cfg));
         }
         let features = chans[0] * last * last;
-        Ok((ConvDecoder { deconvs, activation, start: (chans[0], last) }, features))
+        Ok((
+            ConvDecoder {
+                deconvs,
+                activation,
+                start: (chans[0], last),
+            },
+            features,
+        ))
     }
 
     /// `(B, features) → (B, C, S, S)`.

@@ -33,16 +33,31 @@ pub struct Likelihood {
 
 impl Likelihood {
     /// Builds the likelihood for `dim`-dimensional data; `variance` is used by `GaussianFixed`.
-    pub fn new(params: &mut Params, kind: LikelihoodKind, dim: usize, variance: f64) -> Result<Self> {
+    pub fn new(
+        params: &mut Params,
+        kind: LikelihoodKind,
+        dim: usize,
+        variance: f64,
+    ) -> Result<Self> {
         if !(variance.is_finite() && variance > 0.0) {
-            return Err(ModelError::Spec(format!("Gaussian variance {variance} must be finite and positive")));
+            return Err(ModelError::Spec(format!(
+                "Gaussian variance {variance} must be finite and positive"
+            )));
         }
         let log_var = match kind {
-            LikelihoodKind::GaussianGlobal => Some(params.constant("likelihood.log_var", &[1], 0.0)?),
-            LikelihoodKind::GaussianPerDim => Some(params.constant("likelihood.log_var", &[dim], 0.0)?),
+            LikelihoodKind::GaussianGlobal => {
+                Some(params.constant("likelihood.log_var", &[1], 0.0)?)
+            }
+            LikelihoodKind::GaussianPerDim => {
+                Some(params.constant("likelihood.log_var", &[dim], 0.0)?)
+            }
             _ => None,
         };
-        Ok(Likelihood { kind, log_var, fixed_log_var: variance.ln() })
+        Ok(Likelihood {
+            kind,
+            log_var,
+            fixed_log_var: variance.ln(),
+        })
     }
 
     /// The kind.

@@ -44,10 +44,21 @@ pub trait Model: Send {
     fn latent_dim(&self) -> usize;
 
     /// The training loss of a minibatch at a global step (the step keys the noise).
-    fn loss(&self, input: &Input<'_>, noise: &Noise, step: u64, objective: &Objective) -> Result<LossOutput>;
+    fn loss(
+        &self,
+        input: &Input<'_>,
+        noise: &Noise,
+        step: u64,
+        objective: &Objective,
+    ) -> Result<LossOutput>;
 
     /// Importance log-weights `log p(x, z_s) − log q(z_s | x)` for samples `samples`: (S, B).
-    fn log_weights(&self, input: &Input<'_>, noise: &Noise, samples: Range<usize>) -> Result<Tensor>;
+    fn log_weights(
+        &self,
+        input: &Input<'_>,
+        noise: &Noise,
+        samples: Range<usize>,
+    ) -> Result<Tensor>;
 
     /// The mean of q(z|x): (B, latent_dim) (for reconstructions, traversals, active units).
     fn posterior_mean(&self, input: &Input<'_>) -> Result<Tensor>;

@@ -40,10 +40,19 @@ impl Noise {
 
     /// An `(ids.len() × dim)` tensor: row `i` is drawn from the stream of
     /// (purpose, counter, ids[i]) — e.g. counter = the global step.
-    pub fn rows(&self, purpose: Purpose, counter: u64, ids: &[u64], dim: usize, device: &Device) -> Result<Tensor> {
+    pub fn rows(
+        &self,
+        purpose: Purpose,
+        counter: u64,
+        ids: &[u64],
+        dim: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut values = Vec::with_capacity(ids.len() * dim);
         for id in ids {
-            let stream = mix(mix(mix(self.seed ^ 0x5851_f42d_4c95_7f2d) ^ purpose as u64) ^ mix(counter)) ^ mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            let stream =
+                mix(mix(mix(self.seed ^ 0x5851_f42d_4c95_7f2d) ^ purpose as u64) ^ mix(counter))
+                    ^ mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15));
             let mut rng = ChaCha8Rng::seed_from_u64(stream);
             values.extend((0..dim).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
         }

@@ -22,14 +22,19 @@ pub struct Objective {
 
 impl Default for Objective {
     fn default() -> Self {
-        Objective { beta: 1.0, warmup_steps: 0, free_bits: 0.0 }
+        Objective {
+            beta: 1.0,
+            warmup_steps: 0,
+            free_bits: 0.0,
+        }
     }
 }
 
 impl Objective {
     /// Checks the knobs.
     pub fn validate(&self) -> Result<()> {
-        if !(self.beta.is_finite() && self.beta >= 0.0) || !(self.free_bits.is_finite() && self.free_bits >= 0.0) {
+        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !finite_non_negative(self.beta) || !finite_non_negative(self.free_bits) {
             return Err(ModelError::Spec(format!(
                 "beta ({}) and free bits ({}) must be finite and ≥ 0",
                 self.beta, self.free_bits
@@ -64,7 +69,12 @@ pub struct LossOutput {
 }
 
 /// The standard VAE objective from per-example reconstruction NLL (B,) and per-dimension KL (B, d).
-pub fn vae_loss(rec: &Tensor, kl_dims: &Tensor, objective: &Objective, step: u64) -> Result<LossOutput> {
+pub fn vae_loss(
+    rec: &Tensor,
+    kl_dims: &Tensor,
+    objective: &Objective,
+    step: u64,
+) -> Result<LossOutput> {
     let rec_mean = rec.mean(0)?;
     let kl_mean = kl_dims.sum(D::Minus1)?.mean(0)?;
     let kl_penalised = if objective.free_bits > 0.0 {

@@ -44,17 +44,25 @@ impl Params {
     /// A new parameter with values uniform in `[-bound, bound]`.
     pub fn uniform(&mut self, name: &str, shape: &[usize], bound: f32) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..=bound)).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-bound..=bound))
+            .collect();
         self.insert(name, Tensor::from_vec(values, shape, &self.device)?)
     }
 
     /// A new parameter filled with `value`.
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
-        self.insert(name, (Tensor::ones(shape, DType::F32, &self.device)? * f64::from(value))?)
+        self.insert(
+            name,
+            (Tensor::ones(shape, DType::F32, &self.device)? * f64::from(value))?,
+        )
     }
 
     fn insert(&mut self, name: &str, init: Tensor) -> Result<Tensor> {
-        assert!(!self.vars.contains_key(name), "parameter {name} defined twice");
+        assert!(
+            !self.vars.contains_key(name),
+            "parameter {name} defined twice"
+        );
         let var = Var::from_tensor(&init)?;
         let t = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);

@@ -48,8 +48,17 @@ pub struct VaeSpec {
 }
 
 enum Trunk {
-    Mlp { enc: Mlp, dec: Mlp },
-    Conv { enc: ConvEncoder, enc_fc: Mlp, dec_fc: Mlp, dec: ConvDecoder, shape: (usize, usize) },
+    Mlp {
+        enc: Mlp,
+        dec: Mlp,
+    },
+    Conv {
+        enc: ConvEncoder,
+        enc_fc: Mlp,
+        dec_fc: Mlp,
+        dec: ConvDecoder,
+        shape: (usize, usize),
+    },
 }
 
 /// A VAE.
@@ -74,7 +83,10 @@ impl Vae {
             )));
         }
         if !(spec.log_var_clamp.is_finite() && spec.log_var_clamp > 0.0) {
-            return Err(ModelError::Spec(format!("log-variance clamp {} must be positive", spec.log_var_clamp)));
+            return Err(ModelError::Spec(format!(
+                "log-variance clamp {} must be positive",
+                spec.log_var_clamp
+            )));
         }
         let mut params = Params::new(device, seed);
         let p = &mut params;
@@ -110,13 +122,30 @@ impl Vae {
                 dfc.push(features);
                 let dec_fc = Mlp::new(p, "decoder.fc", &dfc, spec.activation)?;
                 let head_in = *fc.last().expect("non-empty");
-                (Trunk::Conv { enc, enc_fc, dec_fc, dec, shape: (c, s) }, head_in)
+                (
+                    Trunk::Conv {
+                        enc,
+                        enc_fc,
+                        dec_fc,
+                        dec,
+                        shape: (c, s),
+                    },
+                    head_in,
+                )
             }
         };
         let mu = linear(p, "posterior.mu", head_in, spec.latent_dim)?;
         let log_var = linear(p, "posterior.log_var", head_in, spec.latent_dim)?;
         let likelihood = Likelihood::new(p, spec.likelihood, dim, spec.variance)?;
-        Ok(Vae { spec, params, trunk, mu, log_var, likelihood, dim })
+        Ok(Vae {
+            spec,
+            params,
+            trunk,
+            mu,
+            log_var,
+            likelihood,
+            dim,
+        })
     }
 
     /// The specification.
@@ -132,7 +161,10 @@ impl Vae {
     fn check(&self, x: &Tensor) -> Result<()> {
         match x.dims() {
             [_, d] if *d == self.dim => Ok(()),
-            dims => Err(ModelError::Input(format!("examples of shape {dims:?}, expected (batch, {})", self.dim))),
+            dims => Err(ModelError::Input(format!(
+                "examples of shape {dims:?}, expected (batch, {})",
+                self.dim
+            ))),
         }
     }
 
@@ -141,13 +173,21 @@ impl Vae {
         self.check(x)?;
         let h = match &self.trunk {
             Trunk::Mlp { enc, .. } => enc.forward(x, true)?,
-            Trunk::Conv { enc, enc_fc, shape: (c, s), .. } => {
+            Trunk::Conv {
+                enc,
+                enc_fc,
+                shape: (c, s),
+                ..
+            } => {
                 let h = enc.forward(&x.reshape((x.dim(0)?, *c, *s, *s))?)?;
                 enc_fc.forward(&h, true)?
             }
         };
         let clamp = self.spec.log_var_clamp;
-        Ok((self.mu.forward(&h)?, self.log_var.forward(&h)?.clamp(-clamp, clamp)?))
+        Ok((
+            self.mu.forward(&h)?,
+            self.log_var.forward(&h)?.clamp(-clamp, clamp)?,
+        ))
     }
 
     /// The decoder's output (logits or means) for latents (N, d): (N, D).
@@ -171,15 +211,32 @@ impl Model for Vae {
         self.spec.latent_dim
     }
 
-    fn loss(&self, input: &Input<'_>, noise: &Noise, step: u64, objective: &Objective) -> Result<LossOutput> {
+    fn loss(
+        &self,
+        input: &Input<'_>,
+        noise: &Noise,
+        step: u64,
+        objective: &Objective,
+    ) -> Result<LossOutput> {
         let (mu, log_var) = self.encode(input.x)?;
-        let eps = noise.rows(Purpose::Train, step, input.ids, self.spec.latent_dim, input.x.device())?;
+        let eps = noise.rows(
+            Purpose::Train,
+            step,
+            input.ids,
+            self.spec.latent_dim,
+            input.x.device(),
+        )?;
         let z = (&mu + (log_var.affine(0.5, 0.0)?.exp()? * eps)?)?;
         let rec = self.likelihood.nll(&self.decode(&z)?, input.x)?;
         vae_loss(&rec, &gaussian_kl(&mu, &log_var)?, objective, step)
     }
 
-    fn log_weights(&self, input: &Input<'_>, noise: &Noise, samples: Range<usize>) -> Result<Tensor> {
+    fn log_weights(
+        &self,
+        input: &Input<'_>,
+        noise: &Noise,
+        samples: Range<usize>,
+    ) -> Result<Tensor> {
         let (mu, log_var) = self.encode(input.x)?;
         let (b, d) = mu.dims2()?;
         let s = samples.len();
@@ -190,11 +247,19 @@ impl Model for Vae {
         let std = log_var.affine(0.5, 0.0)?.exp()?;
         let z = eps.broadcast_mul(&std)?.broadcast_add(&mu)?; // (S, B, d)
         let out = self.decode(&z.reshape((s * b, d))?)?;
-        let x = input.x.unsqueeze(0)?.broadcast_as((s, b, self.dim))?.reshape((s * b, self.dim))?;
+        let x = input
+            .x
+            .unsqueeze(0)?
+            .broadcast_as((s, b, self.dim))?
+            .reshape((s * b, self.dim))?;
         let log_px = self.likelihood.nll(&out, &x)?.neg()?.reshape((s, b))?;
         // log p(z) − log q(z|x) = −½Σz² + ½Σ(ε² + log σ²)   (the log 2π terms cancel)
         let log_pz = (z.sqr()?.sum(D::Minus1)? * -0.5)?;
-        let log_qz = ((eps.sqr()?.sum(D::Minus1)?.broadcast_add(&log_var.sum(D::Minus1)?.unsqueeze(0)?))? * -0.5)?;
+        let log_qz = ((eps
+            .sqr()?
+            .sum(D::Minus1)?
+            .broadcast_add(&log_var.sum(D::Minus1)?.unsqueeze(0)?))?
+            * -0.5)?;
         Ok(((log_px + log_pz)? - log_qz)?)
     }
 

@@ -2,8 +2,8 @@
 
 use candle_core::{Device, Tensor, D};
 use elbo_models::{
-    bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, Input, Likelihood, LikelihoodKind, Model, Noise,
-    Objective, Params, Purpose, Vae, VaeSpec,
+    bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, Input, Likelihood,
+    LikelihoodKind, Model, Noise, Objective, Params, Purpose, Vae, VaeSpec,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,12 +31,24 @@ fn data(rows: usize, dim: usize, seed: u64) -> Tensor {
 fn kl_matches_monte_carlo() {
     let mu = Tensor::new(&[[0.3f32, -1.2, 2.0]], &Device::Cpu).unwrap();
     let lv = Tensor::new(&[[0.5f32, -2.0, 1.0]], &Device::Cpu).unwrap();
-    let closed: Vec<f32> = gaussian_kl(&mu, &lv).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let closed: Vec<f32> = gaussian_kl(&mu, &lv)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let noise = Noise::new(1);
     let n = 200_000;
     let ids: Vec<u64> = (0..n as u64).collect();
-    let eps = noise.rows(Purpose::Sample, 0, &ids, 3, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-    let (m, l) = (mu.squeeze(0).unwrap().to_vec1::<f32>().unwrap(), lv.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+    let eps = noise
+        .rows(Purpose::Sample, 0, &ids, 3, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let (m, l) = (
+        mu.squeeze(0).unwrap().to_vec1::<f32>().unwrap(),
+        lv.squeeze(0).unwrap().to_vec1::<f32>().unwrap(),
+    );
     for j in 0..3 {
         let sd = (0.5 * l[j]).exp() as f64;
         // KL = E_q[log q(z) − log p(z)] = E[−½ε² − log σ + ½z²]
@@ -49,7 +61,11 @@ fn kl_matches_monte_carlo() {
             })
             .sum::<f64>()
             / n as f64;
-        assert!((mc - closed[j] as f64).abs() < 0.02 * (1.0 + closed[j] as f64), "dim {j}: MC {mc} vs closed {}", closed[j]);
+        assert!(
+            (mc - closed[j] as f64).abs() < 0.02 * (1.0 + closed[j] as f64),
+            "dim {j}: MC {mc} vs closed {}",
+            closed[j]
+        );
     }
 }
 
@@ -57,13 +73,19 @@ fn kl_matches_monte_carlo() {
 fn bernoulli_nll_matches_hand_computed_and_is_finite_at_100() {
     let logits = Tensor::new(&[[0.0f32, 2.0, -3.0, 100.0, -100.0, 100.0]], &Device::Cpu).unwrap();
     let x = Tensor::new(&[[1.0f32, 0.0, 1.0, 1.0, 0.0, 0.0]], &Device::Cpu).unwrap();
-    let got = bernoulli_nll(&logits, &x).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    let got = bernoulli_nll(&logits, &x)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
     let sig = |l: f64| 1.0 / (1.0 + (-l).exp());
     // −log σ(0) − log(1−σ(2)) − log σ(−3) − log σ(100) − log(1 − σ(−100)) − log(1 − σ(100))
     let want = -(sig(0.0).ln() + (1.0 - sig(2.0)).ln() + sig(-3.0).ln()) + 0.0 + 0.0 + 100.0;
     assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     let x_soft = Tensor::new(&[[0.25f32, 0.5, 0.75, 1.0, 0.0, 0.5]], &Device::Cpu).unwrap();
-    let got = bernoulli_nll(&logits, &x_soft).unwrap().to_vec1::<f32>().unwrap()[0];
+    let got = bernoulli_nll(&logits, &x_soft)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
     assert!(got.is_finite());
 }
 
@@ -74,7 +96,10 @@ fn gaussian_nll_matches_hand_computed() {
     let x = Tensor::new(&[[0.5f32, 1.0], [0.0, 0.0]], &Device::Cpu).unwrap();
     let ln2pi = (2.0 * std::f64::consts::PI).ln();
     let want = |var: f64| -> Vec<f64> {
-        [[0.25, 0.0], [4.0, 1.0]].iter().map(|r: &[f64; 2]| r.iter().map(|sq| 0.5 * (sq / var + var.ln() + ln2pi)).sum()).collect()
+        [[0.25, 0.0], [4.0, 1.0]]
+            .iter()
+            .map(|r: &[f64; 2]| r.iter().map(|sq| 0.5 * (sq / var + var.ln() + ln2pi)).sum())
+            .collect()
     };
     let fixed = Likelihood::new(&mut params, LikelihoodKind::GaussianFixed, 2, 0.5).unwrap();
     let got: Vec<f32> = fixed.nll(&mean, &x).unwrap().to_vec1().unwrap();
@@ -84,7 +109,10 @@ fn gaussian_nll_matches_hand_computed() {
     let learned = Likelihood::new(&mut params, LikelihoodKind::GaussianPerDim, 2, 1.0).unwrap();
     let got: Vec<f32> = learned.nll(&mean, &x).unwrap().to_vec1().unwrap();
     for (g, w) in got.iter().zip(want(1.0)) {
-        assert!((*g as f64 - w).abs() < 1e-5, "learned variance starts at 1: {g} vs {w}");
+        assert!(
+            (*g as f64 - w).abs() < 1e-5,
+            "learned variance starts at 1: {g} vs {w}"
+        );
     }
 }
 
@@ -94,28 +122,44 @@ fn check_gradients(likelihood: LikelihoodKind, objective: Objective) {
     let x = data(4, 6, 9);
     let ids = [10u64, 11, 12, 13];
     let labels = [None; 4];
-    let input = Input { x: &x, labels: &labels, ids: &ids };
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
     let noise = Noise::new(5);
     let loss_of = || vae.loss(&input, &noise, 7, &objective).unwrap().loss;
     let grads = loss_of().backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut checked = 0;
     for (name, var) in vae.params().vars() {
-        let analytic = grads.get(var.as_tensor()).map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let analytic = grads
+            .get(var.as_tensor())
+            .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for _ in 0..3 {
             let i = rng.random_range(0..base.len());
             let h = 1e-2f32;
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss_of().to_scalar::<f32>().unwrap() as f64
             };
             let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let an = analytic.as_ref().map_or(0.0, |g| g[i] as f64);
-            assert!((fd - an).abs() <= 5e-3 + 2e-2 * an.abs(), "{name}[{i}]: finite difference {fd} vs autograd {an}");
+            assert!(
+                (fd - an).abs() <= 5e-3 + 2e-2 * an.abs(),
+                "{name}[{i}]: finite difference {fd} vs autograd {an}"
+            );
             checked += 1;
         }
     }
@@ -129,27 +173,61 @@ fn gradients_match_finite_differences_bernoulli() {
 
 #[test]
 fn gradients_match_finite_differences_gaussian_beta_free_bits() {
-    check_gradients(LikelihoodKind::GaussianPerDim, Objective { beta: 4.0, warmup_steps: 0, free_bits: 0.05 });
-    check_gradients(LikelihoodKind::GaussianGlobal, Objective { beta: 0.5, warmup_steps: 100, free_bits: 0.0 });
+    check_gradients(
+        LikelihoodKind::GaussianPerDim,
+        Objective {
+            beta: 4.0,
+            warmup_steps: 0,
+            free_bits: 0.05,
+        },
+    );
+    check_gradients(
+        LikelihoodKind::GaussianGlobal,
+        Objective {
+            beta: 0.5,
+            warmup_steps: 100,
+            free_bits: 0.0,
+        },
+    );
 }
 
 #[test]
 fn objective_terms_and_warmup() {
-    let vae = Vae::new(spec(LikelihoodKind::Bernoulli, Activation::Relu), &Device::Cpu, 1).unwrap();
+    let vae = Vae::new(
+        spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
     let x = data(8, 6, 2);
     let ids: Vec<u64> = (0..8).collect();
-    let input = Input { x: &x, labels: &[None; 8], ids: &ids };
+    let input = Input {
+        x: &x,
+        labels: &[None; 8],
+        ids: &ids,
+    };
     let noise = Noise::new(0);
     let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap() as f64;
-    let warm = Objective { beta: 2.0, warmup_steps: 10, free_bits: 0.0 };
+    let warm = Objective {
+        beta: 2.0,
+        warmup_steps: 10,
+        free_bits: 0.0,
+    };
     let out = vae.loss(&input, &noise, 4, &warm).unwrap();
     let (rec, kl) = (scalar(&out.terms["rec"]), scalar(&out.terms["kl"]));
     assert!((scalar(&out.terms["neg_elbo"]) - (rec + kl)).abs() < 1e-4);
-    assert!((scalar(&out.terms["kl_weight"]) - 1.0).abs() < 1e-6, "step 4 of 10: weight 2 × 5/10");
+    assert!(
+        (scalar(&out.terms["kl_weight"]) - 1.0).abs() < 1e-6,
+        "step 4 of 10: weight 2 × 5/10"
+    );
     assert!((scalar(&out.loss) - (rec + kl)).abs() < 1e-4);
     assert_eq!(warm.kl_weight(50), 2.0);
     // Free bits: with a floor far above the KL, the penalised KL is d × floor.
-    let fb = Objective { beta: 1.0, warmup_steps: 0, free_bits: 100.0 };
+    let fb = Objective {
+        beta: 1.0,
+        warmup_steps: 0,
+        free_bits: 100.0,
+    };
     let out = vae.loss(&input, &noise, 4, &fb).unwrap();
     assert!((scalar(&out.loss) - (scalar(&out.terms["rec"]) + 300.0)).abs() < 1e-3);
 }
@@ -157,21 +235,44 @@ fn objective_terms_and_warmup() {
 #[test]
 fn iwae_bound_is_above_the_elbo_and_grows_with_k() {
     // A sharp likelihood makes the importance weights informative, so the bound keeps growing.
-    let sharp = VaeSpec { variance: 0.02, ..spec(LikelihoodKind::GaussianFixed, Activation::Relu) };
+    let sharp = VaeSpec {
+        variance: 0.02,
+        ..spec(LikelihoodKind::GaussianFixed, Activation::Relu)
+    };
     let vae = Vae::new(sharp, &Device::Cpu, 4).unwrap();
     let x = data(256, 6, 3);
     let ids: Vec<u64> = (0..256).collect();
-    let input = Input { x: &x, labels: &[None; 256], ids: &ids };
+    let input = Input {
+        x: &x,
+        labels: &[None; 256],
+        ids: &ids,
+    };
     let noise = Noise::new(2);
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
-    let bounds: Vec<f64> = [1, 10, 100].iter().map(|k| mean(iw_bound(&vae, &input, &noise, *k, 1 << 20).unwrap())).collect();
+    let bounds: Vec<f64> = [1, 10, 100]
+        .iter()
+        .map(|k| mean(iw_bound(&vae, &input, &noise, *k, 1 << 20).unwrap()))
+        .collect();
     // The analytic-KL ELBO, averaged over many single-sample reconstructions.
     let elbo = -(0..50u64)
-        .map(|s| vae.loss(&input, &noise, s, &Objective::default()).unwrap().terms["neg_elbo"].to_scalar::<f32>().unwrap() as f64)
+        .map(|s| {
+            vae.loss(&input, &noise, s, &Objective::default())
+                .unwrap()
+                .terms["neg_elbo"]
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        })
         .sum::<f64>()
         / 50.0;
-    assert!((bounds[0] - elbo).abs() < 0.02 * elbo.abs(), "k = 1 estimates the ELBO: {} vs {elbo}", bounds[0]);
-    assert!(bounds[1] > bounds[0] && bounds[2] > bounds[1], "non-decreasing in k: {bounds:?}");
+    assert!(
+        (bounds[0] - elbo).abs() < 0.02 * elbo.abs(),
+        "k = 1 estimates the ELBO: {} vs {elbo}",
+        bounds[0]
+    );
+    assert!(
+        bounds[1] > bounds[0] && bounds[2] > bounds[1],
+        "non-decreasing in k: {bounds:?}"
+    );
     // Grouping the samples to bound memory changes nothing.
     let small = iw_bound(&vae, &input, &noise, 100, 256 * 7).unwrap();
     assert!((mean(small) - bounds[2]).abs() < 1e-9);
@@ -180,33 +281,80 @@ fn iwae_bound_is_above_the_elbo_and_grows_with_k() {
 #[test]
 fn conv_vaes_take_28_32_and_64_pixel_images() {
     for side in [28usize, 32, 64] {
-        let spec = VaeSpec { input_shape: vec![1, side, side], architecture: Architecture::Conv, hidden: vec![32], ..spec(LikelihoodKind::Bernoulli, Activation::Relu) };
+        let spec = VaeSpec {
+            input_shape: vec![1, side, side],
+            architecture: Architecture::Conv,
+            hidden: vec![32],
+            ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
+        };
         let vae = Vae::new(spec, &Device::Cpu, 0).unwrap();
         let x = data(2, side * side, 1);
         let ids = [0u64, 1];
-        let input = Input { x: &x, labels: &[None; 2], ids: &ids };
-        let out = vae.loss(&input, &Noise::new(0), 0, &Objective::default()).unwrap();
+        let input = Input {
+            x: &x,
+            labels: &[None; 2],
+            ids: &ids,
+        };
+        let out = vae
+            .loss(&input, &Noise::new(0), 0, &Objective::default())
+            .unwrap();
         assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
         let z = Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(vae.decode_mean(&z).unwrap().dims(), [3, side * side]);
         let grads = out.loss.backward().unwrap();
-        assert!(vae.params().vars().values().all(|v| grads.get(v.as_tensor()).is_some()), "every parameter gets a gradient");
+        assert!(
+            vae.params()
+                .vars()
+                .values()
+                .all(|v| grads.get(v.as_tensor()).is_some()),
+            "every parameter gets a gradient"
+        );
     }
-    let bad = VaeSpec { input_shape: vec![1, 30, 30], architecture: Architecture::Conv, ..spec(LikelihoodKind::Bernoulli, Activation::Relu) };
+    let bad = VaeSpec {
+        input_shape: vec![1, 30, 30],
+        architecture: Architecture::Conv,
+        ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
+    };
     assert!(Vae::new(bad, &Device::Cpu, 0).is_err());
 }
 
 #[test]
 fn noise_depends_on_the_row_id_not_the_batch() {
     let noise = Noise::new(3);
-    let a = noise.rows(Purpose::Train, 5, &[1, 2, 3], 4, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-    let b = noise.rows(Purpose::Train, 5, &[3, 1], 4, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let a = noise
+        .rows(Purpose::Train, 5, &[1, 2, 3], 4, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = noise
+        .rows(Purpose::Train, 5, &[3, 1], 4, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(a[0], b[1]);
     assert_eq!(a[2], b[0]);
-    let c = noise.rows(Purpose::Train, 6, &[1], 4, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let c = noise
+        .rows(Purpose::Train, 6, &[1], 4, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_ne!(a[0], c[0], "a new step draws new noise");
-    let all = noise.rows(Purpose::Eval, 0, &(0..5000).collect::<Vec<_>>(), 2, &Device::Cpu).unwrap();
-    let var = all.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let all = noise
+        .rows(
+            Purpose::Eval,
+            0,
+            &(0..5000).collect::<Vec<_>>(),
+            2,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let var = all
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!((var - 1.0).abs() < 0.05, "standard normal: E[ε²] = {var}");
     let _ = all.sum(D::Minus1);
 }

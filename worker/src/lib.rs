@@ -1,3 +1,15 @@
-//! elbo-worker
-//!
-//! See README.md beside this crate: filled by a later issue.
+//! The worker side of elbo: the training step over a flat gradient buffer, optimisers with
+//! checkpointable state, and checkpoint I/O. (The ring all-reduce plugs in as a [`Reduce`].)
+
+pub mod checkpoint;
+mod error;
+mod flat;
+mod optim;
+mod trainer;
+
+pub use error::{Result, WorkerError};
+pub use flat::{FlatLayout, Slot};
+pub use optim::{
+    clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, Schedule,
+};
+pub use trainer::{LocalReduce, Reduce, StepConfig, StepReport, Timings, Trainer};

@@ -1,0 +1,287 @@
+//! Checkpoints in the run directory:
+//!
+//! ```text
+//! checkpoints/step-000000500/{model.safetensors, optim.safetensors, state.json}
+//! ```
+//!
+//! Written into a temporary directory beside the others, every file fsynced, then renamed into
+//! place and the parent fsynced: a checkpoint is either complete or absent. The same state gives
+//! byte-identical files (tensors sorted by name, no timestamps). safetensors keeps them readable
+//! from Python (`safetensors.torch.load_file`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use elbo_datasets::Cursor;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, WorkerError};
+use crate::flat::FlatLayout;
+use crate::optim::OptimizerState;
+
+/// Version of the checkpoint layout.
+pub const FORMAT: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIM_FILE: &str = "optim.safetensors";
+const STATE_FILE: &str = "state.json";
+
+/// Everything besides tensors that a resume needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Layout version.
+    pub format: u32,
+    /// Global steps taken.
+    pub step: u64,
+    /// Where the data plan stands (the next batch).
+    pub cursor: Cursor,
+    /// Steps skipped as non-finite so far.
+    pub nonfinite_total: u64,
+    /// Updates the optimiser applied.
+    pub optimizer_step: u64,
+    /// The run seed. Noise is derived from (seed, step, row id) and the data order from
+    /// (seed, epoch), so the seed and the cursor are the whole RNG state.
+    pub seed: u64,
+    /// SHA-256 of the resolved config that wrote this checkpoint.
+    pub config_sha256: String,
+}
+
+/// A loaded checkpoint.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Where it was read from.
+    pub dir: PathBuf,
+    /// Counters, cursor, seed.
+    pub state: TrainState,
+    /// Flat parameters in the layout's order.
+    pub params: Vec<f32>,
+    /// Optimiser state.
+    pub optimizer: OptimizerState,
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:09}")
+}
+
+/// The checkpoints directory of a run.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn serialize(tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::tensor::serialize(views, None).map_err(|e| WorkerError::Internal(e.to_string()))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| WorkerError::checkpoint(path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| WorkerError::checkpoint(path, e))?;
+    f.sync_all().map_err(|e| WorkerError::checkpoint(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WorkerError::checkpoint(dir, e))?;
+    Ok(())
+}
+
+/// Writes a checkpoint atomically and keeps only the newest `keep` (≥ 1). Returns its directory.
+pub fn save(
+    run_dir: &Path,
+    layout: &FlatLayout,
+    params: &[f32],
+    optimizer: &OptimizerState,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| WorkerError::checkpoint(&root, e))?;
+    let target = root.join(step_dir_name(state.step));
+    if target.join(STATE_FILE).is_file() {
+        return Ok(target);
+    }
+    let model: Vec<_> = layout
+        .slots()
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.var.dims().to_vec(),
+                to_bytes(&params[s.offset..s.offset + s.len]),
+            )
+        })
+        .collect();
+    let optim: Vec<_> = optimizer
+        .buffers
+        .iter()
+        .flat_map(|(buf, values)| {
+            layout.slots().iter().map(move |s| {
+                (
+                    format!("{buf}.{}", s.name),
+                    s.var.dims().to_vec(),
+                    to_bytes(&values[s.offset..s.offset + s.len]),
+                )
+            })
+        })
+        .collect();
+    let tmp = tempfile::Builder::new()
+        .prefix(".partial-step-")
+        .tempdir_in(&root)
+        .map_err(|e| WorkerError::checkpoint(&root, e))?;
+    write_synced(&tmp.path().join(MODEL_FILE), &serialize(&model)?)?;
+    write_synced(&tmp.path().join(OPTIM_FILE), &serialize(&optim)?)?;
+    let mut json =
+        serde_json::to_vec_pretty(state).map_err(|e| WorkerError::Internal(e.to_string()))?;
+    json.push(b'\n');
+    write_synced(&tmp.path().join(STATE_FILE), &json)?;
+    sync_dir(tmp.path())?;
+    let staged = tmp.keep();
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(|e| WorkerError::checkpoint(&target, e))?;
+    }
+    std::fs::rename(&staged, &target).map_err(|e| WorkerError::checkpoint(&target, e))?;
+    sync_dir(&root)?;
+    prune(&root, keep.max(1))?;
+    Ok(target)
+}
+
+/// Checkpoint directories of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = checkpoints_dir(run_dir);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| WorkerError::checkpoint(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let dirs = list(root.parent().unwrap_or(root))?;
+    for old in dirs.iter().take(dirs.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(old).map_err(|e| WorkerError::checkpoint(old, e))?;
+    }
+    Ok(())
+}
+
+fn read_tensors(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| WorkerError::checkpoint(path, e))
+}
+
+fn tensor_values(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    path: &Path,
+) -> Result<Vec<f32>> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| WorkerError::checkpoint(path, format!("has no tensor {name}")))?;
+    if view.dtype() != Dtype::F32 || view.shape() != shape {
+        return Err(WorkerError::checkpoint(
+            path,
+            format!(
+                "tensor {name} is {:?}{:?}, the model expects F32{shape:?}",
+                view.dtype(),
+                view.shape()
+            ),
+        ));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Loads a checkpoint directory for a model of this layout.
+pub fn load(dir: &Path, layout: &FlatLayout) -> Result<Checkpoint> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(|e| WorkerError::checkpoint(&state_path, e))?;
+    let state: TrainState =
+        serde_json::from_slice(&text).map_err(|e| WorkerError::checkpoint(&state_path, e))?;
+    if state.format != FORMAT {
+        return Err(WorkerError::checkpoint(
+            &state_path,
+            format!("format {} is not {FORMAT}", state.format),
+        ));
+    }
+    let model_path = dir.join(MODEL_FILE);
+    let bytes = read_tensors(&model_path)?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::checkpoint(&model_path, e))?;
+    if st.len() != layout.slots().len() {
+        return Err(WorkerError::checkpoint(
+            &model_path,
+            format!(
+                "holds {} tensors, the model has {}",
+                st.len(),
+                layout.slots().len()
+            ),
+        ));
+    }
+    let mut params = Vec::with_capacity(layout.len());
+    for s in layout.slots() {
+        params.extend(tensor_values(&st, &s.name, s.var.dims(), &model_path)?);
+    }
+    let optim_path = dir.join(OPTIM_FILE);
+    let bytes = read_tensors(&optim_path)?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::checkpoint(&optim_path, e))?;
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter_map(|n| n.split_once('.').map(|(b, _)| b.to_string()))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut buffers = BTreeMap::new();
+    for buf in names {
+        let mut values = Vec::with_capacity(layout.len());
+        for s in layout.slots() {
+            values.extend(tensor_values(
+                &st,
+                &format!("{buf}.{}", s.name),
+                s.var.dims(),
+                &optim_path,
+            )?);
+        }
+        buffers.insert(buf, values);
+    }
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        optimizer: OptimizerState {
+            step: state.optimizer_step,
+            buffers,
+        },
+        state,
+        params,
+    })
+}

@@ -1,0 +1,53 @@
+//! Errors of the worker.
+
+use std::path::PathBuf;
+
+/// Result alias of the worker.
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+
+/// What can go wrong training or checkpointing.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] elbo_models::ModelError),
+    /// The data layer failed.
+    #[error(transparent)]
+    Data(#[from] elbo_datasets::DataError),
+    /// Too many non-finite steps in a row.
+    #[error("{count} non-finite steps in a row, the last at step {step} (non-finite: {what}); stopping. Lower train.lr, set train.clip_norm, or check the data")]
+    NonFinite {
+        /// Consecutive skipped steps.
+        count: u32,
+        /// The global step.
+        step: u64,
+        /// Which terms or gradients were non-finite.
+        what: String,
+    },
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// An invalid setting.
+    #[error("{0}")]
+    Invalid(String),
+    /// A broken invariant (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl WorkerError {
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        WorkerError::Checkpoint {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! One flat f32 buffer for all parameters (sorted by name) and their gradients: what the
+//! optimiser updates and what one all-reduce carries.
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+
+use crate::error::{Result, WorkerError};
+
+/// Where each parameter lives in the flat buffer.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Parameter name.
+    pub name: String,
+    /// The candle variable.
+    pub var: Var,
+    /// Offset in the flat buffer.
+    pub offset: usize,
+    /// Number of scalars.
+    pub len: usize,
+}
+
+/// The layout of a model's parameters in one flat buffer.
+#[derive(Debug, Clone)]
+pub struct FlatLayout {
+    slots: Vec<Slot>,
+    len: usize,
+}
+
+impl FlatLayout {
+    /// Lays out variables in the given (name-sorted) order.
+    pub fn new<'a>(vars: impl IntoIterator<Item = (&'a String, &'a Var)>) -> Self {
+        let mut offset = 0;
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let len = var.elem_count();
+                let slot = Slot {
+                    name: name.clone(),
+                    var: var.clone(),
+                    offset,
+                    len,
+                };
+                offset += len;
+                slot
+            })
+            .collect();
+        FlatLayout { slots, len: offset }
+    }
+
+    /// The slots in order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Total scalars.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the current parameter values into `out`.
+    pub fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        for s in &self.slots {
+            copy_out(s.var.as_tensor(), &mut out[s.offset..s.offset + s.len])?;
+        }
+        Ok(())
+    }
+
+    /// Copies gradients into `out`; parameters without a gradient get zeros.
+    pub fn read_grads(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+        for s in &self.slots {
+            let dst = &mut out[s.offset..s.offset + s.len];
+            match grads.get(s.var.as_tensor()) {
+                Some(g) => copy_out(g, dst)?,
+                None => dst.fill(0.0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `values` back into the variables (in place on CPU).
+    pub fn write_params(&self, values: &[f32]) -> Result<()> {
+        for s in &self.slots {
+            let src = &values[s.offset..s.offset + s.len];
+            let t = s.var.as_tensor();
+            if t.device().is_cpu() {
+                t.inplace_op1(&CopyIn(src))?;
+            } else {
+                s.var
+                    .set(&Tensor::from_slice(src, t.shape(), t.device())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn copy_out(t: &Tensor, out: &mut [f32]) -> Result<()> {
+    if t.elem_count() != out.len() {
+        return Err(WorkerError::Internal(format!(
+            "tensor of {} values for a slot of {}",
+            t.elem_count(),
+            out.len()
+        )));
+    }
+    if t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let (a, b) = layout.contiguous_offsets().expect("contiguous");
+            out.copy_from_slice(&cpu.as_slice::<f32>()?[a..b]);
+            return Ok(());
+        }
+    }
+    out.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}
+
+struct CopyIn<'a>(&'a [f32]);
+
+impl InplaceOp1 for CopyIn<'_> {
+    fn name(&self) -> &'static str {
+        "copy-in"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("copy-in: parameter is not contiguous".into())
+        })?;
+        match storage {
+            CpuStorage::F32(v) => {
+                v[a..b].copy_from_slice(self.0);
+                Ok(())
+            }
+            _ => candle_core::bail!("copy-in: parameters are f32"),
+        }
+    }
+}

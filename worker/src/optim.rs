@@ -1,0 +1,243 @@
+//! Optimisers over one flat buffer, with public state for checkpoints: Adam, AdamW and SGD
+//! with momentum (PyTorch's update rules), gradient clipping by global norm, LR schedules.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, WorkerError};
+
+/// Which update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam; weight decay, if any, is an L2 term added to the gradient.
+    Adam,
+    /// Adam with decoupled weight decay.
+    Adamw,
+    /// SGD with (heavy-ball) momentum.
+    Sgd,
+}
+
+/// Hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    /// Update rule.
+    pub kind: OptimizerKind,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Weight decay (L2 for Adam/SGD, decoupled for AdamW).
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+}
+
+impl OptimizerConfig {
+    /// PyTorch's defaults for `kind` (AdamW's weight decay 0.01 as in PyTorch; 0 otherwise).
+    pub fn defaults(kind: OptimizerKind) -> Self {
+        OptimizerConfig {
+            kind,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: if kind == OptimizerKind::Adamw {
+                0.01
+            } else {
+                0.0
+            },
+            momentum: 0.9,
+        }
+    }
+}
+
+/// An optimiser's state: the step count and named per-parameter buffers (flat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// Updates applied so far.
+    pub step: u64,
+    /// Moment buffers by name (`m`, `v`, or `momentum`), each as long as the parameters.
+    pub buffers: BTreeMap<String, Vec<f32>>,
+}
+
+/// An optimiser over a flat parameter buffer.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    config: OptimizerConfig,
+    state: OptimizerState,
+}
+
+impl Optimizer {
+    /// A fresh optimiser for `len` parameters.
+    pub fn new(config: OptimizerConfig, len: usize) -> Result<Self> {
+        let ok = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v < hi;
+        if !ok(config.beta1, 0.0, 1.0)
+            || !ok(config.beta2, 0.0, 1.0)
+            || !ok(config.eps, f64::MIN_POSITIVE, f64::MAX)
+            || !ok(config.weight_decay, 0.0, f64::MAX)
+            || !ok(config.momentum, 0.0, 1.0)
+        {
+            return Err(WorkerError::Invalid(format!("invalid optimiser settings {config:?}: betas and momentum in [0, 1), eps > 0, weight decay ≥ 0")));
+        }
+        let names: &[&str] = match config.kind {
+            OptimizerKind::Adam | OptimizerKind::Adamw => &["m", "v"],
+            OptimizerKind::Sgd => &["momentum"],
+        };
+        let buffers = names
+            .iter()
+            .map(|n| (n.to_string(), vec![0.0; len]))
+            .collect();
+        Ok(Optimizer {
+            config,
+            state: OptimizerState { step: 0, buffers },
+        })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// The state, for checkpoints.
+    pub fn state(&self) -> &OptimizerState {
+        &self.state
+    }
+
+    /// Restores a checkpointed state; it must have this optimiser's buffers and sizes.
+    pub fn restore(&mut self, state: OptimizerState) -> Result<()> {
+        let same = state.buffers.len() == self.state.buffers.len()
+            && self
+                .state
+                .buffers
+                .iter()
+                .all(|(k, v)| state.buffers.get(k).is_some_and(|b| b.len() == v.len()));
+        if !same {
+            let have: Vec<_> = state
+                .buffers
+                .iter()
+                .map(|(k, v)| format!("{k}[{}]", v.len()))
+                .collect();
+            let want: Vec<_> = self
+                .state
+                .buffers
+                .iter()
+                .map(|(k, v)| format!("{k}[{}]", v.len()))
+                .collect();
+            return Err(WorkerError::Invalid(format!(
+                "optimiser state holds {have:?}, expected {want:?}"
+            )));
+        }
+        self.state = state;
+        Ok(())
+    }
+
+    /// One update of `params` with `grads` at learning rate `lr`.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        self.state.step += 1;
+        let c = self.config;
+        let wd = c.weight_decay as f32;
+        match c.kind {
+            OptimizerKind::Adam | OptimizerKind::Adamw => {
+                let t = self.state.step as i32;
+                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+                let bc1 = 1.0 - c.beta1.powi(t);
+                let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+                let step_size = (lr / bc1) as f32;
+                let eps = c.eps as f32;
+                let decoupled = c.kind == OptimizerKind::Adamw;
+                let decay = 1.0 - (lr as f32) * wd;
+                let mut bufs = self.state.buffers.values_mut();
+                let m = bufs.next().expect("m");
+                let v = bufs.next().expect("v");
+                for (((p, g), m), v) in params
+                    .iter_mut()
+                    .zip(grads)
+                    .zip(m.iter_mut())
+                    .zip(v.iter_mut())
+                {
+                    let g = if decoupled { *g } else { *g + wd * *p };
+                    if decoupled {
+                        *p *= decay;
+                    }
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                }
+            }
+            OptimizerKind::Sgd => {
+                let mu = c.momentum as f32;
+                let first = self.state.step == 1;
+                let buf = self.state.buffers.get_mut("momentum").expect("momentum");
+                for ((p, g), b) in params.iter_mut().zip(grads).zip(buf.iter_mut()) {
+                    let g = *g + wd * *p;
+                    *b = if first { g } else { mu * *b + g };
+                    *p -= lr as f32 * *b;
+                }
+            }
+        }
+    }
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let norm = grads
+        .iter()
+        .map(|g| f64::from(*g) * f64::from(*g))
+        .sum::<f64>()
+        .sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = (max_norm / (norm + 1e-6)) as f32;
+        grads.iter_mut().for_each(|g| *g *= scale);
+    }
+    norm
+}
+
+/// Learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// The base rate throughout.
+    Constant,
+    /// Linear ramp from 0 over `warmup` steps, then constant.
+    LinearWarmup {
+        /// Ramp length in steps.
+        warmup: u64,
+    },
+    /// Linear warm-up, then cosine decay to 0 at step `total`.
+    Cosine {
+        /// Ramp length in steps.
+        warmup: u64,
+        /// Steps of the whole run.
+        total: u64,
+    },
+}
+
+impl Schedule {
+    /// The learning rate at a (0-based) step.
+    pub fn lr(&self, base: f64, step: u64) -> f64 {
+        let ramp = |warmup: u64| {
+            if warmup == 0 {
+                1.0
+            } else {
+                ((step + 1) as f64 / warmup as f64).min(1.0)
+            }
+        };
+        match *self {
+            Schedule::Constant => base,
+            Schedule::LinearWarmup { warmup } => base * ramp(warmup),
+            Schedule::Cosine { warmup, total } => {
+                if step < warmup {
+                    base * ramp(warmup)
+                } else {
+                    let span = total.saturating_sub(warmup).max(1) as f64;
+                    let progress = ((step - warmup) as f64 / span).min(1.0);
+                    0.5 * base * (1.0 + (std::f64::consts::PI * progress).cos())
+                }
+            }
+        }
+    }
+}
