@@ -11,6 +11,6 @@ mod validate;
 
 pub use load::{known_keys, load, Layers, Origin, SettingsError, ENV_PREFIX, ENV_SEPARATOR};
 pub use schema::{
-    Binarize, ClusterConfig, Config, DataConfig, ModelConfig, ModelKind, Optimizer, RunConfig,
-    SpritesConfig, TrainConfig,
+    Activation, Architecture, Binarize, ClusterConfig, Config, DataConfig, EvalConfig, Likelihood,
+    LrSchedule, ModelConfig, ModelKind, Optimizer, RunConfig, SpritesConfig, TrainConfig,
 };

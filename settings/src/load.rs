@@ -102,9 +102,41 @@ impl Source for Flags {
         let mut root = Map::new();
         for (key, raw) in &self.0 {
             let origin = format!("--set {key}");
-            insert_dotted(&mut root, key, Value::new(Some(&origin), raw.as_str()));
+            insert_dotted(&mut root, key, Value::new(Some(&origin), typed(raw)));
         }
         Ok(root)
+    }
+}
+
+/// A flag value as TOML would read it (`[400, 300]` is a list, `true` a bool), or else the
+/// raw string (`adam`, `runs/x`): numbers stay strings and are parsed by the target type.
+fn typed(raw: &str) -> ValueKind {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(v @ (toml::Value::Array(_) | toml::Value::Boolean(_))) => from_toml(v),
+        _ => ValueKind::String(raw.to_string()),
+    }
+}
+
+fn from_toml(v: toml::Value) -> ValueKind {
+    match v {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => ValueKind::Array(
+            a.into_iter()
+                .map(|v| Value::new(None, from_toml(v)))
+                .collect(),
+        ),
+        toml::Value::Table(t) => ValueKind::Table(
+            t.into_iter()
+                .map(|(k, v)| (k, Value::new(None, from_toml(v))))
+                .collect(),
+        ),
     }
 }
 
@@ -282,6 +314,9 @@ pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
     let env = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("model.hidden")
         .source(Some(env_map));
     let keys = flat_keys(&env).map_err(|e| SettingsError::Invalid {
         key: String::new(),

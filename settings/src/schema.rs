@@ -16,6 +16,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// Distributed execution.
     pub cluster: ClusterConfig,
+    /// Evaluation.
+    pub eval: EvalConfig,
 }
 
 /// `[run]`: identity and location of the run.
@@ -82,6 +84,36 @@ pub struct TrainConfig {
     pub optimizer: Optimizer,
     /// Learning rate.
     pub lr: f64,
+    /// Weight decay: an L2 term for adam and sgd, decoupled for adamw.
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Clip gradients to this global L2 norm (0 = off).
+    pub clip_norm: f64,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Warm-up steps of the schedule.
+    pub warmup_steps: u64,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    pub keep_checkpoints: u32,
+    /// Stop after this many non-finite steps in a row.
+    pub max_nonfinite: u32,
+    /// Log a metrics line every this many steps.
+    pub log_every: u64,
+}
+
+/// Learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The base rate throughout.
+    Constant,
+    /// A linear ramp over `train.warmup_steps`, then constant.
+    LinearWarmup,
+    /// A linear ramp, then cosine decay to 0 at the end of the run.
+    Cosine,
 }
 
 /// Optimisers.
@@ -104,6 +136,62 @@ pub struct ModelConfig {
     pub kind: ModelKind,
     /// Dimension of the (top) latent variable.
     pub latent_dim: u32,
+    /// Encoder/decoder family: `mlp` or `conv` (28, 32 or 64 pixel square images).
+    pub architecture: Architecture,
+    /// Hidden layer sizes of the encoder (the decoder mirrors them). A single number is one
+    /// layer (so `ELBO__MODEL__HIDDEN=400` works as well as `=400,300`).
+    #[serde(deserialize_with = "one_or_many")]
+    pub hidden: Vec<u32>,
+    /// Nonlinearity.
+    pub activation: Activation,
+    /// Observation model.
+    pub likelihood: Likelihood,
+    /// Variance of the `gaussian_fixed` likelihood.
+    pub variance: f64,
+    /// Weight of the KL term (1 = VAE, > 1 = β-VAE).
+    pub beta: f64,
+    /// Steps over which the KL weight rises linearly from 0 to β (0 = off).
+    pub kl_warmup_steps: u64,
+    /// Free bits per latent dimension, in nats (0 = off).
+    pub free_bits: f64,
+    /// Clamp of the posterior log-variance (±).
+    pub log_var_clamp: f64,
+}
+
+/// Encoder/decoder families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Dense layers.
+    Mlp,
+    /// Convolutions.
+    Conv,
+}
+
+/// Nonlinearities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// ReLU.
+    Relu,
+    /// tanh.
+    Tanh,
+    /// GELU.
+    Gelu,
+}
+
+/// Observation models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Likelihood {
+    /// Bernoulli on logits.
+    Bernoulli,
+    /// Gaussian, variance `model.variance`.
+    GaussianFixed,
+    /// Gaussian, one learned variance.
+    GaussianGlobal,
+    /// Gaussian, a learned variance per dimension.
+    GaussianPerDim,
 }
 
 /// The model family.
@@ -122,6 +210,16 @@ pub enum ModelKind {
     Vqvae,
     /// Hierarchical VAE.
     Hvae,
+}
+
+/// `[eval]`: evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Importance samples of the IWAE bound (`elbo eval`).
+    pub iw_samples: u32,
+    /// Examples per evaluation batch.
+    pub batch_size: u64,
 }
 
 /// `[cluster]`: distributed execution.
@@ -156,12 +254,34 @@ impl Default for Config {
                 batch_size: 128,
                 optimizer: Optimizer::Adam,
                 lr: 1e-3,
+                weight_decay: 0.0,
+                momentum: 0.9,
+                clip_norm: 0.0,
+                lr_schedule: LrSchedule::Constant,
+                warmup_steps: 0,
+                checkpoint_every: 1000,
+                keep_checkpoints: 3,
+                max_nonfinite: 10,
+                log_every: 50,
             },
             model: ModelConfig {
                 kind: ModelKind::Vae,
                 latent_dim: 16,
+                architecture: Architecture::Mlp,
+                hidden: vec![400],
+                activation: Activation::Relu,
+                likelihood: Likelihood::Bernoulli,
+                variance: 1.0,
+                beta: 1.0,
+                kl_warmup_steps: 0,
+                free_bits: 0.0,
+                log_var_clamp: 10.0,
             },
             cluster: ClusterConfig { workers: 1 },
+            eval: EvalConfig {
+                iw_samples: 100,
+                batch_size: 100,
+            },
         }
     }
 }
@@ -172,6 +292,38 @@ pub(crate) fn choices(key: &str) -> Option<&'static [&'static str]> {
         "data.binarize" => Some(&["none", "static", "dynamic"]),
         "train.optimizer" => Some(&["adam", "adamw", "sgd"]),
         "model.kind" => Some(&["vae", "beta_vae", "cvae", "m2", "vqvae", "hvae"]),
+        "model.architecture" => Some(&["mlp", "conv"]),
+        "model.activation" => Some(&["relu", "tanh", "gelu"]),
+        "model.likelihood" => Some(&[
+            "bernoulli",
+            "gaussian_fixed",
+            "gaussian_global",
+            "gaussian_per_dim",
+        ]),
+        "train.lr_schedule" => Some(&["constant", "linear_warmup", "cosine"]),
         _ => None,
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a layer size or a list of layer sizes")]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+        Text(String),
+    }
+    match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => Ok(vec![n]),
+        OneOrMany::Many(v) => Ok(v),
+        OneOrMany::Text(t) => t
+            .split(',')
+            .map(|p| p.trim().parse::<u32>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a layer size or a list of layer sizes"
+                ))
+            }),
     }
 }

@@ -23,11 +23,54 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
         ("data.sprites.n", cfg.data.sprites.n),
         ("model.latent_dim", u64::from(cfg.model.latent_dim)),
         ("cluster.workers", u64::from(cfg.cluster.workers)),
+        (
+            "train.keep_checkpoints",
+            u64::from(cfg.train.keep_checkpoints),
+        ),
+        ("train.max_nonfinite", u64::from(cfg.train.max_nonfinite)),
+        ("train.log_every", cfg.train.log_every),
+        ("eval.iw_samples", u64::from(cfg.eval.iw_samples)),
+        ("eval.batch_size", cfg.eval.batch_size),
     ];
     for (key, value) in positive {
         if value == 0 {
             return Err((key, "found 0, expected a positive integer".into()));
         }
+    }
+    if cfg.model.hidden.contains(&0) {
+        return Err((
+            "model.hidden",
+            format!(
+                "{:?} holds a 0, expected positive layer sizes",
+                cfg.model.hidden
+            ),
+        ));
+    }
+    let non_negative = [
+        ("train.weight_decay", cfg.train.weight_decay),
+        ("train.clip_norm", cfg.train.clip_norm),
+        ("model.beta", cfg.model.beta),
+        ("model.free_bits", cfg.model.free_bits),
+    ];
+    for (key, value) in non_negative {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err((key, format!("found {value}, expected a finite number ≥ 0")));
+        }
+    }
+    let positive = [
+        ("model.variance", cfg.model.variance),
+        ("model.log_var_clamp", cfg.model.log_var_clamp),
+    ];
+    for (key, value) in positive {
+        if !(value.is_finite() && value > 0.0) {
+            return Err((key, format!("found {value}, expected a finite number > 0")));
+        }
+    }
+    if !(0.0..1.0).contains(&cfg.train.momentum) {
+        return Err((
+            "train.momentum",
+            format!("found {}, expected a number in [0, 1)", cfg.train.momentum),
+        ));
     }
     if !(cfg.train.lr.is_finite() && cfg.train.lr > 0.0) {
         return Err((

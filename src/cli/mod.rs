@@ -1,9 +1,14 @@
 //! Subcommands of `elbo`.
 
 mod bench;
+mod build;
 mod config_cmd;
 mod data;
+mod eval;
 mod layers;
+mod pictures;
+mod run_dir;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +22,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a model (resumes a run directory that holds a checkpoint).
+    Train(train::TrainArgs),
+    /// Evaluate a trained run on test data: −ELBO, its terms, the IWAE bound, active units.
+    Eval(eval::EvalArgs),
+    /// Draw samples from a trained run's prior into a PNG grid.
+    Sample(eval::SampleArgs),
     /// Inspect the resolved configuration.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -31,6 +42,9 @@ enum Command {
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Sample(args) => eval::sample(args),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

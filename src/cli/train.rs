@@ -1,0 +1,305 @@
+//! `elbo train`: one process trains the configured model, resumably.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use elbo_datasets::sprites::Split;
+use elbo_datasets::{BatchStream, Cursor, Dataset};
+use elbo_models::{Model, Vae};
+use elbo_settings::Config;
+use elbo_worker::checkpoint::{self, TrainState};
+use elbo_worker::{LocalReduce, StepReport, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::build;
+use super::layers::ConfigArgs;
+use super::pictures::{self, ImageShape};
+use super::run_dir::{self, Metrics};
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Resume even if the config differs from the one the checkpoint was written with.
+    #[arg(long)]
+    force: bool,
+    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Throughput since the last log line.
+#[derive(Default)]
+struct Window {
+    rows: u64,
+    skipped: u64,
+    started: Option<Instant>,
+}
+
+impl Window {
+    fn add(&mut self, r: &StepReport, rows: u64) {
+        self.started.get_or_insert_with(Instant::now);
+        self.rows += rows;
+        self.skipped += u64::from(!r.applied);
+    }
+
+    /// The metrics record of a step: its own terms (deterministic, so a resumed run logs what an
+    /// uninterrupted one does) and the throughput and skipped steps since the last record.
+    fn record(&mut self, r: &StepReport, step: u64, epoch: u64) -> serde_json::Value {
+        let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let mut rec = json!({"step": step, "epoch": epoch, "lr": r.lr, "skipped": self.skipped,
+            "grad_norm": r.grad_norm,
+            "samples_per_s": if secs > 0.0 { self.rows as f64 / secs } else { 0.0 }});
+        for (k, v) in &r.terms {
+            rec[k] = json!(v);
+        }
+        *self = Window::default();
+        rec
+    }
+}
+
+fn progress(total: u64, done: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total).with_position(done);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = args.config.load()?;
+    if let Some(dir) = &args.run_dir {
+        cfg.run.dir = dir.to_string_lossy().into_owned();
+    }
+    build::check_supported(&cfg)?;
+    let device = build::device(&args.device)?;
+    let run_dir = PathBuf::from(&cfg.run.dir);
+    let train = build::dataset(&cfg, Split::Train)?;
+    let test = build::dataset(&cfg, Split::Test)?;
+    if train.schema().shape != test.schema().shape {
+        anyhow::bail!(
+            "data.train holds examples of shape {:?} but data.test {:?}",
+            train.schema().shape,
+            test.schema().shape
+        );
+    }
+    let plan = train.plan(
+        cfg.run.seed,
+        cfg.train.batch_size,
+        cfg.data.shuffle_window,
+        true,
+    )?;
+    let total_steps = cfg.train.epochs * plan.steps_per_epoch();
+    let model = build::model(&cfg, train.schema(), &device)?;
+    let mut trainer = Trainer::new(Box::new(model), build::step_config(&cfg, total_steps))?;
+
+    let mut cursor = Cursor::start(0);
+    let newest = checkpoint::list(&run_dir)?.pop();
+    if let Some(dir) = &newest {
+        let old = build::run_config(&run_dir)?;
+        run_dir::check_resume_config(&old, &cfg, args.force)?;
+        let ck = checkpoint::load(dir, trainer.layout())?;
+        trainer.restore(
+            ck.params,
+            ck.optimizer,
+            ck.state.step,
+            ck.state.nonfinite_total,
+        )?;
+        cursor = ck.state.cursor;
+        tracing::info!(checkpoint = %dir.display(), step = ck.state.step, "resuming");
+    }
+    run_dir::write_config(&run_dir, &cfg)?;
+    let mut metrics = Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?;
+    let config_sha256 = run_dir::config_sha256(&cfg);
+    let stop_at = args.max_steps.unwrap_or(u64::MAX).min(total_steps);
+    let save = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<PathBuf> {
+        let state = TrainState {
+            format: checkpoint::FORMAT,
+            step: trainer.step(),
+            cursor,
+            nonfinite_total: trainer.nonfinite_total(),
+            optimizer_step: trainer.optimizer().state().step,
+            seed: cfg.run.seed,
+            config_sha256: config_sha256.clone(),
+        };
+        let keep = cfg.train.keep_checkpoints as usize;
+        Ok(checkpoint::save(
+            &run_dir,
+            trainer.layout(),
+            trainer.params(),
+            trainer.optimizer().state(),
+            &state,
+            keep,
+        )?)
+    };
+
+    tracing::info!(run_dir = %run_dir.display(), rows = train.rows(), steps = total_steps, params = trainer.layout().len(), "training");
+    let bar = progress(total_steps, trainer.step());
+    let mut window = Window::default();
+    let started = Instant::now();
+    let start_step = trainer.step();
+    let decode_threads = 1;
+    'epochs: while cursor.epoch < cfg.train.epochs && trainer.step() < stop_at {
+        let stream = BatchStream::new(
+            train.clone(),
+            plan.rank_plan(cursor, 1, 0)?,
+            build::binarizer(&cfg),
+            decode_threads,
+        );
+        for batch in stream {
+            let batch = batch?;
+            let report = trainer.train_step(&batch, &mut LocalReduce, &device)?;
+            cursor = batch.cursor_after;
+            window.add(&report, batch.rows() as u64);
+            let step = trainer.step();
+            if step % cfg.train.log_every == 0 || step == total_steps {
+                let rec = window.record(&report, step, cursor.epoch);
+                bar.set_message(format!(
+                    "epoch {}  −ELBO {:.2}  KL {:.2}  {:.0} samples/s",
+                    cursor.epoch + 1,
+                    rec["neg_elbo"].as_f64().unwrap_or(f64::NAN),
+                    rec["kl"].as_f64().unwrap_or(f64::NAN),
+                    rec["samples_per_s"].as_f64().unwrap_or(0.0)
+                ));
+                if bar.is_hidden() {
+                    tracing::info!("{rec}");
+                }
+                metrics.log(&rec)?;
+            }
+            bar.set_position(step);
+            if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
+                save(&trainer, normalise(cursor, &plan))?;
+            }
+            if step >= stop_at {
+                break 'epochs;
+            }
+        }
+        cursor = normalise(cursor, &plan);
+    }
+    bar.finish_and_clear();
+    let cursor = normalise(cursor, &plan);
+    let dir = save(&trainer, cursor)?;
+    let steps = trainer.step() - start_step;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "trained {steps} steps in {secs:.1} s ({:.0} samples/s); checkpoint {}",
+        steps as f64 * cfg.train.batch_size as f64 / secs.max(1e-9),
+        dir.display()
+    );
+    if trainer.step() >= total_steps {
+        let vae = trainer.model();
+        let neg_elbo = quick_test_elbo(vae, &test, &cfg, &device)?;
+        println!("test −ELBO {neg_elbo:.3} nats (single sample; `elbo eval` gives the IW bound)");
+        write_pictures(vae, &test, &cfg, &run_dir, &device)?;
+    }
+    Ok(())
+}
+
+/// The cursor at the end of an epoch is the start of the next.
+fn normalise(cursor: Cursor, plan: &elbo_datasets::DataPlan) -> Cursor {
+    if cursor.step >= plan.steps_per_epoch() {
+        Cursor::start(cursor.epoch + 1)
+    } else {
+        cursor
+    }
+}
+
+/// Mean single-sample −ELBO over the whole test set.
+pub fn quick_test_elbo(
+    model: &dyn Model,
+    test: &std::sync::Arc<Dataset>,
+    cfg: &Config,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let plan = test.plan(
+        cfg.run.seed,
+        cfg.eval.batch_size,
+        cfg.eval.batch_size,
+        false,
+    )?;
+    let (mut sum, mut rows) = (0.0, 0u64);
+    let noise = elbo_models::Noise::new(cfg.run.seed ^ 0xe7a1);
+    for batch in BatchStream::new(test.clone(), plan.plan(0, 1, 0)?, build::binarizer(cfg), 1) {
+        let batch = batch?;
+        let x = Tensor::from_slice(&batch.x, (batch.rows(), batch.dim), device)?;
+        let input = elbo_models::Input {
+            x: &x,
+            labels: &batch.labels,
+            ids: &batch.ids,
+        };
+        let out = model.loss(&input, &noise, 0, &elbo_models::Objective::default())?;
+        sum += out.terms["neg_elbo"].to_scalar::<f32>()? as f64 * batch.rows() as f64;
+        rows += batch.rows() as u64;
+    }
+    Ok(sum / rows.max(1) as f64)
+}
+
+/// samples.png, reconstructions.png, traversals.png and loss.png under `run_dir/samples/`.
+pub fn write_pictures(
+    model: &dyn Model,
+    test: &std::sync::Arc<Dataset>,
+    cfg: &Config,
+    run_dir: &Path,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let shape = match ImageShape::of(&test.schema().shape) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no pictures: {e}");
+            return Ok(());
+        }
+    };
+    let dir = run_dir.join("samples");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    pictures::grid(
+        &pictures::samples(model, 64, cfg.run.seed, device)?,
+        shape,
+        8,
+        &dir.join("samples.png"),
+    )?;
+    let plan = test.plan(cfg.run.seed, 32, 32, false)?;
+    let first = BatchStream::new(test.clone(), plan.plan(0, 1, 0)?, build::binarizer(cfg), 0)
+        .next()
+        .context("the test set is empty")??;
+    let x = Tensor::from_slice(&first.x, (first.rows(), first.dim), device)?;
+    let rec = pictures::reconstructions(model, &x, &first.ids, 8)?;
+    pictures::grid(&rec, shape, 8, &dir.join("reconstructions.png"))?;
+    let one = x.narrow(0, 0, 1)?;
+    let trav = pictures::traversals(model, &one, first.ids[0], 10, 9)?;
+    pictures::grid(&trav, shape, 9, &dir.join("traversals.png"))?;
+    pictures::curve(&Metrics::series(run_dir, "neg_elbo"), &dir.join("loss.png"))?;
+    Ok(())
+}
+
+/// Loads the newest checkpoint of a run into a fresh model of its config.
+pub fn load_model(
+    run_dir: &Path,
+    device: &Device,
+) -> anyhow::Result<(Config, Vae, std::sync::Arc<Dataset>)> {
+    let cfg = build::run_config(run_dir)?;
+    let test = build::dataset(&cfg, Split::Test)?;
+    let model = build::model(&cfg, test.schema(), device)?;
+    let layout = elbo_worker::FlatLayout::new(elbo_models::Model::params(&model).vars());
+    let newest = checkpoint::list(run_dir)?
+        .pop()
+        .with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?;
+    let ck = checkpoint::load(&newest, &layout)?;
+    layout.write_params(&ck.params)?;
+    Ok((cfg, model, test))
+}

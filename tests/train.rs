@@ -1,0 +1,211 @@
+//! End-to-end training runs of the `elbo` binary: exact resume, config checks, eval, sample.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn elbo(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_elbo"))
+        .args(args)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_LOG", "warn")
+        .output()
+        .expect("the elbo binary runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A small, fast run: 600 sprites of 32×32, batch 50 (12 steps per epoch), 3 epochs.
+const SMALL: [&str; 14] = [
+    "--set",
+    "data.sprites.n=600",
+    "--set",
+    "train.batch_size=50",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "model.hidden=64",
+    "--set",
+    "train.log_every=4",
+    "--set",
+    "data.binarize=dynamic",
+    "--set",
+    "train.checkpoint_every=5",
+];
+
+fn train(run: &Path, cache: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--run-dir", run.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(extra);
+    elbo(&args, cache)
+}
+
+fn final_checkpoint(run: &Path) -> Vec<(String, Vec<u8>)> {
+    let dir = run.join("checkpoints/step-000000036");
+    ["model.safetensors", "optim.safetensors", "state.json"]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                std::fs::read(dir.join(f))
+                    .unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display())),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resuming_reproduces_the_uninterrupted_run_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
+    ok(train(&whole, &cache, &[]));
+    // Stop mid-epoch (step 17 of 36, not on a checkpoint boundary), then resume to the end.
+    let said = ok(train(&split, &cache, &["--max-steps", "17"]));
+    assert!(said.contains("trained 17 steps"), "{said}");
+    assert!(
+        !split.join("samples").exists(),
+        "no pictures before the run is complete"
+    );
+    ok(train(&split, &cache, &[]));
+    for ((file, a), (_, b)) in final_checkpoint(&whole)
+        .iter()
+        .zip(final_checkpoint(&split))
+    {
+        assert!(
+            *a == b,
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let metrics = |run: &Path| -> Vec<String> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("samples_per_s");
+                v.to_string()
+            })
+            .collect()
+    };
+    assert_eq!(metrics(&whole), metrics(&split), "the loss curves match");
+    for png in [
+        "samples.png",
+        "reconstructions.png",
+        "traversals.png",
+        "loss.png",
+    ] {
+        let bytes = std::fs::read(whole.join("samples").join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is a PNG");
+    }
+    let kept = std::fs::read_dir(whole.join("checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(kept, 3, "train.keep_checkpoints = 3");
+}
+
+#[test]
+fn resuming_with_a_changed_config_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = tmp.path().join("run");
+    ok(train(&run, &cache, &["--max-steps", "6"]));
+    let out = train(
+        &run,
+        &cache,
+        &["--set", "train.lr=0.01", "--set", "model.beta=2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.lr: 0.001 → 0.01")
+            && err.contains("model.beta: 1.0 → 2.0")
+            && err.contains("--force"),
+        "{err}"
+    );
+    let said = ok(train(
+        &run,
+        &cache,
+        &["--set", "train.lr=0.01", "--force", "--max-steps", "8"],
+    ));
+    assert!(said.contains("trained 2 steps"), "{said}");
+}
+
+#[test]
+fn eval_and_sample_a_trained_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = tmp.path().join("run");
+    ok(train(&run, &cache, &[]));
+    let json = ok(elbo(
+        &[
+            "eval",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--iw-samples",
+            "20",
+            "--json",
+        ],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let (neg_elbo, rec, kl, nll) = (
+        v["neg_elbo"].as_f64().unwrap(),
+        v["rec"].as_f64().unwrap(),
+        v["kl"].as_f64().unwrap(),
+        v["nll_iw"].as_f64().unwrap(),
+    );
+    assert_eq!(v["rows"], 60);
+    assert!((neg_elbo - rec - kl).abs() < 1e-3);
+    assert!(
+        nll <= neg_elbo + 0.5,
+        "the IW bound is at least as tight as the ELBO: {nll} vs {neg_elbo}"
+    );
+    assert!(v["active_units"].as_u64().unwrap() <= 16);
+    let png = tmp.path().join("grid.png");
+    ok(elbo(
+        &[
+            "sample",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--n",
+            "16",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &cache,
+    ));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let out = elbo(
+        &[
+            "eval",
+            "--run-dir",
+            tmp.path().join("nothing").to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no config.toml"));
+}
+
+#[test]
+fn unavailable_choices_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    for (set, expect) in [
+        ("model.kind=m2", "model.kind"),
+        ("cluster.workers=2", "cluster.workers"),
+    ] {
+        let out = train(&tmp.path().join("r"), &cache, &["--set", set]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expect));
+    }
+    let out = train(&tmp.path().join("r"), &cache, &["--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu or cuda:N"));
+}
