@@ -2,7 +2,9 @@
 //! pixel images, initialised like PyTorch's defaults (uniform ±1/√fan_in).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+
+use crate::dense::dense;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -32,11 +34,30 @@ impl Activation {
 }
 
 /// A dense layer `y = x Wᵀ + b` with parameters `{name}.weight` `(out, in)` and `{name}.bias`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// `x·Wᵀ + b`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        dense(x, &self.weight, &self.bias, false)
+    }
+
+    /// `relu(x·Wᵀ + b)`, fused.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        dense(x, &self.weight, &self.bias, true)
+    }
+}
+
+/// A new dense layer named `name`, initialised uniform ±1/√inputs like PyTorch's default.
 pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) -> Result<Linear> {
     let bound = 1.0 / (inputs as f32).sqrt();
-    let w = params.uniform(&format!("{name}.weight"), &[outputs, inputs], bound)?;
-    let b = params.uniform(&format!("{name}.bias"), &[outputs], bound)?;
-    Ok(Linear::new(w, Some(b)))
+    let weight = params.uniform(&format!("{name}.weight"), &[outputs, inputs], bound)?;
+    let bias = params.uniform(&format!("{name}.bias"), &[outputs], bound)?;
+    Ok(Linear { weight, bias })
 }
 
 /// Dense layers with an activation between them (and none after the last).
@@ -67,10 +88,12 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, activate_last: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if activate_last || i + 1 < self.layers.len() {
-                h = self.activation.apply(&h)?;
-            }
+            let activate = activate_last || i + 1 < self.layers.len();
+            h = match (activate, self.activation) {
+                (true, Activation::Relu) => layer.forward_relu(&h)?,
+                (true, act) => act.apply(&layer.forward(&h)?)?,
+                (false, _) => layer.forward(&h)?,
+            };
         }
         Ok(h)
     }

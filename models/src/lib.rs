@@ -2,6 +2,7 @@
 //! warm-up, free bits, IWAE bound) behind one [`Model`] trait. Knows nothing of networks or files.
 
 mod bernoulli;
+mod dense;
 mod error;
 mod iwae;
 mod layers;
@@ -13,9 +14,10 @@ mod params;
 mod vae;
 
 pub use bernoulli::bernoulli_nll;
+pub use dense::dense;
 pub use error::{ModelError, Result};
 pub use iwae::{iw_bound, ActiveUnits};
-pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Mlp};
+pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 pub use likelihood::{Likelihood, LikelihoodKind};
 pub use model::{Input, Model};
 pub use noise::{Noise, Purpose};

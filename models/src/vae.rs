@@ -3,12 +3,11 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Module, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::layers::{linear, Activation, ConvDecoder, ConvEncoder, Mlp};
+use crate::layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 use crate::likelihood::{Likelihood, LikelihoodKind};
 use crate::model::{Input, Model};
 use crate::noise::{Noise, Purpose};

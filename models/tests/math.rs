@@ -358,3 +358,76 @@ fn noise_depends_on_the_row_id_not_the_batch() {
     assert!((var - 1.0).abs() < 0.05, "standard normal: E[ε²] = {var}");
     let _ = all.sum(D::Minus1);
 }
+
+#[test]
+fn fused_dense_matches_the_unfused_chain_with_its_gradients() {
+    use candle_core::Var;
+    let rand = |shape: &[usize], seed: u64| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n)
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    for relu in [false, true] {
+        let x = Var::from_tensor(&rand(&[7, 13], 1)).unwrap();
+        let w = Var::from_tensor(&rand(&[5, 13], 2)).unwrap();
+        let b = Var::from_tensor(&rand(&[5], 3)).unwrap();
+        let up = rand(&[7, 5], 4); // a fixed upstream gradient: loss = Σ y ⊙ up
+        let fused = elbo_models::dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu).unwrap();
+        let chain = x
+            .as_tensor()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        let chain = if relu { chain.relu().unwrap() } else { chain };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{what} (relu {relu}): max difference {d}");
+        };
+        close(&fused, &chain, "forward");
+        let gf = (&fused * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&chain * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [(&x, "dx"), (&w, "dW"), (&b, "db")] {
+            close(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+                name,
+            );
+        }
+    }
+    // Data (a tensor that tracks nothing) gets no gradient computed.
+    let x = rand(&[3, 4], 5);
+    let w = Var::from_tensor(&rand(&[2, 4], 6)).unwrap();
+    let b = Var::from_tensor(&rand(&[2], 7)).unwrap();
+    let g = elbo_models::dense(&x, w.as_tensor(), b.as_tensor(), true)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&x).is_none() && g.get(w.as_tensor()).is_some());
+}

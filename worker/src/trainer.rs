@@ -11,7 +11,9 @@ use elbo_models::{Input, Model, Noise, Objective};
 
 use crate::error::{Result, WorkerError};
 use crate::flat::FlatLayout;
-use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerState, Schedule};
+use crate::optim::{
+    clip_grad_norm, global_norm, Optimizer, OptimizerConfig, OptimizerState, Schedule,
+};
 
 /// How gradients (and the statistics appended to them) are combined across workers.
 pub trait Reduce {
@@ -233,7 +235,8 @@ impl Trainer {
         let step = self.step;
         self.step += 1;
         let lr = self.config.schedule.lr(self.config.lr, step);
-        if let Some(what) = self.non_finite(&terms) {
+        let grad_norm = global_norm(&self.buf[..n]);
+        if let Some(what) = self.non_finite(&terms, grad_norm) {
             self.nonfinite_in_row += 1;
             self.nonfinite_total += 1;
             tracing::warn!(step, what, "non-finite step skipped");
@@ -259,7 +262,7 @@ impl Trainer {
             });
         }
         self.nonfinite_in_row = 0;
-        let grad_norm = clip_grad_norm(&mut self.buf[..n], self.config.clip_norm);
+        clip_grad_norm(&mut self.buf[..n], grad_norm, self.config.clip_norm);
         self.optimizer.step(&mut self.params, &self.buf[..n], lr);
         self.layout.write_params(&self.params)?;
         let timings = Timings {
@@ -277,8 +280,9 @@ impl Trainer {
         })
     }
 
-    /// Names what is non-finite: loss terms first, then the first parameter with a bad gradient.
-    fn non_finite(&self, terms: &BTreeMap<String, f64>) -> Option<String> {
+    /// Names what is non-finite: loss terms first, then the first parameter with a bad gradient
+    /// (searched only when the gradient norm says there is one).
+    fn non_finite(&self, terms: &BTreeMap<String, f64>, grad_norm: f64) -> Option<String> {
         let bad: Vec<&str> = terms
             .iter()
             .filter(|(_, v)| !v.is_finite())
@@ -286,6 +290,9 @@ impl Trainer {
             .collect();
         if !bad.is_empty() {
             return Some(format!("loss terms {}", bad.join(", ")));
+        }
+        if grad_norm.is_finite() {
+            return None;
         }
         self.layout
             .slots()
@@ -296,5 +303,6 @@ impl Trainer {
                     .any(|g| !g.is_finite())
             })
             .map(|s| format!("gradient of {}", s.name))
+            .or_else(|| Some("gradient norm".into()))
     }
 }

@@ -1,6 +1,8 @@
 //! Flat-buffer optimisers against plain per-parameter reference implementations.
 
-use elbo_worker::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+use elbo_worker::{
+    clip_grad_norm, global_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule,
+};
 
 /// Textbook Adam/AdamW/SGD in f64, one scalar at a time.
 fn reference(kind: OptimizerKind, p0: &[f64], grads: &[Vec<f64>], lr: f64, wd: f64) -> Vec<f64> {
@@ -107,11 +109,22 @@ fn restoring_state_continues_identically() {
 #[test]
 fn clipping_and_schedules() {
     let mut g = vec![3.0f32, 4.0];
-    assert_eq!(clip_grad_norm(&mut g, 10.0), 5.0);
+    assert_eq!(global_norm(&g), 5.0);
+    clip_grad_norm(&mut g, 5.0, 10.0);
     assert_eq!(g, [3.0, 4.0]);
-    assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
+    clip_grad_norm(&mut g, 5.0, 1.0);
     let norm = (g[0] * g[0] + g[1] * g[1]).sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
+    let long: Vec<f32> = (0..10_007)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+        .collect();
+    let exact = long
+        .iter()
+        .map(|v| f64::from(*v) * f64::from(*v))
+        .sum::<f64>()
+        .sqrt();
+    assert!((global_norm(&long) - exact).abs() < 1e-5 * exact);
+    assert!(global_norm(&[1.0, f32::NAN]).is_nan() && global_norm(&[f32::INFINITY]).is_infinite());
     assert_eq!(Schedule::Constant.lr(0.1, 99), 0.1);
     let warm = Schedule::LinearWarmup { warmup: 10 };
     assert!(

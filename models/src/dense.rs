@@ -1,0 +1,156 @@
+//! A fused dense layer `y = x·Wᵀ + b`, optionally followed by ReLU, as one candle op with a
+//! hand-written backward: on CPU the forward is one gemm writing over the broadcast bias with
+//! the ReLU applied in place, and the backward is exactly `dX = g·W` (only when `x` needs a
+//! gradient — never for data), `dW = gᵀ·x` and `db = Σ g`, with `g = dY·[y > 0]` fused. This
+//! replaces candle's chain of transpose, matmul, broadcast-add and ReLU (and their backward
+//! passes, which always compute the gradient of the input too). Other devices use that chain.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+
+use crate::error::Result;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("dense: {what} must be contiguous"),
+    }
+}
+
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        n if n > 1 => Parallelism::Rayon(n),
+        _ => Parallelism::None,
+    }
+}
+
+struct DenseOp {
+    relu: bool,
+}
+
+impl CustomOp3 for DenseOp {
+    fn name(&self) -> &'static str {
+        if self.relu {
+            "dense-relu"
+        } else {
+            "dense"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inputs) = lx.shape().dims2()?;
+        let (outputs, w_in) = lw.shape().dims2()?;
+        if w_in != inputs || lb.shape().dims1()? != outputs {
+            candle_core::bail!(
+                "dense: x {:?}, W {:?}, b {:?} do not fit",
+                lx.shape(),
+                lw.shape(),
+                lb.shape()
+            );
+        }
+        let (x, w, b) = (
+            contiguous(sx, lx, "x")?,
+            contiguous(sw, lw, "W")?,
+            contiguous(sb, lb, "b")?,
+        );
+        let mut y: Vec<f32> = Vec::with_capacity(rows * outputs);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // y (rows × outputs) = 1·y + 1·x (rows × inputs) · Wᵀ (inputs × outputs); W is row-major
+        // (outputs × inputs), so Wᵀ[i][o] = W[o·inputs + i]: row stride 1, column stride inputs.
+        unsafe {
+            gemm(
+                rows,
+                outputs,
+                inputs,
+                y.as_mut_ptr(),
+                1,
+                outputs as isize,
+                true,
+                x.as_ptr(),
+                1,
+                inputs as isize,
+                w.as_ptr(),
+                inputs as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+        if self.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, outputs))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = if self.relu {
+            dy.contiguous()?.apply_op2_no_bwd(y, &ReluMask)?
+        } else {
+            dy.contiguous()?
+        };
+        let dx = if x.track_op() {
+            Some(g.matmul(w)?)
+        } else {
+            None
+        };
+        let dw = g.t()?.matmul(x)?;
+        let db = g.sum(0)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// `dY · [y > 0]`, the gradient through a ReLU given its output.
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dy, y) = (contiguous(s1, l1, "dY")?, contiguous(s2, l2, "y")?);
+        let g = dy
+            .iter()
+            .zip(y)
+            .map(|(d, y)| if *y > 0.0 { *d } else { 0.0 })
+            .collect();
+        Ok((CpuStorage::F32(g), l1.shape().clone()))
+    }
+}
+
+/// `x·Wᵀ + b`, then ReLU if `relu`: x (N, in), W (out, in), b (out,).
+pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        Ok(x.contiguous()?.apply_op3(w, b, DenseOp { relu })?)
+    } else {
+        let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+        Ok(if relu { y.relu()? } else { y })
+    }
+}
