@@ -14,9 +14,11 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     }
 }
 
+/// `ln(1 + e)` for `e = exp(−|l|) ∈ (0, 1]` is within 1e-7 of `log1p(e)` and several times
+/// faster than `log1pf`.
 #[inline]
 fn bce(l: f32, x: f32) -> f32 {
-    l.max(0.0) - x * l + (-l.abs()).exp().ln_1p()
+    l.max(0.0) - x * l + (1.0 + (-l.abs()).exp()).ln()
 }
 
 struct BernoulliNll;
