@@ -5,14 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
+use crate::cpu::contiguous_f32;
 use crate::error::Result;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("bernoulli nll: inputs must be contiguous"),
-    }
-}
 
 /// `ln(1 + e)` for `e = exp(−|l|) ∈ (0, 1]` is within 1e-7 of `log1p(e)` and several times
 /// faster than `log1pf`.
@@ -35,7 +29,10 @@ impl CustomOp2 for BernoulliNll {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (logits, x) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (logits, x) = (
+            contiguous_f32(s1, l1, "logits")?,
+            contiguous_f32(s2, l2, "targets")?,
+        );
         let (rows, dim) = l1.shape().dims2()?;
         if l2.shape() != l1.shape() {
             candle_core::bail!(
@@ -81,7 +78,11 @@ impl CustomOp3 for BernoulliNllGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (logits, x, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (logits, x, g) = (
+            contiguous_f32(s1, l1, "logits")?,
+            contiguous_f32(s2, l2, "targets")?,
+            contiguous_f32(s3, l3, "gradient")?,
+        );
         let (_, dim) = l1.shape().dims2()?;
         let mut out = Vec::with_capacity(logits.len());
         for ((l, x), g) in logits

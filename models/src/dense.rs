@@ -8,14 +8,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
-use crate::error::Result;
+use crate::cpu::contiguous_f32 as contiguous;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("dense: {what} must be contiguous"),
-    }
-}
+use crate::error::Result;
 
 fn parallelism() -> Parallelism {
     match candle_core::utils::get_num_threads() {

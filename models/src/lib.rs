@@ -2,6 +2,7 @@
 //! warm-up, free bits, IWAE bound) behind one [`Model`] trait. Knows nothing of networks or files.
 
 mod bernoulli;
+mod cpu;
 mod dense;
 mod error;
 mod iwae;

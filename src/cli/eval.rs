@@ -1,11 +1,13 @@
 //! `elbo eval` and `elbo sample`: a trained run's test bounds and pictures.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use elbo_datasets::{BatchStream, Dataset};
 use elbo_models::{iw_bound, ActiveUnits, Input, Model, Noise, Objective};
+use elbo_settings::Config;
 use serde::Serialize;
 
 use super::build;
@@ -31,31 +33,89 @@ pub struct EvalArgs {
     json: bool,
 }
 
+/// Test-set figures of a model.
 #[derive(Debug, Serialize)]
-struct EvalReport {
+pub struct EvalReport {
     rows: u64,
     /// Single-sample −ELBO (nats per example).
-    neg_elbo: f64,
+    pub neg_elbo: f64,
     /// Reconstruction term.
     rec: f64,
     /// KL term.
     kl: f64,
     /// −(IWAE bound): an upper bound on the test NLL, tighter with more samples.
-    nll_iw: f64,
-    iw_samples: u32,
+    nll_iw: Option<f64>,
+    iw_samples: Option<u32>,
     active_units: usize,
     latent_dim: usize,
 }
 
+/// Most importance samples per example (each example keeps its k log-weights).
+const MAX_IW_SAMPLES: u32 = 100_000;
+/// Most samples `elbo sample` draws into one picture.
+const MAX_SAMPLES: usize = 4096;
+
 /// Memory budget of one IWAE decode, in rows (samples × batch).
 const IW_MAX_ROWS: usize = 50_000;
+
+/// Evaluates `model` on the whole of `test`, in file order: −ELBO and its terms, active units,
+/// and the IWAE bound when `iw_samples` is given.
+pub fn evaluate(
+    model: &dyn Model,
+    test: &Arc<Dataset>,
+    cfg: &Config,
+    device: &Device,
+    iw_samples: Option<u32>,
+) -> anyhow::Result<EvalReport> {
+    let plan = test.plan(
+        cfg.run.seed,
+        cfg.eval.batch_size,
+        cfg.eval.batch_size,
+        false,
+    )?;
+    let noise = Noise::new(cfg.run.seed ^ 0xe7a1);
+    let (mut rows, mut sums, mut nll) = (0u64, [0.0f64; 3], 0.0f64);
+    let mut active = ActiveUnits::default();
+    for batch in BatchStream::new(test.clone(), plan.plan(0, 1, 0)?, build::binarizer(cfg), 1) {
+        let batch = batch?;
+        let n = batch.rows();
+        let x = Tensor::from_slice(&batch.x, (n, batch.dim), device)?;
+        let input = Input {
+            x: &x,
+            labels: &batch.labels,
+            ids: &batch.ids,
+        };
+        let out = model.loss(&input, &noise, 0, &Objective::default())?;
+        for (s, key) in sums.iter_mut().zip(["neg_elbo", "rec", "kl"]) {
+            *s += out.terms[key].to_scalar::<f32>()? as f64 * n as f64;
+        }
+        if let Some(k) = iw_samples {
+            nll -= iw_bound(model, &input, &noise, k as usize, IW_MAX_ROWS)?
+                .iter()
+                .sum::<f64>();
+        }
+        active.add(&model.posterior_mean(&input)?)?;
+        rows += n as u64;
+    }
+    let mean = |s: f64| s / rows.max(1) as f64;
+    Ok(EvalReport {
+        rows,
+        neg_elbo: mean(sums[0]),
+        rec: mean(sums[1]),
+        kl: mean(sums[2]),
+        nll_iw: iw_samples.map(|_| mean(nll)),
+        iw_samples,
+        active_units: active.count(0.01),
+        latent_dim: model.latent_dim(),
+    })
+}
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = build::device(&args.device)?;
     let (cfg, model, test) = load_model(&args.run_dir, &device)?;
     let test = match &args.data {
         Some(spec) => {
-            let ds = std::sync::Arc::new(
+            let ds = Arc::new(
                 Dataset::open(spec).with_context(|| format!("cannot open --data {spec}"))?,
             );
             if ds.schema().shape != test.schema().shape {
@@ -70,48 +130,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         None => test,
     };
     let k = args.iw_samples.unwrap_or(cfg.eval.iw_samples);
-    if k == 0 {
-        anyhow::bail!("--iw-samples must be at least 1");
+    if !(1..=MAX_IW_SAMPLES).contains(&k) {
+        anyhow::bail!("--iw-samples {k}: expected 1 to {MAX_IW_SAMPLES}");
     }
-    let plan = test.plan(
-        cfg.run.seed,
-        cfg.eval.batch_size,
-        cfg.eval.batch_size,
-        false,
-    )?;
-    let noise = Noise::new(cfg.run.seed ^ 0xe7a1);
-    let (mut rows, mut sums) = (0u64, [0.0f64; 4]);
-    let mut active = ActiveUnits::default();
-    for batch in BatchStream::new(test.clone(), plan.plan(0, 1, 0)?, build::binarizer(&cfg), 1) {
-        let batch = batch?;
-        let n = batch.rows();
-        let x = Tensor::from_slice(&batch.x, (n, batch.dim), &device)?;
-        let input = Input {
-            x: &x,
-            labels: &batch.labels,
-            ids: &batch.ids,
-        };
-        let out = model.loss(&input, &noise, 0, &Objective::default())?;
-        for (s, key) in sums.iter_mut().zip(["neg_elbo", "rec", "kl"]) {
-            *s += out.terms[key].to_scalar::<f32>()? as f64 * n as f64;
-        }
-        sums[3] -= iw_bound(&model, &input, &noise, k as usize, IW_MAX_ROWS)?
-            .iter()
-            .sum::<f64>();
-        active.add(&model.posterior_mean(&input)?)?;
-        rows += n as u64;
-    }
-    let mean = |s: f64| s / rows.max(1) as f64;
-    let report = EvalReport {
-        rows,
-        neg_elbo: mean(sums[0]),
-        rec: mean(sums[1]),
-        kl: mean(sums[2]),
-        nll_iw: mean(sums[3]),
-        iw_samples: k,
-        active_units: active.count(0.01),
-        latent_dim: model.latent_dim(),
-    };
+    let report = evaluate(&model, &test, &cfg, &device, Some(k))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -121,8 +143,8 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             report.neg_elbo, report.rec, report.kl
         );
         println!(
-            "NLL (IW, k={})  {:.3} nats",
-            report.iw_samples, report.nll_iw
+            "NLL (IW, k={k})  {:.3} nats",
+            report.nll_iw.unwrap_or(f64::NAN)
         );
         println!(
             "active units   {} of {}",
@@ -152,8 +174,8 @@ pub struct SampleArgs {
 }
 
 pub fn sample(args: SampleArgs) -> anyhow::Result<()> {
-    if args.n == 0 {
-        anyhow::bail!("--n must be at least 1");
+    if !(1..=MAX_SAMPLES).contains(&args.n) {
+        anyhow::bail!("--n {}: expected 1 to {MAX_SAMPLES}", args.n);
     }
     let device = build::device(&args.device)?;
     let (_, model, test) = load_model(&args.run_dir, &device)?;

@@ -204,7 +204,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     if trainer.step() >= total_steps {
         let vae = trainer.model();
-        let neg_elbo = quick_test_elbo(vae, &test, &cfg, &device)?;
+        let neg_elbo = super::eval::evaluate(vae, &test, &cfg, &device, None)?.neg_elbo;
         println!("test −ELBO {neg_elbo:.3} nats (single sample; `elbo eval` gives the IW bound)");
         write_pictures(vae, &test, &cfg, &run_dir, &device)?;
     }
@@ -218,36 +218,6 @@ fn normalise(cursor: Cursor, plan: &elbo_datasets::DataPlan) -> Cursor {
     } else {
         cursor
     }
-}
-
-/// Mean single-sample −ELBO over the whole test set.
-pub fn quick_test_elbo(
-    model: &dyn Model,
-    test: &std::sync::Arc<Dataset>,
-    cfg: &Config,
-    device: &Device,
-) -> anyhow::Result<f64> {
-    let plan = test.plan(
-        cfg.run.seed,
-        cfg.eval.batch_size,
-        cfg.eval.batch_size,
-        false,
-    )?;
-    let (mut sum, mut rows) = (0.0, 0u64);
-    let noise = elbo_models::Noise::new(cfg.run.seed ^ 0xe7a1);
-    for batch in BatchStream::new(test.clone(), plan.plan(0, 1, 0)?, build::binarizer(cfg), 1) {
-        let batch = batch?;
-        let x = Tensor::from_slice(&batch.x, (batch.rows(), batch.dim), device)?;
-        let input = elbo_models::Input {
-            x: &x,
-            labels: &batch.labels,
-            ids: &batch.ids,
-        };
-        let out = model.loss(&input, &noise, 0, &elbo_models::Objective::default())?;
-        sum += out.terms["neg_elbo"].to_scalar::<f32>()? as f64 * batch.rows() as f64;
-        rows += batch.rows() as u64;
-    }
-    Ok(sum / rows.max(1) as f64)
 }
 
 /// samples.png, reconstructions.png, traversals.png and loss.png under `run_dir/samples/`.

@@ -8,10 +8,11 @@ use elbo_worker::{
     LocalReduce, OptimizerConfig, OptimizerKind, Schedule, StepConfig, Trainer, WorkerError,
 };
 
-fn trainer(seed: u64) -> Trainer {
+/// A small MLP VAE on 8-value examples with Adam at 1e-2.
+fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
     let spec = VaeSpec {
         input_shape: vec![8],
-        latent_dim: 2,
+        latent_dim,
         architecture: Architecture::Mlp,
         hidden: vec![6],
         activation: Activation::Relu,
@@ -30,6 +31,10 @@ fn trainer(seed: u64) -> Trainer {
         seed,
     };
     Trainer::new(Box::new(model), config).unwrap()
+}
+
+fn trainer(seed: u64) -> Trainer {
+    trainer_with(2, seed)
 }
 
 fn batch(step: u64, poison: bool) -> Batch {
@@ -205,29 +210,7 @@ fn a_checkpoint_of_another_model_is_refused() {
         1,
     )
     .unwrap();
-    let spec = VaeSpec {
-        input_shape: vec![8],
-        latent_dim: 3,
-        architecture: Architecture::Mlp,
-        hidden: vec![6],
-        activation: Activation::Relu,
-        likelihood: LikelihoodKind::Bernoulli,
-        variance: 1.0,
-        log_var_clamp: 8.0,
-    };
-    let other = Trainer::new(
-        Box::new(Vae::new(spec, &Device::Cpu, 0).unwrap()),
-        StepConfig {
-            objective: Objective::default(),
-            optimizer: OptimizerConfig::defaults(OptimizerKind::Adam),
-            lr: 1e-3,
-            schedule: Schedule::Constant,
-            clip_norm: 0.0,
-            max_nonfinite: 1,
-            seed: 0,
-        },
-    )
-    .unwrap();
+    let other = trainer_with(3, 0);
     let err = checkpoint::load(&saved, other.layout())
         .unwrap_err()
         .to_string();
