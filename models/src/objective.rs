@@ -1,5 +1,5 @@
-//! The training objective: reconstruction + β·KL with linear KL warm-up and free bits, and the
-//! analytic KL of a diagonal Gaussian posterior to a standard normal prior.
+//! The training objective: reconstruction + β·KL (the analytic KL of the diagonal Gaussian
+//! posterior to N(0, 1)) with linear KL warm-up and free bits.
 
 use std::collections::BTreeMap;
 
@@ -7,6 +7,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+pub use crate::gaussian::gaussian_kl;
 
 /// Knobs of the objective.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -51,11 +52,6 @@ impl Objective {
             self.beta * ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
         }
     }
-}
-
-/// Per-example, per-dimension KL(N(μ, σ²) ‖ N(0, 1)) = ½(σ² + μ² − 1 − log σ²): (B, d).
-pub fn gaussian_kl(mu: &Tensor, log_var: &Tensor) -> Result<Tensor> {
-    Ok((((log_var.exp()? + mu.sqr()?)? - 1.0)? - log_var)?.affine(0.5, 0.0)?)
 }
 
 /// The result of a loss evaluation: a differentiable scalar and the terms, each reported.

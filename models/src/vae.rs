@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::gaussian::reparameterise;
 use crate::layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 use crate::likelihood::{Likelihood, LikelihoodKind};
 use crate::model::{Input, Model};
@@ -225,7 +226,7 @@ impl Model for Vae {
             self.spec.latent_dim,
             input.x.device(),
         )?;
-        let z = (&mu + (log_var.affine(0.5, 0.0)?.exp()? * eps)?)?;
+        let z = reparameterise(&mu, &log_var, &eps)?;
         let rec = self.likelihood.nll(&self.decode(&z)?, input.x)?;
         vae_loss(&rec, &gaussian_kl(&mu, &log_var)?, objective, step)
     }

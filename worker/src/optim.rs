@@ -142,30 +142,24 @@ impl Optimizer {
         match c.kind {
             OptimizerKind::Adam | OptimizerKind::Adamw => {
                 let t = self.state.step as i32;
-                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-                let bc1 = 1.0 - c.beta1.powi(t);
-                let inv_bc2_sqrt = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
-                let step_size = (lr / bc1) as f32;
-                let eps = c.eps as f32;
                 let decoupled = c.kind == OptimizerKind::Adamw;
-                let decay = 1.0 - (lr as f32) * wd;
+                let k = AdamCoefficients {
+                    b1: c.beta1 as f32,
+                    b2: c.beta2 as f32,
+                    step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+                    inv_bc2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+                    eps: c.eps as f32,
+                    l2: if decoupled { 0.0 } else { wd },
+                    decay: if decoupled {
+                        1.0 - (lr as f32) * wd
+                    } else {
+                        1.0
+                    },
+                };
                 let mut bufs = self.state.buffers.values_mut();
                 let m = bufs.next().expect("m");
                 let v = bufs.next().expect("v");
-                for (((p, g), m), v) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                {
-                    let g = if decoupled { *g } else { *g + wd * *p };
-                    if decoupled {
-                        *p *= decay;
-                    }
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
-                }
+                adam(params, grads, m, v, &k);
             }
             OptimizerKind::Sgd => {
                 let mu = c.momentum as f32;
@@ -179,6 +173,64 @@ impl Optimizer {
             }
         }
     }
+}
+
+/// Per-step constants of the Adam update (weight decay as an L2 term for Adam, as a decay
+/// factor for AdamW; the unused one is neutral, so the loop has no branches).
+struct AdamCoefficients {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    l2: f32,
+    decay: f32,
+}
+
+#[inline(always)]
+fn adam_body(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &AdamCoefficients,
+) {
+    for (((p, g), m), v) in params
+        .iter_mut()
+        .zip(grads)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+    {
+        let g = *g + k.l2 * *p;
+        *p *= k.decay;
+        *m = k.b1 * *m + (1.0 - k.b1) * g;
+        *v = k.b2 * *v + (1.0 - k.b2) * g * g;
+        *p -= k.step_size * *m / (v.sqrt() * k.inv_bc2_sqrt + k.eps);
+    }
+}
+
+/// The Adam update, compiled for AVX2 when the CPU has it. Rust never contracts `a·b + c` into
+/// an FMA, and add, multiply, divide and square root are correctly rounded at every vector
+/// width, so both paths give bit-identical results (replicas on different CPUs stay equal).
+fn adam(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamCoefficients) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn adam_avx2(
+            params: &mut [f32],
+            grads: &[f32],
+            m: &mut [f32],
+            v: &mut [f32],
+            k: &AdamCoefficients,
+        ) {
+            adam_body(params, grads, m, v, k);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { adam_avx2(params, grads, m, v, k) };
+        }
+    }
+    adam_body(params, grads, m, v, k);
 }
 
 /// The global L2 norm of `values`: non-finite if any value is. Summed in 16 f32 lanes (which
