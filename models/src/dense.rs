@@ -5,12 +5,15 @@
 //! replaces candle's chain of transpose, matmul, broadcast-add and ReLU (and their backward
 //! passes, which always compute the gradient of the input too). Other devices use that chain.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 
 use crate::cpu::contiguous_f32 as contiguous;
 
 use crate::error::Result;
+use crate::grad_sink::GradSink;
 
 /// Multiply-adds below which a product runs on the calling thread: waking the pool costs more
 /// than it saves for small products (measured on the 784-400-20 VAE: its 400×20 and 20×400
@@ -84,6 +87,52 @@ fn matmul_into(
 
 struct DenseOp {
     relu: bool,
+    /// Where the weight and bias gradients go when the sink is enabled: (sink, W name, b name).
+    sink: Option<(Arc<GradSink>, String, String)>,
+}
+
+fn cpu_values(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, (usize, usize))> {
+    let (storage, layout) = t.storage_and_layout();
+    if !matches!(&*storage, Storage::Cpu(_))
+        || layout.contiguous_offsets() != Some((0, t.elem_count()))
+    {
+        candle_core::bail!("dense: expected a contiguous CPU tensor");
+    }
+    let dims = layout.shape().dims2()?;
+    Ok((storage, dims))
+}
+
+fn as_f32(storage: &Storage) -> candle_core::Result<&[f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
+        _ => candle_core::bail!("dense: expected a CPU tensor"),
+    }
+}
+
+impl DenseOp {
+    /// Writes dW = gᵀ·x and db = Σ g straight into the gradient sink; false if it is off.
+    fn deposit(&self, g: &Tensor, x: &Tensor) -> candle_core::Result<bool> {
+        let Some((sink, w_name, b_name)) = self.sink.as_ref().filter(|(s, _, _)| s.enabled())
+        else {
+            return Ok(false);
+        };
+        let (gs, (rows, outputs)) = cpu_values(g)?;
+        let (xs, (_, inputs)) = cpu_values(x)?;
+        let (g, x) = (as_f32(&gs)?, as_f32(&xs)?);
+        let w = sink.deposit(w_name, |dst, acc| {
+            matmul_into(
+                dst,
+                acc,
+                Operand(g, rows, outputs, true),
+                Operand(x, rows, inputs, false),
+            )
+        });
+        let b = sink.deposit(b_name, |dst, acc| column_sums_into(dst, acc, g, outputs));
+        match (w, b) {
+            (Some(w), Some(())) => w.map(|()| true),
+            _ => candle_core::bail!("dense: {w_name} or {b_name} has no slot in the gradient sink"),
+        }
+    }
 }
 
 impl CustomOp3 for DenseOp {
@@ -159,8 +208,12 @@ impl CustomOp3 for DenseOp {
         } else {
             None
         };
+        let x = x.contiguous()?;
+        if self.deposit(&g, &x)? {
+            return Ok((dx, None, None));
+        }
         let dw = g.apply_op2_no_bwd(
-            &x.contiguous()?,
+            &x,
             &MatMul {
                 ta: true,
                 tb: false,
@@ -211,12 +264,19 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, cols) = l.shape().dims2()?;
-        let g = contiguous(s, l, "g")?;
         let mut sums = vec![0.0f32; cols];
-        for row in g.chunks_exact(cols.max(1)) {
-            sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-        }
+        column_sums_into(&mut sums, true, contiguous(s, l, "g")?, cols);
         Ok((CpuStorage::F32(sums), Shape::from(cols)))
+    }
+}
+
+/// Adds (or, unless `accumulate`, writes) the column sums of `g` (rows × cols) into `dst`.
+fn column_sums_into(dst: &mut [f32], accumulate: bool, g: &[f32], cols: usize) {
+    if !accumulate {
+        dst.fill(0.0);
+    }
+    for row in g.chunks_exact(cols.max(1)) {
+        dst.iter_mut().zip(row).for_each(|(s, v)| *s += v);
     }
 }
 
@@ -247,8 +307,19 @@ impl CustomOp2 for ReluMask {
 
 /// `x·Wᵀ + b`, then ReLU if `relu`: x (N, in), W (out, in), b (out,).
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    dense_with_sink(x, w, b, relu, None)
+}
+
+/// [`dense`] whose weight and bias gradients go to a gradient sink when it is enabled.
+pub(crate) fn dense_with_sink(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    relu: bool,
+    sink: Option<(Arc<GradSink>, String, String)>,
+) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        Ok(x.contiguous()?.apply_op3(w, b, DenseOp { relu })?)
+        Ok(x.contiguous()?.apply_op3(w, b, DenseOp { relu, sink })?)
     } else {
         let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
         Ok(if relu { y.relu()? } else { y })

@@ -4,7 +4,10 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
-use crate::dense::dense;
+use std::sync::Arc;
+
+use crate::dense::dense_with_sink;
+use crate::grad_sink::GradSink;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -38,17 +41,28 @@ impl Activation {
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    name: String,
+    sink: Arc<GradSink>,
 }
 
 impl Linear {
+    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let sink = (
+            self.sink.clone(),
+            format!("{}.weight", self.name),
+            format!("{}.bias", self.name),
+        );
+        dense_with_sink(x, &self.weight, &self.bias, relu, Some(sink))
+    }
+
     /// `x·Wᵀ + b`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        dense(x, &self.weight, &self.bias, false)
+        self.apply(x, false)
     }
 
     /// `relu(x·Wᵀ + b)`, fused.
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        dense(x, &self.weight, &self.bias, true)
+        self.apply(x, true)
     }
 }
 
@@ -57,7 +71,12 @@ pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) ->
     let bound = 1.0 / (inputs as f32).sqrt();
     let weight = params.uniform(&format!("{name}.weight"), &[outputs, inputs], bound)?;
     let bias = params.uniform(&format!("{name}.bias"), &[outputs], bound)?;
-    Ok(Linear { weight, bias })
+    Ok(Linear {
+        weight,
+        bias,
+        name: name.to_string(),
+        sink: params.grad_sink().clone(),
+    })
 }
 
 /// Dense layers with an activation between them (and none after the last).

@@ -1,12 +1,14 @@
 //! Parameters by name, initialised from a seeded RNG (candle's CPU RNG cannot be seeded).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
+use crate::grad_sink::GradSink;
 
 /// The trainable parameters of a model, sorted by name (never HashMap order).
 #[derive(Debug, Clone)]
@@ -14,6 +16,7 @@ pub struct Params {
     vars: BTreeMap<String, Var>,
     device: Device,
     rng: ChaCha8Rng,
+    sink: Arc<GradSink>,
 }
 
 impl Params {
@@ -23,6 +26,7 @@ impl Params {
             vars: BTreeMap::new(),
             device: device.clone(),
             rng: ChaCha8Rng::seed_from_u64(seed),
+            sink: Arc::new(GradSink::default()),
         }
     }
 
@@ -34,6 +38,19 @@ impl Params {
     /// Parameters in name order.
     pub fn vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
+    }
+
+    /// The sink fused layers deposit gradients into (disabled until enabled).
+    pub fn grad_sink(&self) -> &Arc<GradSink> {
+        &self.sink
+    }
+
+    /// Lays out the gradient sink over all parameters and turns direct deposits on: fused
+    /// layers then put their parameter gradients there instead of into candle's `GradStore`.
+    pub fn enable_grad_sink(&self) {
+        self.sink
+            .set_layout(self.vars.iter().map(|(n, v)| (n.clone(), v.elem_count())));
+        self.sink.set_enabled(true);
     }
 
     /// Total number of scalars.

@@ -431,3 +431,66 @@ fn fused_dense_matches_the_unfused_chain_with_its_gradients() {
         .unwrap();
     assert!(g.get(&x).is_none() && g.get(w.as_tensor()).is_some());
 }
+
+#[test]
+fn gradient_sink_receives_exactly_the_gradients_candle_would() {
+    let vae = Vae::new(
+        spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        &Device::Cpu,
+        8,
+    )
+    .unwrap();
+    let x = data(5, 6, 4);
+    let ids = [1u64, 2, 3, 4, 5];
+    let input = Input {
+        x: &x,
+        labels: &[None; 5],
+        ids: &ids,
+    };
+    let noise = Noise::new(1);
+    let plain = vae
+        .loss(&input, &noise, 0, &Objective::default())
+        .unwrap()
+        .loss
+        .backward()
+        .unwrap();
+    let sink = vae.params().grad_sink().clone();
+    vae.params().enable_grad_sink();
+    for _ in 0..2 {
+        // Twice: the second step overwrites the first step's deposits rather than adding to them.
+        sink.begin_step();
+        let store = vae
+            .loss(&input, &noise, 0, &Objective::default())
+            .unwrap()
+            .loss
+            .backward()
+            .unwrap();
+        let mut deposited = 0;
+        for (name, var) in vae.params().vars() {
+            let want = plain
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            match sink.with_gradient(name, |g| g.to_vec()) {
+                Some(got) => {
+                    deposited += 1;
+                    assert!(
+                        store.get(var.as_tensor()).is_none(),
+                        "{name}: not also handed to candle"
+                    );
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                            "{name}: {a} vs {b}"
+                        );
+                    }
+                }
+                None => panic!("{name}: every parameter of an MLP VAE is in a dense layer"),
+            }
+        }
+        assert_eq!(deposited, vae.params().vars().len());
+    }
+}

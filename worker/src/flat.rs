@@ -3,6 +3,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+use elbo_models::GradSink;
 
 use crate::error::{Result, WorkerError};
 
@@ -70,10 +71,17 @@ impl FlatLayout {
         Ok(())
     }
 
-    /// Copies gradients into `out`; parameters without a gradient get zeros.
-    pub fn read_grads(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+    /// Copies gradients into `out`: from the gradient sink where a fused layer deposited one
+    /// this step, else from candle's store; parameters without a gradient get zeros.
+    pub fn read_grads(&self, sink: &GradSink, grads: &GradStore, out: &mut [f32]) -> Result<()> {
         for s in &self.slots {
             let dst = &mut out[s.offset..s.offset + s.len];
+            if sink
+                .with_gradient(&s.name, |g| dst.copy_from_slice(g))
+                .is_some()
+            {
+                continue;
+            }
             match grads.get(s.var.as_tensor()) {
                 Some(g) => copy_out(g, dst)?,
                 None => dst.fill(0.0),

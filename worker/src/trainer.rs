@@ -111,6 +111,7 @@ impl Trainer {
                 config.lr, config.clip_norm
             )));
         }
+        model.params().enable_grad_sink();
         let layout = FlatLayout::new(model.params().vars());
         let mut params = vec![0.0; layout.len()];
         layout.read_params(&mut params)?;
@@ -199,6 +200,7 @@ impl Trainer {
             labels: &batch.labels,
             ids: &batch.ids,
         };
+        self.model.params().grad_sink().begin_step();
         let out = self
             .model
             .loss(&input, &self.noise, self.step, &self.config.objective)?;
@@ -208,7 +210,8 @@ impl Trainer {
             self.term_names = out.terms.keys().copied().collect();
             self.buf.resize(n + self.term_names.len(), 0.0);
         }
-        self.layout.read_grads(&grads, &mut self.buf[..n])?;
+        let sink = self.model.params().grad_sink();
+        self.layout.read_grads(sink, &grads, &mut self.buf[..n])?;
         for (slot, name) in self.buf[n..].iter_mut().zip(&self.term_names) {
             let term = out
                 .terms
