@@ -21,7 +21,7 @@ use crate::grad_sink::GradSink;
 const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
-    match candle_core::utils::get_num_threads() {
+    match rayon::current_num_threads() {
         t if t > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(t),
         _ => Parallelism::None,
     }
