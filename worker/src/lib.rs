@@ -1,10 +1,12 @@
 //! The worker side of elbo: the training step over a flat gradient buffer, optimisers with
-//! checkpointable state, and checkpoint I/O. (The ring all-reduce plugs in as a [`Reduce`].)
+//! checkpointable state, checkpoint I/O, and the ring all-reduce (a [`Reduce`] over any
+//! point-to-point [`ring::RingTransport`]).
 
 pub mod checkpoint;
 mod error;
 mod flat;
 mod optim;
+pub mod ring;
 mod trainer;
 
 pub use error::{Result, WorkerError};

@@ -1,0 +1,192 @@
+//! Ring all-reduce over a [`RingTransport`]: reduce-scatter, then all-gather, each N−1 rounds
+//! around the ring, every segment cut into chunks so that sending, receiving and summing
+//! overlap on a streaming transport. Mean semantics. For a fixed ring the summation order of
+//! every element is fixed — segment `s` is folded in ring order starting at rank `s`, divided by
+//! N at its owner (rank `s − 1`) and then copied around — so every rank ends with the same bits.
+//!
+//! Every incoming chunk is checked against what the schedule expects — generation, step,
+//! phase, round, chunk index and length — and rejected, never summed, otherwise. Every receive
+//! has a deadline: no hang outlives it.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, WorkerError};
+use crate::trainer::Reduce;
+
+/// The two halves of the algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Partial sums travel around the ring.
+    ReduceScatter,
+    /// Reduced segments travel around the ring.
+    AllGather,
+}
+
+/// One chunk on the wire, tagged with where it belongs in the schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// Membership generation of the ring.
+    pub generation: u64,
+    /// Collective sequence number (one per all-reduce).
+    pub step: u64,
+    /// Which half.
+    pub phase: Phase,
+    /// Round within the phase, 0..N−1.
+    pub round: u32,
+    /// Chunk index within the segment.
+    pub index: u32,
+    /// The values.
+    pub data: Vec<f32>,
+}
+
+/// Point-to-point links of one rank: it sends to the next rank and receives from the previous.
+pub trait RingTransport {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Ring size.
+    fn world(&self) -> usize;
+    /// Sends a chunk to the next rank (must not wait for the receiver to consume it).
+    fn send(&mut self, chunk: Chunk) -> Result<()>;
+    /// The next chunk from the previous rank, or an error once `deadline` passes.
+    fn recv(&mut self, deadline: Instant) -> Result<Chunk>;
+}
+
+/// A ring all-reduce of one rank.
+pub struct RingAllReduce<T: RingTransport> {
+    transport: T,
+    generation: u64,
+    step: u64,
+    chunk_len: usize,
+    timeout: Duration,
+}
+
+/// `len` elements cut into `parts` near-equal contiguous ranges (the first ones one larger).
+fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
+    let (base, extra) = (len / parts, len % parts);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+impl<T: RingTransport> RingAllReduce<T> {
+    /// A collective over `transport` for ring generation `generation`, sending chunks of at
+    /// most `chunk_len` values; each receive waits at most `timeout`.
+    pub fn new(transport: T, generation: u64, chunk_len: usize, timeout: Duration) -> Result<Self> {
+        if chunk_len == 0 || transport.world() == 0 || transport.rank() >= transport.world() {
+            return Err(WorkerError::Invalid(format!(
+                "ring all-reduce: chunk length {chunk_len} must be positive and rank {} inside a world of {}",
+                transport.rank(),
+                transport.world()
+            )));
+        }
+        Ok(RingAllReduce {
+            transport,
+            generation,
+            step: 0,
+            chunk_len,
+            timeout,
+        })
+    }
+
+    /// Collectives completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn expect(&mut self, phase: Phase, round: u32, index: u32, len: usize) -> Result<Vec<f32>> {
+        let deadline = Instant::now() + self.timeout;
+        let chunk = self.transport.recv(deadline)?;
+        let want = (self.generation, self.step, phase, round, index, len);
+        let got = (
+            chunk.generation,
+            chunk.step,
+            chunk.phase,
+            chunk.round,
+            chunk.index,
+            chunk.data.len(),
+        );
+        if got != want {
+            return Err(WorkerError::Invalid(format!(
+                "ring all-reduce: rejected a chunk (generation, step, phase, round, index, length) = {got:?}, expected {want:?}"
+            )));
+        }
+        Ok(chunk.data)
+    }
+
+    /// Replaces `buf` with the element-wise mean over all ranks' `buf`s (same length on every rank).
+    pub fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+        let n = self.transport.world();
+        if n == 1 {
+            self.step += 1;
+            return Ok(());
+        }
+        let r = self.transport.rank();
+        let (len, chunk_len) = (buf.len(), self.chunk_len);
+        let segment = |s: usize| split(len, n, s % n);
+        let chunks = |seg: &Range<usize>| seg.len().div_ceil(chunk_len).max(1);
+        let piece = |seg: &Range<usize>, c: usize| {
+            let start = seg.start + c * chunk_len;
+            start..(start + chunk_len).min(seg.end)
+        };
+        // Reduce-scatter: in round k, send segment (r − k) and add the incoming segment
+        // (r − k − 1); after N−1 rounds rank r holds the full sum of segment (r + 1).
+        for round in 0..n - 1 {
+            let (out_seg, in_seg) = (segment(r + n - round), segment(r + 2 * n - round - 1));
+            for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
+                if c < chunks(&out_seg) {
+                    let data = buf[piece(&out_seg, c)].to_vec();
+                    self.send(Phase::ReduceScatter, round, c, data)?;
+                }
+                if c < chunks(&in_seg) {
+                    let range = piece(&in_seg, c);
+                    let data =
+                        self.expect(Phase::ReduceScatter, round as u32, c as u32, range.len())?;
+                    buf[range].iter_mut().zip(data).for_each(|(b, d)| *b += d);
+                }
+            }
+        }
+        let owned = segment(r + 1);
+        let scale = 1.0 / n as f32;
+        buf[owned].iter_mut().for_each(|v| *v *= scale);
+        // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
+        for round in 0..n - 1 {
+            let (out_seg, in_seg) = (segment(r + 1 + n - round), segment(r + n - round));
+            for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
+                if c < chunks(&out_seg) {
+                    let data = buf[piece(&out_seg, c)].to_vec();
+                    self.send(Phase::AllGather, round, c, data)?;
+                }
+                if c < chunks(&in_seg) {
+                    let range = piece(&in_seg, c);
+                    let data =
+                        self.expect(Phase::AllGather, round as u32, c as u32, range.len())?;
+                    buf[range].copy_from_slice(&data);
+                }
+            }
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    fn send(&mut self, phase: Phase, round: usize, index: usize, data: Vec<f32>) -> Result<()> {
+        let chunk = Chunk {
+            generation: self.generation,
+            step: self.step,
+            phase,
+            round: round as u32,
+            index: index as u32,
+            data,
+        };
+        self.transport.send(chunk)
+    }
+}
+
+impl<T: RingTransport> Reduce for RingAllReduce<T> {
+    fn world(&self) -> u32 {
+        self.transport.world() as u32
+    }
+
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+        RingAllReduce::all_reduce_mean(self, buf)
+    }
+}
