@@ -5,6 +5,7 @@
 pub mod checkpoint;
 mod error;
 mod flat;
+pub mod grpc_ring;
 mod optim;
 pub mod ring;
 mod trainer;

@@ -1,0 +1,98 @@
+//! The ring all-reduce over gRPC on loopback: correctness and rejection of malformed chunks.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use elbo_worker::grpc_ring::BoundPeer;
+use elbo_worker::ring::RingAllReduce;
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[test]
+fn three_ranks_all_reduce_over_grpc() {
+    let world = 3;
+    let peers: Vec<BoundPeer> = (0..world)
+        .map(|r| BoundPeer::bind(r, world, loopback()).unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = peers.iter().map(BoundPeer::local_addr).collect();
+    let handles: Vec<_> = peers
+        .into_iter()
+        .enumerate()
+        .map(|(rank, peer)| {
+            let next = addrs[(rank + 1) % world];
+            std::thread::spawn(move || {
+                let ring = peer
+                    .connect(next, Instant::now() + Duration::from_secs(10))
+                    .unwrap();
+                let mut ar = RingAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
+                let mut results = Vec::new();
+                for step in 0..3 {
+                    let mut buf: Vec<f32> = (0..10_001)
+                        .map(|i| (i * (rank + 1) + step) as f32 * 0.5)
+                        .collect();
+                    ar.all_reduce_mean(&mut buf).unwrap();
+                    results.push(buf);
+                }
+                results
+            })
+        })
+        .collect();
+    let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (step, got) in results[0].iter().enumerate() {
+        for (i, v) in got.iter().enumerate() {
+            let want = (0..world)
+                .map(|r| (i * (r + 1) + step) as f64 * 0.5)
+                .sum::<f64>()
+                / world as f64;
+            assert!(
+                (f64::from(*v) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{v} vs {want}"
+            );
+        }
+    }
+    assert!(
+        results.iter().all(|r| r == &results[0]),
+        "all ranks identical"
+    );
+}
+
+#[test]
+fn a_malformed_chunk_is_rejected_with_a_status() {
+    use elbo_proto::v1 as pb;
+    let peer = BoundPeer::bind(1, 2, loopback()).unwrap();
+    let addr = peer.local_addr();
+    let ring = peer
+        .connect(addr, Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = runtime.block_on(async {
+        let mut client = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let bad = pb::Chunk {
+            from_rank: 0,
+            phase: pb::Phase::ReduceScatter as i32,
+            data: vec![1, 2, 3, 4, 5],
+            ..Default::default()
+        };
+        client
+            .ring(tokio_stream::iter(vec![bad]))
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("5 bytes"), "{}", status.message());
+    let mut ar = RingAllReduce::new(ring, 0, 4, Duration::from_secs(5)).unwrap();
+    let started = Instant::now();
+    let err = ar.all_reduce_mean(&mut [1.0; 8]).unwrap_err().to_string();
+    assert!(err.contains("rejected a chunk"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "reported at once, not at the deadline"
+    );
+}
