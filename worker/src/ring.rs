@@ -121,50 +121,54 @@ impl<T: RingTransport> RingAllReduce<T> {
             return Ok(());
         }
         let r = self.transport.rank();
-        let (len, chunk_len) = (buf.len(), self.chunk_len);
-        let segment = |s: usize| split(len, n, s % n);
+        let len = buf.len();
+        let segment = move |s: usize| split(len, n, s % n);
+        // Reduce-scatter: in round k, send segment (r − k) and add the incoming (r − k − 1);
+        // after N−1 rounds rank r holds the full sum of segment (r + 1).
+        let reduce = |k: usize| (segment(r + n - k), segment(r + 2 * n - k - 1));
+        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| {
+            acc.iter_mut().zip(d).for_each(|(a, d)| *a += d)
+        })?;
+        let scale = 1.0 / n as f32;
+        buf[segment(r + 1)].iter_mut().for_each(|v| *v *= scale);
+        // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
+        let gather = |k: usize| (segment(r + 1 + n - k), segment(r + n - k));
+        self.phase(buf, Phase::AllGather, gather, |dst, d| {
+            dst.copy_from_slice(d)
+        })?;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// One phase: in each of the N−1 rounds, send segment `segments(round).0` and fold the
+    /// incoming segment `segments(round).1` into `buf` with `combine`, chunk by chunk.
+    fn phase(
+        &mut self,
+        buf: &mut [f32],
+        phase: Phase,
+        segments: impl Fn(usize) -> (Range<usize>, Range<usize>),
+        combine: fn(&mut [f32], &[f32]),
+    ) -> Result<()> {
+        let chunk_len = self.chunk_len;
         let chunks = |seg: &Range<usize>| seg.len().div_ceil(chunk_len).max(1);
         let piece = |seg: &Range<usize>, c: usize| {
             let start = seg.start + c * chunk_len;
             start..(start + chunk_len).min(seg.end)
         };
-        // Reduce-scatter: in round k, send segment (r − k) and add the incoming segment
-        // (r − k − 1); after N−1 rounds rank r holds the full sum of segment (r + 1).
-        for round in 0..n - 1 {
-            let (out_seg, in_seg) = (segment(r + n - round), segment(r + 2 * n - round - 1));
+        for round in 0..self.transport.world() - 1 {
+            let (out_seg, in_seg) = segments(round);
             for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
                 if c < chunks(&out_seg) {
                     let data = buf[piece(&out_seg, c)].to_vec();
-                    self.send(Phase::ReduceScatter, round, c, data)?;
+                    self.send(phase, round, c, data)?;
                 }
                 if c < chunks(&in_seg) {
                     let range = piece(&in_seg, c);
-                    let data =
-                        self.expect(Phase::ReduceScatter, round as u32, c as u32, range.len())?;
-                    buf[range].iter_mut().zip(data).for_each(|(b, d)| *b += d);
+                    let data = self.expect(phase, round as u32, c as u32, range.len())?;
+                    combine(&mut buf[range], &data);
                 }
             }
         }
-        let owned = segment(r + 1);
-        let scale = 1.0 / n as f32;
-        buf[owned].iter_mut().for_each(|v| *v *= scale);
-        // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
-        for round in 0..n - 1 {
-            let (out_seg, in_seg) = (segment(r + 1 + n - round), segment(r + n - round));
-            for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
-                if c < chunks(&out_seg) {
-                    let data = buf[piece(&out_seg, c)].to_vec();
-                    self.send(Phase::AllGather, round, c, data)?;
-                }
-                if c < chunks(&in_seg) {
-                    let range = piece(&in_seg, c);
-                    let data =
-                        self.expect(Phase::AllGather, round as u32, c as u32, range.len())?;
-                    buf[range].copy_from_slice(&data);
-                }
-            }
-        }
-        self.step += 1;
         Ok(())
     }
 
