@@ -89,10 +89,10 @@ impl DataSchema {
                 ))
             })?,
         };
-        let product: usize = shape.iter().product();
-        if product != dim {
+        if checked_numel(&shape) != Some(dim) {
+            let count = checked_numel(&shape).map_or("too many".to_string(), |n| n.to_string());
             return Err(bad(format!(
-                "metadata `{SHAPE_KEY}` = {} has {product} elements, but the lists of column `{X_COLUMN}` have {dim}",
+                "metadata `{SHAPE_KEY}` = {} has {count} elements, but the lists of column `{X_COLUMN}` have {dim}",
                 join_shape(&shape)
             )));
         }
@@ -172,6 +172,18 @@ pub fn parse_shape(text: &str) -> Option<Vec<usize>> {
         .map(|p| p.trim().parse::<usize>().ok().filter(|d| *d > 0))
         .collect();
     dims.filter(|d| !d.is_empty())
+}
+
+/// Most values one example may hold (2^28: a 16k × 16k image), so that a size read from a file
+/// header can never overflow or ask for an absurd allocation.
+pub const MAX_EXAMPLE_VALUES: usize = 1 << 28;
+
+/// The number of values of an example of this shape, if it is at most [`MAX_EXAMPLE_VALUES`].
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .filter(|n| *n <= MAX_EXAMPLE_VALUES)
 }
 
 /// Formats a shape as `1,28,28`.

@@ -22,7 +22,8 @@ pub use chunk_reader::{read_chunk, ChunkData, Pixels, DERIVED_ID_ROW_BITS};
 pub use dataset::{Chunk, DataFile, Dataset};
 pub use error::{DataError, Result};
 pub use format::{
-    join_shape, parse_shape, DataSchema, PixelType, ID_COLUMN, LABEL_COLUMN, SHAPE_KEY, X_COLUMN,
+    checked_numel, join_shape, parse_shape, DataSchema, PixelType, ID_COLUMN, LABEL_COLUMN,
+    MAX_EXAMPLE_VALUES, SHAPE_KEY, X_COLUMN,
 };
 pub use inspect::{inspect, Inspection};
 pub use plan::{share, Cursor, DataPlan, EpochOrder, PlannedBatch, RankPlan, RowRef};

@@ -298,3 +298,19 @@ fn null_examples() {
         "{msg}"
     );
 }
+
+#[test]
+fn overflowing_shape_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.parquet");
+    write_raw(
+        &p,
+        vec![("x", fsl_u8(2, 4))],
+        &[("elbo.shape", "4294967296,4294967296,4")],
+    );
+    let msg = read_error(p.to_str().unwrap());
+    assert!(
+        msg.contains("big.parquet") && msg.contains("too many elements"),
+        "{msg}"
+    );
+}

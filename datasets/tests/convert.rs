@@ -373,3 +373,25 @@ fn builtin_sprites_are_generated_once_into_the_cache() {
         .to_string();
     assert!(err.contains("unknown built-in dataset \"mnist\""), "{err}");
 }
+
+#[test]
+fn absurd_sizes_in_headers_are_errors_not_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    let out = dir.path().join("o.parquet");
+    // One image of 2^31 × 2^31 bytes: refused from the header, before any allocation.
+    std::fs::write(&img, idx_bytes(0x803, &[1, 1 << 31, 1 << 31], &[])).unwrap();
+    let err = convert_idx(&img, None, &out, 10).unwrap_err().to_string();
+    assert!(err.contains("img") && err.contains("at most"), "{err}");
+    let npy_path = dir.path().join("x.npy");
+    std::fs::write(&npy_path, npy("|u1", &[1, 1 << 20, 1 << 20], &[])).unwrap();
+    let err = convert_npy(&npy_path, None, &out, None, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x.npy") && err.contains("at most"), "{err}");
+    std::fs::write(&npy_path, npy("|u1", &[2, 2], &[1, 2, 3, 4])).unwrap();
+    let err = convert_npy(&npy_path, None, &out, Some(&[1 << 40, 1 << 40]), 10)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--shape"), "{err}");
+}

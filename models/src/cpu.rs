@@ -1,6 +1,6 @@
 //! Helpers of the hand-written CPU kernels.
 
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, Layout, Shape};
 
 /// The f32 values of a contiguous CPU tensor; an error naming `what` otherwise.
 pub(crate) fn contiguous_f32<'a>(
@@ -12,4 +12,50 @@ pub(crate) fn contiguous_f32<'a>(
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
         None => candle_core::bail!("{what} must be contiguous"),
     }
+}
+
+/// `f` applied element by element to two contiguous f32 tensors of one shape: the forward pass
+/// of an elementwise CPU op.
+pub(crate) fn map2(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+    }
+    let (a, b) = (contiguous_f32(s1, l1, op)?, contiguous_f32(s2, l2, op)?);
+    let out = a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect();
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
+/// [`map2`] for three inputs.
+pub(crate) fn map3(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+        candle_core::bail!(
+            "{op}: shapes {:?}, {:?} and {:?} differ",
+            l1.shape(),
+            l2.shape(),
+            l3.shape()
+        );
+    }
+    let (a, b, c) = (
+        contiguous_f32(s1, l1, op)?,
+        contiguous_f32(s2, l2, op)?,
+        contiguous_f32(s3, l3, op)?,
+    );
+    let out = a
+        .iter()
+        .zip(b)
+        .zip(c)
+        .map(|((a, b), c)| f(*a, *b, *c))
+        .collect();
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }

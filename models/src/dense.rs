@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 
-use crate::cpu::contiguous_f32 as contiguous;
+use crate::cpu::{contiguous_f32 as contiguous, map2};
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
@@ -87,8 +87,28 @@ fn matmul_into(
 
 struct DenseOp {
     relu: bool,
-    /// Where the weight and bias gradients go when the sink is enabled: (sink, W name, b name).
-    sink: Option<(Arc<GradSink>, String, String)>,
+    /// Where the weight and bias gradients go when the sink is enabled.
+    sink: Option<SinkSlots>,
+}
+
+/// A dense layer's slots in a gradient sink: the sink and the weight and bias names, built once
+/// per layer (cloning is three reference-count increments, no allocation per call).
+#[derive(Debug, Clone)]
+pub(crate) struct SinkSlots {
+    sink: Arc<GradSink>,
+    weight: Arc<str>,
+    bias: Arc<str>,
+}
+
+impl SinkSlots {
+    /// Slots `{layer}.weight` and `{layer}.bias` of `sink`.
+    pub(crate) fn new(sink: Arc<GradSink>, layer: &str) -> Self {
+        SinkSlots {
+            sink,
+            weight: format!("{layer}.weight").into(),
+            bias: format!("{layer}.bias").into(),
+        }
+    }
 }
 
 fn cpu_values(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, (usize, usize))> {
@@ -112,7 +132,11 @@ fn as_f32(storage: &Storage) -> candle_core::Result<&[f32]> {
 impl DenseOp {
     /// Writes dW = gᵀ·x and db = Σ g straight into the gradient sink; false if it is off.
     fn deposit(&self, g: &Tensor, x: &Tensor) -> candle_core::Result<bool> {
-        let Some((sink, w_name, b_name)) = self.sink.as_ref().filter(|(s, _, _)| s.enabled())
+        let Some(SinkSlots {
+            sink,
+            weight: w_name,
+            bias: b_name,
+        }) = self.sink.as_ref().filter(|s| s.sink.enabled())
         else {
             return Ok(false);
         };
@@ -295,13 +319,13 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (dy, y) = (contiguous(s1, l1, "dY")?, contiguous(s2, l2, "y")?);
-        let g = dy
-            .iter()
-            .zip(y)
-            .map(|(d, y)| if *y > 0.0 { *d } else { 0.0 })
-            .collect();
-        Ok((CpuStorage::F32(g), l1.shape().clone()))
+        map2(self.name(), (s1, l1), (s2, l2), |d, y| {
+            if y > 0.0 {
+                d
+            } else {
+                0.0
+            }
+        })
     }
 }
 
@@ -316,7 +340,7 @@ pub(crate) fn dense_with_sink(
     w: &Tensor,
     b: &Tensor,
     relu: bool,
-    sink: Option<(Arc<GradSink>, String, String)>,
+    sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         Ok(x.contiguous()?.apply_op3(w, b, DenseOp { relu, sink })?)

@@ -5,7 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::cpu::contiguous_f32;
+use crate::cpu::{map2, map3};
 use crate::error::Result;
 
 struct Reparam;
@@ -24,21 +24,9 @@ impl CustomOp3 for Reparam {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (mu, lv, eps) = (
-            contiguous_f32(s1, l1, "μ")?,
-            contiguous_f32(s2, l2, "log σ²")?,
-            contiguous_f32(s3, l3, "ε")?,
-        );
-        if mu.len() != lv.len() || mu.len() != eps.len() {
-            candle_core::bail!("reparameterise: μ, log σ² and ε differ in size");
-        }
-        let z = mu
-            .iter()
-            .zip(lv)
-            .zip(eps)
-            .map(|((m, l), e)| m + (0.5 * l).exp() * e)
-            .collect();
-        Ok((CpuStorage::F32(z), l1.shape().clone()))
+        map3(self.name(), (s1, l1), (s2, l2), (s3, l3), |m, l, e| {
+            m + (0.5 * l).exp() * e
+        })
     }
 
     fn bwd(
@@ -73,18 +61,9 @@ impl CustomOp3 for ReparamLogVarGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, lv, eps) = (
-            contiguous_f32(s1, l1, "gradient")?,
-            contiguous_f32(s2, l2, "log σ²")?,
-            contiguous_f32(s3, l3, "ε")?,
-        );
-        let d = g
-            .iter()
-            .zip(lv)
-            .zip(eps)
-            .map(|((g, l), e)| 0.5 * (0.5 * l).exp() * e * g)
-            .collect();
-        Ok((CpuStorage::F32(d), l1.shape().clone()))
+        map3(self.name(), (s1, l1), (s2, l2), (s3, l3), |g, l, e| {
+            0.5 * (0.5 * l).exp() * e * g
+        })
     }
 }
 
@@ -102,19 +81,9 @@ impl CustomOp2 for KlDims {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (mu, lv) = (
-            contiguous_f32(s1, l1, "μ")?,
-            contiguous_f32(s2, l2, "log σ²")?,
-        );
-        if mu.len() != lv.len() {
-            candle_core::bail!("gaussian kl: μ and log σ² differ in size");
-        }
-        let kl = mu
-            .iter()
-            .zip(lv)
-            .map(|(m, l)| 0.5 * (l.exp() + m * m - 1.0 - l))
-            .collect();
-        Ok((CpuStorage::F32(kl), l1.shape().clone()))
+        map2(self.name(), (s1, l1), (s2, l2), |m, l| {
+            0.5 * (l.exp() + m * m - 1.0 - l)
+        })
     }
 
     fn bwd(
@@ -146,16 +115,9 @@ impl CustomOp2 for KlLogVarGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, lv) = (
-            contiguous_f32(s1, l1, "gradient")?,
-            contiguous_f32(s2, l2, "log σ²")?,
-        );
-        let d = g
-            .iter()
-            .zip(lv)
-            .map(|(g, l)| 0.5 * (l.exp() - 1.0) * g)
-            .collect();
-        Ok((CpuStorage::F32(d), l1.shape().clone()))
+        map2(self.name(), (s1, l1), (s2, l2), |g, l| {
+            0.5 * (l.exp() - 1.0) * g
+        })
     }
 }
 

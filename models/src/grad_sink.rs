@@ -18,10 +18,15 @@ pub struct GradSink {
 #[derive(Debug, Default)]
 struct SinkState {
     data: Vec<f32>,
-    slots: BTreeMap<String, Range<usize>>,
-    /// Step in which each slot was last written, by name.
-    written: BTreeMap<String, u64>,
+    slots: BTreeMap<String, Slot>,
     step: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    range: Range<usize>,
+    /// The step in which the slot was last written (0: never).
+    written: u64,
 }
 
 impl GradSink {
@@ -34,11 +39,10 @@ impl GradSink {
             .map(|(name, len)| {
                 let range = offset..offset + len;
                 offset += len;
-                (name, range)
+                (name, Slot { range, written: 0 })
             })
             .collect();
         state.data = vec![0.0; offset];
-        state.written.clear();
     }
 
     /// Turns direct deposits on or off.
@@ -52,6 +56,7 @@ impl GradSink {
     }
 
     /// Starts a new backward pass: earlier deposits no longer count.
+    /// (Steps count from 1, so a slot never written is never current.)
     pub fn begin_step(&self) {
         self.state.lock().expect("gradient sink lock").step += 1;
     }
@@ -64,20 +69,17 @@ impl GradSink {
         write: impl FnOnce(&mut [f32], bool) -> R,
     ) -> Option<R> {
         let mut state = self.state.lock().expect("gradient sink lock");
-        let state = &mut *state;
-        let range = state.slots.get(name)?.clone();
-        let accumulate = state.written.get(name) == Some(&state.step);
-        state.written.insert(name.to_string(), state.step);
-        Some(write(&mut state.data[range], accumulate))
+        let SinkState { data, slots, step } = &mut *state;
+        let slot = slots.get_mut(name)?;
+        let accumulate = slot.written == *step;
+        slot.written = *step;
+        Some(write(&mut data[slot.range.clone()], accumulate))
     }
 
     /// The gradient parameter `name` received in this step, if any was deposited.
     pub fn with_gradient<R>(&self, name: &str, read: impl FnOnce(&[f32]) -> R) -> Option<R> {
         let state = self.state.lock().expect("gradient sink lock");
-        if state.written.get(name) != Some(&state.step) {
-            return None;
-        }
-        let range = state.slots.get(name)?.clone();
-        Some(read(&state.data[range]))
+        let slot = state.slots.get(name).filter(|s| s.written == state.step)?;
+        Some(read(&state.data[slot.range.clone()]))
     }
 }

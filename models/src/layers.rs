@@ -4,10 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
-use std::sync::Arc;
-
-use crate::dense::dense_with_sink;
-use crate::grad_sink::GradSink;
+use crate::dense::{dense_with_sink, SinkSlots};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -41,18 +38,19 @@ impl Activation {
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
-    name: String,
-    sink: Arc<GradSink>,
+    /// Names of the weight and bias in the gradient sink (built once, shared by every call).
+    sink_slots: SinkSlots,
 }
 
 impl Linear {
     fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let sink = (
-            self.sink.clone(),
-            format!("{}.weight", self.name),
-            format!("{}.bias", self.name),
-        );
-        dense_with_sink(x, &self.weight, &self.bias, relu, Some(sink))
+        dense_with_sink(
+            x,
+            &self.weight,
+            &self.bias,
+            relu,
+            Some(self.sink_slots.clone()),
+        )
     }
 
     /// `x·Wᵀ + b`.
@@ -74,8 +72,7 @@ pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) ->
     Ok(Linear {
         weight,
         bias,
-        name: name.to_string(),
-        sink: params.grad_sink().clone(),
+        sink_slots: SinkSlots::new(params.grad_sink().clone(), name),
     })
 }
 

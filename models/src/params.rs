@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::grad_sink::GradSink;
 
 /// The trainable parameters of a model, sorted by name (never HashMap order).
@@ -60,7 +60,7 @@ impl Params {
 
     /// A new parameter with values uniform in `[-bound, bound]`.
     pub fn uniform(&mut self, name: &str, shape: &[usize], bound: f32) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
+        let n = checked_len(name, shape)?;
         let values: Vec<f32> = (0..n)
             .map(|_| self.rng.random_range(-bound..=bound))
             .collect();
@@ -69,6 +69,7 @@ impl Params {
 
     /// A new parameter filled with `value`.
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
+        checked_len(name, shape)?;
         self.insert(
             name,
             (Tensor::ones(shape, DType::F32, &self.device)? * f64::from(value))?,
@@ -85,4 +86,19 @@ impl Params {
         self.vars.insert(name.to_string(), var);
         Ok(t)
     }
+}
+
+/// Most scalars one parameter may hold (2^31: 8 GiB of f32).
+pub const MAX_PARAM_VALUES: usize = 1 << 31;
+
+fn checked_len(name: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .filter(|n| *n <= MAX_PARAM_VALUES)
+        .ok_or_else(|| {
+            ModelError::Spec(format!(
+                "parameter {name} of shape {shape:?} would hold more than {MAX_PARAM_VALUES} values; choose smaller layers"
+            ))
+        })
 }

@@ -494,3 +494,16 @@ fn gradient_sink_receives_exactly_the_gradients_candle_would() {
         assert_eq!(deposited, vae.params().vars().len());
     }
 }
+
+#[test]
+fn absurd_layer_sizes_are_errors() {
+    let huge = VaeSpec {
+        hidden: vec![1 << 30],
+        ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
+    };
+    let err = Vae::new(huge, &Device::Cpu, 0)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("choose smaller layers"), "{err}");
+}

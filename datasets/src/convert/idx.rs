@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{open_maybe_gz, ConvertSummary};
 use crate::error::{DataError, Result};
-use crate::format::{DataSchema, PixelType};
+use crate::format::{checked_numel, DataSchema, PixelType, MAX_EXAMPLE_VALUES};
 use crate::writer::{DatasetWriter, PixelSlice, Rows, WriterSpec};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -41,11 +41,17 @@ fn open_idx<'a>(path: &'a Path, magic: u32, what: &str) -> Result<IdxFile<'a>> {
             format!("header has a zero dimension: {dims:?}"),
         ));
     }
+    let item = checked_numel(&dims[1..]).ok_or_else(|| {
+        DataError::input(
+            path,
+            format!("header declares items of {:?} values; expected at most {MAX_EXAMPLE_VALUES} per item", &dims[1..]),
+        )
+    })?;
     Ok(IdxFile {
         path,
         reader,
         count: dims[0],
-        item: dims[1..].iter().product(),
+        item,
         dims: dims[1..].to_vec(),
     })
 }

@@ -46,13 +46,12 @@ pub(crate) fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>> {
 pub(crate) fn shape_for(dim: usize, shape: Option<&[usize]>, source: &Path) -> Result<Vec<usize>> {
     match shape {
         None => Ok(vec![dim]),
-        Some(s) if s.iter().product::<usize>() == dim => Ok(s.to_vec()),
+        Some(s) if crate::format::checked_numel(s) == Some(dim) => Ok(s.to_vec()),
         Some(s) => Err(DataError::input(
             source,
             format!(
-                "--shape {} has {} elements, but each example has {dim} values",
-                crate::format::join_shape(s),
-                s.iter().product::<usize>()
+                "--shape {} does not have {dim} elements, the values per example",
+                crate::format::join_shape(s)
             ),
         )),
     }

@@ -8,7 +8,7 @@ use npyz::{DType, NpyFile, Order};
 
 use super::{shape_for, ConvertSummary};
 use crate::error::{DataError, Result};
-use crate::format::{DataSchema, PixelType};
+use crate::format::{checked_numel, DataSchema, PixelType, MAX_EXAMPLE_VALUES};
 use crate::writer::{DatasetWriter, PixelSlice, Rows, WriterSpec};
 
 type Npy = NpyFile<BufReader<File>>;
@@ -108,7 +108,15 @@ pub fn convert_npy(
         ));
     }
     let rows = dims[0];
-    let dim: usize = dims[1..].iter().product();
+    let dim = checked_numel(&dims[1..]).ok_or_else(|| {
+        DataError::input(
+            images,
+            format!(
+                "examples of shape {:?}; expected at most {MAX_EXAMPLE_VALUES} values each",
+                &dims[1..]
+            ),
+        )
+    })?;
     let shape = match shape {
         Some(s) => shape_for(dim, Some(s), images)?,
         None => dims[1..].to_vec(),
