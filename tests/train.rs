@@ -200,7 +200,7 @@ fn unavailable_choices_are_refused_clearly() {
     let cache = tmp.path().join("cache");
     for (set, expect) in [
         ("model.kind=m2", "model.kind"),
-        ("cluster.workers=2", "cluster.workers"),
+        ("cluster.min_workers=9", "cluster.min_workers"),
     ] {
         let out = train(&tmp.path().join("r"), &cache, &["--set", set]);
         assert_eq!(out.status.code(), Some(1));

@@ -5,3 +5,7 @@
 pub mod v1 {
     tonic::include_proto!("elbo.v1");
 }
+
+/// The encoded file descriptor set of `elbo.proto`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/elbo_descriptor.bin"));

@@ -9,7 +9,9 @@ mod load;
 mod schema;
 mod validate;
 
-pub use load::{known_keys, load, Layers, Origin, SettingsError, ENV_PREFIX, ENV_SEPARATOR};
+pub use load::{
+    known_keys, load, load_toml, Layers, Origin, SettingsError, ENV_PREFIX, ENV_SEPARATOR,
+};
 pub use schema::{
     Activation, Architecture, Binarize, ClusterConfig, Config, DataConfig, EvalConfig, Likelihood,
     LrSchedule, ModelConfig, ModelKind, Optimizer, RunConfig, SpritesConfig, TrainConfig,

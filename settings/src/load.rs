@@ -286,6 +286,29 @@ fn describe(err: &ConfigError) -> (Option<String>, String) {
 
 /// Resolves the config from all layers, validates it and fills derived defaults.
 pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
+    let file = match &layers.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            Some((path.clone(), text))
+        }
+        None => None,
+    };
+    resolve(file, layers)
+}
+
+/// Resolves a config from TOML text alone (no environment, no flags), as a worker does with the
+/// config its coordinator sends; `label` names the text in errors.
+pub fn load_toml(text: &str, label: &Path) -> Result<Config, SettingsError> {
+    resolve(
+        Some((label.to_path_buf(), text.to_string())),
+        &Layers::default(),
+    )
+}
+
+fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, SettingsError> {
     let known = known_keys();
     let mut winners: BTreeMap<String, Origin> =
         known.iter().map(|k| (k.clone(), Origin::Default)).collect();
@@ -293,13 +316,12 @@ pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
         .expect("the default config serialises to a table");
     let mut builder = config::Config::builder().add_source(defaults);
 
-    if let Some(path) = &layers.file {
+    if let Some((path, text)) = &file {
         let file_err = |message: String| SettingsError::File {
             path: path.clone(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let source = File::from_str(&text, FileFormat::Toml);
+        let source = File::from_str(text, FileFormat::Toml);
         let keys = flat_keys(&source).map_err(|e| file_err(e.to_string()))?;
         check_layer(keys, |_| Origin::File(path.clone()), &known, &mut winners)?;
         builder = builder.add_source(source);

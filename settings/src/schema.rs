@@ -226,8 +226,24 @@ pub struct EvalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Number of workers `elbo train` starts on this machine.
+    /// Number of workers `elbo train` starts on this machine, and the world size the
+    /// coordinator waits for.
     pub workers: u32,
+    /// The coordinator starts with fewer workers than `cluster.workers` once the rendezvous
+    /// timeout passes, but never with fewer than this.
+    pub min_workers: u32,
+    /// Seconds the coordinator waits for workers to join before it starts with at least
+    /// `cluster.min_workers` (or gives up).
+    pub rendezvous_timeout_s: f64,
+    /// Seconds without a heartbeat after which a worker counts as lost.
+    pub heartbeat_timeout_s: f64,
+    /// Seconds a worker waits for a peer's gradient chunk before it gives up on the step.
+    pub step_timeout_s: f64,
+    /// Every this many steps each worker reports a checksum of its parameters and the
+    /// coordinator stops the run if replicas differ (0 = never).
+    pub checksum_every: u64,
+    /// Largest gradient chunk sent between ring neighbours, in KiB.
+    pub ring_chunk_kib: u64,
 }
 
 impl Default for Config {
@@ -277,7 +293,15 @@ impl Default for Config {
                 free_bits: 0.0,
                 log_var_clamp: 10.0,
             },
-            cluster: ClusterConfig { workers: 1 },
+            cluster: ClusterConfig {
+                workers: 1,
+                min_workers: 1,
+                rendezvous_timeout_s: 120.0,
+                heartbeat_timeout_s: 10.0,
+                step_timeout_s: 120.0,
+                checksum_every: 50,
+                ring_chunk_kib: 1024,
+            },
             eval: EvalConfig {
                 iw_samples: 100,
                 batch_size: 100,

@@ -23,6 +23,8 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
         ("data.sprites.n", cfg.data.sprites.n),
         ("model.latent_dim", u64::from(cfg.model.latent_dim)),
         ("cluster.workers", u64::from(cfg.cluster.workers)),
+        ("cluster.min_workers", u64::from(cfg.cluster.min_workers)),
+        ("cluster.ring_chunk_kib", cfg.cluster.ring_chunk_kib),
         (
             "train.keep_checkpoints",
             u64::from(cfg.train.keep_checkpoints),
@@ -76,6 +78,42 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
         return Err((
             "train.lr",
             format!("found {}, expected a finite positive number", cfg.train.lr),
+        ));
+    }
+    for (key, value) in [
+        (
+            "cluster.rendezvous_timeout_s",
+            cfg.cluster.rendezvous_timeout_s,
+        ),
+        (
+            "cluster.heartbeat_timeout_s",
+            cfg.cluster.heartbeat_timeout_s,
+        ),
+        ("cluster.step_timeout_s", cfg.cluster.step_timeout_s),
+    ] {
+        if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
+            return Err((
+                key,
+                format!("found {value}, expected seconds in [0.1, 86400]"),
+            ));
+        }
+    }
+    if cfg.cluster.min_workers > cfg.cluster.workers {
+        return Err((
+            "cluster.min_workers",
+            format!(
+                "found {}, expected at most cluster.workers = {}",
+                cfg.cluster.min_workers, cfg.cluster.workers
+            ),
+        ));
+    }
+    if cfg.cluster.ring_chunk_kib > 16 * 1024 {
+        return Err((
+            "cluster.ring_chunk_kib",
+            format!(
+                "found {}, expected at most 16384 (16 MiB chunks)",
+                cfg.cluster.ring_chunk_kib
+            ),
         ));
     }
     if ![32, 64].contains(&cfg.data.sprites.size) {

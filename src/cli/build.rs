@@ -40,9 +40,10 @@ pub fn check_supported(cfg: &Config) -> anyhow::Result<()> {
             cfg.model.kind
         );
     }
-    if cfg.cluster.workers != 1 {
+    if cfg.train.batch_size < u64::from(cfg.cluster.workers) {
         bail!(
-            "cluster.workers = {}: multi-worker training is not available yet; use cluster.workers = 1",
+            "train.batch_size = {} is smaller than cluster.workers = {}: every worker needs rows of each global batch",
+            cfg.train.batch_size,
             cfg.cluster.workers
         );
     }

@@ -5,10 +5,13 @@ mod build;
 mod config_cmd;
 mod data;
 mod eval;
+mod job;
+mod launch;
 mod layers;
 mod pictures;
 mod run_dir;
 mod train;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,10 @@ pub struct Cli {
 enum Command {
     /// Train a model (resumes a run directory that holds a checkpoint).
     Train(train::TrainArgs),
+    /// Coordinate a distributed run: workers join it, it writes the run directory.
+    Coordinator(launch::CoordinatorArgs),
+    /// Join a coordinator's run as a worker.
+    Worker(worker::WorkerArgs),
     /// Evaluate a trained run on test data: −ELBO, its terms, the IWAE bound, active units.
     Eval(eval::EvalArgs),
     /// Draw samples from a trained run's prior into a PNG grid.
@@ -43,6 +50,8 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Coordinator(args) => launch::serve(args),
+        Command::Worker(args) => worker::run(args),
         Command::Eval(args) => eval::eval(args),
         Command::Sample(args) => eval::sample(args),
         Command::Config(cmd) => config_cmd::run(cmd),

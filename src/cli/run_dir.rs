@@ -37,8 +37,8 @@ fn flat(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
     }
 }
 
-/// Keys whose values differ between two configs (`run.dir` excluded: a run may move), as
-/// `key: old → new`.
+/// Keys whose values differ between two configs, as `key: old → new`. `run.dir` (a run may
+/// move) and `cluster.*` (training is the same at any world size) are left out.
 pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flat(
@@ -51,8 +51,9 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
         &toml::Value::try_from(new).expect("config serialises"),
         &mut b,
     );
-    a.remove("run.dir");
-    b.remove("run.dir");
+    let compared = |k: &String| k != "run.dir" && !k.starts_with("cluster.");
+    a.retain(|k, _| compared(k));
+    b.retain(|k, _| compared(k));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))

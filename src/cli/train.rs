@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::build;
+use super::job::Job;
 use super::layers::ConfigArgs;
 use super::pictures::{self, ImageShape};
 use super::run_dir::{self, Metrics};
@@ -87,33 +88,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.run_dir {
         cfg.run.dir = dir.to_string_lossy().into_owned();
     }
-    build::check_supported(&cfg)?;
     let device = build::device(&args.device)?;
     let run_dir = PathBuf::from(&cfg.run.dir);
-    let train = build::dataset(&cfg, Split::Train)?;
-    let test = build::dataset(&cfg, Split::Test)?;
-    if train.schema().shape != test.schema().shape {
-        anyhow::bail!(
-            "data.train holds examples of shape {:?} but data.test {:?}",
-            train.schema().shape,
-            test.schema().shape
-        );
+    if cfg.cluster.workers > 1 {
+        return super::launch::train(cfg, &args.device, args.force, args.max_steps);
     }
-    let plan = train.plan(
-        cfg.run.seed,
-        cfg.train.batch_size,
-        cfg.data.shuffle_window,
-        true,
-    )?;
-    let total_steps = cfg.train.epochs * plan.steps_per_epoch();
-    let model = build::model(&cfg, train.schema(), &device)?;
-    let mut trainer = Trainer::new(Box::new(model), build::step_config(&cfg, total_steps))?;
+    let job = Job::prepare(cfg)?;
+    let (cfg, train, test, plan, total_steps) =
+        (&job.cfg, &job.train, &job.test, &job.plan, job.total_steps);
+    let mut trainer = job.trainer(&device)?;
 
     let mut cursor = Cursor::start(0);
     let newest = checkpoint::list(&run_dir)?.pop();
     if let Some(dir) = &newest {
         let old = build::run_config(&run_dir)?;
-        run_dir::check_resume_config(&old, &cfg, args.force)?;
+        run_dir::check_resume_config(&old, cfg, args.force)?;
         let ck = checkpoint::load(dir, trainer.layout())?;
         trainer.restore(
             ck.params,
@@ -124,9 +113,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         cursor = ck.state.cursor;
         tracing::info!(checkpoint = %dir.display(), step = ck.state.step, "resuming");
     }
-    run_dir::write_config(&run_dir, &cfg)?;
+    run_dir::write_config(&run_dir, cfg)?;
     let mut metrics = Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?;
-    let config_sha256 = run_dir::config_sha256(&cfg);
+    let config_sha256 = run_dir::config_sha256(cfg);
     let stop_at = args.max_steps.unwrap_or(u64::MAX).min(total_steps);
     let save = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<PathBuf> {
         let state = TrainState {
@@ -159,7 +148,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let stream = BatchStream::new(
             train.clone(),
             plan.rank_plan(cursor, 1, 0)?,
-            build::binarizer(&cfg),
+            build::binarizer(cfg),
             decode_threads,
         );
         for batch in stream {
@@ -184,16 +173,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             }
             bar.set_position(step);
             if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
-                save(&trainer, normalise(cursor, &plan))?;
+                save(&trainer, job.normalise(cursor))?;
             }
             if step >= stop_at {
                 break 'epochs;
             }
         }
-        cursor = normalise(cursor, &plan);
+        cursor = job.normalise(cursor);
     }
     bar.finish_and_clear();
-    let cursor = normalise(cursor, &plan);
+    let cursor = job.normalise(cursor);
     let dir = save(&trainer, cursor)?;
     let steps = trainer.step() - start_step;
     let secs = started.elapsed().as_secs_f64();
@@ -204,20 +193,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     if trainer.step() >= total_steps {
         let vae = trainer.model();
-        let neg_elbo = super::eval::evaluate(vae, &test, &cfg, &device, None)?.neg_elbo;
-        println!("test −ELBO {neg_elbo:.3} nats (single sample; `elbo eval` gives the IW bound)");
-        write_pictures(vae, &test, &cfg, &run_dir, &device)?;
+        finish(vae, test, cfg, &run_dir, &device)?;
     }
     Ok(())
 }
 
-/// The cursor at the end of an epoch is the start of the next.
-fn normalise(cursor: Cursor, plan: &elbo_datasets::DataPlan) -> Cursor {
-    if cursor.step >= plan.steps_per_epoch() {
-        Cursor::start(cursor.epoch + 1)
-    } else {
-        cursor
-    }
+/// The end of a finished run: the test −ELBO and the pictures.
+pub fn finish(
+    model: &dyn Model,
+    test: &std::sync::Arc<Dataset>,
+    cfg: &Config,
+    run_dir: &Path,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let neg_elbo = super::eval::evaluate(model, test, cfg, device, None)?.neg_elbo;
+    println!("test −ELBO {neg_elbo:.3} nats (single sample; `elbo eval` gives the IW bound)");
+    write_pictures(model, test, cfg, run_dir, device)
 }
 
 /// samples.png, reconstructions.png, traversals.png and loss.png under `run_dir/samples/`.

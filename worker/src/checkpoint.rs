@@ -103,21 +103,19 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint atomically and keeps only the newest `keep` (≥ 1). Returns its directory.
-pub fn save(
-    run_dir: &Path,
+/// The files of a checkpoint by name, as they are written to disk or sent over the wire.
+pub type Files = BTreeMap<String, Vec<u8>>;
+
+/// The names of a checkpoint's files.
+pub const FILE_NAMES: [&str; 3] = [MODEL_FILE, OPTIM_FILE, STATE_FILE];
+
+/// Encodes parameters, optimiser state and counters as the files of a checkpoint.
+pub fn encode(
     layout: &FlatLayout,
     params: &[f32],
     optimizer: &OptimizerState,
     state: &TrainState,
-    keep: usize,
-) -> Result<PathBuf> {
-    let root = checkpoints_dir(run_dir);
-    std::fs::create_dir_all(&root).map_err(|e| WorkerError::checkpoint(&root, e))?;
-    let target = root.join(step_dir_name(state.step));
-    if target.join(STATE_FILE).is_file() {
-        return Ok(target);
-    }
+) -> Result<Files> {
     let model: Vec<_> = layout
         .slots()
         .iter()
@@ -142,16 +140,68 @@ pub fn save(
             })
         })
         .collect();
+    let mut json =
+        serde_json::to_vec_pretty(state).map_err(|e| WorkerError::Internal(e.to_string()))?;
+    json.push(b'\n');
+    Ok(Files::from([
+        (MODEL_FILE.to_string(), serialize(&model)?),
+        (OPTIM_FILE.to_string(), serialize(&optim)?),
+        (STATE_FILE.to_string(), json),
+    ]))
+}
+
+/// Reads the counters of a checkpoint's files (checking the file set and the format).
+pub fn decode_state(files: &Files, origin: &Path) -> Result<TrainState> {
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    let mut expected = FILE_NAMES.to_vec();
+    expected.sort_unstable();
+    if names != expected {
+        return Err(WorkerError::checkpoint(
+            origin,
+            format!("holds files {names:?}, expected {expected:?}"),
+        ));
+    }
+    let state_path = origin.join(STATE_FILE);
+    let state: TrainState = serde_json::from_slice(&files[STATE_FILE])
+        .map_err(|e| WorkerError::checkpoint(&state_path, e))?;
+    if state.format != FORMAT {
+        return Err(WorkerError::checkpoint(
+            &state_path,
+            format!("format {} is not {FORMAT}", state.format),
+        ));
+    }
+    Ok(state)
+}
+
+/// Writes a checkpoint atomically and keeps only the newest `keep` (≥ 1). Returns its directory.
+pub fn save(
+    run_dir: &Path,
+    layout: &FlatLayout,
+    params: &[f32],
+    optimizer: &OptimizerState,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    write(run_dir, &encode(layout, params, optimizer, state)?, keep)
+}
+
+/// Writes encoded checkpoint files atomically under the step their state names, and keeps only
+/// the newest `keep` (≥ 1) checkpoints. Returns the checkpoint's directory.
+pub fn write(run_dir: &Path, files: &Files, keep: usize) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    let state = decode_state(files, &root)?;
+    std::fs::create_dir_all(&root).map_err(|e| WorkerError::checkpoint(&root, e))?;
+    let target = root.join(step_dir_name(state.step));
+    if target.join(STATE_FILE).is_file() {
+        return Ok(target);
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".partial-step-")
         .tempdir_in(&root)
         .map_err(|e| WorkerError::checkpoint(&root, e))?;
-    write_synced(&tmp.path().join(MODEL_FILE), &serialize(&model)?)?;
-    write_synced(&tmp.path().join(OPTIM_FILE), &serialize(&optim)?)?;
-    let mut json =
-        serde_json::to_vec_pretty(state).map_err(|e| WorkerError::Internal(e.to_string()))?;
-    json.push(b'\n');
-    write_synced(&tmp.path().join(STATE_FILE), &json)?;
+    for (name, bytes) in files {
+        write_synced(&tmp.path().join(name), bytes)?;
+    }
     sync_dir(tmp.path())?;
     let staged = tmp.keep();
     if target.exists() {
@@ -191,10 +241,6 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-fn read_tensors(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| WorkerError::checkpoint(path, e))
-}
-
 fn tensor_values(
     st: &SafeTensors<'_>,
     name: &str,
@@ -221,22 +267,29 @@ fn tensor_values(
         .collect())
 }
 
+/// Reads a checkpoint directory's files.
+pub fn read(dir: &Path) -> Result<Files> {
+    FILE_NAMES
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| WorkerError::checkpoint(&path, e))?;
+            Ok((name.to_string(), bytes))
+        })
+        .collect()
+}
+
 /// Loads a checkpoint directory for a model of this layout.
 pub fn load(dir: &Path, layout: &FlatLayout) -> Result<Checkpoint> {
-    let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read(&state_path).map_err(|e| WorkerError::checkpoint(&state_path, e))?;
-    let state: TrainState =
-        serde_json::from_slice(&text).map_err(|e| WorkerError::checkpoint(&state_path, e))?;
-    if state.format != FORMAT {
-        return Err(WorkerError::checkpoint(
-            &state_path,
-            format!("format {} is not {FORMAT}", state.format),
-        ));
-    }
-    let model_path = dir.join(MODEL_FILE);
-    let bytes = read_tensors(&model_path)?;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::checkpoint(&model_path, e))?;
+    decode(&read(dir)?, layout, dir)
+}
+
+/// Decodes checkpoint files (read from `origin`, named in errors) for a model of this layout.
+pub fn decode(files: &Files, layout: &FlatLayout, origin: &Path) -> Result<Checkpoint> {
+    let state = decode_state(files, origin)?;
+    let model_path = origin.join(MODEL_FILE);
+    let st = SafeTensors::deserialize(&files[MODEL_FILE])
+        .map_err(|e| WorkerError::checkpoint(&model_path, e))?;
     if st.len() != layout.slots().len() {
         return Err(WorkerError::checkpoint(
             &model_path,
@@ -251,10 +304,9 @@ pub fn load(dir: &Path, layout: &FlatLayout) -> Result<Checkpoint> {
     for s in layout.slots() {
         params.extend(tensor_values(&st, &s.name, s.var.dims(), &model_path)?);
     }
-    let optim_path = dir.join(OPTIM_FILE);
-    let bytes = read_tensors(&optim_path)?;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::checkpoint(&optim_path, e))?;
+    let optim_path = origin.join(OPTIM_FILE);
+    let st = SafeTensors::deserialize(&files[OPTIM_FILE])
+        .map_err(|e| WorkerError::checkpoint(&optim_path, e))?;
     let mut names: Vec<String> = st
         .names()
         .into_iter()
@@ -276,7 +328,7 @@ pub fn load(dir: &Path, layout: &FlatLayout) -> Result<Checkpoint> {
         buffers.insert(buf, values);
     }
     Ok(Checkpoint {
-        dir: dir.to_path_buf(),
+        dir: origin.to_path_buf(),
         optimizer: OptimizerState {
             step: state.optimizer_step,
             buffers,

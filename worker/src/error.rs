@@ -35,6 +35,9 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+    /// The coordinator refused, broke off or could not be reached.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
     /// An invalid setting.
     #[error("{0}")]
     Invalid(String),

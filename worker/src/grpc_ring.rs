@@ -1,43 +1,93 @@
-//! The ring all-reduce's transport between worker processes: each rank serves `Peer.Ring` and
-//! streams its chunks to the next rank over one long-lived gRPC stream (so chunks pipeline);
-//! chunks from the previous rank arrive through this rank's server. Payloads travel as raw
-//! little-endian f32 bytes. A malformed chunk (a payload that is not whole f32s, an unknown
-//! phase, a sender other than the previous rank) is answered with `InvalidArgument`, never
-//! forwarded, and reported to the waiting ring at once; an oversized message is refused by the
-//! decoder's size limit.
+//! The ring all-reduce's transport between worker processes: each worker serves `Peer.Ring` and,
+//! for each generation of the ring, streams its chunks to the next rank over one long-lived gRPC
+//! stream (so chunks pipeline); chunks from the previous rank arrive through this worker's
+//! server. Payloads travel as raw little-endian f32 bytes.
+//!
+//! An incoming stream is admitted only for the generation this worker is in (a stream that
+//! arrives before this worker has joined that generation waits for it, briefly); a stream of a
+//! stale generation is refused with `FailedPrecondition` and never reaches the ring. A
+//! malformed chunk (a payload that is not whole f32s, an unknown phase, a sender other than the
+//! previous rank) is answered with `InvalidArgument`, never forwarded, and reported to the
+//! waiting ring at once; an oversized message is refused by the decoder's size limit.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::peer_client::PeerClient;
 use elbo_proto::v1::peer_server::{Peer, PeerServer};
-use tokio::sync::mpsc as tokio_mpsc;
+use tokio::sync::{mpsc as tokio_mpsc, watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Result, WorkerError};
 use crate::ring::{Chunk, Phase, RingTransport};
 
-/// The largest gRPC message a peer accepts (a chunk plus its tags).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// HTTP/2 flow-control window of ring streams and connections. Measured on loopback
+/// (`elbo bench allreduce`): hyper's 64 KiB default stalls the sender every few chunks; 8 MiB
+/// lets a whole chunk be in flight while the previous one is summed.
+const WINDOW_BYTES: u32 = 8 << 20;
+
+/// How long an incoming stream waits for this worker to join the stream's generation.
+const ADMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a closing rank waits for its last chunks to reach the next rank.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Inbox = mpsc::Sender<Result<Chunk>>;
 
-struct PeerService {
+/// What the server admits: one generation, from one previous rank, into one inbox.
+#[derive(Clone)]
+struct Admit {
+    generation: u64,
     prev_rank: u32,
-    inbox: Mutex<Inbox>,
+    inbox: Option<Inbox>,
 }
 
-fn to_chunk(m: pb::Chunk, prev_rank: u32) -> Result<Chunk, Status> {
-    if m.from_rank != prev_rank {
+struct PeerService {
+    admit: watch::Receiver<Admit>,
+}
+
+/// Values as little-endian bytes.
+pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// Little-endian bytes (a whole number of f32s) as values.
+pub fn le_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        let mut values = vec![0f32; bytes.len() / 4];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut values)
+            .copy_from_slice(&bytes[..bytes.len() / 4 * 4]);
+        values
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+}
+
+fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk, Status> {
+    if m.generation != admit.generation {
+        return Err(Status::failed_precondition(format!(
+            "chunk of generation {}, but this rank is in generation {}",
+            m.generation, admit.generation
+        )));
+    }
+    if m.from_rank != admit.prev_rank {
         return Err(Status::invalid_argument(format!(
-            "chunk from rank {}, but this rank's ring predecessor is rank {prev_rank}",
-            m.from_rank
+            "chunk from rank {}, but this rank's ring predecessor is rank {}",
+            m.from_rank, admit.prev_rank
         )));
     }
     if m.data.len() % 4 != 0 {
@@ -56,19 +106,43 @@ fn to_chunk(m: pb::Chunk, prev_rank: u32) -> Result<Chunk, Status> {
             )))
         }
     };
-    let data = m
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
     Ok(Chunk {
         generation: m.generation,
         step: m.step,
         phase,
         round: m.round,
         index: m.index,
-        data,
+        data: le_bytes_to_f32(&m.data),
     })
+}
+
+impl PeerService {
+    /// Waits until this worker has joined `generation` (or a later one) and returns what it
+    /// admits then.
+    async fn admit(&self, generation: u64) -> Result<Admit, Status> {
+        let mut rx = self.admit.clone();
+        let admit = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|a| a.generation >= generation))
+            .await
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "this worker did not join generation {generation} within {ADMIT_WAIT:?}"
+                ))
+            })?
+            .map_err(|_| Status::unavailable("this worker is shutting down"))?
+            .clone();
+        if admit.generation != generation || admit.inbox.is_none() {
+            tracing::warn!(
+                generation,
+                current = admit.generation,
+                "refused a ring stream of a stale generation"
+            );
+            return Err(Status::failed_precondition(format!(
+                "stream of stale generation {generation}: this worker is in generation {}",
+                admit.generation
+            )));
+        }
+        Ok(admit)
+    }
 }
 
 #[tonic::async_trait]
@@ -77,13 +151,21 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<pb::Chunk>>,
     ) -> Result<Response<pb::RingAck>, Status> {
-        let inbox = self
-            .inbox
-            .lock()
-            .map_err(|_| Status::internal("peer inbox lock poisoned"))?
-            .clone();
         let mut stream = request.into_inner();
-        while let Some(message) = stream.next().await {
+        let Some(first) = stream.next().await else {
+            return Ok(Response::new(pb::RingAck {}));
+        };
+        let first = first?;
+        let admit = self.admit(first.generation).await?;
+        let inbox = admit
+            .inbox
+            .clone()
+            .expect("admitted generations have an inbox");
+        let mut next = Some(Ok(first));
+        while let Some(message) = match next.take() {
+            Some(m) => Some(m),
+            None => stream.next().await,
+        } {
             let message = match message {
                 Ok(m) => m,
                 Err(status) => {
@@ -95,7 +177,7 @@ impl Peer for PeerService {
                     return Err(status);
                 }
             };
-            match to_chunk(message, self.prev_rank) {
+            match to_chunk(message, &admit) {
                 Ok(chunk) => {
                     if inbox.send(Ok(chunk)).is_err() {
                         return Err(Status::unavailable("this rank's ring is closed"));
@@ -115,51 +197,49 @@ impl Peer for PeerService {
     }
 }
 
-/// A rank whose peer server is listening, not yet connected to the next rank.
+/// A worker's peer server: listening, ready to join generations of the ring.
 pub struct BoundPeer {
-    rank: usize,
-    world: usize,
     runtime: Arc<tokio::runtime::Runtime>,
     addr: SocketAddr,
-    inbox: mpsc::Receiver<Result<Chunk>>,
+    admit: watch::Sender<Admit>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+fn runtime_error(e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Invalid(format!("ring peer: {e}"))
+}
+
 impl BoundPeer {
-    /// Serves `Peer` for rank `rank` of `world` on `listen` (port 0: any free port).
-    pub fn bind(rank: usize, world: usize, listen: SocketAddr) -> Result<Self> {
-        if world == 0 || rank >= world {
-            return Err(WorkerError::Invalid(format!(
-                "ring peer: rank {rank} is not in a world of {world}"
-            )));
-        }
+    /// Serves `Peer` on `listen` (port 0: any free port), refusing messages larger than a chunk
+    /// of `max_chunk_values` f32s.
+    pub fn bind(listen: SocketAddr, max_chunk_values: usize) -> Result<Self> {
         let runtime = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("elbo-peer")
                 .enable_all()
                 .build()
-                .map_err(|e| {
-                    WorkerError::Invalid(format!("ring peer: cannot start its runtime: {e}"))
-                })?,
+                .map_err(runtime_error)?,
         );
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(listen))
-            .map_err(|e| {
-                WorkerError::Invalid(format!("ring peer: cannot listen on {listen}: {e}"))
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| WorkerError::Invalid(format!("ring peer: {e}")))?;
-        let (tx, inbox) = mpsc::channel();
-        let service = PeerService {
-            prev_rank: ((rank + world - 1) % world) as u32,
-            inbox: Mutex::new(tx),
-        };
+            .map_err(|e| runtime_error(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener.local_addr().map_err(runtime_error)?;
+        let (admit, admit_rx) = watch::channel(Admit {
+            generation: 0,
+            prev_rank: 0,
+            inbox: None,
+        });
+        let service = PeerServer::new(PeerService { admit: admit_rx })
+            .max_decoding_message_size(max_chunk_values.saturating_mul(4) + 1024);
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpListenerStream::new(listener);
         let server = tonic::transport::Server::builder()
-            .add_service(PeerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .tcp_nodelay(true)
+            .initial_stream_window_size(WINDOW_BYTES)
+            .initial_connection_window_size(WINDOW_BYTES)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop.await;
             });
         runtime.spawn(async move {
@@ -168,11 +248,9 @@ impl BoundPeer {
             }
         });
         Ok(BoundPeer {
-            rank,
-            world,
             runtime,
             addr,
-            inbox,
+            admit,
             shutdown: Some(shutdown),
         })
     }
@@ -182,44 +260,90 @@ impl BoundPeer {
         self.addr
     }
 
-    /// Opens the stream to the next rank at `next` (retrying until `deadline`).
-    pub fn connect(mut self, next: SocketAddr, deadline: Instant) -> Result<GrpcRing> {
-        let endpoint = format!("http://{next}");
-        let client = self.runtime.block_on(async {
-            loop {
-                match PeerClient::connect(endpoint.clone()).await {
-                    Ok(c) => return Ok(c),
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(WorkerError::Invalid(format!(
-                            "ring peer: cannot reach the next rank at {next}: {e}"
-                        )))
-                    }
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                }
-            }
-        })?;
-        let mut client = client.max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (to_next, outgoing) = tokio_mpsc::unbounded_channel::<pb::Chunk>();
-        let failure: Arc<Mutex<Option<String>>> = Arc::default();
-        let failed = failure.clone();
-        let sender = self.runtime.spawn(async move {
-            let stream: Pin<Box<UnboundedReceiverStream<pb::Chunk>>> =
-                Box::pin(UnboundedReceiverStream::new(outgoing));
-            if let Err(status) = client.ring(stream).await {
-                if let Ok(mut f) = failed.lock() {
-                    *f = Some(status.message().to_string());
-                }
-            }
+    /// Joins generation `generation` of the ring as `rank` of `world`: from now on only that
+    /// generation's chunks from the previous rank are admitted, and this rank's chunks stream to
+    /// the next rank at `next` (connecting with retries until `deadline`). Setting `cancel`
+    /// aborts the connection attempts and any wait of the returned ring at once.
+    pub fn connect(
+        &self,
+        generation: u64,
+        rank: usize,
+        world: usize,
+        next: SocketAddr,
+        deadline: Instant,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<GrpcRing> {
+        let current = self.admit.borrow().generation;
+        if world == 0 || rank >= world || generation <= current {
+            return Err(WorkerError::Invalid(format!(
+                "ring peer: cannot join generation {generation} as rank {rank} of {world} (rank must be inside the world, the generation newer than {current})"
+            )));
+        }
+        let (tx, inbox) = mpsc::channel();
+        self.admit.send_replace(Admit {
+            generation,
+            prev_rank: ((rank + world - 1) % world) as u32,
+            inbox: Some(tx),
         });
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let (to_next, sender) = if world > 1 {
+            let client = self
+                .runtime
+                .block_on(connect_client(next, deadline, &cancel))?;
+            let (to_next, outgoing) = tokio_mpsc::unbounded_channel::<pb::Chunk>();
+            let failed = failure.clone();
+            let sender = self.runtime.spawn(async move {
+                let mut client = client;
+                if let Err(status) = client.ring(UnboundedReceiverStream::new(outgoing)).await {
+                    if let Ok(mut f) = failed.lock() {
+                        *f = Some(status.message().to_string());
+                    }
+                }
+            });
+            (Some(to_next), Some(sender))
+        } else {
+            (None, None)
+        };
         Ok(GrpcRing {
-            rank: self.rank,
-            world: self.world,
-            to_next: Some(to_next),
-            sender: Some(sender),
-            inbox: std::mem::replace(&mut self.inbox, mpsc::channel().1),
+            rank,
+            world,
+            runtime: self.runtime.clone(),
+            to_next,
+            sender,
+            inbox,
             failure,
-            _peer: self,
+            cancel,
         })
+    }
+}
+
+fn cancelled() -> WorkerError {
+    WorkerError::Invalid("ring peer: aborted (the coordinator stopped the step)".into())
+}
+
+async fn connect_client(
+    next: SocketAddr,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<PeerClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{next}"))
+        .map_err(runtime_error)?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(WINDOW_BYTES);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(PeerClient::new(channel).max_encoding_message_size(usize::MAX))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(WorkerError::Invalid(format!(
+                    "ring peer: cannot reach the next rank at {next}: {e}"
+                )))
+            }
+            Err(_) if cancel.load(Ordering::Relaxed) => return Err(cancelled()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 
@@ -231,19 +355,20 @@ impl Drop for BoundPeer {
     }
 }
 
-/// A connected rank: a [`RingTransport`] over gRPC.
+/// One rank of one generation of the ring: a [`RingTransport`] over gRPC.
 pub struct GrpcRing {
     rank: usize,
     world: usize,
+    runtime: Arc<tokio::runtime::Runtime>,
     to_next: Option<tokio_mpsc::UnboundedSender<pb::Chunk>>,
     sender: Option<tokio::task::JoinHandle<()>>,
     inbox: mpsc::Receiver<Result<Chunk>>,
     failure: Arc<Mutex<Option<String>>>,
-    _peer: BoundPeer,
+    cancel: Arc<AtomicBool>,
 }
 
-/// How long a closing rank waits for its last chunks to reach the next rank.
-const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a waiting ring checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 impl Drop for GrpcRing {
     /// Ends the stream to the next rank and waits (at most [`FLUSH_TIMEOUT`]) until everything
@@ -252,7 +377,6 @@ impl Drop for GrpcRing {
         self.to_next.take();
         if let Some(sender) = self.sender.take() {
             let flushed = self
-                ._peer
                 .runtime
                 .block_on(async { tokio::time::timeout(FLUSH_TIMEOUT, sender).await });
             if flushed.is_err() {
@@ -289,7 +413,7 @@ impl RingTransport for GrpcRing {
             } as i32,
             round: chunk.round,
             index: chunk.index,
-            data: chunk.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data: f32_to_le_bytes(&chunk.data),
             from_rank: self.rank as u32,
         };
         self.to_next
@@ -301,15 +425,26 @@ impl RingTransport for GrpcRing {
     }
 
     fn recv(&mut self, deadline: Instant) -> Result<Chunk> {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match self.inbox.recv_timeout(wait) {
-            Ok(chunk) => chunk,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(WorkerError::Invalid(
-                "ring peer: deadline passed waiting for a chunk from the previous rank".into(),
-            )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(WorkerError::Invalid(
-                "ring peer: the previous rank's stream closed".into(),
-            )),
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(left.min(CANCEL_POLL)) {
+                Ok(chunk) => return chunk,
+                Err(mpsc::RecvTimeoutError::Timeout) if left > CANCEL_POLL => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(WorkerError::Invalid(
+                        "ring peer: deadline passed waiting for a chunk from the previous rank"
+                            .into(),
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(WorkerError::Invalid(
+                        "ring peer: the previous rank's stream closed".into(),
+                    ))
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The worker side of elbo: the training step over a flat gradient buffer, optimisers with
 //! checkpointable state, checkpoint I/O, and the ring all-reduce (a [`Reduce`] over any
-//! point-to-point [`ring::RingTransport`]).
+//! point-to-point [`ring::RingTransport`]), and the session with the coordinator.
 
 pub mod checkpoint;
 mod error;
@@ -8,6 +8,7 @@ mod flat;
 pub mod grpc_ring;
 mod optim;
 pub mod ring;
+pub mod session;
 mod trainer;
 
 pub use error::{Result, WorkerError};

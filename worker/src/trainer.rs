@@ -194,30 +194,17 @@ impl Trainer {
     ) -> Result<StepReport> {
         let start = Instant::now();
         let rows = batch.rows();
-        let x = Tensor::from_slice(&batch.x, (rows, batch.dim), device)?;
-        let input = Input {
-            x: &x,
-            labels: &batch.labels,
-            ids: &batch.ids,
-        };
-        self.model.params().grad_sink().begin_step();
-        let out = self
-            .model
-            .loss(&input, &self.noise, self.step, &self.config.objective)?;
-        let grads = out.loss.backward()?;
         let n = self.layout.len();
-        if self.term_names.is_empty() {
-            self.term_names = out.terms.keys().copied().collect();
-            self.buf.resize(n + self.term_names.len(), 0.0);
-        }
-        let sink = self.model.params().grad_sink();
-        self.layout.read_grads(sink, &grads, &mut self.buf[..n])?;
-        for (slot, name) in self.buf[n..].iter_mut().zip(&self.term_names) {
-            let term = out
-                .terms
-                .get(name)
-                .ok_or_else(|| WorkerError::Internal(format!("loss term {name} missing")))?;
-            *slot = term.to_scalar::<f32>()?;
+        if rows == 0 {
+            // A rank with no rows in this (short, final) batch contributes nothing to the sums.
+            if self.term_names.is_empty() {
+                return Err(WorkerError::Invalid(
+                    "the first batch of a run left this rank without rows: train.batch_size must be at least the number of workers".into(),
+                ));
+            }
+            self.buf.iter_mut().for_each(|v| *v = 0.0);
+        } else {
+            self.compute(batch, device)?;
         }
         // Each worker holds the mean over its rows; weighting by its share of the global batch
         // (× world, undone by the mean) makes the reduced buffer the global-batch mean.
@@ -281,6 +268,36 @@ impl Trainer {
             lr,
             timings,
         })
+    }
+
+    /// Forward and backward on this rank's rows: gradients and loss terms into the buffer.
+    fn compute(&mut self, batch: &Batch, device: &Device) -> Result<()> {
+        let x = Tensor::from_slice(&batch.x, (batch.rows(), batch.dim), device)?;
+        let input = Input {
+            x: &x,
+            labels: &batch.labels,
+            ids: &batch.ids,
+        };
+        self.model.params().grad_sink().begin_step();
+        let out = self
+            .model
+            .loss(&input, &self.noise, self.step, &self.config.objective)?;
+        let grads = out.loss.backward()?;
+        let n = self.layout.len();
+        if self.term_names.is_empty() {
+            self.term_names = out.terms.keys().copied().collect();
+            self.buf.resize(n + self.term_names.len(), 0.0);
+        }
+        let sink = self.model.params().grad_sink();
+        self.layout.read_grads(sink, &grads, &mut self.buf[..n])?;
+        for (slot, name) in self.buf[n..].iter_mut().zip(&self.term_names) {
+            let term = out
+                .terms
+                .get(name)
+                .ok_or_else(|| WorkerError::Internal(format!("loss term {name} missing")))?;
+            *slot = term.to_scalar::<f32>()?;
+        }
+        Ok(())
     }
 
     /// Names what is non-finite: loss terms first, then the first parameter with a bad gradient

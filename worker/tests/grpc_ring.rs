@@ -14,7 +14,7 @@ fn loopback() -> SocketAddr {
 fn three_ranks_all_reduce_over_grpc() {
     let world = 3;
     let peers: Vec<BoundPeer> = (0..world)
-        .map(|r| BoundPeer::bind(r, world, loopback()).unwrap())
+        .map(|_| BoundPeer::bind(loopback(), 1000).unwrap())
         .collect();
     let addrs: Vec<SocketAddr> = peers.iter().map(BoundPeer::local_addr).collect();
     let handles: Vec<_> = peers
@@ -24,7 +24,14 @@ fn three_ranks_all_reduce_over_grpc() {
             let next = addrs[(rank + 1) % world];
             std::thread::spawn(move || {
                 let ring = peer
-                    .connect(next, Instant::now() + Duration::from_secs(10))
+                    .connect(
+                        1,
+                        rank,
+                        world,
+                        next,
+                        Instant::now() + Duration::from_secs(10),
+                        Default::default(),
+                    )
                     .unwrap();
                 let mut ar = RingAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
                 let mut results = Vec::new();
@@ -61,10 +68,17 @@ fn three_ranks_all_reduce_over_grpc() {
 #[test]
 fn a_malformed_chunk_is_rejected_with_a_status() {
     use elbo_proto::v1 as pb;
-    let peer = BoundPeer::bind(1, 2, loopback()).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
     let addr = peer.local_addr();
     let ring = peer
-        .connect(addr, Instant::now() + Duration::from_secs(5))
+        .connect(
+            1,
+            1,
+            2,
+            addr,
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
         .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -75,6 +89,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
             .await
             .unwrap();
         let bad = pb::Chunk {
+            generation: 1,
             from_rank: 0,
             phase: pb::Phase::ReduceScatter as i32,
             data: vec![1, 2, 3, 4, 5],
@@ -87,7 +102,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("5 bytes"), "{}", status.message());
-    let mut ar = RingAllReduce::new(ring, 0, 4, Duration::from_secs(5)).unwrap();
+    let mut ar = RingAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
     let started = Instant::now();
     let err = ar.all_reduce_mean(&mut [1.0; 8]).unwrap_err().to_string();
     assert!(err.contains("rejected a chunk"), "{err}");
@@ -95,4 +110,78 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
         started.elapsed() < Duration::from_secs(2),
         "reported at once, not at the deadline"
     );
+}
+
+/// Sends `chunks` to the peer at `addr` on one stream and returns how the peer answered.
+fn send_stream(addr: SocketAddr, chunks: Vec<elbo_proto::v1::Chunk>) -> tonic::Status {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = elbo_proto::v1::peer_client::PeerClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        client.ring(tokio_stream::iter(chunks)).await.unwrap_err()
+    })
+}
+
+#[test]
+fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
+    use elbo_proto::v1 as pb;
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let addr = peer.local_addr();
+    // The next rank: it holds this rank's own chunks, so only the test's streams reach `peer`.
+    let next = BoundPeer::bind(loopback(), 4).unwrap();
+    let _next_ring = next
+        .connect(
+            2,
+            0,
+            2,
+            addr,
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
+    let old = peer
+        .connect(
+            1,
+            1,
+            2,
+            next.local_addr(),
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
+    drop(old);
+    let ring = peer
+        .connect(
+            2,
+            1,
+            2,
+            next.local_addr(),
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
+    let chunk = |generation: u64, values: usize| pb::Chunk {
+        generation,
+        from_rank: 0,
+        phase: pb::Phase::ReduceScatter as i32,
+        data: vec![0; values * 4],
+        ..Default::default()
+    };
+    let stale = send_stream(addr, vec![chunk(1, 4)]);
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("stale generation 1"),
+        "{}",
+        stale.message()
+    );
+    let oversized = send_stream(addr, vec![chunk(2, 4096)]);
+    assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
+    // Neither reached the ring: it still waits, and times out cleanly.
+    let mut ar = RingAllReduce::new(ring, 2, 4, Duration::from_millis(300)).unwrap();
+    let err = ar.all_reduce_mean(&mut [1.0; 8]).unwrap_err().to_string();
+    assert!(err.contains("deadline passed"), "{err}");
 }

@@ -1,0 +1,336 @@
+//! The coordinator against scripted workers speaking its gRPC protocol: joins refused with
+//! clear statuses, steps committed in order, stale generations refused, replica divergence and
+//! silent workers stopping the run.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use elbo_coordinator::{
+    CommittedStep, Coordinator, CoordinatorError, Files, RunStore, Settings, Summary,
+};
+use elbo_proto::v1 as pb;
+use elbo_proto::v1::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+#[derive(Default)]
+struct Memory {
+    steps: Mutex<Vec<CommittedStep>>,
+    checkpoints: Mutex<Vec<u64>>,
+}
+
+impl RunStore for Memory {
+    fn committed(&self, step: &CommittedStep) -> Result<(), String> {
+        self.steps.lock().unwrap().push(step.clone());
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, step: u64, _files: &Files) -> Result<(), String> {
+        self.checkpoints.lock().unwrap().push(step);
+        Ok(())
+    }
+}
+
+fn settings(workers: u32, stop_step: u64) -> Settings {
+    Settings {
+        run_id: "run".into(),
+        token: "tok".into(),
+        config_toml: "[run]\n".into(),
+        config_sha256: "abc".into(),
+        workers,
+        min_workers: workers,
+        rendezvous_timeout: Duration::from_secs(10),
+        heartbeat_timeout: Duration::from_secs(10),
+        checksum_every: 2,
+        checkpoint_every: 0,
+        start_step: 0,
+        stop_step,
+        checkpoint: None,
+        max_message_bytes: 1 << 20,
+    }
+}
+
+type Outcome = std::thread::JoinHandle<Result<Summary, CoordinatorError>>;
+
+fn start(settings: Settings) -> (String, Arc<Memory>, Outcome) {
+    let store = Arc::new(Memory::default());
+    let c = Coordinator::bind("127.0.0.1:0".parse().unwrap(), settings, store.clone()).unwrap();
+    let url = format!("http://{}", c.local_addr());
+    (url, store, std::thread::spawn(move || c.run()))
+}
+
+struct Fake {
+    client: CoordinatorClient<Channel>,
+    up: mpsc::UnboundedSender<pb::WorkerMessage>,
+    down: Streaming<pb::Command>,
+    session: u64,
+}
+
+fn join_msg(id: &str) -> pb::Join {
+    pb::Join {
+        run_id: "run".into(),
+        token: "tok".into(),
+        config_sha256: String::new(),
+        worker_id: id.into(),
+        peer_address: "127.0.0.1:9".into(),
+        device: "cpu".into(),
+    }
+}
+
+async fn open(url: &str, join: pb::Join) -> Result<Fake, tonic::Status> {
+    let mut client = CoordinatorClient::connect(url.to_string()).await.unwrap();
+    let (up, rx) = mpsc::unbounded_channel();
+    up.send(pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Join(join)),
+    })
+    .unwrap();
+    let mut down = client
+        .session(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let session = match down.next().await {
+        Some(Ok(pb::Command {
+            kind: Some(pb::command::Kind::Welcome(w)),
+        })) => w.session,
+        Some(Err(status)) => return Err(status),
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    Ok(Fake {
+        client,
+        up,
+        down,
+        session,
+    })
+}
+
+impl Fake {
+    async fn command(&mut self) -> pb::command::Kind {
+        let next = tokio::time::timeout(Duration::from_secs(10), self.down.next()).await;
+        next.expect("a command in time")
+            .unwrap()
+            .unwrap()
+            .kind
+            .unwrap()
+    }
+
+    async fn report(
+        &mut self,
+        generation: u64,
+        step: u64,
+        checksum: Option<u64>,
+    ) -> Result<(), tonic::Status> {
+        let report = pb::StepReport {
+            session: self.session,
+            generation,
+            step,
+            terms: vec![pb::Term {
+                name: "neg_elbo".into(),
+                value: 100.0 - step as f64,
+            }],
+            rows: 8,
+            applied: true,
+            checksum,
+            ..Default::default()
+        };
+        self.client.report(report).await.map(|_| ())
+    }
+
+    async fn checkpoint(&mut self, step: u64) -> Result<(), tonic::Status> {
+        let upload = pb::CheckpointUpload {
+            session: self.session,
+            generation: 1,
+            step,
+            files: vec![pb::File {
+                name: "state.json".into(),
+                data: b"{}".to_vec(),
+            }],
+        };
+        self.client.save_checkpoint(upload).await.map(|_| ())
+    }
+
+    fn heartbeat(&self) {
+        let _ = self.up.send(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {})),
+        });
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn bad_joins_are_refused_and_steps_commit_in_order() {
+    let (url, store, outcome) = start(settings(2, 4));
+    rt().block_on(async {
+        let refused = [
+            (
+                pb::Join {
+                    token: "nope".into(),
+                    ..join_msg("a")
+                },
+                Code::Unauthenticated,
+                "wrong token",
+            ),
+            (
+                pb::Join {
+                    run_id: "other".into(),
+                    ..join_msg("a")
+                },
+                Code::FailedPrecondition,
+                "run id",
+            ),
+            (
+                pb::Join {
+                    config_sha256: "def".into(),
+                    ..join_msg("a")
+                },
+                Code::FailedPrecondition,
+                "config hash",
+            ),
+            (join_msg("bad id!"), Code::InvalidArgument, "worker id"),
+            (
+                pb::Join {
+                    peer_address: "nowhere".into(),
+                    ..join_msg("a")
+                },
+                Code::InvalidArgument,
+                "peer address",
+            ),
+        ];
+        for (join, code, text) in refused {
+            let status = open(&url, join).await.err().expect("refused");
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(text), "{status:?}");
+        }
+        let mut b = open(&url, join_msg("b")).await.unwrap();
+        let twin = open(&url, join_msg("b")).await.err().unwrap();
+        assert_eq!(twin.code(), Code::AlreadyExists);
+        let mut a = open(&url, join_msg("a")).await.unwrap();
+        // Ranks follow worker ids.
+        for (fake, rank) in [(&mut a, 0), (&mut b, 1)] {
+            match fake.command().await {
+                pb::command::Kind::Start(s) => {
+                    assert_eq!(
+                        (s.rank, s.world, s.generation, s.stop_step),
+                        (rank, 2, 1, 4)
+                    );
+                    assert_eq!(s.peers.len(), 2);
+                }
+                other => panic!("expected Start, got {other:?}"),
+            }
+        }
+        let late = open(&url, join_msg("c")).await.err().unwrap();
+        assert_eq!(late.code(), Code::FailedPrecondition);
+        // Reports out of order across ranks still commit in step order.
+        a.report(1, 0, None).await.unwrap();
+        a.report(1, 1, Some(7)).await.unwrap();
+        assert!(
+            store.steps.lock().unwrap().is_empty(),
+            "nothing commits before every rank reports"
+        );
+        b.report(1, 1, Some(7)).await.unwrap();
+        b.report(1, 0, None).await.unwrap();
+        let stale = a.report(0, 2, None).await.unwrap_err();
+        assert_eq!(stale.code(), Code::FailedPrecondition);
+        assert!(stale.message().contains("stale generation"), "{stale:?}");
+        let twice = a.report(1, 1, Some(7)).await.unwrap_err();
+        assert_eq!(twice.code(), Code::InvalidArgument);
+        let not_rank0 = b.checkpoint(2).await.unwrap_err();
+        assert_eq!(not_rank0.code(), Code::PermissionDenied);
+        for step in 2..4 {
+            a.report(1, step, (step == 3).then_some(9)).await.unwrap();
+            b.report(1, step, (step == 3).then_some(9)).await.unwrap();
+        }
+        a.checkpoint(4).await.unwrap();
+        for fake in [&mut a, &mut b] {
+            match fake.command().await {
+                pb::command::Kind::Stop(s) => assert!(!s.failed, "{s:?}"),
+                other => panic!("expected Stop, got {other:?}"),
+            }
+        }
+    });
+    let summary = outcome.join().unwrap().unwrap();
+    assert_eq!(
+        (summary.steps, summary.world, summary.checkpoint),
+        (4, 2, Some(4))
+    );
+    let steps = store.steps.lock().unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    assert!(steps.iter().all(|s| s.rows == 16 && s.world == 2));
+    assert_eq!(steps[2].terms["neg_elbo"], 98.0);
+}
+
+#[test]
+fn diverged_replicas_stop_the_run() {
+    let (url, _store, outcome) = start(settings(2, 4));
+    rt().block_on(async {
+        let mut a = open(&url, join_msg("a")).await.unwrap();
+        let mut b = open(&url, join_msg("b")).await.unwrap();
+        a.command().await;
+        b.command().await;
+        a.report(1, 0, None).await.unwrap();
+        b.report(1, 0, None).await.unwrap();
+        a.report(1, 1, Some(1)).await.unwrap();
+        b.report(1, 1, Some(2)).await.unwrap();
+        match a.command().await {
+            pb::command::Kind::Stop(s) => {
+                assert!(s.failed);
+                assert!(
+                    s.reason.contains("replicas diverged at step 1"),
+                    "{}",
+                    s.reason
+                );
+            }
+            other => panic!("expected Stop, got {other:?}"),
+        }
+    });
+    let err = outcome.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("replicas diverged"), "{err}");
+}
+
+#[test]
+fn a_silent_worker_stops_the_run_within_the_heartbeat_timeout() {
+    let mut s = settings(2, 100);
+    s.heartbeat_timeout = Duration::from_millis(600);
+    let (url, _store, outcome) = start(s);
+    let started = std::time::Instant::now();
+    rt().block_on(async {
+        let a = open(&url, join_msg("a")).await.unwrap();
+        let _b = open(&url, join_msg("b")).await.unwrap();
+        // `a` keeps beating, `b` never does.
+        for _ in 0..30 {
+            a.heartbeat();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let err = outcome.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("worker b sent no heartbeat"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn too_few_workers_by_the_rendezvous_timeout_is_a_clear_error() {
+    let mut s = settings(3, 10);
+    s.min_workers = 2;
+    s.rendezvous_timeout = Duration::from_millis(300);
+    let (url, _store, outcome) = start(s);
+    rt().block_on(async {
+        let a = open(&url, join_msg("a")).await.unwrap();
+        for _ in 0..20 {
+            a.heartbeat();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let err = outcome.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("only 1 of at least 2 workers"), "{err}");
+}

@@ -1,0 +1,334 @@
+//! Distributed runs: `elbo coordinator` (the run's coordinator, writing the run directory) and
+//! `elbo train` with `cluster.workers > 1` (a coordinator plus that many `elbo worker` child
+//! processes on loopback, every child stopped on exit, on error and on Ctrl-C).
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use elbo_coordinator::{CommittedStep, Coordinator, Files, RunStore, Settings, Summary};
+use elbo_settings::Config;
+use elbo_worker::checkpoint;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngCore;
+use serde_json::json;
+
+use super::build;
+use super::job::Job;
+use super::layers::ConfigArgs;
+use super::run_dir::{self, Metrics};
+
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Where to serve workers.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// The run's shared secret (workers must present it).
+    #[arg(long, env = "ELBO_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Resume even if the config differs from the one the checkpoint was written with.
+    #[arg(long)]
+    force: bool,
+    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
+    #[arg(long)]
+    max_steps: Option<u64>,
+}
+
+/// The run directory as the coordinator's store: metrics.jsonl, the progress bar, checkpoints.
+struct RunDirStore {
+    run_dir: PathBuf,
+    keep: usize,
+    log_every: u64,
+    total_steps: u64,
+    bar: ProgressBar,
+    state: Mutex<StoreState>,
+}
+
+struct StoreState {
+    metrics: Metrics,
+    rows: u64,
+    skipped: u64,
+    since: Instant,
+}
+
+impl RunStore for RunDirStore {
+    fn committed(&self, c: &CommittedStep) -> Result<(), String> {
+        let mut st = self.state.lock().map_err(|e| e.to_string())?;
+        st.rows += c.rows;
+        st.skipped += u64::from(!c.applied);
+        let step = c.step + 1;
+        self.bar.set_position(step);
+        if step % self.log_every != 0 && step != self.total_steps {
+            return Ok(());
+        }
+        let secs = st.since.elapsed().as_secs_f64();
+        let t = c.timings;
+        let mut rec = json!({"step": step, "epoch": c.epoch, "lr": c.lr, "skipped": st.skipped,
+            "grad_norm": c.grad_norm, "world": c.world,
+            "samples_per_s": if secs > 0.0 { st.rows as f64 / secs } else { 0.0 },
+            "data_s": t.data.as_secs_f64(), "compute_s": t.compute.as_secs_f64(),
+            "reduce_s": t.reduce.as_secs_f64(), "update_s": t.update.as_secs_f64()});
+        for (k, v) in &c.terms {
+            rec[k] = json!(v);
+        }
+        self.bar.set_message(format!(
+            "epoch {}  −ELBO {:.2}  KL {:.2}  {:.0} samples/s  {} workers",
+            c.epoch + 1,
+            rec["neg_elbo"].as_f64().unwrap_or(f64::NAN),
+            rec["kl"].as_f64().unwrap_or(f64::NAN),
+            rec["samples_per_s"].as_f64().unwrap_or(0.0),
+            c.world
+        ));
+        if self.bar.is_hidden() {
+            tracing::info!("{rec}");
+        }
+        st.rows = 0;
+        st.skipped = 0;
+        st.since = Instant::now();
+        st.metrics.log(&rec).map_err(|e| format!("{e:#}"))
+    }
+
+    fn save_checkpoint(&self, step: u64, files: &Files) -> Result<(), String> {
+        let state = checkpoint::decode_state(files, &checkpoint::checkpoints_dir(&self.run_dir))
+            .map_err(|e| e.to_string())?;
+        if state.step != step {
+            return Err(format!(
+                "the upload says step {step} but its state.json step {}",
+                state.step
+            ));
+        }
+        let dir = checkpoint::write(&self.run_dir, files, self.keep).map_err(|e| e.to_string())?;
+        tracing::debug!(checkpoint = %dir.display(), "checkpoint saved");
+        Ok(())
+    }
+}
+
+fn progress(total: u64, done: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total).with_position(done);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// A coordinator for the run of `cfg`, resuming its run directory's newest checkpoint.
+fn coordinator(
+    job: &Job,
+    listen: SocketAddr,
+    token: String,
+    force: bool,
+    max_steps: Option<u64>,
+) -> anyhow::Result<(Coordinator, Arc<RunDirStore>)> {
+    let cfg = &job.cfg;
+    let run_dir = PathBuf::from(&cfg.run.dir);
+    let (start_step, files) = match checkpoint::list(&run_dir)?.pop() {
+        Some(dir) => {
+            let old = build::run_config(&run_dir)?;
+            run_dir::check_resume_config(&old, cfg, force)?;
+            let files = checkpoint::read(&dir)?;
+            let state = checkpoint::decode_state(&files, &dir)?;
+            tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+            (state.step, Some(files))
+        }
+        None => (0, None),
+    };
+    run_dir::write_config(&run_dir, cfg)?;
+    let stop_step = max_steps.unwrap_or(u64::MAX).min(job.total_steps);
+    if start_step >= stop_step {
+        bail!(
+            "{} already holds a checkpoint at step {start_step}: nothing left to train (the run has {} steps)",
+            run_dir.display(),
+            job.total_steps
+        );
+    }
+    let metrics = Metrics::open(&run_dir, files.as_ref().map(|_| start_step))?;
+    let c = &cfg.cluster;
+    let settings = Settings {
+        run_id: cfg.run.name.clone(),
+        token,
+        config_toml: cfg.to_toml(),
+        config_sha256: run_dir::config_sha256(cfg),
+        workers: c.workers,
+        min_workers: c.min_workers,
+        rendezvous_timeout: Duration::from_secs_f64(c.rendezvous_timeout_s),
+        heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
+        checksum_every: c.checksum_every,
+        checkpoint_every: cfg.train.checkpoint_every,
+        start_step,
+        stop_step,
+        checkpoint: files,
+        max_message_bytes: elbo_worker::session::MAX_MESSAGE_BYTES,
+    };
+    let store = Arc::new(RunDirStore {
+        keep: cfg.train.keep_checkpoints as usize,
+        log_every: cfg.train.log_every,
+        total_steps: job.total_steps,
+        bar: progress(job.total_steps, start_step),
+        state: Mutex::new(StoreState {
+            metrics,
+            rows: 0,
+            skipped: 0,
+            since: Instant::now(),
+        }),
+        run_dir,
+    });
+    let coordinator = Coordinator::bind(listen, settings, store.clone())?;
+    Ok((coordinator, store))
+}
+
+fn report(summary: &Summary, started: Instant, batch_size: u64, start_step: u64) {
+    let secs = started.elapsed().as_secs_f64();
+    let steps = summary.steps.saturating_sub(start_step);
+    println!(
+        "trained {steps} steps on {} workers in {secs:.1} s ({:.0} samples/s); checkpoint at step {}",
+        summary.world,
+        steps as f64 * batch_size as f64 / secs.max(1e-9),
+        summary.checkpoint.unwrap_or_default()
+    );
+}
+
+/// `elbo coordinator`.
+pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut cfg = args.config.load()?;
+    if let Some(dir) = &args.run_dir {
+        cfg.run.dir = dir.to_string_lossy().into_owned();
+    }
+    let job = Job::prepare(cfg)?;
+    let (coordinator, store) =
+        coordinator(&job, args.listen, args.token, args.force, args.max_steps)?;
+    println!("coordinator listening on {}", coordinator.local_addr());
+    let started = Instant::now();
+    let start_step = store.bar.position();
+    let summary = coordinator.run()?;
+    store.bar.finish_and_clear();
+    report(&summary, started, job.cfg.train.batch_size, start_step);
+    Ok(())
+}
+
+/// The worker processes of a local run; dropping it stops any still running.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `elbo train` with `cluster.workers > 1`: a coordinator here, the workers as child processes.
+pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> anyhow::Result<()> {
+    let device_handle = build::device(device)?;
+    let job = Job::prepare(cfg)?;
+    let token = random_token();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let (coordinator, store) = coordinator(&job, loopback, token.clone(), force, max_steps)?;
+    let url = format!("http://{}", coordinator.local_addr());
+    let aborter = coordinator.aborter();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let (aborter, interrupted) = (aborter.clone(), interrupted.clone());
+        ctrlc::set_handler(move || {
+            interrupted.store(true, Ordering::SeqCst);
+            aborter.abort("interrupted (Ctrl-C or SIGTERM)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let workers = job.cfg.cluster.workers;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / workers as usize).max(1);
+    let exe = std::env::current_exe().context("cannot find the elbo executable")?;
+    let mut children = Children(Vec::new());
+    for i in 0..workers {
+        let id = format!("worker-{i}");
+        let child = Command::new(&exe)
+            .args([
+                "worker",
+                "--coordinator",
+                &url,
+                "--run-id",
+                &job.cfg.run.name,
+            ])
+            .args([
+                "--worker-id",
+                &id,
+                "--device",
+                device,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("ELBO_TOKEN", &token)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .env(
+                "ELBO_LOG",
+                std::env::var("ELBO_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        children.0.push((id, child));
+    }
+    tracing::info!(workers, %url, run_dir = %job.cfg.run.dir, "training with local workers");
+    let start_step = store.bar.position();
+    let started = Instant::now();
+    let running = std::thread::spawn(move || coordinator.run());
+    // Watch the children: one that dies fails the run at once instead of at a timeout.
+    while !running.is_finished() {
+        for (id, child) in &mut children.0 {
+            if let Ok(Some(status)) = child.try_wait() {
+                if !status.success() {
+                    aborter.abort(&format!("{id} exited ({status})"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = running
+        .join()
+        .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))?;
+    store.bar.finish_and_clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (_, child) in &mut children.0 {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(children);
+    if interrupted.load(Ordering::SeqCst) {
+        bail!("interrupted; the run resumes from its newest checkpoint");
+    }
+    let summary = outcome?;
+    report(&summary, started, job.cfg.train.batch_size, start_step);
+    if summary.steps >= job.total_steps {
+        let run_dir = Path::new(&job.cfg.run.dir);
+        let (_, model, test) = super::train::load_model(run_dir, &device_handle)?;
+        super::train::finish(&model, &test, &job.cfg, run_dir, &device_handle)?;
+    }
+    Ok(())
+}

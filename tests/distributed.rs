@@ -1,0 +1,352 @@
+//! Distributed training with real processes on loopback: N workers train exactly what one
+//! process trains, every row is used exactly once, and bad peers are refused while the run goes
+//! on. Every process a test starts is killed when the test ends, pass or fail.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
+
+/// A small run: 600 sprites of 32×32, batch 48 (13 steps per epoch, the last one short), MLP.
+const SMALL: [&str; 16] = [
+    "--set",
+    "data.sprites.n=600",
+    "--set",
+    "data.sprites.size=32",
+    "--set",
+    "train.batch_size=48",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "model.hidden=64",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "cluster.checksum_every=3",
+    "--set",
+    "train.checkpoint_every=10",
+];
+
+/// Processes killed (and reaped) when dropped.
+#[derive(Default)]
+struct Procs(Vec<Child>);
+
+impl Procs {
+    fn spawn(&mut self, cmd: &mut Command) -> usize {
+        self.0.push(cmd.spawn().expect("elbo starts"));
+        self.0.len() - 1
+    }
+
+    /// Waits (at most `limit`) for process `i` and returns its output.
+    fn wait(&mut self, i: usize, limit: Duration) -> (bool, String) {
+        let deadline = Instant::now() + limit;
+        let child = &mut self.0[i];
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+                }
+                return (status.success(), err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {i} did not finish in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn elbo(args: &[&str], cache: &Path) -> Output {
+    Command::new(ELBO)
+        .args(args)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_LOG", "warn")
+        .output()
+        .expect("the elbo binary runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The parameters of a checkpoint, by tensor name.
+fn params(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// `(step, neg_elbo)` of a run's metrics.
+fn curve(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["neg_elbo"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn one_two_and_four_workers_train_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |world: u32| -> PathBuf {
+        let dir = tmp.path().join(format!("world{world}"));
+        let workers = format!("cluster.workers={world}");
+        let mut args = vec![
+            "train",
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--set",
+            &workers,
+        ];
+        args.extend(SMALL);
+        let out = ok(elbo(&args, &cache));
+        assert!(out.contains("trained 26 steps"), "{out}");
+        dir
+    };
+    let one = run(1);
+    let reference = params(&one.join("checkpoints/step-000000026"));
+    let reference_curve = curve(&one);
+    assert_eq!(reference_curve.len(), 26);
+    for world in [2, 4] {
+        let dir = run(world);
+        let got = params(&dir.join("checkpoints/step-000000026"));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>()
+        );
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (name, want) in &reference {
+            for (a, b) in want.iter().zip(&got[name]) {
+                diff += f64::from(a - b).powi(2);
+                norm += f64::from(*a).powi(2);
+            }
+        }
+        let rel = (diff / norm).sqrt();
+        assert!(
+            rel < 1e-5,
+            "world {world}: parameters differ by {rel:e} (relative)"
+        );
+        let c = curve(&dir);
+        assert_eq!(c.len(), reference_curve.len(), "world {world}");
+        for ((s1, a), (s2, b)) in reference_curve.iter().zip(&c) {
+            assert_eq!(s1, s2);
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "world {world}, step {s1}: −ELBO {b} vs {a}"
+            );
+        }
+        assert!(
+            dir.join("samples/samples.png").is_file(),
+            "pictures are written"
+        );
+        let ck = std::fs::read_dir(dir.join("checkpoints")).unwrap().count();
+        assert_eq!(ck, 3, "checkpoints at steps 10, 20 and 26");
+    }
+}
+
+/// Starts `elbo coordinator` on a free loopback port; returns its index and URL.
+fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (usize, String) {
+    let mut cmd = Command::new(ELBO);
+    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--run-dir"])
+        .arg(run)
+        .args(SMALL)
+        .args(extra)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_TOKEN", "s3cret")
+        .env("ELBO_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let i = procs.spawn(&mut cmd);
+    let mut stdout = BufReader::new(procs.0[i].stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .trim()
+        .strip_prefix("coordinator listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (i, format!("http://{addr}"))
+}
+
+fn worker(url: &str, id: &str, cache: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(ELBO);
+    cmd.args(["worker", "--coordinator", url, "--worker-id", id])
+        .args(["--connect-timeout-s", "20"])
+        .args(if extra.contains(&"--run-id") {
+            &[][..]
+        } else {
+            &["--run-id", "default"][..]
+        })
+        .args(extra)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_TOKEN", "s3cret")
+        .env("ELBO_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+#[test]
+fn three_workers_use_every_row_exactly_once_on_uneven_row_groups() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let data = tmp.path().join("data");
+    ok(elbo(
+        &[
+            "data",
+            "make-sprites",
+            "--out",
+            data.to_str().unwrap(),
+            "--n",
+            "1000",
+        ]
+        .into_iter()
+        .chain(["--size", "32", "--row-group-size", "96"])
+        .collect::<Vec<_>>(),
+        &cache,
+    ));
+    let train = format!("data.train={}", data.join("train.parquet").display());
+    let test = format!("data.test={}", data.join("test.parquet").display());
+    let mut procs = Procs::default();
+    let run = tmp.path().join("run");
+    let set = [
+        "--set",
+        &train,
+        "--set",
+        &test,
+        "--set",
+        "cluster.workers=3",
+    ];
+    let (coord, url) = coordinator(&mut procs, &run, &cache, &set);
+    let audits: Vec<PathBuf> = (0..3)
+        .map(|r| tmp.path().join(format!("rows-{r}")))
+        .collect();
+    let workers: Vec<usize> = audits
+        .iter()
+        .enumerate()
+        .map(|(r, audit)| {
+            let id = format!("w{r}");
+            let audit = audit.to_str().unwrap();
+            procs.spawn(&mut worker(&url, &id, &cache, &["--audit-rows", audit]))
+        })
+        .collect();
+    for w in workers {
+        let (ok, err) = procs.wait(w, Duration::from_secs(120));
+        assert!(ok, "worker failed: {err}");
+    }
+    let (ok, err) = procs.wait(coord, Duration::from_secs(30));
+    assert!(ok, "coordinator failed: {err}");
+    // 1000 rows, batch 48: 21 steps per epoch, 2 epochs.
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    for audit in &audits {
+        for line in std::fs::read_to_string(audit).unwrap().lines() {
+            *counts.entry(line.parse().unwrap()).or_default() += 1;
+        }
+    }
+    assert_eq!(counts.len(), 1000, "every row is used");
+    assert!(
+        counts.values().all(|&c| c == 2),
+        "each exactly once per epoch"
+    );
+    let per_rank: Vec<usize> = audits
+        .iter()
+        .map(|a| std::fs::read_to_string(a).unwrap().lines().count())
+        .collect();
+    assert!(
+        per_rank.iter().all(|&n| n > 600),
+        "work is shared: {per_rank:?}"
+    );
+}
+
+#[test]
+fn bad_workers_are_refused_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let other_config = tmp.path().join("other.toml");
+    std::fs::write(&other_config, "[train]\nlr = 0.5\n").unwrap();
+    let mut procs = Procs::default();
+    let run = tmp.path().join("run");
+    let (coord, url) = coordinator(&mut procs, &run, &cache, &["--set", "cluster.workers=2"]);
+    let bad = [
+        (
+            {
+                let mut c = worker(&url, "bad-token", &cache, &[]);
+                c.env("ELBO_TOKEN", "wrong");
+                c
+            },
+            "wrong token",
+        ),
+        (
+            worker(&url, "bad-run", &cache, &["--run-id", "another"]),
+            "run id",
+        ),
+        (
+            worker(
+                &url,
+                "bad-config",
+                &cache,
+                &["--config", other_config.to_str().unwrap()],
+            ),
+            "config hash",
+        ),
+    ];
+    for (mut cmd, expect) in bad {
+        let i = procs.spawn(&mut cmd);
+        let (ok, err) = procs.wait(i, Duration::from_secs(30));
+        assert!(!ok, "a worker with a {expect} must be refused");
+        assert!(err.contains(expect), "{expect}: {err}");
+    }
+    // Two workers under the same id: one is refused, the other trains with a third.
+    let twins: Vec<usize> = (0..2)
+        .map(|_| procs.spawn(&mut worker(&url, "twin", &cache, &[])))
+        .collect();
+    let other = procs.spawn(&mut worker(&url, "other", &cache, &[]));
+    let results: Vec<(bool, String)> = twins
+        .iter()
+        .chain([&other])
+        .map(|&i| procs.wait(i, Duration::from_secs(120)))
+        .collect();
+    let refused: Vec<&(bool, String)> = results[..2].iter().filter(|(ok, _)| !ok).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert!(refused[0].1.contains("already in the run"), "{results:?}");
+    assert!(results[2].0, "{results:?}");
+    let (ok, err) = procs.wait(coord, Duration::from_secs(30));
+    assert!(ok, "the run finished despite the bad workers: {err}");
+    assert!(run
+        .join("checkpoints/step-000000026/model.safetensors")
+        .is_file());
+}

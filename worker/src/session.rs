@@ -1,0 +1,381 @@
+//! A worker's session with the coordinator: join, heartbeats in the background, commands as
+//! they arrive, step reports that never hold up training, and checkpoint uploads.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use elbo_proto::v1 as pb;
+use elbo_proto::v1::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc as tokio_mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::checkpoint::Files;
+use crate::error::{Result, WorkerError};
+use crate::trainer::StepReport;
+
+/// The largest message a worker accepts from the coordinator (a `Start` carries a checkpoint).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// Who a worker is and what run it asks to join.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The run id the coordinator must have.
+    pub run_id: String,
+    /// The shared secret of the run.
+    pub token: String,
+    /// SHA-256 of the worker's own config, if it has one (the coordinator refuses a mismatch).
+    pub config_sha256: Option<String>,
+    /// Unique among the run's workers.
+    pub worker_id: String,
+    /// Where this worker serves the ring.
+    pub peer_address: SocketAddr,
+    /// What it trains on.
+    pub device: String,
+}
+
+/// Train as `rank` of `world` in a generation of the ring.
+#[derive(Debug, Clone)]
+pub struct StartCommand {
+    /// The ring generation.
+    pub generation: u64,
+    /// This worker's rank.
+    pub rank: u32,
+    /// Ring size.
+    pub world: u32,
+    /// Peer addresses by rank.
+    pub peers: Vec<SocketAddr>,
+    /// Train until this global step (exclusive).
+    pub stop_step: u64,
+    /// Report a parameter checksum every this many steps (0 = never).
+    pub checksum_every: u64,
+    /// Rank 0 uploads a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// The checkpoint to start from (`None`: a fresh run).
+    pub checkpoint: Option<Files>,
+}
+
+/// What the coordinator asks.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Start training in a generation.
+    Start(StartCommand),
+    /// End the session: the run finished (`failed` false) or failed.
+    Stop {
+        /// Why.
+        reason: String,
+        /// Whether the run failed.
+        failed: bool,
+    },
+}
+
+/// A step as reported to the coordinator.
+#[derive(Debug, Clone)]
+pub struct Report<'a> {
+    /// The generation it ran in.
+    pub generation: u64,
+    /// What the trainer said.
+    pub step: &'a StepReport,
+    /// Rows this worker trained on.
+    pub rows: u64,
+    /// Time spent waiting for the batch.
+    pub data: Duration,
+    /// Parameter checksum after the step, on checksum steps.
+    pub checksum: Option<u64>,
+    /// Data cursor after the step: (epoch, step within the epoch).
+    pub cursor: (u64, u64),
+}
+
+/// A joined session.
+pub struct Session {
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: CoordinatorClient<Channel>,
+    session: u64,
+    config_toml: String,
+    config_sha256: String,
+    commands: mpsc::Receiver<Result<Command>>,
+    stopped: Arc<AtomicBool>,
+    reports: tokio_mpsc::UnboundedSender<pb::StepReport>,
+    _heartbeats: tokio_mpsc::UnboundedSender<pb::WorkerMessage>,
+}
+
+fn lost(e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Coordinator(e.to_string())
+}
+
+fn parse_start(s: pb::Start) -> Result<StartCommand> {
+    let peers = s
+        .peers
+        .iter()
+        .map(|p| {
+            p.parse::<SocketAddr>()
+                .map_err(|_| lost(format!("Start names peer address {p:?}, not host:port")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if s.world == 0 || s.rank >= s.world || peers.len() != s.world as usize {
+        return Err(lost(format!(
+            "Start gives rank {} of world {} with {} peer addresses",
+            s.rank,
+            s.world,
+            peers.len()
+        )));
+    }
+    let checkpoint = (!s.checkpoint.is_empty())
+        .then(|| s.checkpoint.into_iter().map(|f| (f.name, f.data)).collect());
+    Ok(StartCommand {
+        generation: s.generation,
+        rank: s.rank,
+        world: s.world,
+        peers,
+        stop_step: s.stop_step,
+        checksum_every: s.checksum_every,
+        checkpoint_every: s.checkpoint_every,
+        checkpoint,
+    })
+}
+
+impl Session {
+    /// Connects to the coordinator at `url` (retrying until `deadline`) and joins its run.
+    pub fn join(url: &str, request: JoinRequest, deadline: Instant) -> Result<Session> {
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("elbo-session")
+                .enable_all()
+                .build()
+                .map_err(lost)?,
+        );
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        let channel = runtime.block_on(async {
+            loop {
+                match endpoint.connect().await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(lost(format!("cannot reach the coordinator at {url}: {e}")))
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })?;
+        let client = CoordinatorClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (up, up_rx) = tokio_mpsc::unbounded_channel();
+        let join = pb::Join {
+            run_id: request.run_id,
+            token: request.token,
+            config_sha256: request.config_sha256.unwrap_or_default(),
+            worker_id: request.worker_id,
+            peer_address: request.peer_address.to_string(),
+            device: request.device,
+        };
+        up.send(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Join(join)),
+        })
+        .map_err(lost)?;
+        let mut session_client = client.clone();
+        let mut downstream = runtime
+            .block_on(session_client.session(UnboundedReceiverStream::new(up_rx)))
+            .map_err(|s| lost(format!("the coordinator refused to join: {}", s.message())))?
+            .into_inner();
+        let welcome = runtime.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(30), downstream.next()).await {
+                Ok(Some(Ok(pb::Command {
+                    kind: Some(pb::command::Kind::Welcome(w)),
+                }))) => Ok(w),
+                Ok(Some(Err(s))) => Err(lost(format!(
+                    "the coordinator refused to join: {}",
+                    s.message()
+                ))),
+                Ok(_) => Err(lost("the coordinator closed the session before welcoming")),
+                Err(_) => Err(lost("no welcome from the coordinator within 30 s")),
+            }
+        })?;
+        let (commands_tx, commands) = mpsc::channel();
+        let report_failed = commands_tx.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stop_flag = stopped.clone();
+        runtime.spawn(async move {
+            loop {
+                let command = match downstream.next().await {
+                    Some(Ok(pb::Command {
+                        kind: Some(pb::command::Kind::Start(s)),
+                    })) => parse_start(s).map(Command::Start),
+                    Some(Ok(pb::Command {
+                        kind: Some(pb::command::Kind::Stop(s)),
+                    })) => Ok(Command::Stop {
+                        reason: s.reason,
+                        failed: s.failed,
+                    }),
+                    Some(Ok(other)) => Err(lost(format!("unexpected command {other:?}"))),
+                    Some(Err(status)) => Err(lost(format!(
+                        "the session with the coordinator broke: {}",
+                        status.message()
+                    ))),
+                    None => Err(lost("the coordinator closed the session")),
+                };
+                let end = command.is_err() || matches!(command, Ok(Command::Stop { .. }));
+                if end {
+                    stop_flag.store(true, Ordering::Relaxed);
+                }
+                if commands_tx.send(command).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(10)));
+        let beat = up.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let heartbeat = pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {})),
+                };
+                if beat.send(heartbeat).is_err() {
+                    return;
+                }
+            }
+        });
+        // Reports go out in order on their own task, so training never waits for them; a
+        // refused report ends the session like a broken stream does.
+        let (reports, mut pending) = tokio_mpsc::unbounded_channel::<pb::StepReport>();
+        let mut report_client = client.clone();
+        runtime.spawn(async move {
+            while let Some(report) = pending.recv().await {
+                if let Err(status) = report_client.report(report).await {
+                    let reason = format!(
+                        "the coordinator refused a step report: {}",
+                        status.message()
+                    );
+                    let _ = report_failed.send(Err(lost(reason)));
+                    return;
+                }
+            }
+        });
+        Ok(Session {
+            runtime,
+            client,
+            session: welcome.session,
+            config_toml: welcome.config_toml,
+            config_sha256: welcome.config_sha256,
+            commands,
+            stopped,
+            reports,
+            _heartbeats: up,
+        })
+    }
+
+    /// Set once the coordinator has stopped this worker (or the session broke): waits on the
+    /// ring give up at once.
+    pub fn stopped_flag(&self) -> Arc<AtomicBool> {
+        self.stopped.clone()
+    }
+
+    /// The run's config (TOML) as the coordinator sent it.
+    pub fn config_toml(&self) -> &str {
+        &self.config_toml
+    }
+
+    /// SHA-256 of the run's config, as the coordinator computed it.
+    pub fn config_sha256(&self) -> &str {
+        &self.config_sha256
+    }
+
+    /// The next command, waiting at most `timeout`.
+    pub fn next_command(&self, timeout: Duration) -> Result<Command> {
+        match self.commands.recv_timeout(timeout) {
+            Ok(command) => command,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(lost(format!(
+                "no command from the coordinator within {timeout:?}"
+            ))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(lost("the session with the coordinator ended"))
+            }
+        }
+    }
+
+    /// A command if one has arrived (errors if the session broke).
+    pub fn poll_command(&self) -> Result<Option<Command>> {
+        match self.commands.try_recv() {
+            Ok(command) => command.map(Some),
+            Err(mpsc::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Err(lost("the session with the coordinator ended"))
+            }
+        }
+    }
+
+    /// Queues a step report (sent in order in the background).
+    pub fn report(&self, report: &Report<'_>) -> Result<()> {
+        let r = report.step;
+        let t = r.timings;
+        let message = pb::StepReport {
+            session: self.session,
+            generation: report.generation,
+            step: r.step,
+            terms: r
+                .terms
+                .iter()
+                .map(|(name, value)| pb::Term {
+                    name: name.clone(),
+                    value: *value,
+                })
+                .collect(),
+            grad_norm: r.grad_norm,
+            lr: r.lr,
+            applied: r.applied,
+            rows: report.rows,
+            data_s: report.data.as_secs_f64(),
+            compute_s: t.compute.as_secs_f64(),
+            reduce_s: t.reduce.as_secs_f64(),
+            update_s: t.update.as_secs_f64(),
+            checksum: report.checksum,
+            epoch: report.cursor.0,
+            step_in_epoch: report.cursor.1,
+        };
+        self.reports
+            .send(message)
+            .map_err(|_| lost("the report stream to the coordinator is closed"))
+    }
+
+    /// Hands a checkpoint to the coordinator and waits until it is written.
+    pub fn upload_checkpoint(&self, generation: u64, step: u64, files: Files) -> Result<()> {
+        let upload = pb::CheckpointUpload {
+            session: self.session,
+            generation,
+            step,
+            files: files
+                .into_iter()
+                .map(|(name, data)| pb::File { name, data })
+                .collect(),
+        };
+        let mut client = self.client.clone();
+        self.runtime
+            .block_on(client.save_checkpoint(upload))
+            .map(|_| ())
+            .map_err(|s| {
+                lost(format!(
+                    "the coordinator did not save the checkpoint of step {step}: {}",
+                    s.message()
+                ))
+            })
+    }
+}
+
+/// FNV-1a (64-bit) over the bits of the parameters: equal replicas give equal checksums.
+pub fn checksum(params: &[f32]) -> u64 {
+    params.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, v| {
+        v.to_bits()
+            .to_le_bytes()
+            .iter()
+            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    })
+}
