@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["elbo.proto"], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("elbo_descriptor.bin"), descriptors.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Ring payloads decode as `bytes::Bytes`, sliced out of the receive buffer without a copy.
+    tonic_prost_build::configure()
+        .bytes(".elbo.v1.Chunk.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -300,7 +300,7 @@ impl Default for Config {
                 heartbeat_timeout_s: 10.0,
                 step_timeout_s: 120.0,
                 checksum_every: 50,
-                ring_chunk_kib: 1024,
+                ring_chunk_kib: 256,
             },
             eval: EvalConfig {
                 iw_samples: 100,

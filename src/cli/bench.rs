@@ -14,7 +14,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use elbo_datasets::{Batch, Cursor};
+use elbo_models::{Activation, Architecture, LikelihoodKind, Objective, Vae, VaeSpec};
+use elbo_worker::{
+    LocalReduce, OptimizerConfig, OptimizerKind, Reduce, Schedule, StepConfig, Trainer,
+};
+
 use super::layers::cache_root;
+
+/// The benchmark model, as reports name it.
+pub(super) const MODEL: &str = "mlp-vae 784-400-20 bernoulli adam";
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -22,11 +31,19 @@ pub enum BenchCommand {
     Data(DataBenchArgs),
     /// Time full training steps (forward, backward, optimiser) of the MLP VAE 784-400-20.
     Train(TrainBenchArgs),
+    /// Ring all-reduce bus bandwidth between worker processes on loopback.
+    Allreduce(super::bench_ring::AllreduceArgs),
+    /// One rank of a multi-process benchmark (started by the benchmarks themselves).
+    #[command(hide = true)]
+    Rank(super::bench_ring::RankArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct TrainBenchArgs {
-    /// Batch size.
+    /// Worker processes, each training its share of the batch, joined by the ring all-reduce.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Batch size (global, over all workers).
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Timed steps (after 10 warm-up steps).
@@ -99,6 +116,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Train(args) => bench_train(args),
+        BenchCommand::Allreduce(args) => super::bench_ring::allreduce(args),
+        BenchCommand::Rank(args) => super::bench_ring::rank(args),
     }
 }
 
@@ -229,16 +248,8 @@ fn bench_data(args: DataBenchArgs) -> anyhow::Result<()> {
 }
 
 /// The reference MLP VAE of `../shared/reference/torch_vae_step.py`: 784-400-20, ReLU,
-/// Bernoulli likelihood, analytic KL, Adam at 1e-3, on a fixed random binary batch.
-fn bench_train(args: TrainBenchArgs) -> anyhow::Result<()> {
-    use elbo_datasets::{Batch, Cursor};
-    use elbo_models::{Activation, Architecture, LikelihoodKind, Objective, Vae, VaeSpec};
-    use elbo_worker::{LocalReduce, OptimizerConfig, OptimizerKind, Schedule, StepConfig, Trainer};
-
-    if args.batch_size == 0 || args.steps == 0 {
-        bail!("--batch-size and --steps must be positive");
-    }
-    let device = super::build::device(&args.device)?;
+/// Bernoulli likelihood, analytic KL, Adam at 1e-3.
+pub(super) fn reference_trainer(device: &candle_core::Device) -> anyhow::Result<Trainer> {
     let spec = VaeSpec {
         input_shape: vec![784],
         latent_dim: 20,
@@ -249,7 +260,7 @@ fn bench_train(args: TrainBenchArgs) -> anyhow::Result<()> {
         variance: 1.0,
         log_var_clamp: 30.0,
     };
-    let model = Vae::new(spec, &device, 0)?;
+    let model = Vae::new(spec, device, 0)?;
     let config = StepConfig {
         objective: Objective::default(),
         optimizer: OptimizerConfig::defaults(OptimizerKind::Adam),
@@ -259,42 +270,84 @@ fn bench_train(args: TrainBenchArgs) -> anyhow::Result<()> {
         max_nonfinite: 10,
         seed: 0,
     };
-    let mut trainer = Trainer::new(Box::new(model), config)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let n = args.batch_size;
-    let batch = Batch {
-        x: (0..n * 784)
+    Ok(Trainer::new(Box::new(model), config)?)
+}
+
+/// A fixed random binary batch of `rows` rows of a global batch of `global_rows`.
+pub(super) fn fixed_batch(rows: usize, global_rows: usize, seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Batch {
+        x: (0..rows * 784)
             .map(|_| if rng.random::<f32>() > 0.5 { 1.0 } else { 0.0 })
             .collect(),
         dim: 784,
-        labels: vec![None; n],
-        ids: (0..n as u64).collect(),
-        global_rows: n as u64,
+        labels: vec![None; rows],
+        ids: (0..rows as u64).collect(),
+        global_rows: global_rows as u64,
         cursor_after: Cursor::start(0),
-    };
+    }
+}
+
+/// Mean seconds per step and per part over timed steps (after 10 warm-up steps).
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+pub(super) struct StepTimes {
+    pub seconds: f64,
+    pub compute: f64,
+    pub reduce: f64,
+    pub update: f64,
+    pub loss: f64,
+}
+
+/// Runs 10 warm-up steps, then `steps` timed ones.
+pub(super) fn time_steps(
+    trainer: &mut Trainer,
+    batch: &Batch,
+    reduce: &mut dyn Reduce,
+    steps: u64,
+    device: &candle_core::Device,
+) -> anyhow::Result<StepTimes> {
     for _ in 0..10 {
-        trainer.train_step(&batch, &mut LocalReduce, &device)?;
+        trainer.train_step(batch, reduce, device)?;
     }
-    let (mut compute, mut update) = (0.0, 0.0);
+    let mut t = StepTimes::default();
     let start = Instant::now();
-    let mut last = None;
-    for _ in 0..args.steps {
-        let r = trainer.train_step(&batch, &mut LocalReduce, &device)?;
-        compute += r.timings.compute.as_secs_f64();
-        update += r.timings.update.as_secs_f64();
-        last = Some(r);
+    for _ in 0..steps {
+        let r = trainer.train_step(batch, reduce, device)?;
+        t.compute += r.timings.compute.as_secs_f64();
+        t.reduce += r.timings.reduce.as_secs_f64();
+        t.update += r.timings.update.as_secs_f64();
+        t.loss = r.terms["loss"];
     }
-    let secs = start.elapsed().as_secs_f64();
-    let steps = args.steps as f64;
+    let n = steps as f64;
+    t.seconds = start.elapsed().as_secs_f64() / n;
+    t.compute /= n;
+    t.reduce /= n;
+    t.update /= n;
+    Ok(t)
+}
+
+/// One process, on a fixed random binary batch.
+fn bench_train(args: TrainBenchArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 || args.steps == 0 {
+        bail!("--batch-size and --steps must be positive");
+    }
+    if args.workers > 1 {
+        return super::bench_ring::train(args.workers, args.batch_size, args.steps, args.json);
+    }
+    let device = super::build::device(&args.device)?;
+    let mut trainer = reference_trainer(&device)?;
+    let n = args.batch_size;
+    let batch = fixed_batch(n, n, 0);
+    let t = time_steps(&mut trainer, &batch, &mut LocalReduce, args.steps, &device)?;
     let report = TrainBenchReport {
-        model: "mlp-vae 784-400-20 bernoulli adam",
+        model: MODEL,
         batch_size: n,
         steps: args.steps,
-        samples_per_s: steps * n as f64 / secs,
-        ms_per_step: secs * 1e3 / steps,
-        ms_compute: compute * 1e3 / steps,
-        ms_update: update * 1e3 / steps,
-        final_loss: last.map_or(f64::NAN, |r| r.terms["loss"]),
+        samples_per_s: n as f64 / t.seconds,
+        ms_per_step: t.seconds * 1e3,
+        ms_compute: t.compute * 1e3,
+        ms_update: t.update * 1e3,
+        final_loss: t.loss,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use serde_json::json;
 use super::build;
 use super::job::Job;
 use super::layers::ConfigArgs;
+use super::procs::{threads_each, Children};
 use super::run_dir::{self, Metrics};
 
 #[derive(Debug, clap::Args)]
@@ -221,20 +222,6 @@ pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The worker processes of a local run; dropping it stops any still running.
-struct Children(Vec<(String, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
 fn random_token() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
@@ -260,10 +247,9 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
         .context("cannot install the Ctrl-C handler")?;
     }
     let workers = job.cfg.cluster.workers;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / workers as usize).max(1);
+    let threads = threads_each(workers);
     let exe = std::env::current_exe().context("cannot find the elbo executable")?;
-    let mut children = Children(Vec::new());
+    let mut children = Children::default();
     for i in 0..workers {
         let id = format!("worker-{i}");
         let child = Command::new(&exe)

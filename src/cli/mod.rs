@@ -1,6 +1,7 @@
 //! Subcommands of `elbo`.
 
 mod bench;
+mod bench_ring;
 mod build;
 mod config_cmd;
 mod data;
@@ -9,6 +10,7 @@ mod job;
 mod launch;
 mod layers;
 mod pictures;
+mod procs;
 mod run_dir;
 mod train;
 mod worker;

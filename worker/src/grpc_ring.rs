@@ -1,4 +1,5 @@
-//! The ring all-reduce's transport between worker processes: each worker serves `Peer.Ring` and,
+//! The ring all-reduce's transport between worker processes: each worker serves `Peer.Ring` (and
+//! grpc.health.v1, for probes) and,
 //! for each generation of the ring, streams its chunks to the next rank over one long-lived gRPC
 //! stream (so chunks pipeline); chunks from the previous rank arrive through this worker's
 //! server. Payloads travel as raw little-endian f32 bytes.
@@ -26,11 +27,15 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Result, WorkerError};
-use crate::ring::{Chunk, Phase, RingTransport};
+use crate::ring::{Chunk, Payload, Phase, RingTransport};
 
-/// HTTP/2 flow-control window of ring streams and connections. Measured on loopback
-/// (`elbo bench allreduce`): hyper's 64 KiB default stalls the sender every few chunks; 8 MiB
-/// lets a whole chunk be in flight while the previous one is summed.
+/// Largest HTTP/2 frame this worker accepts: a whole chunk in a few frames, not hundreds of 16 KiB
+/// ones.
+const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+
+/// HTTP/2 flow-control window of ring streams and connections: hyper's 64 KiB default would
+/// stall the sender several times per chunk; 8 MiB keeps many chunks in flight while earlier
+/// ones are summed.
 const WINDOW_BYTES: u32 = 8 << 20;
 
 /// How long an incoming stream waits for this worker to join the stream's generation.
@@ -39,7 +44,28 @@ const ADMIT_WAIT: Duration = Duration::from_secs(30);
 /// How long a closing rank waits for its last chunks to reach the next rank.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Inbox = mpsc::Sender<Result<Chunk>>;
+type Inbox = mpsc::Sender<Result<Chunk<LeBytes>>>;
+
+/// Values as they arrived: little-endian f32 bytes, sliced out of the receive buffer. Summed
+/// and copied straight from there, so a chunk costs no allocation on the receiving side.
+#[derive(Debug, Clone)]
+pub struct LeBytes(bytes::Bytes);
+
+impl Payload for LeBytes {
+    fn len(&self) -> usize {
+        self.0.len() / 4
+    }
+    fn add_into(&self, acc: &mut [f32]) {
+        for (a, b) in acc.iter_mut().zip(self.0.chunks_exact(4)) {
+            *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    fn copy_into(&self, dst: &mut [f32]) {
+        for (d, b) in dst.iter_mut().zip(self.0.chunks_exact(4)) {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
 
 /// What the server admits: one generation, from one previous rank, into one inbox.
 #[derive(Clone)]
@@ -62,22 +88,7 @@ pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
     }
 }
 
-/// Little-endian bytes (a whole number of f32s) as values.
-pub fn le_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    if cfg!(target_endian = "little") {
-        let mut values = vec![0f32; bytes.len() / 4];
-        bytemuck::cast_slice_mut::<f32, u8>(&mut values)
-            .copy_from_slice(&bytes[..bytes.len() / 4 * 4]);
-        values
-    } else {
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    }
-}
-
-fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk, Status> {
+fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk<LeBytes>, Status> {
     if m.generation != admit.generation {
         return Err(Status::failed_precondition(format!(
             "chunk of generation {}, but this rank is in generation {}",
@@ -112,7 +123,7 @@ fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk, Status> {
         phase,
         round: m.round,
         index: m.index,
-        data: le_bytes_to_f32(&m.data),
+        data: LeBytes(m.data),
     })
 }
 
@@ -234,10 +245,14 @@ impl BoundPeer {
             .max_decoding_message_size(max_chunk_values.saturating_mul(4) + 1024);
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpListenerStream::new(listener);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        runtime.block_on(health_reporter.set_serving::<PeerServer<PeerService>>());
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES)
+            .add_service(health)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop.await;
@@ -330,7 +345,8 @@ async fn connect_client(
         .map_err(runtime_error)?
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW_BYTES)
-        .initial_connection_window_size(WINDOW_BYTES);
+        .initial_connection_window_size(WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES);
     loop {
         match endpoint.connect().await {
             Ok(channel) => {
@@ -362,7 +378,7 @@ pub struct GrpcRing {
     runtime: Arc<tokio::runtime::Runtime>,
     to_next: Option<tokio_mpsc::UnboundedSender<pb::Chunk>>,
     sender: Option<tokio::task::JoinHandle<()>>,
-    inbox: mpsc::Receiver<Result<Chunk>>,
+    inbox: mpsc::Receiver<Result<Chunk<LeBytes>>>,
     failure: Arc<Mutex<Option<String>>>,
     cancel: Arc<AtomicBool>,
 }
@@ -390,6 +406,8 @@ impl Drop for GrpcRing {
 }
 
 impl RingTransport for GrpcRing {
+    type Payload = LeBytes;
+
     fn rank(&self) -> usize {
         self.rank
     }
@@ -398,7 +416,7 @@ impl RingTransport for GrpcRing {
         self.world
     }
 
-    fn send(&mut self, chunk: Chunk) -> Result<()> {
+    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()> {
         if let Some(reason) = self.failure.lock().ok().and_then(|f| f.clone()) {
             return Err(WorkerError::Invalid(format!(
                 "ring peer: the stream to the next rank failed: {reason}"
@@ -413,7 +431,7 @@ impl RingTransport for GrpcRing {
             } as i32,
             round: chunk.round,
             index: chunk.index,
-            data: f32_to_le_bytes(&chunk.data),
+            data: f32_to_le_bytes(chunk.data).into(),
             from_rank: self.rank as u32,
         };
         self.to_next
@@ -424,7 +442,7 @@ impl RingTransport for GrpcRing {
             })
     }
 
-    fn recv(&mut self, deadline: Instant) -> Result<Chunk> {
+    fn recv(&mut self, deadline: Instant) -> Result<Chunk<LeBytes>> {
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(cancelled());

@@ -23,9 +23,11 @@ pub enum Phase {
     AllGather,
 }
 
-/// One chunk on the wire, tagged with where it belongs in the schedule.
+/// One chunk on the wire, tagged with where it belongs in the schedule. Sent as a borrowed
+/// slice of the buffer (`Chunk<&[f32]>`, so a transport copies it once, straight into its wire
+/// format), received owned.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Chunk {
+pub struct Chunk<D = Vec<f32>> {
     /// Membership generation of the ring.
     pub generation: u64,
     /// Collective sequence number (one per all-reduce).
@@ -37,19 +39,61 @@ pub struct Chunk {
     /// Chunk index within the segment.
     pub index: u32,
     /// The values.
-    pub data: Vec<f32>,
+    pub data: D,
+}
+
+impl Chunk<&[f32]> {
+    /// An owned copy.
+    pub fn to_owned_chunk(&self) -> Chunk {
+        Chunk {
+            generation: self.generation,
+            step: self.step,
+            phase: self.phase,
+            round: self.round,
+            index: self.index,
+            data: self.data.to_vec(),
+        }
+    }
+}
+
+/// Received values, in whatever form the transport holds them.
+pub trait Payload {
+    /// Number of values.
+    fn len(&self) -> usize;
+    /// True when there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// `acc[i] += self[i]`.
+    fn add_into(&self, acc: &mut [f32]);
+    /// `dst[i] = self[i]`.
+    fn copy_into(&self, dst: &mut [f32]);
+}
+
+impl Payload for Vec<f32> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn add_into(&self, acc: &mut [f32]) {
+        acc.iter_mut().zip(self).for_each(|(a, d)| *a += d);
+    }
+    fn copy_into(&self, dst: &mut [f32]) {
+        dst.copy_from_slice(self);
+    }
 }
 
 /// Point-to-point links of one rank: it sends to the next rank and receives from the previous.
 pub trait RingTransport {
+    /// How received values are held.
+    type Payload: Payload;
     /// This rank.
     fn rank(&self) -> usize;
     /// Ring size.
     fn world(&self) -> usize;
     /// Sends a chunk to the next rank (must not wait for the receiver to consume it).
-    fn send(&mut self, chunk: Chunk) -> Result<()>;
+    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()>;
     /// The next chunk from the previous rank, or an error once `deadline` passes.
-    fn recv(&mut self, deadline: Instant) -> Result<Chunk>;
+    fn recv(&mut self, deadline: Instant) -> Result<Chunk<Self::Payload>>;
 }
 
 /// A ring all-reduce of one rank.
@@ -93,7 +137,7 @@ impl<T: RingTransport> RingAllReduce<T> {
         self.step
     }
 
-    fn expect(&mut self, phase: Phase, round: u32, index: u32, len: usize) -> Result<Vec<f32>> {
+    fn expect(&mut self, phase: Phase, round: u32, index: u32, len: usize) -> Result<T::Payload> {
         let deadline = Instant::now() + self.timeout;
         let chunk = self.transport.recv(deadline)?;
         let want = (self.generation, self.step, phase, round, index, len);
@@ -126,16 +170,12 @@ impl<T: RingTransport> RingAllReduce<T> {
         // Reduce-scatter: in round k, send segment (r − k) and add the incoming (r − k − 1);
         // after N−1 rounds rank r holds the full sum of segment (r + 1).
         let reduce = |k: usize| (segment(r + n - k), segment(r + 2 * n - k - 1));
-        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| {
-            acc.iter_mut().zip(d).for_each(|(a, d)| *a += d)
-        })?;
+        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| d.add_into(acc))?;
         let scale = 1.0 / n as f32;
         buf[segment(r + 1)].iter_mut().for_each(|v| *v *= scale);
         // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
         let gather = |k: usize| (segment(r + 1 + n - k), segment(r + n - k));
-        self.phase(buf, Phase::AllGather, gather, |dst, d| {
-            dst.copy_from_slice(d)
-        })?;
+        self.phase(buf, Phase::AllGather, gather, |dst, d| d.copy_into(dst))?;
         self.step += 1;
         Ok(())
     }
@@ -147,7 +187,7 @@ impl<T: RingTransport> RingAllReduce<T> {
         buf: &mut [f32],
         phase: Phase,
         segments: impl Fn(usize) -> (Range<usize>, Range<usize>),
-        combine: fn(&mut [f32], &[f32]),
+        combine: fn(&mut [f32], &T::Payload),
     ) -> Result<()> {
         let chunk_len = self.chunk_len;
         let chunks = |seg: &Range<usize>| seg.len().div_ceil(chunk_len).max(1);
@@ -159,8 +199,15 @@ impl<T: RingTransport> RingAllReduce<T> {
             let (out_seg, in_seg) = segments(round);
             for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
                 if c < chunks(&out_seg) {
-                    let data = buf[piece(&out_seg, c)].to_vec();
-                    self.send(phase, round, c, data)?;
+                    let chunk = Chunk {
+                        generation: self.generation,
+                        step: self.step,
+                        phase,
+                        round: round as u32,
+                        index: c as u32,
+                        data: &buf[piece(&out_seg, c)],
+                    };
+                    self.transport.send(chunk)?;
                 }
                 if c < chunks(&in_seg) {
                     let range = piece(&in_seg, c);
@@ -170,18 +217,6 @@ impl<T: RingTransport> RingAllReduce<T> {
             }
         }
         Ok(())
-    }
-
-    fn send(&mut self, phase: Phase, round: usize, index: usize, data: Vec<f32>) -> Result<()> {
-        let chunk = Chunk {
-            generation: self.generation,
-            step: self.step,
-            phase,
-            round: round as u32,
-            index: index as u32,
-            data,
-        };
-        self.transport.send(chunk)
     }
 }
 

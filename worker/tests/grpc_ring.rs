@@ -92,7 +92,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
             generation: 1,
             from_rank: 0,
             phase: pb::Phase::ReduceScatter as i32,
-            data: vec![1, 2, 3, 4, 5],
+            data: vec![1, 2, 3, 4, 5].into(),
             ..Default::default()
         };
         client
@@ -168,7 +168,7 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
         generation,
         from_rank: 0,
         phase: pb::Phase::ReduceScatter as i32,
-        data: vec![0; values * 4],
+        data: vec![0; values * 4].into(),
         ..Default::default()
     };
     let stale = send_stream(addr, vec![chunk(1, 4)]);

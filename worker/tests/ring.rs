@@ -17,13 +17,15 @@ struct Link {
 }
 
 impl RingTransport for Link {
+    type Payload = Vec<f32>;
     fn rank(&self) -> usize {
         self.rank
     }
     fn world(&self) -> usize {
         self.world
     }
-    fn send(&mut self, mut chunk: Chunk) -> Result<()> {
+    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()> {
+        let mut chunk = chunk.to_owned_chunk();
         if let Some(t) = self.tamper {
             t(&mut chunk);
         }
