@@ -2,10 +2,13 @@
 //! process trains, every row is used exactly once, and bad peers are refused while the run goes
 //! on. Every process a test starts is killed when the test ends, pass or fail.
 
+mod common;
+
+use common::{elbo, ok};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
@@ -68,24 +71,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-fn elbo(args: &[&str], cache: &Path) -> Output {
-    Command::new(ELBO)
-        .args(args)
-        .env("ELBO_CACHE_DIR", cache)
-        .env("ELBO_LOG", "warn")
-        .output()
-        .expect("the elbo binary runs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The parameters of a checkpoint, by tensor name.

@@ -1,25 +1,10 @@
 //! End-to-end training runs of the `elbo` binary: exact resume, config checks, eval, sample.
 
+mod common;
+
+use common::{elbo, ok};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn elbo(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .env("ELBO_CACHE_DIR", cache)
-        .env("ELBO_LOG", "warn")
-        .output()
-        .expect("the elbo binary runs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use std::process::Output;
 
 /// A small, fast run: 600 sprites of 32×32, batch 50 (12 steps per epoch), 3 epochs.
 const SMALL: [&str; 14] = [

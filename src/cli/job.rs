@@ -8,9 +8,11 @@ use candle_core::Device;
 use elbo_datasets::sprites::Split;
 use elbo_datasets::{Cursor, DataPlan, Dataset};
 use elbo_settings::Config;
+use elbo_worker::checkpoint::{self, Files, TrainState};
 use elbo_worker::Trainer;
 
 use super::build;
+use super::run_dir;
 
 /// A run's data and plan.
 pub struct Job {
@@ -19,6 +21,8 @@ pub struct Job {
     pub test: Arc<Dataset>,
     pub plan: DataPlan,
     pub total_steps: u64,
+    /// SHA-256 of the config, recorded in checkpoints.
+    pub config_sha256: String,
 }
 
 impl Job {
@@ -42,6 +46,7 @@ impl Job {
         )?;
         let total_steps = cfg.train.epochs * plan.steps_per_epoch();
         Ok(Job {
+            config_sha256: run_dir::config_sha256(&cfg),
             cfg,
             train,
             test,
@@ -66,5 +71,24 @@ impl Job {
         } else {
             cursor
         }
+    }
+
+    /// The trainer's state with the data cursor after its last step, as checkpoint files.
+    pub fn checkpoint_files(&self, trainer: &Trainer, cursor: Cursor) -> anyhow::Result<Files> {
+        let state = TrainState {
+            format: checkpoint::FORMAT,
+            step: trainer.step(),
+            cursor,
+            nonfinite_total: trainer.nonfinite_total(),
+            optimizer_step: trainer.optimizer().state().step,
+            seed: self.cfg.run.seed,
+            config_sha256: self.config_sha256.clone(),
+        };
+        Ok(checkpoint::encode(
+            trainer.layout(),
+            trainer.params(),
+            trainer.optimizer().state(),
+            &state,
+        )?)
     }
 }

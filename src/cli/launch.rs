@@ -2,7 +2,6 @@
 //! `elbo train` with `cluster.workers > 1` (a coordinator plus that many `elbo worker` child
 //! processes on loopback, every child stopped on exit, on error and on Ctrl-C).
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,7 +13,7 @@ use anyhow::{bail, Context};
 use elbo_coordinator::{CommittedStep, Coordinator, Files, RunStore, Settings, Summary};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::RngCore;
 use serde_json::json;
 
@@ -114,20 +113,6 @@ impl RunStore for RunDirStore {
     }
 }
 
-fn progress(total: u64, done: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total).with_position(done);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
-    );
-    bar
-}
-
 /// A coordinator for the run of `cfg`, resuming its run directory's newest checkpoint.
 fn coordinator(
     job: &Job,
@@ -180,7 +165,7 @@ fn coordinator(
         keep: cfg.train.keep_checkpoints as usize,
         log_every: cfg.train.log_every,
         total_steps: job.total_steps,
-        bar: progress(job.total_steps, start_step),
+        bar: super::train::progress(job.total_steps, start_step),
         state: Mutex::new(StoreState {
             metrics,
             rows: 0,

@@ -10,7 +10,7 @@ use elbo_datasets::sprites::Split;
 use elbo_datasets::{BatchStream, Cursor, Dataset};
 use elbo_models::{Model, Vae};
 use elbo_settings::Config;
-use elbo_worker::checkpoint::{self, TrainState};
+use elbo_worker::checkpoint;
 use elbo_worker::{LocalReduce, StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -69,7 +69,8 @@ impl Window {
     }
 }
 
-fn progress(total: u64, done: u64) -> ProgressBar {
+/// The run's progress bar on a terminal (hidden otherwise: log lines take its place).
+pub fn progress(total: u64, done: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -115,25 +116,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     run_dir::write_config(&run_dir, cfg)?;
     let mut metrics = Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?;
-    let config_sha256 = run_dir::config_sha256(cfg);
     let stop_at = args.max_steps.unwrap_or(u64::MAX).min(total_steps);
+    let keep = cfg.train.keep_checkpoints as usize;
     let save = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<PathBuf> {
-        let state = TrainState {
-            format: checkpoint::FORMAT,
-            step: trainer.step(),
-            cursor,
-            nonfinite_total: trainer.nonfinite_total(),
-            optimizer_step: trainer.optimizer().state().step,
-            seed: cfg.run.seed,
-            config_sha256: config_sha256.clone(),
-        };
-        let keep = cfg.train.keep_checkpoints as usize;
-        Ok(checkpoint::save(
+        Ok(checkpoint::write(
             &run_dir,
-            trainer.layout(),
-            trainer.params(),
-            trainer.optimizer().state(),
-            &state,
+            &job.checkpoint_files(trainer, cursor)?,
             keep,
         )?)
     };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use elbo_datasets::{BatchStream, Cursor};
-use elbo_worker::checkpoint::{self, TrainState};
+use elbo_worker::checkpoint;
 use elbo_worker::grpc_ring::BoundPeer;
 use elbo_worker::ring::RingAllReduce;
 use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand};
@@ -201,23 +201,8 @@ fn train(
     };
     let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
     let mut reduce = RingAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
-    let config_sha256 = run_dir::config_sha256(cfg);
     let upload = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<()> {
-        let state = TrainState {
-            format: checkpoint::FORMAT,
-            step: trainer.step(),
-            cursor,
-            nonfinite_total: trainer.nonfinite_total(),
-            optimizer_step: trainer.optimizer().state().step,
-            seed: cfg.run.seed,
-            config_sha256: config_sha256.clone(),
-        };
-        let files = checkpoint::encode(
-            trainer.layout(),
-            trainer.params(),
-            trainer.optimizer().state(),
-            &state,
-        )?;
+        let files = job.checkpoint_files(trainer, cursor)?;
         Ok(session.upload_checkpoint(start.generation, trainer.step(), files)?)
     };
     let every = |n: u64, step: u64| n > 0 && step % n == 0;
