@@ -335,3 +335,120 @@ fn bad_workers_are_refused_and_the_run_goes_on() {
         .join("checkpoints/step-000000026/model.safetensors")
         .is_file());
 }
+
+/// Pids of the live children of `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let fields: Vec<String> = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect();
+                    // state, ppid
+                    Some(fields.first()? != "Z" && fields.get(1)?.parse::<u32>().ok()? == parent)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn interrupting_the_launcher_stops_every_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = tmp.path().join("run");
+    let mut procs = Procs::default();
+    let mut cmd = Command::new(ELBO);
+    cmd.args(["train", "--run-dir", run.to_str().unwrap()])
+        .args(SMALL)
+        .args(["--set", "train.epochs=100000", "--set", "cluster.workers=2"])
+        .env("ELBO_CACHE_DIR", &cache)
+        .env("ELBO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let launcher = procs.spawn(&mut cmd);
+    let pid = procs.0[launcher].id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let workers = loop {
+        let found = children_of(pid);
+        if found.len() == 2 && run.join("metrics.jsonl").is_file() {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "the workers did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let (ok, err) = procs.wait(launcher, Duration::from_secs(30));
+    assert!(!ok, "an interrupted run exits with an error");
+    assert!(err.contains("interrupted"), "{err}");
+    for worker in workers {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{worker}")).exists(),
+            "worker {worker} outlived the launcher"
+        );
+    }
+}
+
+#[test]
+fn worker_flags_are_checked_before_anything_waits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--coordinator", "localhost:1"],
+            "expected http://HOST:PORT",
+        ),
+        (
+            &[
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--connect-timeout-s",
+                "0.3",
+            ],
+            "cannot reach the coordinator",
+        ),
+        (
+            &[
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--connect-timeout-s=-1",
+            ],
+            "--connect-timeout-s",
+        ),
+        (
+            &[
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--listen",
+                "0.0.0.0:0",
+            ],
+            "--advertise",
+        ),
+        (
+            &["--coordinator", "http://127.0.0.1:1", "--device", "tpu"],
+            "expected cpu or cuda:N",
+        ),
+    ];
+    for (flags, expect) in cases {
+        let mut args = vec!["worker", "--run-id", "r"];
+        args.extend(flags);
+        let out = elbo(&args, &cache);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(expect), "{flags:?}: {err}");
+    }
+}

@@ -149,6 +149,11 @@ impl Session {
                 .build()
                 .map_err(lost)?,
         );
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(WorkerError::Invalid(format!(
+                "coordinator URL {url:?}: expected http://HOST:PORT"
+            )));
+        }
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?
             .tcp_nodelay(true)
