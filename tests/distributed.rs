@@ -103,6 +103,42 @@ fn curve(run: &Path) -> Vec<(u64, f64)> {
 }
 
 #[test]
+fn a_distributed_run_resumes_exactly_at_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let train = |dir: &Path, world: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap(), "--set", world];
+        args.extend(SMALL);
+        args.extend(extra);
+        ok(elbo(&args, &cache))
+    };
+    let whole = tmp.path().join("whole");
+    train(&whole, "cluster.workers=2", &[]);
+    let split = tmp.path().join("split");
+    let first = train(&split, "cluster.workers=3", &["--max-steps", "11"]);
+    assert!(first.contains("trained 11 steps on 3 workers"), "{first}");
+    let rest = train(&split, "cluster.workers=2", &[]);
+    assert!(rest.contains("trained 15 steps on 2 workers"), "{rest}");
+    let (a, b) = (
+        params(&whole.join("checkpoints/step-000000026")),
+        params(&split.join("checkpoints/step-000000026")),
+    );
+    for (name, want) in &a {
+        for (x, y) in want.iter().zip(&b[name]) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                "{name}: {x} vs {y}"
+            );
+        }
+    }
+    assert_eq!(
+        curve(&whole).len(),
+        curve(&split).len(),
+        "metrics redone, not repeated"
+    );
+}
+
+#[test]
 fn one_two_and_four_workers_train_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");

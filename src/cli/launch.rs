@@ -47,6 +47,8 @@ pub struct CoordinatorArgs {
 /// The run directory as the coordinator's store: metrics.jsonl, the progress bar, checkpoints.
 struct RunDirStore {
     run_dir: PathBuf,
+    /// Steps already taken when this run started (from the checkpoint it resumes).
+    start_step: u64,
     keep: usize,
     log_every: u64,
     total_steps: u64,
@@ -166,6 +168,7 @@ fn coordinator(
         log_every: cfg.train.log_every,
         total_steps: job.total_steps,
         bar: super::train::progress(job.total_steps, start_step),
+        start_step,
         state: Mutex::new(StoreState {
             metrics,
             rows: 0,
@@ -200,7 +203,7 @@ pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         coordinator(&job, args.listen, args.token, args.force, args.max_steps)?;
     println!("coordinator listening on {}", coordinator.local_addr());
     let started = Instant::now();
-    let start_step = store.bar.position();
+    let start_step = store.start_step;
     let summary = coordinator.run()?;
     store.bar.finish_and_clear();
     report(&summary, started, job.cfg.train.batch_size, start_step);
@@ -266,7 +269,7 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
         children.0.push((id, child));
     }
     tracing::info!(workers, %url, run_dir = %job.cfg.run.dir, "training with local workers");
-    let start_step = store.bar.position();
+    let start_step = store.start_step;
     let started = Instant::now();
     let running = std::thread::spawn(move || coordinator.run());
     // Watch the children: one that dies fails the run at once instead of at a timeout.
