@@ -8,7 +8,7 @@ use candle_core::Device;
 use elbo_datasets::sprites::Split;
 use elbo_datasets::{Cursor, DataPlan, Dataset};
 use elbo_settings::Config;
-use elbo_worker::checkpoint::{self, Files, TrainState};
+use elbo_worker::checkpoint::{self, Checkpoint, Files, TrainState};
 use elbo_worker::Trainer;
 
 use super::build;
@@ -91,4 +91,16 @@ impl Job {
             &state,
         )?)
     }
+}
+
+/// Puts a checkpoint's parameters, optimiser state and counters into the trainer; returns the
+/// data cursor to continue from.
+pub fn restore(trainer: &mut Trainer, ck: Checkpoint) -> anyhow::Result<Cursor> {
+    trainer.restore(
+        ck.params,
+        ck.optimizer,
+        ck.state.step,
+        ck.state.nonfinite_total,
+    )?;
+    Ok(ck.state.cursor)
 }

@@ -33,15 +33,8 @@ pub struct CoordinatorArgs {
     /// The run's shared secret (workers must present it).
     #[arg(long, env = "ELBO_TOKEN", hide_env_values = true, default_value = "")]
     token: String,
-    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Resume even if the config differs from the one the checkpoint was written with.
-    #[arg(long)]
-    force: bool,
-    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
-    #[arg(long)]
-    max_steps: Option<u64>,
+    #[command(flatten)]
+    run: super::train::RunArgs,
 }
 
 /// The run directory as the coordinator's store: metrics.jsonl, the progress bar, checkpoints.
@@ -195,12 +188,15 @@ fn report(summary: &Summary, started: Instant, batch_size: u64, start_step: u64)
 /// `elbo coordinator`.
 pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg = args.config.load()?;
-    if let Some(dir) = &args.run_dir {
-        cfg.run.dir = dir.to_string_lossy().into_owned();
-    }
+    args.run.apply(&mut cfg);
     let job = Job::prepare(cfg)?;
-    let (coordinator, store) =
-        coordinator(&job, args.listen, args.token, args.force, args.max_steps)?;
+    let (coordinator, store) = coordinator(
+        &job,
+        args.listen,
+        args.token,
+        args.run.force,
+        args.run.max_steps,
+    )?;
     println!("coordinator listening on {}", coordinator.local_addr());
     let started = Instant::now();
     let start_step = store.start_step;

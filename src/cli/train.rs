@@ -16,24 +16,40 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::build;
-use super::job::Job;
+use super::job::{restore, Job};
 use super::layers::ConfigArgs;
 use super::pictures::{self, ImageShape};
 use super::run_dir::{self, Metrics};
+
+/// Where a run lives and how far it goes (shared by `elbo train` and `elbo coordinator`).
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Resume even if the config differs from the one the checkpoint was written with.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+}
+
+impl RunArgs {
+    /// Applies `--run-dir` to the config.
+    pub fn apply(&self, cfg: &mut Config) {
+        if let Some(dir) = &self.run_dir {
+            cfg.run.dir = dir.to_string_lossy().into_owned();
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Resume even if the config differs from the one the checkpoint was written with.
-    #[arg(long)]
-    force: bool,
-    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
-    #[arg(long)]
-    max_steps: Option<u64>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -86,13 +102,11 @@ pub fn progress(total: u64, done: u64) -> ProgressBar {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut cfg = args.config.load()?;
-    if let Some(dir) = &args.run_dir {
-        cfg.run.dir = dir.to_string_lossy().into_owned();
-    }
+    args.run.apply(&mut cfg);
     let device = build::device(&args.device)?;
     let run_dir = PathBuf::from(&cfg.run.dir);
     if cfg.cluster.workers > 1 {
-        return super::launch::train(cfg, &args.device, args.force, args.max_steps);
+        return super::launch::train(cfg, &args.device, args.run.force, args.run.max_steps);
     }
     let job = Job::prepare(cfg)?;
     let (cfg, train, test, plan, total_steps) =
@@ -103,20 +117,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let newest = checkpoint::list(&run_dir)?.pop();
     if let Some(dir) = &newest {
         let old = build::run_config(&run_dir)?;
-        run_dir::check_resume_config(&old, cfg, args.force)?;
+        run_dir::check_resume_config(&old, cfg, args.run.force)?;
         let ck = checkpoint::load(dir, trainer.layout())?;
-        trainer.restore(
-            ck.params,
-            ck.optimizer,
-            ck.state.step,
-            ck.state.nonfinite_total,
-        )?;
-        cursor = ck.state.cursor;
-        tracing::info!(checkpoint = %dir.display(), step = ck.state.step, "resuming");
+        cursor = restore(&mut trainer, ck)?;
+        tracing::info!(checkpoint = %dir.display(), step = trainer.step(), "resuming");
     }
     run_dir::write_config(&run_dir, cfg)?;
     let mut metrics = Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?;
-    let stop_at = args.max_steps.unwrap_or(u64::MAX).min(total_steps);
+    let stop_at = args.run.max_steps.unwrap_or(u64::MAX).min(total_steps);
     let keep = cfg.train.keep_checkpoints as usize;
     let save = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<PathBuf> {
         Ok(checkpoint::write(

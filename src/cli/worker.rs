@@ -16,7 +16,7 @@ use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCom
 use elbo_worker::Trainer;
 
 use super::build;
-use super::job::Job;
+use super::job::{restore, Job};
 use super::run_dir;
 
 /// The largest ring chunk any config allows (cluster.ring_chunk_kib ≤ 16 MiB), in f32s.
@@ -168,18 +168,11 @@ fn train(
     let cfg = &job.cfg;
     let mut cursor = Cursor::start(0);
     if let Some(files) = &start.checkpoint {
-        let ck = checkpoint::decode(
-            files,
-            trainer.layout(),
-            Path::new("<checkpoint from the coordinator>"),
+        let origin = Path::new("<checkpoint from the coordinator>");
+        cursor = restore(
+            trainer,
+            checkpoint::decode(files, trainer.layout(), origin)?,
         )?;
-        trainer.restore(
-            ck.params,
-            ck.optimizer,
-            ck.state.step,
-            ck.state.nonfinite_total,
-        )?;
-        cursor = ck.state.cursor;
     }
     let (rank, world) = (start.rank as usize, start.world as usize);
     let step_timeout = Duration::from_secs_f64(cfg.cluster.step_timeout_s);
