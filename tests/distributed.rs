@@ -443,7 +443,7 @@ fn interrupting_the_launcher_stops_every_worker() {
 fn worker_flags_are_checked_before_anything_waits() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--coordinator", "localhost:1"],
             "expected http://HOST:PORT",
@@ -477,6 +477,15 @@ fn worker_flags_are_checked_before_anything_waits() {
         (
             &["--coordinator", "http://127.0.0.1:1", "--device", "tpu"],
             "expected cpu or cuda:N",
+        ),
+        (
+            &[
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--audit-rows",
+                "/nonexistent/dir/rows",
+            ],
+            "cannot open --audit-rows",
         ),
     ];
     for (flags, expect) in cases {

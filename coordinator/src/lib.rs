@@ -7,7 +7,6 @@ mod service;
 mod state;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,8 +105,6 @@ pub struct Summary {
     pub generation: u64,
     /// Global step of the newest checkpoint saved.
     pub checkpoint: Option<u64>,
-    /// Workers that took part, by rank: (worker id, peer address, device).
-    pub workers: Vec<(String, SocketAddr, String)>,
 }
 
 /// What can go wrong.

@@ -46,7 +46,6 @@ pub(crate) struct Inner {
     /// Steps committed so far (the next step to commit).
     committed: u64,
     checkpoint: Option<u64>,
-    summary_workers: Vec<(String, SocketAddr, String)>,
 }
 
 /// State shared by the service handlers and the driver.
@@ -61,6 +60,9 @@ pub(crate) struct Shared {
 /// Most loss terms a report may carry, and the longest name.
 const MAX_TERMS: usize = 64;
 const MAX_NAME: usize = 64;
+/// How far past the last committed step a report may be: ranks run in lockstep, so only a
+/// lagging report stream puts them apart; the bound keeps uncommitted reports finite.
+const MAX_AHEAD: u64 = 4096;
 
 fn stop(reason: &str, failed: bool) -> pb::Command {
     pb::Command {
@@ -97,7 +99,6 @@ impl Shared {
                 reports: BTreeMap::new(),
                 committed: 0,
                 checkpoint: None,
-                summary_workers: Vec::new(),
             }),
             changed: Notify::new(),
         }
@@ -291,7 +292,6 @@ impl Shared {
         inner.generation = generation;
         inner.ranks = ranks;
         inner.committed = s.start_step;
-        inner.summary_workers = workers;
         inner.phase = Phase::Running;
         Ok(())
     }
@@ -344,10 +344,14 @@ impl Shared {
         let mut inner = self.lock();
         let rank = self.rank_of(&inner, report.session, report.generation)?;
         let step = report.step;
-        if step < inner.committed || step >= self.settings.stop_step {
+        let end = self
+            .settings
+            .stop_step
+            .min(inner.committed.saturating_add(MAX_AHEAD));
+        if step < inner.committed || step >= end {
             return Err(Status::invalid_argument(format!(
-                "step {step} is outside the uncommitted steps [{}, {})",
-                inner.committed, self.settings.stop_step
+                "step {step} is outside the uncommitted steps [{}, {end})",
+                inner.committed
             )));
         }
         if report.terms.len() > MAX_TERMS
@@ -433,8 +437,16 @@ impl Shared {
                 }
             }
         }
+        // Bitwise: a skipped (non-finite) step carries NaN terms, equal on every replica.
+        let bits = |r: &pb::StepReport| -> Vec<(String, u64)> {
+            r.terms
+                .iter()
+                .map(|t| (t.name.clone(), t.value.to_bits()))
+                .collect()
+        };
+        let first_bits = bits(first);
         for (rank, r) in reports.iter().enumerate() {
-            let same = r.terms == first.terms
+            let same = bits(r) == first_bits
                 && r.applied == first.applied
                 && (r.epoch, r.step_in_epoch) == (first.epoch, first.step_in_epoch);
             if !same {
@@ -533,7 +545,6 @@ impl Shared {
             world: inner.ranks.len() as u32,
             generation: inner.generation,
             checkpoint: inner.checkpoint,
-            workers: inner.summary_workers.clone(),
         };
         (inner.phase.clone(), summary)
     }

@@ -122,13 +122,24 @@ impl Fake {
         step: u64,
         checksum: Option<u64>,
     ) -> Result<(), tonic::Status> {
+        self.report_loss(generation, step, checksum, 100.0 - step as f64)
+            .await
+    }
+
+    async fn report_loss(
+        &mut self,
+        generation: u64,
+        step: u64,
+        checksum: Option<u64>,
+        loss: f64,
+    ) -> Result<(), tonic::Status> {
         let report = pb::StepReport {
             session: self.session,
             generation,
             step,
             terms: vec![pb::Term {
                 name: "neg_elbo".into(),
-                value: 100.0 - step as f64,
+                value: loss,
             }],
             rows: 8,
             applied: true,
@@ -333,4 +344,31 @@ fn too_few_workers_by_the_rendezvous_timeout_is_a_clear_error() {
     });
     let err = outcome.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("only 1 of at least 2 workers"), "{err}");
+}
+
+#[test]
+fn non_finite_steps_commit_and_far_future_reports_are_refused() {
+    let (url, store, outcome) = start(settings(2, 10_000));
+    rt().block_on(async {
+        let mut a = open(&url, join_msg("a")).await.unwrap();
+        let mut b = open(&url, join_msg("b")).await.unwrap();
+        a.command().await;
+        b.command().await;
+        // A skipped step reports NaN terms on every replica: that is agreement, not divergence.
+        a.report_loss(1, 0, None, f64::NAN).await.unwrap();
+        b.report_loss(1, 0, None, f64::NAN).await.unwrap();
+        let far = a.report(1, 5000, None).await.unwrap_err();
+        assert_eq!(far.code(), Code::InvalidArgument);
+        assert!(
+            far.message().contains("outside the uncommitted steps"),
+            "{far:?}"
+        );
+        a.report(1, 1, Some(3)).await.unwrap();
+        b.report(1, 1, Some(3)).await.unwrap();
+    });
+    assert_eq!(store.steps.lock().unwrap().len(), 2);
+    assert!(store.steps.lock().unwrap()[0].terms["neg_elbo"].is_nan());
+    // The scripted workers hang up: the run ends, naming the one that left.
+    let err = outcome.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("left the run"), "{err}");
 }

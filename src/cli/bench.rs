@@ -41,7 +41,7 @@ pub enum BenchCommand {
 #[derive(Debug, clap::Args)]
 pub struct TrainBenchArgs {
     /// Worker processes, each training its share of the batch, joined by the ring all-reduce.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
     /// Batch size (global, over all workers).
     #[arg(long, default_value_t = 128)]

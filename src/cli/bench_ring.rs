@@ -22,7 +22,7 @@ const RING_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, clap::Args)]
 pub struct AllreduceArgs {
     /// Worker processes in the ring.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     world: u32,
     /// Bytes all-reduced (f32 values × 4).
     #[arg(long, default_value_t = 25 << 20)]
@@ -85,9 +85,6 @@ struct DistributedTrainReport {
 
 /// Starts `world` ranks with `extra` arguments and returns each rank's JSON result line.
 fn run_ranks(world: u32, extra: &[String]) -> anyhow::Result<Vec<String>> {
-    if world == 0 {
-        bail!("--world must be at least 1");
-    }
     let exe = std::env::current_exe().context("cannot find the elbo executable")?;
     let mut children = Children::default();
     for rank in 0..world {
@@ -135,8 +132,14 @@ fn run_ranks(world: u32, extra: &[String]) -> anyhow::Result<Vec<String>> {
 
 /// `elbo bench allreduce`.
 pub fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
-    if args.bytes < 4 || args.chunk_kib == 0 || args.chunk_kib > 16 * 1024 {
-        bail!("--bytes must be at least 4 and --chunk-kib in [1, 16384]");
+    if args.bytes < 4 || args.bytes % 4 != 0 || args.bytes > 1 << 32 {
+        bail!(
+            "--bytes {}: expected a multiple of 4 (whole f32 values) in [4, 4 GiB]",
+            args.bytes
+        );
+    }
+    if args.chunk_kib == 0 || args.chunk_kib > 16 * 1024 {
+        bail!("--chunk-kib {}: expected 1 to 16384", args.chunk_kib);
     }
     let extra = [
         "--kind".to_string(),

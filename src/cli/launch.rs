@@ -21,6 +21,7 @@ use super::build;
 use super::job::Job;
 use super::layers::ConfigArgs;
 use super::procs::{threads_each, Children};
+use super::progress::{self, StepLine, Window};
 use super::run_dir::{self, Metrics};
 
 #[derive(Debug, clap::Args)]
@@ -51,45 +52,32 @@ struct RunDirStore {
 
 struct StoreState {
     metrics: Metrics,
-    rows: u64,
-    skipped: u64,
-    since: Instant,
+    window: Window,
 }
 
 impl RunStore for RunDirStore {
     fn committed(&self, c: &CommittedStep) -> Result<(), String> {
         let mut st = self.state.lock().map_err(|e| e.to_string())?;
-        st.rows += c.rows;
-        st.skipped += u64::from(!c.applied);
+        st.window.add(c.rows, c.applied);
         let step = c.step + 1;
         self.bar.set_position(step);
         if step % self.log_every != 0 && step != self.total_steps {
             return Ok(());
         }
-        let secs = st.since.elapsed().as_secs_f64();
+        let mut rec = st.window.record(&StepLine {
+            step,
+            epoch: c.epoch,
+            lr: c.lr,
+            grad_norm: c.grad_norm,
+            terms: &c.terms,
+        });
         let t = c.timings;
-        let mut rec = json!({"step": step, "epoch": c.epoch, "lr": c.lr, "skipped": st.skipped,
-            "grad_norm": c.grad_norm, "world": c.world,
-            "samples_per_s": if secs > 0.0 { st.rows as f64 / secs } else { 0.0 },
-            "data_s": t.data.as_secs_f64(), "compute_s": t.compute.as_secs_f64(),
-            "reduce_s": t.reduce.as_secs_f64(), "update_s": t.update.as_secs_f64()});
-        for (k, v) in &c.terms {
-            rec[k] = json!(v);
-        }
-        self.bar.set_message(format!(
-            "epoch {}  −ELBO {:.2}  KL {:.2}  {:.0} samples/s  {} workers",
-            c.epoch + 1,
-            rec["neg_elbo"].as_f64().unwrap_or(f64::NAN),
-            rec["kl"].as_f64().unwrap_or(f64::NAN),
-            rec["samples_per_s"].as_f64().unwrap_or(0.0),
-            c.world
-        ));
-        if self.bar.is_hidden() {
-            tracing::info!("{rec}");
-        }
-        st.rows = 0;
-        st.skipped = 0;
-        st.since = Instant::now();
+        rec["world"] = json!(c.world);
+        rec["data_s"] = json!(t.data.as_secs_f64());
+        rec["compute_s"] = json!(t.compute.as_secs_f64());
+        rec["reduce_s"] = json!(t.reduce.as_secs_f64());
+        rec["update_s"] = json!(t.update.as_secs_f64());
+        progress::show(&self.bar, &rec, &format!("  {} workers", c.world));
         st.metrics.log(&rec).map_err(|e| format!("{e:#}"))
     }
 
@@ -160,13 +148,11 @@ fn coordinator(
         keep: cfg.train.keep_checkpoints as usize,
         log_every: cfg.train.log_every,
         total_steps: job.total_steps,
-        bar: super::train::progress(job.total_steps, start_step),
+        bar: progress::bar(job.total_steps, start_step),
         start_step,
         state: Mutex::new(StoreState {
             metrics,
-            rows: 0,
-            skipped: 0,
-            since: Instant::now(),
+            window: Window::default(),
         }),
         run_dir,
     });

@@ -11,6 +11,7 @@ mod launch;
 mod layers;
 mod pictures;
 mod procs;
+mod progress;
 mod run_dir;
 mod train;
 mod worker;

@@ -1,6 +1,5 @@
 //! `elbo train`: one process trains the configured model, resumably.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,14 +10,13 @@ use elbo_datasets::{BatchStream, Cursor, Dataset};
 use elbo_models::{Model, Vae};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
-use elbo_worker::{LocalReduce, StepReport, Trainer};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use elbo_worker::{LocalReduce, Trainer};
 
 use super::build;
 use super::job::{restore, Job};
 use super::layers::ConfigArgs;
 use super::pictures::{self, ImageShape};
+use super::progress::{self, StepLine, Window};
 use super::run_dir::{self, Metrics};
 
 /// Where a run lives and how far it goes (shared by `elbo train` and `elbo coordinator`).
@@ -53,51 +51,6 @@ pub struct TrainArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-}
-
-/// Throughput since the last log line.
-#[derive(Default)]
-struct Window {
-    rows: u64,
-    skipped: u64,
-    started: Option<Instant>,
-}
-
-impl Window {
-    fn add(&mut self, r: &StepReport, rows: u64) {
-        self.started.get_or_insert_with(Instant::now);
-        self.rows += rows;
-        self.skipped += u64::from(!r.applied);
-    }
-
-    /// The metrics record of a step: its own terms (deterministic, so a resumed run logs what an
-    /// uninterrupted one does) and the throughput and skipped steps since the last record.
-    fn record(&mut self, r: &StepReport, step: u64, epoch: u64) -> serde_json::Value {
-        let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let mut rec = json!({"step": step, "epoch": epoch, "lr": r.lr, "skipped": self.skipped,
-            "grad_norm": r.grad_norm,
-            "samples_per_s": if secs > 0.0 { self.rows as f64 / secs } else { 0.0 }});
-        for (k, v) in &r.terms {
-            rec[k] = json!(v);
-        }
-        *self = Window::default();
-        rec
-    }
-}
-
-/// The run's progress bar on a terminal (hidden otherwise: log lines take its place).
-pub fn progress(total: u64, done: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total).with_position(done);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
-    );
-    bar
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -135,7 +88,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
 
     tracing::info!(run_dir = %run_dir.display(), rows = train.rows(), steps = total_steps, params = trainer.layout().len(), "training");
-    let bar = progress(total_steps, trainer.step());
+    let bar = progress::bar(total_steps, trainer.step());
     let mut window = Window::default();
     let started = Instant::now();
     let start_step = trainer.step();
@@ -151,20 +104,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             let batch = batch?;
             let report = trainer.train_step(&batch, &mut LocalReduce, &device)?;
             cursor = batch.cursor_after;
-            window.add(&report, batch.rows() as u64);
+            window.add(batch.rows() as u64, report.applied);
             let step = trainer.step();
             if step % cfg.train.log_every == 0 || step == total_steps {
-                let rec = window.record(&report, step, cursor.epoch);
-                bar.set_message(format!(
-                    "epoch {}  −ELBO {:.2}  KL {:.2}  {:.0} samples/s",
-                    cursor.epoch + 1,
-                    rec["neg_elbo"].as_f64().unwrap_or(f64::NAN),
-                    rec["kl"].as_f64().unwrap_or(f64::NAN),
-                    rec["samples_per_s"].as_f64().unwrap_or(0.0)
-                ));
-                if bar.is_hidden() {
-                    tracing::info!("{rec}");
-                }
+                let rec = window.record(&StepLine {
+                    step,
+                    epoch: cursor.epoch,
+                    lr: report.lr,
+                    grad_norm: report.grad_norm,
+                    terms: &report.terms,
+                });
+                progress::show(&bar, &rec, "");
                 metrics.log(&rec)?;
             }
             bar.set_position(step);

@@ -74,6 +74,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         );
     }
     let device = build::device(&args.device)?;
+    let mut audit = match &args.audit_rows {
+        Some(path) => Some(BufWriter::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open --audit-rows {}", path.display()))?,
+        )),
+        None => None,
+    };
     let peer = BoundPeer::bind(args.listen, MAX_CHUNK_VALUES)?;
     let advertise = match args.advertise {
         Some(a) => a,
@@ -105,7 +115,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         device: args.device.clone(),
     };
     let deadline = Instant::now() + Duration::from_secs_f64(args.connect_timeout_s);
-    let session = Session::join(&args.coordinator, request, deadline)?;
+    let session = Session::join(&args.coordinator, request, deadline, peer.runtime())?;
     let label = PathBuf::from(format!("<config from {}>", args.coordinator));
     let cfg = elbo_settings::load_toml(session.config_toml(), &label)?;
     if run_dir::config_sha256(&cfg) != session.config_sha256() {
@@ -118,16 +128,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let start = match session.next_command(rendezvous)? {
         Command::Start(start) => start,
         Command::Stop { reason, failed } => return stopped(&reason, failed),
-    };
-    let mut audit = match &args.audit_rows {
-        Some(path) => Some(BufWriter::new(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open --audit-rows {}", path.display()))?,
-        )),
-        None => None,
     };
     train(
         &job,

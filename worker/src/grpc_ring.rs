@@ -275,6 +275,12 @@ impl BoundPeer {
         self.addr
     }
 
+    /// The runtime the server and the ring streams run on; the worker's other gRPC traffic (its
+    /// session with the coordinator) shares it.
+    pub fn runtime(&self) -> Arc<tokio::runtime::Runtime> {
+        self.runtime.clone()
+    }
+
     /// Joins generation `generation` of the ring as `rank` of `world`: from now on only that
     /// generation's chunks from the previous rank are admitted, and this rank's chunks stream to
     /// the next rank at `next` (connecting with retries until `deadline`). Setting `cancel`

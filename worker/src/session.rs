@@ -139,16 +139,14 @@ fn parse_start(s: pb::Start) -> Result<StartCommand> {
 }
 
 impl Session {
-    /// Connects to the coordinator at `url` (retrying until `deadline`) and joins its run.
-    pub fn join(url: &str, request: JoinRequest, deadline: Instant) -> Result<Session> {
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("elbo-session")
-                .enable_all()
-                .build()
-                .map_err(lost)?,
-        );
+    /// Connects to the coordinator at `url` (retrying until `deadline`) and joins its run; the
+    /// session's traffic runs on `runtime` (the worker's peer runtime: one I/O thread per worker).
+    pub fn join(
+        url: &str,
+        request: JoinRequest,
+        deadline: Instant,
+        runtime: Arc<tokio::runtime::Runtime>,
+    ) -> Result<Session> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(WorkerError::Invalid(format!(
                 "coordinator URL {url:?}: expected http://HOST:PORT"
@@ -375,12 +373,10 @@ impl Session {
     }
 }
 
-/// FNV-1a (64-bit) over the bits of the parameters: equal replicas give equal checksums.
+/// FNV-1a (64-bit) over the parameters' bit patterns, one 32-bit word at a time (a quarter of
+/// the byte-wise loop's multiplies): equal replicas give equal checksums.
 pub fn checksum(params: &[f32]) -> u64 {
     params.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, v| {
-        v.to_bits()
-            .to_le_bytes()
-            .iter()
-            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+        (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
     })
 }
