@@ -1,6 +1,13 @@
 //! The elbo coordinator: a gRPC service that holds the rendezvous of a run's workers, assigns
 //! ranks and forms the ring (a generation), commits steps once every rank has reported them,
-//! compares replica checksums, receives checkpoints from rank 0, and watches heartbeats. What it
+//! compares replica checksums, receives checkpoints from rank 0, and watches heartbeats.
+//!
+//! Membership is elastic. A lost worker (closed session, missed heartbeats) or a newcomer halts
+//! the running generation: every rank stops at a step boundary and says how far it got; the
+//! furthest state defines the run (steps before it are committed), workers that lag or join get
+//! that state from a live peer through the coordinator, and the next generation re-forms the
+//! ring from whoever is there — while at least `min_workers` are. Because the data plan deals
+//! each global batch across whatever world trains it, no row is lost or repeated. What it
 //! commits and saves goes to a [`RunStore`]: the coordinator itself knows nothing of files.
 
 mod service;
@@ -34,6 +41,8 @@ pub struct Settings {
     pub rendezvous_timeout: Duration,
     /// Silence after which a worker counts as lost.
     pub heartbeat_timeout: Duration,
+    /// How long a worker may take to halt at a step boundary or to send its state when asked.
+    pub step_timeout: Duration,
     /// Replica checksum period in steps (0 = never).
     pub checksum_every: u64,
     /// Checkpoint period in steps (0 = only at the end).
@@ -134,5 +143,11 @@ impl Aborter {
     /// Fails the run with `reason`: every worker is told to stop.
     pub fn abort(&self, reason: &str) {
         self.0.fail(reason.to_string());
+    }
+
+    /// Stops the run at the next step boundary with a checkpoint there (what SIGTERM asks): the
+    /// step in flight is aborted, the furthest worker's state is written, every worker stops.
+    pub fn drain(&self, reason: &str) {
+        self.0.drain(reason);
     }
 }

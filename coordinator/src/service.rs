@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_server::{self, CoordinatorServer};
@@ -13,8 +13,8 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::{Phase, Shared};
-use crate::{Aborter, CoordinatorError, RunStore, Settings, Summary};
+use crate::state::{Phase, Shared, Upload};
+use crate::{Aborter, CoordinatorError, Files, RunStore, Settings, Summary};
 
 /// How long a new session may take to send its `Join`.
 const JOIN_WAIT: Duration = Duration::from_secs(10);
@@ -89,23 +89,44 @@ impl coordinator_server::Coordinator for Service {
         request: Request<pb::CheckpointUpload>,
     ) -> Result<Response<pb::CheckpointAck>, Status> {
         let upload = request.into_inner();
-        let step = self.shared.check_upload(&upload)?;
-        let files = upload.files.into_iter().map(|f| (f.name, f.data)).collect();
-        let store = self.shared.store.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save_checkpoint(step, &files))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        match saved {
-            Ok(()) => {
-                self.shared.saved(step);
-                Ok(Response::new(pb::CheckpointAck {}))
-            }
-            Err(e) => {
+        let kind = self.shared.check_upload(&upload)?;
+        let files: Files = upload.files.into_iter().map(|f| (f.name, f.data)).collect();
+        let (step, persist) = match kind {
+            Upload::Periodic(step) => (step, true),
+            Upload::Handover { step, persist } => (step, persist),
+        };
+        if persist {
+            let store = self.shared.store.clone();
+            let written = files.clone();
+            let saved = tokio::task::spawn_blocking(move || store.save_checkpoint(step, &written))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if let Err(e) = saved {
                 let reason = format!("cannot save the checkpoint of step {step}: {e}");
                 self.shared.fail(reason.clone());
-                Err(Status::internal(reason))
+                return Err(Status::internal(reason));
             }
+            self.shared.saved(step);
         }
+        if let Upload::Handover { .. } = kind {
+            self.shared.handed_over(step, files);
+        }
+        Ok(Response::new(pb::CheckpointAck {}))
+    }
+
+    async fn halt(&self, request: Request<pb::Halted>) -> Result<Response<pb::HaltAck>, Status> {
+        self.shared.halted(&request.into_inner())?;
+        Ok(Response::new(pb::HaltAck {}))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<pb::Failure>,
+    ) -> Result<Response<pb::FailureAck>, Status> {
+        let failure = request.into_inner();
+        self.shared
+            .worker_failed(failure.session, &failure.reason)?;
+        Ok(Response::new(pb::FailureAck {}))
     }
 }
 
@@ -222,37 +243,19 @@ impl Coordinator {
     }
 }
 
-/// Runs the rendezvous, then watches heartbeats until the run ends.
+/// Runs the rendezvous and watches heartbeats and deadlines until the run ends.
 async fn drive(shared: &Shared) {
     let s = &shared.settings;
-    let deadline = Instant::now() + s.rendezvous_timeout;
     let tick = (s.heartbeat_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     loop {
-        let (phase, joined) = {
-            let inner = shared.lock();
-            (inner.phase.clone(), inner.sessions.len() as u32)
-        };
+        let phase = shared.lock().phase.clone();
         match phase {
             Phase::Finished | Phase::Failed(_) => return,
-            Phase::Running => {
-                if let Some(reason) = shared.silent() {
-                    shared.fail(reason);
-                }
-            }
-            Phase::Rendezvous => {
-                let timed_out = Instant::now() >= deadline;
-                if joined >= s.workers || (timed_out && joined >= s.min_workers) {
-                    if let Err(reason) = shared.start() {
-                        shared.fail(reason);
-                    }
-                } else if timed_out {
-                    shared.fail(format!(
-                        "only {joined} of at least {} workers (cluster.min_workers) joined within {:.0} s (cluster.rendezvous_timeout_s)",
-                        s.min_workers,
-                        s.rendezvous_timeout.as_secs_f64()
-                    ));
-                }
-            }
+            Phase::Rendezvous => shared.rendezvous(),
+            Phase::Running | Phase::Halting | Phase::Handover => {}
+        }
+        for (session, why) in shared.overdue() {
+            shared.left(session, &why);
         }
         tokio::select! {
             _ = shared.changed.notified() => {}

@@ -44,6 +44,7 @@ fn settings(workers: u32, stop_step: u64) -> Settings {
         min_workers: workers,
         rendezvous_timeout: Duration::from_secs(10),
         heartbeat_timeout: Duration::from_secs(10),
+        step_timeout: Duration::from_secs(10),
         checksum_every: 2,
         checkpoint_every: 0,
         start_step: 0,
@@ -77,6 +78,7 @@ fn join_msg(id: &str) -> pb::Join {
         worker_id: id.into(),
         peer_address: "127.0.0.1:9".into(),
         device: "cpu".into(),
+        last_generation: 0,
     }
 }
 
@@ -142,6 +144,7 @@ impl Fake {
                 value: loss,
             }],
             rows: 8,
+            global_rows: 16,
             applied: true,
             checksum,
             ..Default::default()
@@ -150,16 +153,35 @@ impl Fake {
     }
 
     async fn checkpoint(&mut self, step: u64) -> Result<(), tonic::Status> {
+        self.upload(1, step, false).await
+    }
+
+    async fn upload(
+        &mut self,
+        generation: u64,
+        step: u64,
+        requested: bool,
+    ) -> Result<(), tonic::Status> {
         let upload = pb::CheckpointUpload {
             session: self.session,
-            generation: 1,
+            generation,
             step,
             files: vec![pb::File {
                 name: "state.json".into(),
                 data: b"{}".to_vec(),
             }],
+            requested,
         };
         self.client.save_checkpoint(upload).await.map(|_| ())
+    }
+
+    async fn halted(&mut self, generation: u64, step: u64) -> Result<(), tonic::Status> {
+        let halted = pb::Halted {
+            session: self.session,
+            generation,
+            step,
+        };
+        self.client.halt(halted).await.map(|_| ())
     }
 
     fn heartbeat(&self) {
@@ -238,7 +260,7 @@ fn bad_joins_are_refused_and_steps_commit_in_order() {
             }
         }
         let late = open(&url, join_msg("c")).await.err().unwrap();
-        assert_eq!(late.code(), Code::FailedPrecondition);
+        assert_eq!(late.code(), Code::ResourceExhausted);
         // Reports out of order across ranks still commit in step order.
         a.report(1, 0, None).await.unwrap();
         a.report(1, 1, Some(7)).await.unwrap();
@@ -310,23 +332,102 @@ fn diverged_replicas_stop_the_run() {
 }
 
 #[test]
-fn a_silent_worker_stops_the_run_within_the_heartbeat_timeout() {
+fn a_silent_worker_is_dropped_within_the_heartbeat_timeout() {
     let mut s = settings(2, 100);
     s.heartbeat_timeout = Duration::from_millis(600);
+    s.rendezvous_timeout = Duration::from_millis(1500);
     let (url, _store, outcome) = start(s);
     let started = std::time::Instant::now();
     rt().block_on(async {
-        let a = open(&url, join_msg("a")).await.unwrap();
+        let mut a = open(&url, join_msg("a")).await.unwrap();
         let _b = open(&url, join_msg("b")).await.unwrap();
-        // `a` keeps beating, `b` never does.
-        for _ in 0..30 {
-            a.heartbeat();
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(a.command().await, pb::command::Kind::Start(_)));
+        // `a` keeps beating, `b` never does: `a` is told to halt once `b` is dropped.
+        let beat = a.up.clone();
+        let beats = tokio::spawn(async move {
+            loop {
+                let _ = beat.send(pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {})),
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(matches!(a.command().await, pb::command::Kind::Halt(_)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        a.halted(1, 0).await.unwrap();
+        // One worker is fewer than min_workers: the run waits for another, then gives up.
+        match a.command().await {
+            pb::command::Kind::Stop(s) => assert!(s.failed, "{s:?}"),
+            other => panic!("expected Stop, got {other:?}"),
         }
+        beats.abort();
     });
     let err = outcome.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("worker b sent no heartbeat"), "{err}");
+    assert!(err.contains("only 1 of at least 2 workers"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_lost_worker_halts_the_ring_and_it_reforms_then_grows_back() {
+    let mut s = settings(3, 100);
+    s.min_workers = 2;
+    s.checksum_every = 0;
+    let (url, store, outcome) = start(s);
+    rt().block_on(async {
+        let mut a = open(&url, join_msg("a")).await.unwrap();
+        let mut b = open(&url, join_msg("b")).await.unwrap();
+        let mut c = open(&url, join_msg("c")).await.unwrap();
+        for f in [&mut a, &mut b, &mut c] {
+            assert!(matches!(f.command().await, pb::command::Kind::Start(_)));
+        }
+        // Steps 0 and 1 complete everywhere; `a` also completed step 2 (its all-gather ended
+        // first) before `c` died; `b` did not.
+        for step in 0..2 {
+            for f in [&mut a, &mut b, &mut c] {
+                f.report(1, step, None).await.unwrap();
+            }
+        }
+        a.report(1, 2, None).await.unwrap();
+        drop(c);
+        for f in [&mut a, &mut b] {
+            assert!(matches!(f.command().await, pb::command::Kind::Halt(h) if h.generation == 1));
+        }
+        a.halted(1, 3).await.unwrap();
+        b.halted(1, 2).await.unwrap();
+        // `a` holds the furthest state: it is asked for it, and `b` gets it.
+        match a.command().await {
+            pb::command::Kind::SendState(s) => assert!(!s.persist),
+            other => panic!("expected SendState, got {other:?}"),
+        }
+        let refused = b.upload(1, 3, true).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        a.upload(1, 3, true).await.unwrap();
+        let (sa, sb) = match (a.command().await, b.command().await) {
+            (pb::command::Kind::Start(sa), pb::command::Kind::Start(sb)) => (sa, sb),
+            other => panic!("expected Start, got {other:?}"),
+        };
+        assert_eq!((sa.generation, sa.world, sa.start_step), (2, 2, 3));
+        assert!(sa.checkpoint.is_empty(), "a keeps its own state");
+        assert_eq!(sb.checkpoint.len(), 1, "b gets a's state");
+        assert_eq!(store.steps.lock().unwrap().len(), 3, "steps 0–2 committed");
+        // A newcomer halts the generation and joins the next one with the state.
+        let mut d = open(&url, join_msg("d")).await.unwrap();
+        for f in [&mut a, &mut b] {
+            assert!(matches!(f.command().await, pb::command::Kind::Halt(h) if h.generation == 2));
+            f.halted(2, 3).await.unwrap();
+        }
+        // The state of step 3 is already at hand: no need to ask for it again.
+        for (f, files) in [(&mut a, 0), (&mut b, 0), (&mut d, 1)] {
+            match f.command().await {
+                pb::command::Kind::Start(s) => {
+                    assert_eq!((s.generation, s.world, s.start_step), (3, 3, 3));
+                    assert_eq!(s.checkpoint.len(), files);
+                }
+                other => panic!("expected Start, got {other:?}"),
+            }
+        }
+    });
+    drop(outcome);
 }
 
 #[test]
@@ -368,7 +469,10 @@ fn non_finite_steps_commit_and_far_future_reports_are_refused() {
     });
     assert_eq!(store.steps.lock().unwrap().len(), 2);
     assert!(store.steps.lock().unwrap()[0].terms["neg_elbo"].is_nan());
-    // The scripted workers hang up: the run ends, naming the one that left.
+    // The scripted workers hang up without halting: the run ends, naming the generation lost.
     let err = outcome.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("left the run"), "{err}");
+    assert!(
+        err.contains("every worker of generation 1 was lost"),
+        "{err}"
+    );
 }

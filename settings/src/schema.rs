@@ -244,6 +244,12 @@ pub struct ClusterConfig {
     pub checksum_every: u64,
     /// Largest gradient chunk sent between ring neighbours, in KiB.
     pub ring_chunk_kib: u64,
+    /// `elbo train` restarts a local worker that dies (killed by a signal); the run survives
+    /// the loss either way while `cluster.min_workers` remain.
+    pub restart_workers: bool,
+    /// Seconds a worker keeps trying to reach a lost coordinator (with exponential backoff)
+    /// before it gives up.
+    pub reconnect_timeout_s: f64,
 }
 
 impl Default for Config {
@@ -297,10 +303,12 @@ impl Default for Config {
                 workers: 1,
                 min_workers: 1,
                 rendezvous_timeout_s: 120.0,
-                heartbeat_timeout_s: 10.0,
+                heartbeat_timeout_s: 5.0,
                 step_timeout_s: 120.0,
                 checksum_every: 50,
                 ring_chunk_kib: 256,
+                restart_workers: true,
+                reconnect_timeout_s: 300.0,
             },
             eval: EvalConfig {
                 iw_samples: 100,

@@ -90,6 +90,10 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
             cfg.cluster.heartbeat_timeout_s,
         ),
         ("cluster.step_timeout_s", cfg.cluster.step_timeout_s),
+        (
+            "cluster.reconnect_timeout_s",
+            cfg.cluster.reconnect_timeout_s,
+        ),
     ] {
         if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
             return Err((

@@ -1,6 +1,9 @@
 //! Distributed runs: `elbo coordinator` (the run's coordinator, writing the run directory) and
 //! `elbo train` with `cluster.workers > 1` (a coordinator plus that many `elbo worker` child
-//! processes on loopback, every child stopped on exit, on error and on Ctrl-C).
+//! processes on loopback, every child stopped on exit and on error). Like a Kubernetes
+//! controller, the launcher restarts a worker that is killed (`cluster.restart_workers`); the
+//! run survives the loss either way. SIGTERM or Ctrl-C stops the run at the next step boundary
+//! with a checkpoint and exits 0 (a second signal stops it at once); both commands do this.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use elbo_coordinator::{CommittedStep, Coordinator, Files, RunStore, Settings, Summary};
+use elbo_coordinator::{Aborter, CommittedStep, Coordinator, Files, RunStore, Settings, Summary};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
 use indicatif::ProgressBar;
@@ -106,11 +109,10 @@ fn coordinator(
 ) -> anyhow::Result<(Coordinator, Arc<RunDirStore>)> {
     let cfg = &job.cfg;
     let run_dir = PathBuf::from(&cfg.run.dir);
-    let (start_step, files) = match checkpoint::list(&run_dir)?.pop() {
-        Some(dir) => {
+    let (start_step, files) = match checkpoint::newest(&run_dir)? {
+        Some((dir, files)) => {
             let old = build::run_config(&run_dir)?;
             run_dir::check_resume_config(&old, cfg, force)?;
-            let files = checkpoint::read(&dir)?;
             let state = checkpoint::decode_state(&files, &dir)?;
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
             (state.step, Some(files))
@@ -137,6 +139,7 @@ fn coordinator(
         min_workers: c.min_workers,
         rendezvous_timeout: Duration::from_secs_f64(c.rendezvous_timeout_s),
         heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout_s),
+        step_timeout: Duration::from_secs_f64(c.step_timeout_s),
         checksum_every: c.checksum_every,
         checkpoint_every: cfg.train.checkpoint_every,
         start_step,
@@ -160,15 +163,22 @@ fn coordinator(
     Ok((coordinator, store))
 }
 
-fn report(summary: &Summary, started: Instant, batch_size: u64, start_step: u64) {
+fn report(summary: &Summary, started: Instant, job: &Job, start_step: u64) {
     let secs = started.elapsed().as_secs_f64();
     let steps = summary.steps.saturating_sub(start_step);
     println!(
-        "trained {steps} steps on {} workers in {secs:.1} s ({:.0} samples/s); checkpoint at step {}",
+        "trained {steps} steps on {} workers in {secs:.1} s ({:.0} samples/s; generation {}); checkpoint at step {}",
         summary.world,
-        steps as f64 * batch_size as f64 / secs.max(1e-9),
+        steps as f64 * job.cfg.train.batch_size as f64 / secs.max(1e-9),
+        summary.generation,
         summary.checkpoint.unwrap_or_default()
     );
+    if summary.steps < job.total_steps {
+        println!(
+            "stopped at step {} of {}; the same command resumes the run",
+            summary.steps, job.total_steps
+        );
+    }
 }
 
 /// `elbo coordinator`.
@@ -184,18 +194,111 @@ pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.run.max_steps,
     )?;
     println!("coordinator listening on {}", coordinator.local_addr());
+    on_signals(coordinator.aborter(), Arc::default())?;
     let started = Instant::now();
     let start_step = store.start_step;
     let summary = coordinator.run()?;
     store.bar.finish_and_clear();
-    report(&summary, started, job.cfg.train.batch_size, start_step);
+    report(&summary, started, &job, start_step);
     Ok(())
+}
+
+/// SIGTERM or Ctrl-C: stop at the next step boundary with a checkpoint; a second one: at once.
+fn on_signals(aborter: Aborter, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
+    ctrlc::set_handler(move || {
+        if interrupted.swap(true, Ordering::SeqCst) {
+            aborter.abort("interrupted twice (Ctrl-C or SIGTERM)");
+        } else {
+            aborter.drain("interrupted (Ctrl-C or SIGTERM)");
+        }
+    })
+    .context("cannot install the Ctrl-C/SIGTERM handler")
 }
 
 fn random_token() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How often the launcher restarts one worker slot before it gives up on it.
+const MAX_RESTARTS: u32 = 5;
+
+/// The launcher's worker processes.
+struct LocalWorkers<'a> {
+    exe: PathBuf,
+    url: String,
+    token: String,
+    run_id: &'a str,
+    device: &'a str,
+    threads: usize,
+    children: Children,
+    restarts: Vec<u32>,
+}
+
+impl LocalWorkers<'_> {
+    /// Starts the worker of slot `slot` (its id names the restart, so a replacement never
+    /// collides with its predecessor's session).
+    fn spawn(&mut self, slot: usize) -> anyhow::Result<()> {
+        let id = match self.restarts[slot] {
+            0 => format!("worker-{slot}"),
+            n => format!("worker-{slot}-r{n}"),
+        };
+        let child = Command::new(&self.exe)
+            .args([
+                "worker",
+                "--coordinator",
+                &self.url,
+                "--run-id",
+                self.run_id,
+            ])
+            .args(["--worker-id", &id, "--device", self.device])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("ELBO_TOKEN", &self.token)
+            .env("RAYON_NUM_THREADS", self.threads.to_string())
+            .env(
+                "ELBO_LOG",
+                std::env::var("ELBO_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        if slot < self.children.0.len() {
+            self.children.0[slot] = (id, child);
+        } else {
+            self.children.0.push((id, child));
+        }
+        Ok(())
+    }
+
+    /// Checks on the children: one killed by a signal is restarted (when `restart`); one that
+    /// exits with an error fails the run (it has said why to the coordinator, which stops it).
+    fn watch(&mut self, restart: bool, aborter: &Aborter) -> anyhow::Result<()> {
+        for slot in 0..self.children.0.len() {
+            let (id, child) = &mut self.children.0[slot];
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            let id = id.clone();
+            if status.success() || self.restarts[slot] == u32::MAX {
+                continue;
+            }
+            let killed = status.code().is_none();
+            if killed && restart && self.restarts[slot] < MAX_RESTARTS {
+                self.restarts[slot] += 1;
+                tracing::warn!(worker = %id, %status, "worker died; starting a replacement");
+                self.spawn(slot)?;
+            } else if killed {
+                tracing::warn!(worker = %id, %status, "worker died; the run goes on without it");
+                self.restarts[slot] = u32::MAX;
+            } else {
+                aborter.abort(&format!("{id} exited ({status})"));
+                self.restarts[slot] = u32::MAX;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `elbo train` with `cluster.workers > 1`: a coordinator here, the workers as child processes.
@@ -207,62 +310,27 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
     let (coordinator, store) = coordinator(&job, loopback, token.clone(), force, max_steps)?;
     let url = format!("http://{}", coordinator.local_addr());
     let aborter = coordinator.aborter();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let (aborter, interrupted) = (aborter.clone(), interrupted.clone());
-        ctrlc::set_handler(move || {
-            interrupted.store(true, Ordering::SeqCst);
-            aborter.abort("interrupted (Ctrl-C or SIGTERM)");
-        })
-        .context("cannot install the Ctrl-C handler")?;
-    }
+    on_signals(aborter.clone(), Arc::default())?;
     let workers = job.cfg.cluster.workers;
-    let threads = threads_each(workers);
-    let exe = std::env::current_exe().context("cannot find the elbo executable")?;
-    let mut children = Children::default();
-    for i in 0..workers {
-        let id = format!("worker-{i}");
-        let child = Command::new(&exe)
-            .args([
-                "worker",
-                "--coordinator",
-                &url,
-                "--run-id",
-                &job.cfg.run.name,
-            ])
-            .args([
-                "--worker-id",
-                &id,
-                "--device",
-                device,
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env("ELBO_TOKEN", &token)
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .env(
-                "ELBO_LOG",
-                std::env::var("ELBO_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        children.0.push((id, child));
+    let mut local = LocalWorkers {
+        exe: std::env::current_exe().context("cannot find the elbo executable")?,
+        url: url.clone(),
+        token,
+        run_id: &job.cfg.run.name,
+        device,
+        threads: threads_each(workers),
+        children: Children::default(),
+        restarts: vec![0; workers as usize],
+    };
+    for slot in 0..workers as usize {
+        local.spawn(slot)?;
     }
     tracing::info!(workers, %url, run_dir = %job.cfg.run.dir, "training with local workers");
     let start_step = store.start_step;
     let started = Instant::now();
     let running = std::thread::spawn(move || coordinator.run());
-    // Watch the children: one that dies fails the run at once instead of at a timeout.
     while !running.is_finished() {
-        for (id, child) in &mut children.0 {
-            if let Ok(Some(status)) = child.try_wait() {
-                if !status.success() {
-                    aborter.abort(&format!("{id} exited ({status})"));
-                }
-            }
-        }
+        local.watch(job.cfg.cluster.restart_workers, &aborter)?;
         std::thread::sleep(Duration::from_millis(50));
     }
     let outcome = running
@@ -270,17 +338,14 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
         .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))?;
     store.bar.finish_and_clear();
     let deadline = Instant::now() + Duration::from_secs(10);
-    for (_, child) in &mut children.0 {
+    for (_, child) in &mut local.children.0 {
         while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    drop(children);
-    if interrupted.load(Ordering::SeqCst) {
-        bail!("interrupted; the run resumes from its newest checkpoint");
-    }
+    drop(local);
     let summary = outcome?;
-    report(&summary, started, job.cfg.train.batch_size, start_step);
+    report(&summary, started, &job, start_step);
     if summary.steps >= job.total_steps {
         let run_dir = Path::new(&job.cfg.run.dir);
         let (_, model, test) = super::train::load_model(run_dir, &device_handle)?;

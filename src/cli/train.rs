@@ -1,6 +1,8 @@
 //! `elbo train`: one process trains the configured model, resumably.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -67,11 +69,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut trainer = job.trainer(&device)?;
 
     let mut cursor = Cursor::start(0);
-    let newest = checkpoint::list(&run_dir)?.pop();
-    if let Some(dir) = &newest {
+    let newest = checkpoint::newest(&run_dir)?;
+    if let Some((dir, files)) = &newest {
         let old = build::run_config(&run_dir)?;
         run_dir::check_resume_config(&old, cfg, args.run.force)?;
-        let ck = checkpoint::load(dir, trainer.layout())?;
+        let ck = checkpoint::decode(files, trainer.layout(), dir)?;
         cursor = restore(&mut trainer, ck)?;
         tracing::info!(checkpoint = %dir.display(), step = trainer.step(), "resuming");
     }
@@ -93,6 +95,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let start_step = trainer.step();
     let decode_threads = 1;
+    // SIGTERM (what Kubernetes sends before eviction) or Ctrl-C: finish the step, checkpoint,
+    // exit 0; the same command resumes.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst))
+            .context("cannot install the Ctrl-C/SIGTERM handler")?;
+    }
     'epochs: while cursor.epoch < cfg.train.epochs && trainer.step() < stop_at {
         let stream = BatchStream::new(
             train.clone(),
@@ -121,7 +131,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
                 save(&trainer, job.normalise(cursor))?;
             }
-            if step >= stop_at {
+            if step >= stop_at || interrupted.load(Ordering::SeqCst) {
                 break 'epochs;
             }
         }
@@ -140,6 +150,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if trainer.step() >= total_steps {
         let vae = trainer.model();
         finish(vae, test, cfg, &run_dir, &device)?;
+    } else if interrupted.load(Ordering::SeqCst) {
+        println!(
+            "interrupted at step {} of {total_steps}; the same command resumes the run",
+            trainer.step()
+        );
     }
     Ok(())
 }
@@ -203,10 +218,9 @@ pub fn load_model(
     let test = build::dataset(&cfg, Split::Test)?;
     let model = build::model(&cfg, test.schema(), device)?;
     let layout = elbo_worker::FlatLayout::new(elbo_models::Model::params(&model).vars());
-    let newest = checkpoint::list(run_dir)?
-        .pop()
+    let (newest, files) = checkpoint::newest(run_dir)?
         .with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?;
-    let ck = checkpoint::load(&newest, &layout)?;
+    let ck = checkpoint::decode(&files, &layout, &newest)?;
     layout.write_params(&ck.params)?;
     Ok((cfg, model, test))
 }

@@ -1,5 +1,9 @@
 //! `elbo worker`: joins a coordinator's run, trains its share of every global batch, takes part
-//! in the ring all-reduce, reports each step, and (as rank 0) hands checkpoints over.
+//! in the ring all-reduce, reports each step, and (as rank 0) hands checkpoints over. It lives
+//! through generations: when the ring breaks or the coordinator halts it, it stops at a step
+//! boundary, says where it stands, hands its state over when asked, and trains on in the next
+//! generation; when the coordinator is lost it reconnects with backoff
+//! (`cluster.reconnect_timeout_s`) and goes on from whatever state the coordinator gives it.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -13,7 +17,7 @@ use elbo_worker::checkpoint;
 use elbo_worker::grpc_ring::BoundPeer;
 use elbo_worker::ring::RingAllReduce;
 use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand};
-use elbo_worker::Trainer;
+use elbo_worker::{Trainer, WorkerError};
 
 use super::build;
 use super::job::{restore, Job};
@@ -51,9 +55,20 @@ pub struct WorkerArgs {
     /// Give up if the coordinator cannot be reached for this many seconds.
     #[arg(long, default_value_t = 60.0)]
     connect_timeout_s: f64,
-    /// Append the id of every row this worker trains on to this file (a data audit).
-    #[arg(long)]
+    /// Append `generation step row-id` for every row this worker trains on to this file, or to
+    /// DIR/WORKER_ID if it is a directory (a data audit; a step redone in a later generation
+    /// appears again there, under the later generation).
+    #[arg(long, env = "ELBO_AUDIT_ROWS")]
     audit_rows: Option<PathBuf>,
+    /// Sleep this long before each step (fault-injection tests and demos: a run slow enough to
+    /// interrupt at a chosen step).
+    #[arg(
+        long,
+        env = "ELBO_WORKER_THROTTLE_MS",
+        hide = true,
+        default_value_t = 0
+    )]
+    throttle_ms: u64,
 }
 
 fn default_worker_id() -> String {
@@ -73,8 +88,23 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             args.connect_timeout_s
         );
     }
+    if args.throttle_ms > 60_000 {
+        bail!("--throttle-ms {}: expected at most 60000", args.throttle_ms);
+    }
     let device = build::device(&args.device)?;
-    let mut audit = match &args.audit_rows {
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !(1..=253).contains(&worker_id.len())
+        || !worker_id.chars().all(plain)
+        || worker_id.starts_with('.')
+    {
+        bail!("--worker-id {worker_id:?}: expected 1–253 characters of A–Z, a–z, 0–9, '-', '_', '.' (not starting with '.')");
+    }
+    let audit = match &args.audit_rows {
+        Some(dir) if dir.is_dir() => Some(dir.join(&worker_id)),
+        other => other.clone(),
+    };
+    let audit = match &audit {
         Some(path) => Some(BufWriter::new(
             File::options()
                 .create(true)
@@ -105,7 +135,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let request = JoinRequest {
         run_id: args.run_id.clone(),
         token: args.token.clone(),
@@ -113,9 +142,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         worker_id: worker_id.clone(),
         peer_address: advertise,
         device: args.device.clone(),
+        last_generation: 0,
     };
     let deadline = Instant::now() + Duration::from_secs_f64(args.connect_timeout_s);
-    let session = Session::join(&args.coordinator, request, deadline, peer.runtime())?;
+    let session = Session::join(
+        &args.coordinator,
+        request.clone(),
+        deadline,
+        peer.runtime(),
+        false,
+    )?;
     let label = PathBuf::from(format!("<config from {}>", args.coordinator));
     let cfg = elbo_settings::load_toml(session.config_toml(), &label)?;
     if run_dir::config_sha256(&cfg) != session.config_sha256() {
@@ -123,27 +159,51 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     tracing::info!(worker = %worker_id, peer = %advertise, "joined the run");
     let job = Job::prepare(cfg)?;
-    let mut trainer = job.trainer(&device)?;
-    let rendezvous = Duration::from_secs_f64(job.cfg.cluster.rendezvous_timeout_s + 30.0);
-    let start = match session.next_command(rendezvous)? {
-        Command::Start(start) => start,
-        Command::Stop { reason, failed } => return stopped(&reason, failed),
+    let trainer = job.trainer(&device)?;
+    let mut worker = Worker {
+        job,
+        trainer,
+        cursor: Cursor::start(0),
+        generation: 0,
+        halted: None,
+        device,
+        audit,
+        throttle: Duration::from_millis(args.throttle_ms),
     };
-    train(
-        &job,
-        &mut trainer,
-        &peer,
-        &session,
-        &start,
-        &device,
-        audit.as_mut(),
-    )?;
-    if let Some(audit) = audit.as_mut() {
-        audit.flush().context("cannot write --audit-rows")?;
-    }
-    match session.next_command(Duration::from_secs(120))? {
-        Command::Stop { reason, failed } => stopped(&reason, failed),
-        Command::Start(_) => bail!("the coordinator restarted a finished worker"),
+    let mut session = session;
+    loop {
+        let outcome = worker.serve(&session, &peer);
+        let lost = match outcome {
+            Ok(Served::Stopped { reason, failed }) => return stopped(&reason, failed),
+            Err(Failure::Coordinator(e)) => e,
+            Err(Failure::Fatal(e)) => {
+                session.fail(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        // The coordinator is gone (or broke the session off): reconnect and go on.
+        let patience = Duration::from_secs_f64(worker.job.cfg.cluster.reconnect_timeout_s);
+        tracing::warn!(error = %lost, "lost the coordinator; reconnecting for up to {patience:?}");
+        let request = JoinRequest {
+            last_generation: worker.generation,
+            ..request.clone()
+        };
+        drop(session);
+        session = Session::join(
+            &args.coordinator,
+            request,
+            Instant::now() + patience,
+            peer.runtime(),
+            true,
+        )
+        .with_context(|| format!("the coordinator was lost ({lost}) and did not come back"))?;
+        if session.config_sha256() != worker.job.config_sha256 {
+            bail!(
+                "the coordinator came back with another config (SHA-256 {})",
+                session.config_sha256()
+            );
+        }
+        tracing::info!(worker = %worker_id, "rejoined the run");
     }
 }
 
@@ -155,94 +215,239 @@ fn stopped(reason: &str, failed: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains from the command's starting point to its stop step.
-fn train(
-    job: &Job,
-    trainer: &mut Trainer,
-    peer: &BoundPeer,
-    session: &Session,
-    start: &StartCommand,
-    device: &candle_core::Device,
-    mut audit: Option<&mut BufWriter<File>>,
-) -> anyhow::Result<()> {
-    let cfg = &job.cfg;
-    let mut cursor = Cursor::start(0);
-    if let Some(files) = &start.checkpoint {
-        let origin = Path::new("<checkpoint from the coordinator>");
-        cursor = restore(
-            trainer,
-            checkpoint::decode(files, trainer.layout(), origin)?,
-        )?;
+/// How a session ended.
+enum Served {
+    /// The coordinator said stop.
+    Stopped { reason: String, failed: bool },
+}
+
+/// Why a session could not go on.
+enum Failure {
+    /// The coordinator is unreachable or broke the session off: reconnect.
+    Coordinator(WorkerError),
+    /// This worker cannot go on (bad data, non-finite loss, a bug): the run fails.
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<WorkerError>() {
+            Ok(e @ WorkerError::Coordinator(_)) => Failure::Coordinator(e),
+            Ok(e) => Failure::Fatal(e.into()),
+            Err(e) => Failure::Fatal(e),
+        }
     }
-    let (rank, world) = (start.rank as usize, start.world as usize);
-    let step_timeout = Duration::from_secs_f64(cfg.cluster.step_timeout_s);
-    let next = start.peers[(rank + 1) % world];
-    let connected = peer.connect(
-        start.generation,
-        rank,
-        world,
-        next,
-        Instant::now() + step_timeout,
-        session.stopped_flag(),
-    );
-    let ring = match connected {
-        Ok(ring) => ring,
-        Err(e) => match session.poll_command()? {
-            Some(Command::Stop { reason, failed }) => return stopped(&reason, failed),
-            _ => return Err(e.into()),
-        },
-    };
-    let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
-    let mut reduce = RingAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
-    let upload = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<()> {
-        let files = job.checkpoint_files(trainer, cursor)?;
-        Ok(session.upload_checkpoint(start.generation, trainer.step(), files)?)
-    };
-    let every = |n: u64, step: u64| n > 0 && step % n == 0;
-    'epochs: while cursor.epoch < cfg.train.epochs && trainer.step() < start.stop_step {
-        let plan = job.plan.rank_plan(cursor, start.world, start.rank)?;
-        let mut stream = BatchStream::new(job.train.clone(), plan, build::binarizer(cfg), 1);
+}
+
+impl From<WorkerError> for Failure {
+    fn from(e: WorkerError) -> Self {
+        Failure::from(anyhow::Error::from(e))
+    }
+}
+
+impl From<elbo_datasets::DataError> for Failure {
+    fn from(e: elbo_datasets::DataError) -> Self {
+        Failure::Fatal(e.into())
+    }
+}
+
+/// How one generation's training ended.
+enum Trained {
+    /// The stop step was reached.
+    Done,
+    /// Halted at a step boundary (told to, or the ring broke).
+    Halted,
+    /// The coordinator said stop.
+    Stopped { reason: String, failed: bool },
+}
+
+/// A worker's training state, kept across generations and reconnections.
+struct Worker {
+    job: Job,
+    trainer: Trainer,
+    /// Data cursor after the last step taken.
+    cursor: Cursor,
+    /// The newest generation this worker has been in.
+    generation: u64,
+    /// The generation it last reported halting in.
+    halted: Option<u64>,
+    device: candle_core::Device,
+    audit: Option<BufWriter<File>>,
+    throttle: Duration,
+}
+
+impl Worker {
+    /// Follows the coordinator's commands until it says stop or the session breaks.
+    fn serve(&mut self, session: &Session, peer: &BoundPeer) -> Result<Served, Failure> {
+        let cluster = &self.job.cfg.cluster;
+        let patience =
+            Duration::from_secs_f64(cluster.rendezvous_timeout_s + cluster.step_timeout_s + 60.0);
         loop {
-            let waited = Instant::now();
-            let Some(batch) = stream.next() else { break };
-            let batch = batch?;
-            let data = waited.elapsed();
-            if let Some(Command::Stop { reason, failed }) = session.poll_command()? {
-                return stopped(&reason, failed);
-            }
-            if let Some(audit) = audit.as_deref_mut() {
-                for id in &batch.ids {
-                    writeln!(audit, "{id}").context("cannot write --audit-rows")?;
+            match session.next_command(patience)? {
+                Command::Start(start) => {
+                    self.generation = start.generation;
+                    self.adopt(&start)?;
+                    match self.train(session, peer, &start)? {
+                        Trained::Done => {}
+                        Trained::Halted => self.halt(session, start.generation)?,
+                        Trained::Stopped { reason, failed } => {
+                            return Ok(Served::Stopped { reason, failed })
+                        }
+                    }
                 }
-            }
-            let report = match trainer.train_step(&batch, &mut reduce, device) {
-                Ok(report) => report,
-                Err(e) => match session.poll_command()? {
-                    Some(Command::Stop { reason, failed }) => return stopped(&reason, failed),
-                    _ => return Err(e.into()),
-                },
-            };
-            cursor = job.normalise(batch.cursor_after);
-            let step = trainer.step();
-            let checksum =
-                every(start.checksum_every, step).then(|| session::checksum(trainer.params()));
-            session.report(&Report {
-                generation: start.generation,
-                step: &report,
-                rows: batch.rows() as u64,
-                data,
-                checksum,
-                cursor: (cursor.epoch, cursor.step),
-            })?;
-            let last = step >= start.stop_step;
-            if rank == 0 && (last || every(start.checkpoint_every, step)) {
-                upload(trainer, cursor)?;
-            }
-            if last {
-                break 'epochs;
+                Command::Halt { generation } => {
+                    if generation == self.generation {
+                        self.halt(session, generation)?;
+                    }
+                }
+                Command::SendState { generation } => {
+                    let files = self.job.checkpoint_files(&self.trainer, self.cursor)?;
+                    session.upload_checkpoint(generation, self.trainer.step(), files, true)?;
+                }
+                Command::Stop { reason, failed } => return Ok(Served::Stopped { reason, failed }),
             }
         }
-        cursor = job.normalise(cursor);
     }
-    Ok(())
+
+    /// Says where this worker stands, once per generation.
+    fn halt(&mut self, session: &Session, generation: u64) -> Result<(), Failure> {
+        if self.halted != Some(generation) {
+            self.halted = Some(generation);
+            tracing::info!(generation, step = self.trainer.step(), "halted");
+            session.halted(generation, self.trainer.step())?;
+        }
+        Ok(())
+    }
+
+    /// Takes on the state a generation starts from.
+    fn adopt(&mut self, start: &StartCommand) -> anyhow::Result<()> {
+        if let Some(files) = &start.checkpoint {
+            let origin = Path::new("<state from the coordinator>");
+            let ck = checkpoint::decode(files, self.trainer.layout(), origin)?;
+            self.cursor = restore(&mut self.trainer, ck)?;
+        } else if self.trainer.step() != start.start_step {
+            if start.start_step != 0 {
+                bail!(
+                    "generation {} starts at step {} but this worker is at step {} and was sent no state",
+                    start.generation,
+                    start.start_step,
+                    self.trainer.step()
+                );
+            }
+            self.trainer = self.job.trainer(&self.device)?;
+            self.cursor = Cursor::start(0);
+        }
+        if self.trainer.step() != start.start_step {
+            bail!(
+                "the state sent for generation {} is at step {}, not {}",
+                start.generation,
+                self.trainer.step(),
+                start.start_step
+            );
+        }
+        self.cursor = self.job.normalise(self.cursor);
+        Ok(())
+    }
+
+    /// Trains one generation from its starting point until the stop step or a halt.
+    fn train(
+        &mut self,
+        session: &Session,
+        peer: &BoundPeer,
+        start: &StartCommand,
+    ) -> Result<Trained, Failure> {
+        let cfg = &self.job.cfg;
+        let (rank, world) = (start.rank as usize, start.world as usize);
+        let step_timeout = Duration::from_secs_f64(cfg.cluster.step_timeout_s);
+        let next = start.peers[(rank + 1) % world];
+        let ring = match peer.connect(
+            start.generation,
+            rank,
+            world,
+            next,
+            Instant::now() + step_timeout,
+            start.abort.clone(),
+        ) {
+            Ok(ring) => ring,
+            Err(WorkerError::Ring(why)) => {
+                tracing::warn!(why, "the ring did not form");
+                return Ok(Trained::Halted);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
+        let mut reduce = RingAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
+        let every = |n: u64, step: u64| n > 0 && step % n == 0;
+        if self.trainer.step() >= start.stop_step {
+            return Ok(Trained::Done);
+        }
+        while self.cursor.epoch < cfg.train.epochs {
+            let plan = self
+                .job
+                .plan
+                .rank_plan(self.cursor, start.world, start.rank)?;
+            let mut stream =
+                BatchStream::new(self.job.train.clone(), plan, build::binarizer(cfg), 1);
+            loop {
+                let waited = Instant::now();
+                let Some(batch) = stream.next() else { break };
+                let batch = batch?;
+                let data = waited.elapsed();
+                match session.poll_command()? {
+                    None => {}
+                    Some(Command::Halt { .. }) => return Ok(Trained::Halted),
+                    Some(Command::Stop { reason, failed }) => {
+                        return Ok(Trained::Stopped { reason, failed })
+                    }
+                    Some(other) => {
+                        return Err(Failure::Fatal(anyhow::anyhow!(
+                            "the coordinator sent {other:?} while this worker trains"
+                        )))
+                    }
+                }
+                if !self.throttle.is_zero() {
+                    std::thread::sleep(self.throttle);
+                }
+                let step = self.trainer.step();
+                if let Some(audit) = self.audit.as_mut() {
+                    for id in &batch.ids {
+                        writeln!(audit, "{} {step} {id}", start.generation)
+                            .context("cannot write --audit-rows")?;
+                    }
+                    audit.flush().context("cannot write --audit-rows")?;
+                }
+                let report = match self.trainer.train_step(&batch, &mut reduce, &self.device) {
+                    Ok(report) => report,
+                    Err(WorkerError::Ring(why)) => {
+                        tracing::warn!(step, why, "the step was aborted");
+                        return Ok(Trained::Halted);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.cursor = self.job.normalise(batch.cursor_after);
+                let step = self.trainer.step();
+                let checksum = every(start.checksum_every, step)
+                    .then(|| session::checksum(self.trainer.params()));
+                session.report(&Report {
+                    generation: start.generation,
+                    step: &report,
+                    rows: batch.rows() as u64,
+                    data,
+                    checksum,
+                    cursor: (self.cursor.epoch, self.cursor.step),
+                    global_rows: batch.global_rows,
+                })?;
+                let last = step >= start.stop_step;
+                if rank == 0 && (last || every(start.checkpoint_every, step)) {
+                    let files = self.job.checkpoint_files(&self.trainer, self.cursor)?;
+                    session.upload_checkpoint(start.generation, step, files, false)?;
+                }
+                if last {
+                    return Ok(Trained::Done);
+                }
+            }
+            self.cursor = self.job.normalise(self.cursor);
+        }
+        Ok(Trained::Done)
+    }
 }

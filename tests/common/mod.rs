@@ -1,7 +1,14 @@
-//! Helpers shared by the end-to-end tests: run the `elbo` binary with a private cache.
+//! Helpers shared by the end-to-end tests: run the `elbo` binary with a private cache, keep
+//! track of the processes a test starts (and kill them, with their children, however the test
+//! ends), and read checkpoints and metrics back.
+// Each test crate uses its own subset of these helpers.
+#![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 /// Runs `elbo ARGS` with `cache` as its cache directory and warnings-only logs.
 pub fn elbo(args: &[&str], cache: &Path) -> Output {
@@ -21,4 +28,136 @@ pub fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Processes, each in a process group of its own; dropping this kills every group (so the
+/// children of a launcher die with it) and reaps the processes.
+#[derive(Default)]
+pub struct Procs(pub Vec<Child>);
+
+impl Procs {
+    /// Starts `cmd` in a new process group; returns its index.
+    pub fn spawn(&mut self, cmd: &mut Command) -> usize {
+        self.0
+            .push(cmd.process_group(0).spawn().expect("elbo starts"));
+        self.0.len() - 1
+    }
+
+    /// Waits (at most `limit`) for process `i`; returns whether it succeeded, and its stderr.
+    pub fn wait(&mut self, i: usize, limit: Duration) -> (bool, String) {
+        let deadline = Instant::now() + limit;
+        let child = &mut self.0[i];
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+                }
+                return (status.success(), err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {i} did not finish in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (e.g. "KILL", "TERM", "STOP") to process `pid`.
+    pub fn signal(pid: u32, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The parameters of a checkpoint, by tensor name.
+pub fn params(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// The records of a run's metrics.jsonl.
+pub fn records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `(step, neg_elbo)` of a run's metrics.
+pub fn curve(run: &Path) -> Vec<(u64, f64)> {
+    records(run)
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["neg_elbo"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Pids of the live children of `parent` (from /proc).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let fields: Vec<String> = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect();
+                    // state, ppid
+                    Some(fields.first()? != "Z" && fields.get(1)?.parse::<u32>().ok()? == parent)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The live child of `parent` whose command line has the argument `arg`.
+pub fn child_with_arg(parent: u32, arg: &str) -> Option<u32> {
+    children_of(parent).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+    })
+}
+
+/// Waits (at most `limit`) until `ready` holds.
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

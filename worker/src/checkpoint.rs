@@ -1,11 +1,14 @@
 //! Checkpoints in the run directory:
 //!
 //! ```text
-//! checkpoints/step-000000500/{model.safetensors, optim.safetensors, state.json}
+//! checkpoints/step-000000500/{model.safetensors, optim.safetensors, state.json, manifest.json}
 //! ```
 //!
 //! Written into a temporary directory beside the others, every file fsynced, then renamed into
-//! place and the parent fsynced: a checkpoint is either complete or absent. The same state gives
+//! place and the parent fsynced: a checkpoint is either complete or absent. `manifest.json`
+//! holds the size and SHA-256 of every other file; a checkpoint whose files do not match it
+//! (truncated, bit-flipped, missing) is refused when read, and [`newest`] falls back to the
+//! previous one with a warning. The same state gives
 //! byte-identical files (tensors sorted by name, no timestamps). safetensors keeps them readable
 //! from Python (`safetensors.torch.load_file`).
 
@@ -27,6 +30,43 @@ pub const FORMAT: u32 = 1;
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
 const STATE_FILE: &str = "state.json";
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// Size and SHA-256 of each file of a checkpoint, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    files: BTreeMap<String, FileDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileDigest {
+    bytes: u64,
+    sha256: String,
+}
+
+fn digest(bytes: &[u8]) -> FileDigest {
+    use sha2::{Digest, Sha256};
+    FileDigest {
+        bytes: bytes.len() as u64,
+        sha256: Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    }
+}
+
+fn manifest_bytes(files: &Files) -> Result<Vec<u8>> {
+    let manifest = Manifest {
+        files: files
+            .iter()
+            .map(|(name, bytes)| (name.clone(), digest(bytes)))
+            .collect(),
+    };
+    let mut json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| WorkerError::Internal(e.to_string()))?;
+    json.push(b'\n');
+    Ok(json)
+}
 
 /// Everything besides tensors that a resume needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +232,7 @@ pub fn write(run_dir: &Path, files: &Files, keep: usize) -> Result<PathBuf> {
     let state = decode_state(files, &root)?;
     std::fs::create_dir_all(&root).map_err(|e| WorkerError::checkpoint(&root, e))?;
     let target = root.join(step_dir_name(state.step));
-    if target.join(STATE_FILE).is_file() {
+    if read(&target).is_ok_and(|old| &old == files) {
         return Ok(target);
     }
     let tmp = tempfile::Builder::new()
@@ -202,6 +242,7 @@ pub fn write(run_dir: &Path, files: &Files, keep: usize) -> Result<PathBuf> {
     for (name, bytes) in files {
         write_synced(&tmp.path().join(name), bytes)?;
     }
+    write_synced(&tmp.path().join(MANIFEST_FILE), &manifest_bytes(files)?)?;
     sync_dir(tmp.path())?;
     let staged = tmp.keep();
     if target.exists() {
@@ -267,16 +308,66 @@ fn tensor_values(
         .collect())
 }
 
-/// Reads a checkpoint directory's files.
+/// Reads a checkpoint directory's files, checking each against the manifest.
 pub fn read(dir: &Path) -> Result<Files> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest: Manifest = std::fs::read(&manifest_path)
+        .map_err(|e| WorkerError::checkpoint(&manifest_path, e))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| WorkerError::checkpoint(&manifest_path, e))
+        })?;
     FILE_NAMES
         .iter()
         .map(|name| {
             let path = dir.join(name);
             let bytes = std::fs::read(&path).map_err(|e| WorkerError::checkpoint(&path, e))?;
+            let want = manifest.files.get(*name).ok_or_else(|| {
+                WorkerError::checkpoint(&manifest_path, format!("does not list {name}"))
+            })?;
+            let got = digest(&bytes);
+            if &got != want {
+                return Err(WorkerError::checkpoint(
+                    &path,
+                    format!(
+                        "is corrupt: {} bytes with SHA-256 {}, the manifest says {} bytes with {}",
+                        got.bytes, got.sha256, want.bytes, want.sha256
+                    ),
+                ));
+            }
             Ok((name.to_string(), bytes))
         })
         .collect()
+}
+
+/// The newest checkpoint of a run that reads back intact, with its files. Corrupt newer ones
+/// are skipped with a warning naming what is wrong; if checkpoints exist but none is intact,
+/// that is an error (a run is never silently restarted from scratch).
+pub fn newest(run_dir: &Path) -> Result<Option<(PathBuf, Files)>> {
+    let dirs = list(run_dir)?;
+    let mut problems = Vec::new();
+    for dir in dirs.iter().rev() {
+        match read(dir).and_then(|files| decode_state(&files, dir).map(|_| files)) {
+            Ok(files) => {
+                if !problems.is_empty() {
+                    tracing::warn!(
+                        using = %dir.display(),
+                        skipped = ?problems,
+                        "the newest checkpoint is corrupt; resuming from the previous intact one"
+                    );
+                }
+                return Ok(Some((dir.clone(), files)));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(None)
+    } else {
+        Err(WorkerError::checkpoint(
+            checkpoints_dir(run_dir),
+            format!("no intact checkpoint: {}", problems.join("; ")),
+        ))
+    }
 }
 
 /// Loads a checkpoint directory for a model of this layout.

@@ -35,6 +35,11 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+    /// A collective could not complete: a peer was lost, sent something malformed or too late,
+    /// or the coordinator aborted the step. The worker's state is that of the last completed
+    /// step, and the run can go on in a new generation of the ring.
+    #[error("ring: {0}")]
+    Ring(String),
     /// The coordinator refused, broke off or could not be reached.
     #[error("coordinator: {0}")]
     Coordinator(String),

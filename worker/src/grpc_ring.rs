@@ -180,11 +180,8 @@ impl Peer for PeerService {
             let message = match message {
                 Ok(m) => m,
                 Err(status) => {
-                    let reason = format!(
-                        "ring peer: the previous rank's stream failed: {}",
-                        status.message()
-                    );
-                    let _ = inbox.send(Err(WorkerError::Invalid(reason)));
+                    let reason = format!("the previous rank's stream failed: {}", status.message());
+                    let _ = inbox.send(Err(WorkerError::Ring(reason)));
                     return Err(status);
                 }
             };
@@ -196,8 +193,8 @@ impl Peer for PeerService {
                 }
                 Err(status) => {
                     tracing::warn!(%status, "rejected a ring chunk");
-                    let _ = inbox.send(Err(WorkerError::Invalid(format!(
-                        "ring peer: rejected a chunk: {}",
+                    let _ = inbox.send(Err(WorkerError::Ring(format!(
+                        "rejected a chunk from the previous rank: {}",
                         status.message()
                     ))));
                     return Err(status);
@@ -334,12 +331,13 @@ impl BoundPeer {
             inbox,
             failure,
             cancel,
+            broken: false,
         })
     }
 }
 
 fn cancelled() -> WorkerError {
-    WorkerError::Invalid("ring peer: aborted (the coordinator stopped the step)".into())
+    WorkerError::Ring("aborted: the coordinator ended the generation".into())
 }
 
 async fn connect_client(
@@ -359,8 +357,8 @@ async fn connect_client(
                 return Ok(PeerClient::new(channel).max_encoding_message_size(usize::MAX))
             }
             Err(e) if Instant::now() >= deadline => {
-                return Err(WorkerError::Invalid(format!(
-                    "ring peer: cannot reach the next rank at {next}: {e}"
+                return Err(WorkerError::Ring(format!(
+                    "cannot reach the next rank at {next}: {e}"
                 )))
             }
             Err(_) if cancel.load(Ordering::Relaxed) => return Err(cancelled()),
@@ -387,6 +385,8 @@ pub struct GrpcRing {
     inbox: mpsc::Receiver<Result<Chunk<LeBytes>>>,
     failure: Arc<Mutex<Option<String>>>,
     cancel: Arc<AtomicBool>,
+    /// A send or receive failed: the generation is over, nothing left to flush.
+    broken: bool,
 }
 
 /// How often a waiting ring checks whether it was cancelled.
@@ -395,8 +395,15 @@ const CANCEL_POLL: Duration = Duration::from_millis(20);
 impl Drop for GrpcRing {
     /// Ends the stream to the next rank and waits (at most [`FLUSH_TIMEOUT`]) until everything
     /// sent has been delivered, so a rank that finishes first does not cut off its last chunks.
+    /// An aborted or broken ring is dropped at once: the next rank may be gone or stalled.
     fn drop(&mut self) {
         self.to_next.take();
+        if self.broken || self.cancel.load(Ordering::Relaxed) {
+            if let Some(sender) = self.sender.take() {
+                sender.abort();
+            }
+            return;
+        }
         if let Some(sender) = self.sender.take() {
             let flushed = self
                 .runtime
@@ -424,8 +431,9 @@ impl RingTransport for GrpcRing {
 
     fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()> {
         if let Some(reason) = self.failure.lock().ok().and_then(|f| f.clone()) {
-            return Err(WorkerError::Invalid(format!(
-                "ring peer: the stream to the next rank failed: {reason}"
+            self.broken = true;
+            return Err(WorkerError::Ring(format!(
+                "the stream to the next rank failed: {reason}"
             )));
         }
         let message = pb::Chunk {
@@ -444,11 +452,22 @@ impl RingTransport for GrpcRing {
             .as_ref()
             .map_or(Err(()), |t| t.send(message).map_err(|_| ()))
             .map_err(|()| {
-                WorkerError::Invalid("ring peer: the stream to the next rank is closed".into())
+                self.broken = true;
+                WorkerError::Ring("the stream to the next rank is closed".into())
             })
     }
 
     fn recv(&mut self, deadline: Instant) -> Result<Chunk<LeBytes>> {
+        let got = self.wait(deadline);
+        if got.is_err() {
+            self.broken = true;
+        }
+        got
+    }
+}
+
+impl GrpcRing {
+    fn wait(&mut self, deadline: Instant) -> Result<Chunk<LeBytes>> {
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(cancelled());
@@ -458,14 +477,14 @@ impl RingTransport for GrpcRing {
                 Ok(chunk) => return chunk,
                 Err(mpsc::RecvTimeoutError::Timeout) if left > CANCEL_POLL => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(WorkerError::Invalid(
-                        "ring peer: deadline passed waiting for a chunk from the previous rank"
+                    return Err(WorkerError::Ring(
+                        "deadline passed waiting for a chunk from the previous rank (cluster.step_timeout_s)"
                             .into(),
                     ))
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(WorkerError::Invalid(
-                        "ring peer: the previous rank's stream closed".into(),
+                    return Err(WorkerError::Ring(
+                        "the previous rank's stream closed".into(),
                     ))
                 }
             }

@@ -150,8 +150,8 @@ impl<T: RingTransport> RingAllReduce<T> {
             chunk.data.len(),
         );
         if got != want {
-            return Err(WorkerError::Invalid(format!(
-                "ring all-reduce: rejected a chunk (generation, step, phase, round, index, length) = {got:?}, expected {want:?}"
+            return Err(WorkerError::Ring(format!(
+                "rejected a chunk (generation, step, phase, round, index, length) = {got:?}, expected {want:?}"
             )));
         }
         Ok(chunk.data)

@@ -1,5 +1,7 @@
 //! A worker's session with the coordinator: join, heartbeats in the background, commands as
-//! they arrive, step reports that never hold up training, and checkpoint uploads.
+//! they arrive, step reports that never hold up training, halts, and state and checkpoint
+//! uploads. Each generation's `Start` carries its own abort flag, raised the moment a `Halt` or
+//! `Stop` arrives or the session breaks, so a ring wait gives up at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,8 @@ pub struct JoinRequest {
     pub peer_address: SocketAddr,
     /// What it trains on.
     pub device: String,
+    /// The newest ring generation this worker has been in (0 if none).
+    pub last_generation: u64,
 }
 
 /// Train as `rank` of `world` in a generation of the ring.
@@ -55,8 +59,13 @@ pub struct StartCommand {
     pub checksum_every: u64,
     /// Rank 0 uploads a checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: u64,
-    /// The checkpoint to start from (`None`: a fresh run).
+    /// The state to start from; `None`: keep this worker's own, which must be `start_step`
+    /// steps in (or, with `start_step` 0, start afresh).
     pub checkpoint: Option<Files>,
+    /// Global steps taken before this generation's first step.
+    pub start_step: u64,
+    /// Raised when the generation is aborted (a `Halt` or `Stop` arrives, the session breaks).
+    pub abort: Arc<AtomicBool>,
 }
 
 /// What the coordinator asks.
@@ -64,6 +73,16 @@ pub struct StartCommand {
 pub enum Command {
     /// Start training in a generation.
     Start(StartCommand),
+    /// Abort the generation at a step boundary and say where this worker stands.
+    Halt {
+        /// The generation to halt.
+        generation: u64,
+    },
+    /// Send this worker's state to the coordinator.
+    SendState {
+        /// The generation asked in.
+        generation: u64,
+    },
     /// End the session: the run finished (`failed` false) or failed.
     Stop {
         /// Why.
@@ -88,6 +107,14 @@ pub struct Report<'a> {
     pub checksum: Option<u64>,
     /// Data cursor after the step: (epoch, step within the epoch).
     pub cursor: (u64, u64),
+    /// Rows of the global batch.
+    pub global_rows: u64,
+}
+
+/// What goes to the coordinator in order on the report queue.
+enum Outbound {
+    Report(pb::StepReport),
+    Halted(pb::Halted),
 }
 
 /// A joined session.
@@ -98,8 +125,7 @@ pub struct Session {
     config_toml: String,
     config_sha256: String,
     commands: mpsc::Receiver<Result<Command>>,
-    stopped: Arc<AtomicBool>,
-    reports: tokio_mpsc::UnboundedSender<pb::StepReport>,
+    reports: tokio_mpsc::UnboundedSender<Outbound>,
     _heartbeats: tokio_mpsc::UnboundedSender<pb::WorkerMessage>,
 }
 
@@ -107,7 +133,7 @@ fn lost(e: impl std::fmt::Display) -> WorkerError {
     WorkerError::Coordinator(e.to_string())
 }
 
-fn parse_start(s: pb::Start) -> Result<StartCommand> {
+fn parse_start(s: pb::Start, abort: Arc<AtomicBool>) -> Result<StartCommand> {
     let peers = s
         .peers
         .iter()
@@ -135,35 +161,92 @@ fn parse_start(s: pb::Start) -> Result<StartCommand> {
         checksum_every: s.checksum_every,
         checkpoint_every: s.checkpoint_every,
         checkpoint,
+        start_step: s.start_step,
+        abort,
     })
 }
 
+/// Whether a refused join may succeed later (the old session of a reconnecting worker is still
+/// being dropped, the run is momentarily full, the coordinator is starting).
+fn transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::AlreadyExists
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}
+
+/// First retry after 100 ms, doubling up to 5 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.min(6)).min(Duration::from_secs(5))
+}
+
 impl Session {
-    /// Connects to the coordinator at `url` (retrying until `deadline`) and joins its run; the
-    /// session's traffic runs on `runtime` (the worker's peer runtime: one I/O thread per worker).
+    /// Connects to the coordinator at `url` and joins its run, retrying with exponential
+    /// backoff until `deadline` while it cannot be reached (and, when `retry_refusals`, while it
+    /// refuses for a reason that may pass: a reconnecting worker's old session not yet dropped,
+    /// a full run). The session's traffic runs on `runtime` (the worker's peer runtime: one I/O
+    /// thread per worker).
     pub fn join(
         url: &str,
         request: JoinRequest,
         deadline: Instant,
         runtime: Arc<tokio::runtime::Runtime>,
+        retry_refusals: bool,
     ) -> Result<Session> {
+        let mut attempt = 0;
+        loop {
+            match Self::join_once(url, &request, deadline, &runtime) {
+                Ok(session) => return Ok(session),
+                Err(Refusal::Final(e)) => return Err(e),
+                Err(Refusal::Transient(e)) if !retry_refusals || Instant::now() >= deadline => {
+                    return Err(e)
+                }
+                Err(Refusal::Transient(e)) => {
+                    tracing::info!(error = %e, "joining again");
+                    std::thread::sleep(backoff(attempt));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn join_once(
+        url: &str,
+        request: &JoinRequest,
+        deadline: Instant,
+        runtime: &Arc<tokio::runtime::Runtime>,
+    ) -> Result<Session, Refusal> {
+        let request = request.clone();
+        let runtime = runtime.clone();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(WorkerError::Invalid(format!(
                 "coordinator URL {url:?}: expected http://HOST:PORT"
-            )));
+            ))
+            .into());
         }
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         let channel = runtime.block_on(async {
+            let mut attempt = 0;
             loop {
                 match endpoint.connect().await {
                     Ok(c) => return Ok(c),
                     Err(e) if Instant::now() >= deadline => {
                         return Err(lost(format!("cannot reach the coordinator at {url}: {e}")))
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => {
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                    }
                 }
             }
         })?;
@@ -178,39 +261,64 @@ impl Session {
             worker_id: request.worker_id,
             peer_address: request.peer_address.to_string(),
             device: request.device,
+            last_generation: request.last_generation,
         };
         up.send(pb::WorkerMessage {
             kind: Some(pb::worker_message::Kind::Join(join)),
         })
         .map_err(lost)?;
         let mut session_client = client.clone();
-        let mut downstream = runtime
-            .block_on(session_client.session(UnboundedReceiverStream::new(up_rx)))
-            .map_err(|s| lost(format!("the coordinator refused to join: {}", s.message())))?
-            .into_inner();
+        let refused = |s: tonic::Status| {
+            let e = lost(format!("the coordinator refused to join: {}", s.message()));
+            if transient(&s) {
+                Refusal::Transient(e)
+            } else {
+                Refusal::Final(e)
+            }
+        };
+        let mut downstream =
+            match runtime.block_on(session_client.session(UnboundedReceiverStream::new(up_rx))) {
+                Ok(r) => r.into_inner(),
+                Err(s) => return Err(refused(s)),
+            };
         let welcome = runtime.block_on(async {
             match tokio::time::timeout(Duration::from_secs(30), downstream.next()).await {
                 Ok(Some(Ok(pb::Command {
                     kind: Some(pb::command::Kind::Welcome(w)),
                 }))) => Ok(w),
-                Ok(Some(Err(s))) => Err(lost(format!(
-                    "the coordinator refused to join: {}",
-                    s.message()
+                Ok(Some(Err(s))) => Err(refused(s)),
+                Ok(_) => Err(Refusal::Transient(lost(
+                    "the coordinator closed the session before welcoming",
                 ))),
-                Ok(_) => Err(lost("the coordinator closed the session before welcoming")),
-                Err(_) => Err(lost("no welcome from the coordinator within 30 s")),
+                Err(_) => Err(Refusal::Transient(lost(
+                    "no welcome from the coordinator within 30 s",
+                ))),
             }
         })?;
         let (commands_tx, commands) = mpsc::channel();
         let report_failed = commands_tx.clone();
-        let stopped = Arc::new(AtomicBool::new(false));
-        let stop_flag = stopped.clone();
+        // The abort flag of the newest generation: raised by anything that ends it.
+        let mut abort = Arc::new(AtomicBool::new(false));
         runtime.spawn(async move {
             loop {
                 let command = match downstream.next().await {
                     Some(Ok(pb::Command {
                         kind: Some(pb::command::Kind::Start(s)),
-                    })) => parse_start(s).map(Command::Start),
+                    })) => {
+                        abort.store(true, Ordering::Relaxed);
+                        abort = Arc::new(AtomicBool::new(false));
+                        parse_start(s, abort.clone()).map(Command::Start)
+                    }
+                    Some(Ok(pb::Command {
+                        kind: Some(pb::command::Kind::Halt(h)),
+                    })) => Ok(Command::Halt {
+                        generation: h.generation,
+                    }),
+                    Some(Ok(pb::Command {
+                        kind: Some(pb::command::Kind::SendState(s)),
+                    })) => Ok(Command::SendState {
+                        generation: s.generation,
+                    }),
                     Some(Ok(pb::Command {
                         kind: Some(pb::command::Kind::Stop(s)),
                     })) => Ok(Command::Stop {
@@ -224,10 +332,10 @@ impl Session {
                     ))),
                     None => Err(lost("the coordinator closed the session")),
                 };
-                let end = command.is_err() || matches!(command, Ok(Command::Stop { .. }));
-                if end {
-                    stop_flag.store(true, Ordering::Relaxed);
+                if !matches!(command, Ok(Command::Start(_) | Command::SendState { .. })) {
+                    abort.store(true, Ordering::Relaxed);
                 }
+                let end = command.is_err() || matches!(command, Ok(Command::Stop { .. }));
                 if commands_tx.send(command).is_err() || end {
                     return;
                 }
@@ -249,15 +357,18 @@ impl Session {
         });
         // Reports go out in order on their own task, so training never waits for them; a
         // refused report ends the session like a broken stream does.
-        let (reports, mut pending) = tokio_mpsc::unbounded_channel::<pb::StepReport>();
+        let (reports, mut pending) = tokio_mpsc::unbounded_channel::<Outbound>();
         let mut report_client = client.clone();
         runtime.spawn(async move {
-            while let Some(report) = pending.recv().await {
-                if let Err(status) = report_client.report(report).await {
-                    let reason = format!(
-                        "the coordinator refused a step report: {}",
-                        status.message()
-                    );
+            while let Some(message) = pending.recv().await {
+                let (what, sent) = match message {
+                    Outbound::Report(r) => {
+                        ("a step report", report_client.report(r).await.map(|_| ()))
+                    }
+                    Outbound::Halted(h) => ("a halt", report_client.halt(h).await.map(|_| ())),
+                };
+                if let Err(status) = sent {
+                    let reason = format!("the coordinator refused {what}: {}", status.message());
                     let _ = report_failed.send(Err(lost(reason)));
                     return;
                 }
@@ -270,16 +381,9 @@ impl Session {
             config_toml: welcome.config_toml,
             config_sha256: welcome.config_sha256,
             commands,
-            stopped,
             reports,
             _heartbeats: up,
         })
-    }
-
-    /// Set once the coordinator has stopped this worker (or the session broke): waits on the
-    /// ring give up at once.
-    pub fn stopped_flag(&self) -> Arc<AtomicBool> {
-        self.stopped.clone()
     }
 
     /// The run's config (TOML) as the coordinator sent it.
@@ -343,14 +447,50 @@ impl Session {
             checksum: report.checksum,
             epoch: report.cursor.0,
             step_in_epoch: report.cursor.1,
+            global_rows: report.global_rows,
         };
         self.reports
-            .send(message)
+            .send(Outbound::Report(message))
             .map_err(|_| lost("the report stream to the coordinator is closed"))
     }
 
-    /// Hands a checkpoint to the coordinator and waits until it is written.
-    pub fn upload_checkpoint(&self, generation: u64, step: u64, files: Files) -> Result<()> {
+    /// Says this worker has halted in `generation` after `step` global steps (queued behind its
+    /// step reports, so the coordinator has them all first).
+    pub fn halted(&self, generation: u64, step: u64) -> Result<()> {
+        let message = pb::Halted {
+            session: self.session,
+            generation,
+            step,
+        };
+        self.reports
+            .send(Outbound::Halted(message))
+            .map_err(|_| lost("the report stream to the coordinator is closed"))
+    }
+
+    /// Tells the coordinator this worker cannot go on (the run fails with `reason`); best effort.
+    pub fn fail(&self, reason: &str) {
+        let failure = pb::Failure {
+            session: self.session,
+            reason: reason.to_string(),
+        };
+        let mut client = self.client.clone();
+        let sent = self.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), client.fail(failure)).await
+        });
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!("could not tell the coordinator why this worker stops");
+        }
+    }
+
+    /// Hands a checkpoint (or, `requested`, this worker's state when asked) to the coordinator
+    /// and waits until it is taken.
+    pub fn upload_checkpoint(
+        &self,
+        generation: u64,
+        step: u64,
+        files: Files,
+        requested: bool,
+    ) -> Result<()> {
         let upload = pb::CheckpointUpload {
             session: self.session,
             generation,
@@ -359,6 +499,7 @@ impl Session {
                 .into_iter()
                 .map(|(name, data)| pb::File { name, data })
                 .collect(),
+            requested,
         };
         let mut client = self.client.clone();
         self.runtime
@@ -370,6 +511,20 @@ impl Session {
                     s.message()
                 ))
             })
+    }
+}
+
+/// Why a join attempt failed.
+enum Refusal {
+    /// It may succeed later.
+    Transient(WorkerError),
+    /// It will not.
+    Final(WorkerError),
+}
+
+impl From<WorkerError> for Refusal {
+    fn from(e: WorkerError) -> Self {
+        Refusal::Final(e)
     }
 }
 
