@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{curve, elbo, ok, params, Procs};
+use common::{curve, elbo, ok, params, Procs, SMALL};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,26 +12,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
-
-/// A small run: 600 sprites of 32×32, batch 48 (13 steps per epoch, the last one short), MLP.
-const SMALL: [&str; 16] = [
-    "--set",
-    "data.sprites.n=600",
-    "--set",
-    "data.sprites.size=32",
-    "--set",
-    "train.batch_size=48",
-    "--set",
-    "train.epochs=2",
-    "--set",
-    "model.hidden=64",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "cluster.checksum_every=3",
-    "--set",
-    "train.checkpoint_every=10",
-];
 
 #[test]
 fn a_distributed_run_resumes_exactly_at_another_world_size() {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{child_with_arg, elbo, ok, params, records, wait_until, Procs};
+use common::{child_with_arg, elbo, ok, params, records, wait_until, Procs, SMALL};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,24 +13,10 @@ use std::time::{Duration, Instant};
 
 const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
 
-/// 600 sprites of 32×32, batch 48: 13 steps per epoch (the last one short), 4 epochs, 52 steps.
-const RUN: [&str; 20] = [
-    "--set",
-    "data.sprites.n=600",
-    "--set",
-    "data.sprites.size=32",
-    "--set",
-    "train.batch_size=48",
+/// The small run of the distributed tests over 4 epochs (52 steps), with a 1 s heartbeat timeout.
+const RUN: [&str; 6] = [
     "--set",
     "train.epochs=4",
-    "--set",
-    "model.hidden=64",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "cluster.checksum_every=3",
-    "--set",
-    "train.checkpoint_every=10",
     "--set",
     "cluster.heartbeat_timeout_s=1",
     "--set",
@@ -47,6 +33,7 @@ fn launcher(run: &Path, cache: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(ELBO);
     cmd.args(["train", "--run-dir"])
         .arg(run)
+        .args(SMALL)
         .args(RUN)
         .args(extra)
         .env("ELBO_CACHE_DIR", cache)
@@ -155,6 +142,7 @@ fn a_worker_killed_at_a_random_step_loses_and_repeats_no_row() {
     ok(elbo(
         &[
             &["train", "--run-dir", whole.to_str().unwrap()][..],
+            &SMALL,
             &RUN,
             &["--set", "cluster.workers=3"],
         ]
@@ -288,6 +276,7 @@ fn a_restarted_coordinator_finishes_the_run_from_its_last_checkpoint() {
         let mut cmd = Command::new(ELBO);
         cmd.args(["coordinator", "--listen", &listen, "--run-dir"])
             .arg(&run)
+            .args(SMALL)
             .args(RUN)
             .args(["--set", "cluster.workers=2"])
             .env("ELBO_CACHE_DIR", &cache)
@@ -347,6 +336,7 @@ fn sigterm_checkpoints_and_the_rerun_ends_byte_identical() {
     ok(elbo(
         &[
             &["train", "--run-dir", whole.to_str().unwrap()][..],
+            &SMALL,
             &RUN,
             &world,
         ]
@@ -380,6 +370,7 @@ fn sigterm_checkpoints_and_the_rerun_ends_byte_identical() {
     ok(elbo(
         &[
             &["train", "--run-dir", run.to_str().unwrap()][..],
+            &SMALL,
             &RUN,
             &world,
         ]
@@ -404,6 +395,7 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
         elbo(
             &[
                 &["train", "--run-dir", run.to_str().unwrap()][..],
+                &SMALL,
                 &RUN,
                 extra,
             ]

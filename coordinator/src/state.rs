@@ -909,7 +909,11 @@ impl Shared {
         inner.donor = None;
         inner.state = Some((step, files));
         if inner.draining || step >= self.settings.stop_step {
-            return self.finish(&mut inner, "stopped with a checkpoint");
+            if inner.checkpoint == Some(step) {
+                return self.finish(&mut inner, "stopped with a checkpoint");
+            }
+            // The stop came after this state was sent unwritten: ask for it again, to keep.
+            return self.ask_donor(&mut inner, true);
         }
         inner.phase = Phase::Rendezvous;
         self.try_form(&mut inner);

@@ -10,6 +10,26 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+/// A small run: 600 sprites of 32×32, batch 48 (13 steps per epoch, the last one short), MLP.
+pub const SMALL: [&str; 16] = [
+    "--set",
+    "data.sprites.n=600",
+    "--set",
+    "data.sprites.size=32",
+    "--set",
+    "train.batch_size=48",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "model.hidden=64",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "cluster.checksum_every=3",
+    "--set",
+    "train.checkpoint_every=10",
+];
+
 /// Runs `elbo ARGS` with `cache` as its cache directory and warnings-only logs.
 pub fn elbo(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_elbo"))

@@ -390,7 +390,7 @@ pub struct GrpcRing {
 }
 
 /// How often a waiting ring checks whether it was cancelled.
-const CANCEL_POLL: Duration = Duration::from_millis(20);
+const CANCEL_POLL: Duration = Duration::from_millis(2);
 
 impl Drop for GrpcRing {
     /// Ends the stream to the next rank and waits (at most [`FLUSH_TIMEOUT`]) until everything
