@@ -7,7 +7,7 @@
 - the step-time overhead of checkpoints (checkpoint_every = 10 vs only the final one), in one
   process and with 3 workers.
 
-Usage: python3 scripts/fault_figures.py [REPEATS]    (after cargo build --release)
+Usage: python3 scripts/fault_figures.py [REPEATS [faults|checkpoints]]   (after cargo build --release)
 """
 import datetime
 import json
@@ -23,6 +23,7 @@ import time
 
 ELBO = os.environ.get("ELBO", "target/release/elbo")
 REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+PARTS = sys.argv[2:] or ["faults", "checkpoints"]
 COMMON = ["--set", "train.log_every=1", "--set", "train.epochs=3", "--set", "train.checkpoint_every=100000"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RNG = random.Random(0)
@@ -105,7 +106,7 @@ def spread(xs, unit=1000.0, fmt="{:.1f}"):
     return f"median {fmt.format(statistics.median(xs))} (min {fmt.format(xs[0])}, max {fmt.format(xs[-1])})"
 
 
-for name, sig, hb in [("SIGKILL", signal.SIGKILL, 5), ("SIGSTOP", signal.SIGSTOP, 1), ("SIGSTOP", signal.SIGSTOP, 5)]:
+for name, sig, hb in [] if "faults" not in PARTS else [("SIGKILL", signal.SIGKILL, 5), ("SIGSTOP", signal.SIGSTOP, 1), ("SIGSTOP", signal.SIGSTOP, 5)]:
     runs = [fault(sig, hb) for _ in range(REPEATS)]
     print(f"{name}, heartbeat timeout {hb} s, {REPEATS} runs (ms):")
     print(f"  detection (fault -> worker declared lost): {spread([r[0] for r in runs])}")
@@ -113,7 +114,7 @@ for name, sig, hb in [("SIGKILL", signal.SIGKILL, 5), ("SIGSTOP", signal.SIGSTOP
     print(f"  recovery (fault -> next committed step):   {spread([r[2] for r in runs])}")
     print(f"  normal step time before the fault:         {spread([r[3] for r in runs], fmt='{:.2f}')}")
 
-for label, world in [("1 process", []), ("3 workers", ["--set", "cluster.workers=3"])]:
+for label, world in [] if "checkpoints" not in PARTS else [("1 process", []), ("3 workers", ["--set", "cluster.workers=3"])]:
     base = [timed(world) for _ in range(REPEATS)]
     ck = [timed([*world, "--set", "train.checkpoint_every=10"]) for _ in range(REPEATS)]
     b, c = statistics.median(base), statistics.median(ck)

@@ -452,3 +452,23 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no intact checkpoint"), "{err}");
 }
+
+#[test]
+fn a_launcher_killed_outright_takes_its_workers_along() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = tmp.path().join("run");
+    let mut procs = Procs::default();
+    let l = procs.spawn(&mut launcher(&run, &cache, &["--set", "cluster.workers=2"]));
+    let pid = procs.0[l].id();
+    wait_until(LIMIT, "the run reaches step 3", || committed(&run) >= 3);
+    let workers = common::children_of(pid);
+    assert_eq!(workers.len(), 2);
+    Procs::signal(pid, "KILL");
+    wait_until(Duration::from_secs(10), "every worker exits", || {
+        workers.iter().all(|w| {
+            !Path::new(&format!("/proc/{w}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{w}/cmdline")).is_ok_and(|c| c.is_empty())
+        })
+    });
+}

@@ -253,7 +253,7 @@ impl LocalWorkers<'_> {
                 self.run_id,
             ])
             .args(["--worker-id", &id, "--device", self.device])
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
             .env("ELBO_TOKEN", &self.token)
             .env("RAYON_NUM_THREADS", self.threads.to_string())
             .env(

@@ -12,7 +12,7 @@ use elbo_datasets::{BatchStream, Cursor, Dataset};
 use elbo_models::{Model, Vae};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
-use elbo_worker::{LocalReduce, Trainer};
+use elbo_worker::LocalReduce;
 
 use super::build;
 use super::job::{restore, Job};
@@ -81,12 +81,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut metrics = Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?;
     let stop_at = args.run.max_steps.unwrap_or(u64::MAX).min(total_steps);
     let keep = cfg.train.keep_checkpoints as usize;
-    let save = |trainer: &Trainer, cursor: Cursor| -> anyhow::Result<PathBuf> {
-        Ok(checkpoint::write(
-            &run_dir,
-            &job.checkpoint_files(trainer, cursor)?,
-            keep,
-        )?)
+    // Periodic checkpoints are written (and fsynced) on a thread of their own while training
+    // goes on, one at a time; the final one is written before the run reports.
+    let mut writing: Option<std::thread::JoinHandle<anyhow::Result<PathBuf>>> = None;
+    let written = |w: std::thread::JoinHandle<anyhow::Result<PathBuf>>| -> anyhow::Result<PathBuf> {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))?
     };
 
     tracing::info!(run_dir = %run_dir.display(), rows = train.rows(), steps = total_steps, params = trainer.layout().len(), "training");
@@ -129,7 +129,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             }
             bar.set_position(step);
             if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
-                save(&trainer, job.normalise(cursor))?;
+                if let Some(previous) = writing.take() {
+                    written(previous)?;
+                }
+                let files = job.checkpoint_files(&trainer, job.normalise(cursor))?;
+                let (dir, keep) = (run_dir.clone(), keep);
+                writing = Some(std::thread::spawn(move || {
+                    Ok(checkpoint::write(&dir, &files, keep)?)
+                }));
             }
             if step >= stop_at || interrupted.load(Ordering::SeqCst) {
                 break 'epochs;
@@ -139,7 +146,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let cursor = job.normalise(cursor);
-    let dir = save(&trainer, cursor)?;
+    if let Some(previous) = writing.take() {
+        written(previous)?;
+    }
+    let dir = checkpoint::write(&run_dir, &job.checkpoint_files(&trainer, cursor)?, keep)?;
     let steps = trainer.step() - start_step;
     let secs = started.elapsed().as_secs_f64();
     println!(

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use elbo_datasets::{BatchStream, Cursor};
 use elbo_worker::checkpoint;
-use elbo_worker::grpc_ring::BoundPeer;
+use elbo_worker::grpc_ring::{BoundPeer, GrpcRing};
 use elbo_worker::ring::RingAllReduce;
-use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand};
+use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand, Upload};
 use elbo_worker::{Trainer, WorkerError};
 
 use super::build;
@@ -69,6 +69,22 @@ pub struct WorkerArgs {
         default_value_t = 0
     )]
     throttle_ms: u64,
+    /// Exit when the parent process dies (set by `elbo train` for its local workers, so none
+    /// outlives a launcher that was killed outright).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+/// Exits the process once its parent is gone (it is re-parented).
+fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("elbo worker: the launcher is gone; exiting");
+            std::process::exit(1);
+        }
+    });
 }
 
 fn default_worker_id() -> String {
@@ -90,6 +106,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     if args.throttle_ms > 60_000 {
         bail!("--throttle-ms {}: expected at most 60000", args.throttle_ms);
+    }
+    if args.exit_with_parent {
+        exit_with_parent();
     }
     let device = build::device(&args.device)?;
     let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
@@ -377,11 +396,31 @@ impl Worker {
         };
         let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
         let mut reduce = RingAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
+        // Whatever ends the generation, a checkpoint on its way is taken (or refused) first, so
+        // the coordinator has it before this worker halts or finishes.
+        let mut uploading = None;
+        let ended = self.generation_steps(session, start, &mut reduce, &mut uploading);
+        if let Some(upload) = uploading {
+            upload.wait()?;
+        }
+        ended
+    }
+
+    /// The steps of one generation (see [`Worker::train`]).
+    fn generation_steps(
+        &mut self,
+        session: &Session,
+        start: &StartCommand,
+        reduce: &mut RingAllReduce<GrpcRing>,
+        uploading: &mut Option<Upload>,
+    ) -> Result<Trained, Failure> {
+        let cfg = &self.job.cfg;
+        let rank = start.rank as usize;
         let every = |n: u64, step: u64| n > 0 && step % n == 0;
         if self.trainer.step() >= start.stop_step {
             return Ok(Trained::Done);
         }
-        while self.cursor.epoch < cfg.train.epochs {
+        while self.cursor.epoch < cfg.train.epochs && self.trainer.step() < start.stop_step {
             let plan = self
                 .job
                 .plan
@@ -416,7 +455,7 @@ impl Worker {
                     }
                     audit.flush().context("cannot write --audit-rows")?;
                 }
-                let report = match self.trainer.train_step(&batch, &mut reduce, &self.device) {
+                let report = match self.trainer.train_step(&batch, reduce, &self.device) {
                     Ok(report) => report,
                     Err(WorkerError::Ring(why)) => {
                         tracing::warn!(step, why, "the step was aborted");
@@ -439,11 +478,15 @@ impl Worker {
                 })?;
                 let last = step >= start.stop_step;
                 if rank == 0 && (last || every(start.checkpoint_every, step)) {
+                    // One checkpoint in flight at a time; it travels while training goes on.
+                    if let Some(previous) = uploading.take() {
+                        previous.wait()?;
+                    }
                     let files = self.job.checkpoint_files(&self.trainer, self.cursor)?;
-                    session.upload_checkpoint(start.generation, step, files, false)?;
+                    *uploading = Some(session.start_upload(start.generation, step, files, false));
                 }
                 if last {
-                    return Ok(Trained::Done);
+                    break;
                 }
             }
             self.cursor = self.job.normalise(self.cursor);

@@ -491,6 +491,18 @@ impl Session {
         files: Files,
         requested: bool,
     ) -> Result<()> {
+        self.start_upload(generation, step, files, requested).wait()
+    }
+
+    /// Starts handing a checkpoint to the coordinator; training goes on while it travels and is
+    /// written. [`Upload::wait`] says whether it was taken.
+    pub fn start_upload(
+        &self,
+        generation: u64,
+        step: u64,
+        files: Files,
+        requested: bool,
+    ) -> Upload {
         let upload = pb::CheckpointUpload {
             session: self.session,
             generation,
@@ -502,15 +514,37 @@ impl Session {
             requested,
         };
         let mut client = self.client.clone();
+        let task = self.runtime.spawn(async move {
+            client
+                .save_checkpoint(upload)
+                .await
+                .map(|_| ())
+                .map_err(|s| {
+                    lost(format!(
+                        "the coordinator did not save the checkpoint of step {step}: {}",
+                        s.message()
+                    ))
+                })
+        });
+        Upload {
+            runtime: self.runtime.clone(),
+            task,
+        }
+    }
+}
+
+/// A checkpoint on its way to the coordinator.
+pub struct Upload {
+    runtime: Arc<tokio::runtime::Runtime>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Upload {
+    /// Waits until the coordinator has taken (and, for a checkpoint, written) it.
+    pub fn wait(self) -> Result<()> {
         self.runtime
-            .block_on(client.save_checkpoint(upload))
-            .map(|_| ())
-            .map_err(|s| {
-                lost(format!(
-                    "the coordinator did not save the checkpoint of step {step}: {}",
-                    s.message()
-                ))
-            })
+            .block_on(self.task)
+            .map_err(|e| WorkerError::Internal(format!("checkpoint upload: {e}")))?
     }
 }
 
