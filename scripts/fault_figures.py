@@ -4,10 +4,13 @@
   when one of 3 local workers is SIGKILLed, and when one is frozen with SIGSTOP (silent, its
   connections open: what a network cut looks like) under a 1 s and the default 5 s heartbeat
   timeout;
+- the same for a real network cut (`cut`, needs root): one worker runs in a network namespace
+  joined by a veth pair whose link is taken down; then the link is mended and the time until the
+  worker is back in the ring (world 3 again) is measured too;
 - the step-time overhead of checkpoints (checkpoint_every = 10 vs only the final one), in one
   process and with 3 workers.
 
-Usage: python3 scripts/fault_figures.py [REPEATS [faults|checkpoints]]   (after cargo build --release)
+Usage: python3 scripts/fault_figures.py [REPEATS [faults|cut|checkpoints]...]   (after cargo build --release)
 """
 import datetime
 import json
@@ -23,7 +26,7 @@ import time
 
 ELBO = os.environ.get("ELBO", "target/release/elbo")
 REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-PARTS = sys.argv[2:] or ["faults", "checkpoints"]
+PARTS = sys.argv[2:] or ["faults", "cut", "checkpoints"]
 COMMON = ["--set", "train.log_every=1", "--set", "train.epochs=3", "--set", "train.checkpoint_every=100000"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RNG = random.Random(0)
@@ -59,6 +62,23 @@ def worker_pid(launcher, worker_id):
     raise RuntimeError(f"{worker_id} not found")
 
 
+def events(log):
+    """From a coordinator's log: when the worker was declared lost, when generation 2's ring
+    formed, and each committed step as (time, record)."""
+    log.seek(0)
+    lines = [ANSI.sub("", l) for l in log]
+    lost = next(stamp(l) for l in lines if "worker lost" in l)
+    formed = next(stamp(l) for l in lines if "ring formed" in l and "generation=2" in l)
+    steps = [(stamp(l), json.loads(l.split("progress: ", 1)[1])) for l in lines if "elbo::cli::progress" in l]
+    return lost, formed, steps
+
+
+def report(title, runs, labels):
+    print(f"{title}, {REPEATS} runs (ms):")
+    for i, label in enumerate(labels):
+        print(f"  {label + ':':<42} {spread([r[i] for r in runs], fmt='{:.2f}' if 'step time' in label else '{:.1f}')}")
+
+
 def fault(sig, heartbeat):
     """One run of 3 workers; worker-1 gets `sig` at a random committed step in [60, 240)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,15 +102,78 @@ def fault(sig, heartbeat):
             os.kill(victim, signal.SIGKILL)  # a frozen worker outlives nothing
         except ProcessLookupError:
             pass
-        log.seek(0)
-        lines = [ANSI.sub("", l) for l in log]
-        lost = next(stamp(l) for l in lines if "worker lost" in l)
-        formed = next(stamp(l) for l in lines if "ring formed" in l and "generation=2" in l)
-        steps = [(stamp(l), json.loads(l.split("progress: ", 1)[1])) for l in lines if "elbo::cli::progress" in l]
+        lost, formed, steps = events(log)
         first = next(t for t, r in steps if r["world"] == 2)
         before = [t for t, r in steps if r["world"] == 3]
         step_s = statistics.median(b - a for a, b in zip(before[20:], before[21:]))
         return lost - t_fault, formed - t_fault, first - t_fault, step_s
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def cut(heartbeat):
+    """Coordinator and 2 workers here, worker w2 in a network namespace; its link goes down at a
+    random committed step in [60, 240) and comes back up after 3 steps without it."""
+    pid = os.getpid()
+    ns, host_if, inside_if = f"elbo-fig-{pid}", f"elbo{pid}h", f"elbo{pid}n"
+    base = (198 << 24) + (18 << 16) + (pid % 32768) * 4  # 198.18.0.0/15: never routed
+    host, inside = (".".join(str((base + k) >> s & 255) for s in (24, 16, 8, 0)) for k in (1, 2))
+    procs = []
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", inside_if, "netns", ns)
+        ip("addr", "add", f"{host}/30", "dev", host_if)
+        ip("-n", ns, "addr", "add", f"{inside}/30", "dev", inside_if)
+
+        def links(state):
+            ip("link", "set", host_if, state)
+            ip("-n", ns, "link", "set", inside_if, state)
+
+        links("up")
+        with tempfile.TemporaryDirectory() as tmp:
+            log = open(os.path.join(tmp, "log"), "w+")
+            env = dict(os.environ, ELBO_LOG="info,elbo::cli::worker=warn", ELBO_TOKEN="figures")
+            listen = f"{host}:{29500 + pid % 1000}"
+            procs.append(subprocess.Popen(
+                [ELBO, "coordinator", "--listen", listen, "--run-dir", os.path.join(tmp, "run"), *COMMON,
+                 "--set", "cluster.workers=3", "--set", "cluster.min_workers=2",
+                 "--set", f"cluster.heartbeat_timeout_s={heartbeat}", "--max-steps", "600"],
+                stdout=subprocess.DEVNULL, stderr=log, env=env))
+            for wid, prefix, addr in [("w0", [], host), ("w1", [], host), ("w2", ["ip", "netns", "exec", ns], inside)]:
+                procs.append(subprocess.Popen(
+                    [*prefix, ELBO, "worker", "--coordinator", f"http://{listen}", "--run-id", "default",
+                     "--worker-id", wid, "--listen", f"{addr}:0"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(env, ELBO_LOG="warn")))
+            metrics = os.path.join(tmp, "run", "metrics.jsonl")
+
+            def worlds():
+                try:
+                    return [json.loads(l)["world"] for l in open(metrics) if l.endswith("\n")]
+                except FileNotFoundError:
+                    return []
+
+            at = RNG.randrange(60, 240)
+            while len(worlds()) < at:
+                time.sleep(0.005)
+            t_cut = time.time()
+            links("down")
+            while worlds().count(2) < 3:
+                time.sleep(0.005)
+            t_mend = time.time()
+            links("up")
+            procs[0].wait(timeout=120)
+            lost, formed, steps = events(log)
+            first = next(t for t, r in steps if r["world"] == 2)
+            back = next(t for t, r in steps if t > t_mend and r["world"] == 3)
+            return lost - t_cut, formed - t_cut, first - t_cut, back - t_mend
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def timed(extra):
@@ -107,12 +190,14 @@ def spread(xs, unit=1000.0, fmt="{:.1f}"):
 
 
 for name, sig, hb in [] if "faults" not in PARTS else [("SIGKILL", signal.SIGKILL, 5), ("SIGSTOP", signal.SIGSTOP, 1), ("SIGSTOP", signal.SIGSTOP, 5)]:
-    runs = [fault(sig, hb) for _ in range(REPEATS)]
-    print(f"{name}, heartbeat timeout {hb} s, {REPEATS} runs (ms):")
-    print(f"  detection (fault -> worker declared lost): {spread([r[0] for r in runs])}")
-    print(f"  ring re-formed (fault -> generation 2):    {spread([r[1] for r in runs])}")
-    print(f"  recovery (fault -> next committed step):   {spread([r[2] for r in runs])}")
-    print(f"  normal step time before the fault:         {spread([r[3] for r in runs], fmt='{:.2f}')}")
+    report(f"{name}, heartbeat timeout {hb} s", [fault(sig, hb) for _ in range(REPEATS)],
+           ["detection (fault -> worker declared lost)", "ring re-formed (fault -> generation 2)",
+            "recovery (fault -> next committed step)", "normal step time before the fault"])
+
+for hb in [] if "cut" not in PARTS else [1, 5]:
+    report(f"network cut, heartbeat timeout {hb} s", [cut(hb) for _ in range(REPEATS)],
+           ["detection (cut -> worker declared lost)", "ring re-formed (cut -> generation 2)",
+            "recovery (cut -> next committed step)", "rejoined (link mended -> world 3 again)"])
 
 for label, world in [] if "checkpoints" not in PARTS else [("1 process", []), ("3 workers", ["--set", "cluster.workers=3"])]:
     base = [timed(world) for _ in range(REPEATS)]

@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{curve, elbo, ok, params, Procs, SMALL};
+use common::{coordinator_cmd, curve, elbo, ok, params, worker_cmd, Procs, SMALL};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
@@ -111,17 +111,7 @@ fn one_two_and_four_workers_train_the_same_model() {
 
 /// Starts `elbo coordinator` on a free loopback port; returns its index and URL.
 fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (usize, String) {
-    let mut cmd = Command::new(ELBO);
-    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--run-dir"])
-        .arg(run)
-        .args(SMALL)
-        .args(extra)
-        .env("ELBO_CACHE_DIR", cache)
-        .env("ELBO_TOKEN", "s3cret")
-        .env("ELBO_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let i = procs.spawn(&mut cmd);
+    let i = procs.spawn(&mut coordinator_cmd("127.0.0.1:0", run, cache, extra));
     let mut stdout = BufReader::new(procs.0[i].stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
@@ -133,22 +123,16 @@ fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (
     (i, format!("http://{addr}"))
 }
 
+/// A worker of run "default" unless `extra` names another.
 fn worker(url: &str, id: &str, cache: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(ELBO);
-    cmd.args(["worker", "--coordinator", url, "--worker-id", id])
-        .args(["--connect-timeout-s", "20"])
+    let mut cmd = worker_cmd(Command::new(ELBO), url, id, cache);
+    cmd.args(["--connect-timeout-s", "20"])
         .args(if extra.contains(&"--run-id") {
             &[][..]
         } else {
             &["--run-id", "default"][..]
         })
-        .args(extra)
-        .env("ELBO_CACHE_DIR", cache)
-        .env("ELBO_TOKEN", "s3cret")
-        .env("ELBO_LOG", "warn")
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .args(extra);
     cmd
 }
 

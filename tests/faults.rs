@@ -1,12 +1,18 @@
-//! Fault tolerance with real processes: workers killed, replaced, frozen; the coordinator
-//! killed and restarted; the launcher stopped with SIGTERM; checkpoints corrupted. Every run
-//! must finish without losing or repeating a row and without hanging: each wait here has a
-//! deadline, and every process (with its children) is killed when the test ends, pass or fail.
+//! Fault tolerance with real processes: workers killed, replaced, frozen, cut off the network;
+//! the coordinator killed and restarted; the launcher stopped with SIGTERM; checkpoints
+//! corrupted. Every run must finish without losing or repeating a row and without hanging:
+//! each wait here has a deadline, and every process (with its children) is killed when the
+//! test ends, pass or fail.
 
 mod common;
 
-use common::{child_with_arg, elbo, ok, params, records, wait_until, Procs, SMALL};
+use common::netns::Netns;
+use common::{
+    child_with_arg, coordinator_cmd, elbo, ok, params, records, wait_until, worker_cmd, Procs,
+    SMALL,
+};
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,8 +226,7 @@ fn a_killed_worker_is_replaced_and_the_world_grows_back() {
 
 #[test]
 fn a_frozen_worker_is_dropped_and_the_run_goes_on() {
-    // SIGSTOP silences every connection of the worker at once while they stay open — what
-    // peers and coordinator see of a network cut.
+    // A hung worker: SIGSTOP silences all its connections at once while they stay open.
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let run = tmp.path().join("run");
@@ -258,12 +263,118 @@ fn a_frozen_worker_is_dropped_and_the_run_goes_on() {
     assert_eq!(records(&run).last().unwrap()["step"].as_u64(), Some(STEPS));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// A port free on `ip` right now.
+fn free_port(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `elbo coordinator` of the test run on `listen`, with `extra` settings.
+fn coordinator(listen: &str, run: &Path, cache: &Path, extra: &[&str]) -> Command {
+    coordinator_cmd(listen, run, cache, &[&RUN[..], extra].concat())
+}
+
+/// A throttled worker of the test run; `cmd` starts the binary (see [`worker_cmd`]).
+fn worker(cmd: Command, url: &str, id: &str, cache: &Path) -> Command {
+    let mut cmd = worker_cmd(cmd, url, id, cache);
+    cmd.args(["--run-id", "default"])
+        .env("ELBO_WORKER_THROTTLE_MS", THROTTLE_MS);
+    cmd
+}
+
+/// The world size of each committed step so far (a line still being written is skipped).
+fn worlds(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["world"].as_u64())
+        .collect()
+}
+
+#[test]
+fn a_worker_cut_off_the_network_is_dropped_and_rejoins_when_mended() {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            assert!(
+                std::env::var_os("ELBO_REQUIRE_NETNS").is_none(),
+                "ELBO_REQUIRE_NETNS is set, but no network namespace: {why}"
+            );
+            eprintln!("SKIPPED: no network namespace here ({why})");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = tmp.path().join("run");
+    let audits = tmp.path().join("audit");
+    std::fs::create_dir_all(&audits).unwrap();
+    // Long enough (390 steps) for the cut worker to come back before the end.
+    let epochs = 30;
+    let listen = format!("{}:{}", ns.host_ip, free_port(ns.host_ip));
+    let url = format!("http://{listen}");
+    let mut procs = Procs::default();
+    let c = procs.spawn(&mut coordinator(
+        &listen,
+        &run,
+        &cache,
+        &[
+            "--set",
+            &format!("train.epochs={epochs}"),
+            "--set",
+            "cluster.workers=3",
+            "--set",
+            "cluster.min_workers=2",
+        ],
+    ));
+    let mut workers = Vec::new();
+    for (id, start, ip) in [
+        ("w0", Command::new(ELBO), ns.host_ip),
+        ("w1", Command::new(ELBO), ns.host_ip),
+        ("w2", ns.command(ELBO), ns.inside_ip),
+    ] {
+        let mut cmd = worker(start, &url, id, &cache);
+        cmd.args(["--listen", &format!("{ip}:0"), "--audit-rows"])
+            .arg(&audits);
+        workers.push(procs.spawn(&mut cmd));
+    }
+    wait_until(LIMIT, "the run reaches step 8", || committed(&run) >= 8);
+    ns.cut();
+    let cut = Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "3 steps without the cut-off worker",
+        || worlds(&run).iter().filter(|&&w| w == 2).count() >= 3,
+    );
+    let recovered = cut.elapsed();
+    assert!(
+        recovered < Duration::from_secs(10),
+        "a 1 s heartbeat timeout, recovered after {recovered:?}"
+    );
+    ns.mend();
+    let out = finished(&mut procs, c);
+    assert!(out.contains("checkpoint at step 390"), "{out}");
+    for w in workers {
+        let (ok, err) = procs.wait(w, Duration::from_secs(30));
+        assert!(ok, "a worker failed: {err}");
+    }
+    let mut seen = worlds(&run);
+    seen.dedup();
+    assert_eq!(
+        seen,
+        [3, 2, 3],
+        "the world shrank, then grew back when mended"
+    );
+    let (uses, steps) = rows_used(&audits);
+    assert_eq!(steps, 13 * epochs, "every step was trained");
+    assert_eq!(uses.len(), 600, "every row is used");
+    assert!(
+        uses.values().all(|&n| n == epochs as u32),
+        "each row exactly once per epoch"
+    );
 }
 
 #[test]
@@ -271,37 +382,19 @@ fn a_restarted_coordinator_finishes_the_run_from_its_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let run = tmp.path().join("run");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let coordinator = || {
-        let mut cmd = Command::new(ELBO);
-        cmd.args(["coordinator", "--listen", &listen, "--run-dir"])
-            .arg(&run)
-            .args(SMALL)
-            .args(RUN)
-            .args(["--set", "cluster.workers=2"])
-            .env("ELBO_CACHE_DIR", &cache)
-            .env("ELBO_TOKEN", "s3cret")
-            .env("ELBO_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
-    };
-    let mut procs = Procs::default();
-    let first = procs.spawn(&mut coordinator());
+    let listen = format!("127.0.0.1:{}", free_port(Ipv4Addr::LOCALHOST));
     let url = format!("http://{listen}");
+    let world = ["--set", "cluster.workers=2"];
+    let mut procs = Procs::default();
+    let first = procs.spawn(&mut coordinator(&listen, &run, &cache, &world));
     let workers: Vec<usize> = (0..2)
         .map(|i| {
-            let mut cmd = Command::new(ELBO);
-            cmd.args(["worker", "--coordinator", &url, "--run-id", "default"])
-                .args(["--worker-id", &format!("w{i}")])
-                .env("ELBO_CACHE_DIR", &cache)
-                .env("ELBO_TOKEN", "s3cret")
-                .env("ELBO_LOG", "warn")
-                .env("ELBO_WORKER_THROTTLE_MS", THROTTLE_MS)
-                .env("RAYON_NUM_THREADS", "1")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            procs.spawn(&mut cmd)
+            procs.spawn(&mut worker(
+                Command::new(ELBO),
+                &url,
+                &format!("w{i}"),
+                &cache,
+            ))
         })
         .collect();
     wait_until(LIMIT, "a checkpoint at step 20", || {
@@ -309,7 +402,7 @@ fn a_restarted_coordinator_finishes_the_run_from_its_last_checkpoint() {
     });
     Procs::signal(procs.0[first].id(), "KILL");
     let _ = procs.wait(first, Duration::from_secs(10));
-    let second = procs.spawn(&mut coordinator());
+    let second = procs.spawn(&mut coordinator(&listen, &run, &cache, &world));
     let out = finished(&mut procs, second);
     assert!(out.contains("checkpoint at step 52"), "{out}");
     for w in workers {

@@ -4,10 +4,12 @@
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A small run: 600 sprites of 32×32, batch 48 (13 steps per epoch, the last one short), MLP.
@@ -38,6 +40,35 @@ pub fn elbo(args: &[&str], cache: &Path) -> Output {
         .env("ELBO_LOG", "warn")
         .output()
         .expect("the elbo binary runs")
+}
+
+/// `elbo coordinator` of the small run in `run` on `listen`, with the test token and `extra`
+/// arguments; stdout and stderr piped.
+pub fn coordinator_cmd(listen: &str, run: &Path, cache: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_elbo"));
+    cmd.args(["coordinator", "--listen", listen, "--run-dir"])
+        .arg(run)
+        .args(SMALL)
+        .args(extra)
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_TOKEN", "s3cret")
+        .env("ELBO_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// `elbo worker` `id` joining the coordinator at `url` with the test token, one compute
+/// thread; `cmd` starts the binary (the binary itself, or a wrapper such as `ip netns exec`).
+pub fn worker_cmd(mut cmd: Command, url: &str, id: &str, cache: &Path) -> Command {
+    cmd.args(["worker", "--coordinator", url, "--worker-id", id])
+        .env("ELBO_CACHE_DIR", cache)
+        .env("ELBO_TOKEN", "s3cret")
+        .env("ELBO_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 /// Its stdout, after asserting it succeeded (its stderr in the failure message).
