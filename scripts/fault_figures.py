@@ -18,6 +18,7 @@ import os
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,8 +26,13 @@ import tempfile
 import time
 
 ELBO = os.environ.get("ELBO", "target/release/elbo")
-REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-PARTS = sys.argv[2:] or ["faults", "cut", "checkpoints"]
+ALL_PARTS = ["faults", "cut", "checkpoints"]
+REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else None
+PARTS = sys.argv[2:] or ALL_PARTS
+if len(sys.argv) > 1 and not REPEATS or not set(PARTS) <= set(ALL_PARTS):
+    sys.exit(f"usage: {sys.argv[0]} [REPEATS (a positive whole number) [{'|'.join(ALL_PARTS)}]...]; "
+             f"got {' '.join(sys.argv[1:])!r}")
+REPEATS = REPEATS or 5
 COMMON = ["--set", "train.log_every=1", "--set", "train.epochs=3", "--set", "train.checkpoint_every=100000"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RNG = random.Random(0)
@@ -76,7 +82,7 @@ def events(log):
 def report(title, runs, labels):
     print(f"{title}, {REPEATS} runs (ms):")
     for i, label in enumerate(labels):
-        print(f"  {label + ':':<42} {spread([r[i] for r in runs], fmt='{:.2f}' if 'step time' in label else '{:.1f}')}")
+        print(f"  {label + ':':<42} {spread([r[i] for r in runs])}")
 
 
 def fault(sig, heartbeat):
@@ -135,7 +141,9 @@ def cut(heartbeat):
         with tempfile.TemporaryDirectory() as tmp:
             log = open(os.path.join(tmp, "log"), "w+")
             env = dict(os.environ, ELBO_LOG="info,elbo::cli::worker=warn", ELBO_TOKEN="figures")
-            listen = f"{host}:{29500 + pid % 1000}"
+            with socket.socket() as probe:  # a port free on the link's address right now
+                probe.bind((host, 0))
+                listen = f"{host}:{probe.getsockname()[1]}"
             procs.append(subprocess.Popen(
                 [ELBO, "coordinator", "--listen", listen, "--run-dir", os.path.join(tmp, "run"), *COMMON,
                  "--set", "cluster.workers=3", "--set", "cluster.min_workers=2",

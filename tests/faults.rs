@@ -285,12 +285,11 @@ fn worker(cmd: Command, url: &str, id: &str, cache: &Path) -> Command {
     cmd
 }
 
-/// The world size of each committed step so far (a line still being written is skipped).
+/// The world size of each committed step so far.
 fn worlds(run: &Path) -> Vec<u64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["world"].as_u64())
+    records(run)
+        .iter()
+        .map(|r| r["world"].as_u64().unwrap())
         .collect()
 }
 

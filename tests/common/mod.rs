@@ -154,11 +154,13 @@ pub fn params(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// The records of a run's metrics.jsonl.
+/// The records of a run's metrics.jsonl; a last line still being written (no newline yet) is
+/// left out, so a running run can be read.
 pub fn records(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap_or_default()
-        .lines()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }

@@ -59,7 +59,8 @@ impl Netns {
             "dev",
             &ns.inside_if,
         ])?;
-        ns.mend();
+        ns.inside(&["link", "set", "lo", "up"])?;
+        ns.set_links("up")?;
         Ok(ns)
     }
 
@@ -72,19 +73,17 @@ impl Netns {
 
     /// Takes both ends of the link down: packets either way are dropped, nothing is reset.
     pub fn cut(&self) {
-        self.set_links("down");
+        self.set_links("down").unwrap();
     }
 
     /// Brings both ends back up (the addresses and their routes come back with them).
     pub fn mend(&self) {
-        self.set_links("up");
+        self.set_links("up").unwrap();
     }
 
-    fn set_links(&self, state: &str) {
-        self.ip(&["link", "set", &self.host_if, state]).unwrap();
+    fn set_links(&self, state: &str) -> Result<(), String> {
+        self.ip(&["link", "set", &self.host_if, state])?;
         self.inside(&["link", "set", &self.inside_if, state])
-            .unwrap();
-        self.inside(&["link", "set", "lo", "up"]).unwrap();
     }
 
     fn ip(&self, args: &[&str]) -> Result<(), String> {
