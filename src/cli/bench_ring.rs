@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use elbo_worker::grpc_ring::{BoundPeer, GrpcRing};
-use elbo_worker::ring::RingAllReduce;
+use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
+use elbo_worker::Reduce;
 use serde::Serialize;
 
 use super::bench::{fixed_batch, reference_trainer, time_steps, StepTimes, MODEL};
@@ -228,7 +228,7 @@ fn join_ring(
     rank: u32,
     world: u32,
     chunk_values: usize,
-) -> anyhow::Result<(BoundPeer, RingAllReduce<GrpcRing>)> {
+) -> anyhow::Result<(BoundPeer, GrpcAllReduce)> {
     let peer = BoundPeer::bind("127.0.0.1:0".parse()?, chunk_values)?;
     println!("peer {}", peer.local_addr());
     std::io::stdout().flush()?;
@@ -254,7 +254,7 @@ fn join_ring(
     )?;
     Ok((
         peer,
-        RingAllReduce::new(ring, 1, chunk_values, RING_TIMEOUT)?,
+        GrpcAllReduce::new(ring, 1, chunk_values, RING_TIMEOUT)?,
     ))
 }
 
@@ -268,7 +268,7 @@ pub fn rank(args: RankArgs) -> anyhow::Result<()> {
             for _ in 0..3 {
                 ring.all_reduce_mean(&mut buf)?;
             }
-            ring.all_reduce_mean(&mut [0.0])?;
+            ring.all_reduce_mean(&mut vec![0.0])?;
             let reps = (2e8 / args.bytes as f64).clamp(3.0, 50.0) as u32;
             let start = Instant::now();
             for _ in 0..reps {

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use elbo_datasets::{BatchStream, Cursor};
 use elbo_worker::checkpoint;
-use elbo_worker::grpc_ring::{BoundPeer, GrpcRing};
-use elbo_worker::ring::RingAllReduce;
+use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
 use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand, Upload};
 use elbo_worker::{Trainer, WorkerError};
 
@@ -395,7 +394,7 @@ impl Worker {
             Err(e) => return Err(e.into()),
         };
         let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
-        let mut reduce = RingAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
+        let mut reduce = GrpcAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
         // Whatever ends the generation, a checkpoint on its way is taken (or refused) first, so
         // the coordinator has it before this worker halts or finishes.
         let mut uploading = None;
@@ -411,7 +410,7 @@ impl Worker {
         &mut self,
         session: &Session,
         start: &StartCommand,
-        reduce: &mut RingAllReduce<GrpcRing>,
+        reduce: &mut GrpcAllReduce,
         uploading: &mut Option<Upload>,
     ) -> Result<Trained, Failure> {
         let cfg = &self.job.cfg;

@@ -1,13 +1,16 @@
 //! The worker side of elbo: the training step over a flat gradient buffer, optimisers with
-//! checkpointable state, checkpoint I/O, and the ring all-reduce (a [`Reduce`] over any
-//! point-to-point [`ring::RingTransport`]), and the session with the coordinator.
+//! checkpointable state, checkpoint I/O, the ring all-reduce (over any point-to-point
+//! [`ring::RingTransport`]; over gRPC it is the trainer's [`Reduce`]), and the session with the
+//! coordinator.
 
 pub mod checkpoint;
 mod error;
 mod flat;
 pub mod grpc_ring;
 mod optim;
+mod peer_server;
 pub mod ring;
+mod ring_wire;
 pub mod session;
 mod trainer;
 

@@ -7,12 +7,15 @@
 //! Every incoming chunk is checked against what the schedule expects — generation, step,
 //! phase, round, chunk index and length — and rejected, never summed, otherwise. Every receive
 //! has a deadline: no hang outlives it.
+//!
+//! The algorithm is a future: a transport runs it on the same thread as its network I/O, so a
+//! chunk that arrives is summed without waking another thread.
 
+use std::future::Future;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, WorkerError};
-use crate::trainer::Reduce;
 
 /// The two halves of the algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +86,9 @@ impl Payload for Vec<f32> {
 }
 
 /// Point-to-point links of one rank: it sends to the next rank and receives from the previous.
-pub trait RingTransport {
+pub trait RingTransport: Send {
     /// How received values are held.
-    type Payload: Payload;
+    type Payload: Payload + Send;
     /// This rank.
     fn rank(&self) -> usize;
     /// Ring size.
@@ -93,7 +96,10 @@ pub trait RingTransport {
     /// Sends a chunk to the next rank (must not wait for the receiver to consume it).
     fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()>;
     /// The next chunk from the previous rank, or an error once `deadline` passes.
-    fn recv(&mut self, deadline: Instant) -> Result<Chunk<Self::Payload>>;
+    fn recv(
+        &mut self,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Chunk<Self::Payload>>> + Send;
 }
 
 /// A ring all-reduce of one rank.
@@ -137,9 +143,20 @@ impl<T: RingTransport> RingAllReduce<T> {
         self.step
     }
 
-    fn expect(&mut self, phase: Phase, round: u32, index: u32, len: usize) -> Result<T::Payload> {
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    async fn expect(
+        &mut self,
+        phase: Phase,
+        round: u32,
+        index: u32,
+        len: usize,
+    ) -> Result<T::Payload> {
         let deadline = Instant::now() + self.timeout;
-        let chunk = self.transport.recv(deadline)?;
+        let chunk = self.transport.recv(deadline).await?;
         let want = (self.generation, self.step, phase, round, index, len);
         let got = (
             chunk.generation,
@@ -158,7 +175,7 @@ impl<T: RingTransport> RingAllReduce<T> {
     }
 
     /// Replaces `buf` with the element-wise mean over all ranks' `buf`s (same length on every rank).
-    pub fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+    pub async fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
         let n = self.transport.world();
         if n == 1 {
             self.step += 1;
@@ -170,19 +187,21 @@ impl<T: RingTransport> RingAllReduce<T> {
         // Reduce-scatter: in round k, send segment (r − k) and add the incoming (r − k − 1);
         // after N−1 rounds rank r holds the full sum of segment (r + 1).
         let reduce = |k: usize| (segment(r + n - k), segment(r + 2 * n - k - 1));
-        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| d.add_into(acc))?;
+        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| d.add_into(acc))
+            .await?;
         let scale = 1.0 / n as f32;
         buf[segment(r + 1)].iter_mut().for_each(|v| *v *= scale);
         // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
         let gather = |k: usize| (segment(r + 1 + n - k), segment(r + n - k));
-        self.phase(buf, Phase::AllGather, gather, |dst, d| d.copy_into(dst))?;
+        self.phase(buf, Phase::AllGather, gather, |dst, d| d.copy_into(dst))
+            .await?;
         self.step += 1;
         Ok(())
     }
 
     /// One phase: in each of the N−1 rounds, send segment `segments(round).0` and fold the
     /// incoming segment `segments(round).1` into `buf` with `combine`, chunk by chunk.
-    fn phase(
+    async fn phase(
         &mut self,
         buf: &mut [f32],
         phase: Phase,
@@ -211,21 +230,13 @@ impl<T: RingTransport> RingAllReduce<T> {
                 }
                 if c < chunks(&in_seg) {
                     let range = piece(&in_seg, c);
-                    let data = self.expect(phase, round as u32, c as u32, range.len())?;
+                    let data = self
+                        .expect(phase, round as u32, c as u32, range.len())
+                        .await?;
                     combine(&mut buf[range], &data);
                 }
             }
         }
         Ok(())
-    }
-}
-
-impl<T: RingTransport> Reduce for RingAllReduce<T> {
-    fn world(&self) -> u32 {
-        self.transport.world() as u32
-    }
-
-    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
-        RingAllReduce::all_reduce_mean(self, buf)
     }
 }

@@ -19,8 +19,9 @@ use crate::optim::{
 pub trait Reduce {
     /// Number of workers taking part.
     fn world(&self) -> u32;
-    /// Replaces `buf` with the element-wise mean of every worker's `buf`.
-    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Replaces `buf` with the element-wise mean of every worker's `buf`. Taken as a `Vec` so
+    /// that a reduction may move it to the thread that does its network I/O (and back).
+    fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()>;
 }
 
 /// The reduction of a single process: nothing to combine.
@@ -32,7 +33,7 @@ impl Reduce for LocalReduce {
         1
     }
 
-    fn all_reduce_mean(&mut self, _buf: &mut [f32]) -> Result<()> {
+    fn all_reduce_mean(&mut self, _buf: &mut Vec<f32>) -> Result<()> {
         Ok(())
     }
 }

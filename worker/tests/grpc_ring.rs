@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use elbo_worker::grpc_ring::BoundPeer;
-use elbo_worker::ring::RingAllReduce;
+use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
+use elbo_worker::Reduce;
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -33,7 +33,7 @@ fn three_ranks_all_reduce_over_grpc() {
                         Default::default(),
                     )
                     .unwrap();
-                let mut ar = RingAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
+                let mut ar = GrpcAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
                 let mut results = Vec::new();
                 for step in 0..3 {
                     let mut buf: Vec<f32> = (0..10_001)
@@ -100,11 +100,14 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
             .await
             .unwrap_err()
     });
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("5 bytes"), "{}", status.message());
-    let mut ar = RingAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
+    let mut ar = GrpcAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
     let started = Instant::now();
-    let err = ar.all_reduce_mean(&mut [1.0; 8]).unwrap_err().to_string();
+    let err = ar
+        .all_reduce_mean(&mut vec![1.0; 8])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rejected a chunk"), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -181,7 +184,73 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
     let oversized = send_stream(addr, vec![chunk(2, 4096)]);
     assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
     // Neither reached the ring: it still waits, and times out cleanly.
-    let mut ar = RingAllReduce::new(ring, 2, 4, Duration::from_millis(300)).unwrap();
-    let err = ar.all_reduce_mean(&mut [1.0; 8]).unwrap_err().to_string();
+    let mut ar = GrpcAllReduce::new(ring, 2, 4, Duration::from_millis(300)).unwrap();
+    let err = ar
+        .all_reduce_mean(&mut vec![1.0; 8])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("deadline passed"), "{err}");
+}
+
+/// The ring's wire format is plain gRPC: a stock tonic client (prost's field order, tonic's
+/// framing) can play the previous rank, and its values are summed like a peer's.
+#[test]
+fn a_stock_grpc_client_can_play_the_previous_rank() {
+    use elbo_proto::v1 as pb;
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let addr = peer.local_addr();
+    // Rank 0 of the ring: it takes rank 1's chunks and nothing else.
+    let next = BoundPeer::bind(loopback(), 4).unwrap();
+    let _next_ring = next
+        .connect(
+            1,
+            0,
+            2,
+            addr,
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
+    let ring = peer
+        .connect(
+            1,
+            1,
+            2,
+            next.local_addr(),
+            Instant::now() + Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
+    // What rank 0 sends rank 1 for 8 values in chunks of 4: its half of segment 0 to sum, then
+    // the reduced segment 1.
+    let chunk = |phase: pb::Phase, values: [f32; 4]| pb::Chunk {
+        generation: 1,
+        step: 0,
+        phase: phase as i32,
+        round: 0,
+        index: 0,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        from_rank: 0,
+    };
+    let chunks = vec![
+        chunk(pb::Phase::ReduceScatter, [10.0, 20.0, 30.0, 40.0]),
+        chunk(pb::Phase::AllGather, [-1.0, -2.0, -3.0, -4.0]),
+    ];
+    let feeder = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut client = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+                client.ring(tokio_stream::iter(chunks)).await
+            })
+    });
+    let mut ar = GrpcAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
+    let mut buf = vec![2.0, 4.0, 6.0, 8.0, 1.0, 1.0, 1.0, 1.0];
+    ar.all_reduce_mean(&mut buf).unwrap();
+    assert_eq!(buf, [6.0, 12.0, 18.0, 24.0, -1.0, -2.0, -3.0, -4.0]);
+    feeder.join().unwrap().expect("the stream is acknowledged");
 }

@@ -1,10 +1,13 @@
 //! The ring all-reduce over an in-process transport: results, determinism, validation, deadlines.
 
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::{
+    unbounded_channel as channel, UnboundedReceiver as Receiver, UnboundedSender as Sender,
+};
+
 use elbo_worker::ring::{Chunk, Phase, RingAllReduce, RingTransport};
-use elbo_worker::{Result, WorkerError};
+use elbo_worker::{Reduce, Result, WorkerError};
 
 /// Links of one rank: a channel to the next rank, one from the previous.
 struct Link {
@@ -33,14 +36,15 @@ impl RingTransport for Link {
             .send(chunk)
             .map_err(|_| WorkerError::Invalid("next rank is gone".into()))
     }
-    fn recv(&mut self, deadline: Instant) -> Result<Chunk> {
+    async fn recv(&mut self, deadline: Instant) -> Result<Chunk> {
         let wait = deadline.saturating_duration_since(Instant::now());
-        self.from_prev.recv_timeout(wait).map_err(|e| match e {
-            RecvTimeoutError::Timeout => {
-                WorkerError::Invalid("deadline passed waiting for the previous rank".into())
-            }
-            RecvTimeoutError::Disconnected => WorkerError::Invalid("previous rank is gone".into()),
-        })
+        match tokio::time::timeout(wait, self.from_prev.recv()).await {
+            Ok(Some(chunk)) => Ok(chunk),
+            Ok(None) => Err(WorkerError::Invalid("previous rank is gone".into())),
+            Err(_) => Err(WorkerError::Invalid(
+                "deadline passed waiting for the previous rank".into(),
+            )),
+        }
     }
 }
 
@@ -57,6 +61,28 @@ fn ring(world: usize) -> Vec<Link> {
             tamper: None,
         })
         .collect()
+}
+
+/// The in-process ring as a trainer's [`Reduce`]: each all-reduce runs to its end on the
+/// calling thread.
+struct Blocking(RingAllReduce<Link>);
+
+impl Reduce for Blocking {
+    fn world(&self) -> u32 {
+        self.0.transport().world() as u32
+    }
+    fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+        block_on(self.0.all_reduce_mean(buf))
+    }
+}
+
+/// Runs a future to its end on this thread.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn values(rank: usize, len: usize, step: u64) -> Vec<f32> {
@@ -76,7 +102,7 @@ fn run(links: Vec<Link>, len: usize, chunk: usize, steps: u64) -> Vec<Result<Vec
                 (0..steps)
                     .map(|step| {
                         let mut buf = values(rank, len, step);
-                        ar.all_reduce_mean(&mut buf).map(|()| buf)
+                        block_on(ar.all_reduce_mean(&mut buf)).map(|()| buf)
                     })
                     .collect()
             })
@@ -154,7 +180,9 @@ fn a_silent_neighbour_ends_in_an_error_at_the_deadline() {
     let started = Instant::now();
     let mut ar = RingAllReduce::new(rank0, 1, 16, Duration::from_millis(200)).unwrap();
     let mut buf = vec![1.0f32; 40];
-    let err = ar.all_reduce_mean(&mut buf).unwrap_err().to_string();
+    let err = block_on(ar.all_reduce_mean(&mut buf))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("deadline"), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -239,7 +267,7 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
                 std::thread::spawn(move || {
                     let rank = link.rank;
                     let mut reduce =
-                        RingAllReduce::new(link, 1, 5, Duration::from_secs(5)).unwrap();
+                        Blocking(RingAllReduce::new(link, 1, 5, Duration::from_secs(5)).unwrap());
                     let mut t = trainer();
                     for step in 0..steps {
                         let (lo, hi) = (rank * 7 / world, (rank + 1) * 7 / world);

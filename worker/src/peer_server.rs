@@ -1,0 +1,269 @@
+//! The server half of `Peer.Ring`: a hand-written gRPC service (plain gRPC on the wire, see
+//! [`crate::ring_wire`]) that admits the stream of the previous rank for this worker's current
+//! generation and hands its chunks to the waiting ring without copying their payloads.
+//!
+//! An incoming stream is admitted only for the generation this worker is in (a stream that
+//! arrives before this worker has joined that generation waits for it, briefly); a stream of a
+//! stale generation is refused with `FailedPrecondition` and never reaches the ring. A
+//! malformed chunk (not a `Chunk` message, a payload that is not whole f32s, an unknown phase, a
+//! sender other than the previous rank) is answered with `InvalidArgument`, never forwarded, and
+//! reported to the waiting ring at once; a message larger than a chunk may be is refused with
+//! `OutOfRange` before it is buffered.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use elbo_proto::v1 as pb;
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::Status;
+
+use crate::error::{Result, WorkerError};
+use crate::ring::{Chunk, Payload, Phase};
+use crate::ring_wire::{MessageReader, PREFIX_BYTES};
+
+/// How long an incoming stream waits for this worker to join the stream's generation.
+const ADMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// The gRPC path of the ring stream: `/elbo.v1.Peer/Ring`.
+pub fn ring_path() -> String {
+    format!("/{}/Ring", pb::peer_server::SERVICE_NAME)
+}
+
+/// Where admitted chunks go: the ring of the current generation.
+pub type Inbox = tokio::sync::mpsc::UnboundedSender<Result<Chunk<LeBytes>>>;
+
+/// Values as they arrived: little-endian f32 bytes, sliced out of the receive buffer. Summed
+/// and copied straight from there, so a chunk costs no copy and no allocation on the receiving
+/// side.
+#[derive(Debug, Clone)]
+pub struct LeBytes(Bytes);
+
+impl Payload for LeBytes {
+    fn len(&self) -> usize {
+        self.0.len() / 4
+    }
+    fn add_into(&self, acc: &mut [f32]) {
+        for (a, b) in acc.iter_mut().zip(self.0.chunks_exact(4)) {
+            *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    fn copy_into(&self, dst: &mut [f32]) {
+        for (d, b) in dst.iter_mut().zip(self.0.chunks_exact(4)) {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
+
+/// What the server admits: one generation, from one previous rank, into one inbox.
+#[derive(Clone)]
+pub struct Admit {
+    /// The generation this worker is in.
+    pub generation: u64,
+    /// Its ring predecessor in that generation.
+    pub prev_rank: u32,
+    /// The ring waiting for chunks; `None` before the first generation.
+    pub inbox: Option<Inbox>,
+}
+
+/// The `elbo.Peer` service.
+#[derive(Clone)]
+pub struct RingService {
+    admit: watch::Receiver<Admit>,
+    max_message: usize,
+}
+
+impl NamedService for RingService {
+    const NAME: &'static str = pb::peer_server::SERVICE_NAME;
+}
+
+impl RingService {
+    /// Serves the generations `admit` announces, refusing messages longer than `max_message`
+    /// bytes.
+    pub fn new(admit: watch::Receiver<Admit>, max_message: usize) -> Self {
+        RingService { admit, max_message }
+    }
+
+    /// Waits until this worker has joined `generation` (or a later one) and returns what it
+    /// admits then.
+    async fn admit(&self, generation: u64) -> Result<(Admit, Inbox), Status> {
+        let mut rx = self.admit.clone();
+        let admit = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|a| a.generation >= generation))
+            .await
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "this worker did not join generation {generation} within {ADMIT_WAIT:?}"
+                ))
+            })?
+            .map_err(|_| Status::unavailable("this worker is shutting down"))?
+            .clone();
+        match admit.inbox.clone() {
+            Some(inbox) if admit.generation == generation => Ok((admit, inbox)),
+            _ => {
+                tracing::warn!(
+                    generation,
+                    current = admit.generation,
+                    "refused a ring stream of a stale generation"
+                );
+                Err(Status::failed_precondition(format!(
+                    "stream of stale generation {generation}: this worker is in generation {}",
+                    admit.generation
+                )))
+            }
+        }
+    }
+
+    /// Reads the stream to its end, forwarding each chunk to the ring of its generation.
+    async fn serve(&self, request: http::Request<Body>) -> Result<(), Status> {
+        let mut body = request.into_body();
+        let mut reader = MessageReader::new(self.max_message);
+        let mut admitted: Option<(Admit, Inbox)> = None;
+        let result = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    Status::unavailable(format!(
+                        "the previous rank's stream failed: {}",
+                        e.message()
+                    ))
+                })?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                reader.push(data);
+                while let Some(message) = reader.next_message()? {
+                    let message = pb::Chunk::decode(message).map_err(|e| {
+                        Status::invalid_argument(format!("a ring message is not a Chunk: {e}"))
+                    })?;
+                    if admitted.is_none() {
+                        admitted = Some(self.admit(message.generation).await?);
+                    }
+                    let (admit, inbox) = admitted.as_ref().expect("admitted above");
+                    let chunk = to_chunk(message, admit)?;
+                    if inbox.send(Ok(chunk)).is_err() {
+                        return Err(Status::unavailable("this rank's ring is closed"));
+                    }
+                }
+            }
+            if reader.is_between_messages() {
+                Ok(())
+            } else {
+                Err(Status::invalid_argument(
+                    "the ring stream ended inside a message",
+                ))
+            }
+        }
+        .await;
+        if let (Err(status), Some((_, inbox))) = (&result, &admitted) {
+            let reason = if status.code() == tonic::Code::Unavailable {
+                status.message().to_string()
+            } else {
+                tracing::warn!(%status, "rejected a ring chunk");
+                format!(
+                    "rejected a chunk from the previous rank: {}",
+                    status.message()
+                )
+            };
+            let _ = inbox.send(Err(WorkerError::Ring(reason)));
+        }
+        result
+    }
+}
+
+/// The answer to a finished stream: an empty `RingAck` and `grpc-status: 0`.
+fn ok_response() -> http::Response<Body> {
+    // `RingAck` has no fields: its message is a prefix of length 0.
+    const EMPTY_ACK: [u8; PREFIX_BYTES] = [0; PREFIX_BYTES];
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        http_body::Frame::data(Bytes::from_static(&EMPTY_ACK)),
+        http_body::Frame::trailers(trailers),
+    ];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames.map(Ok::<_, Infallible>)));
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+impl tower_service::Service<http::Request<Body>> for RingService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move {
+            let is_grpc = request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if !is_grpc {
+                let mut response = http::Response::new(Body::empty());
+                *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+                return Ok(response);
+            }
+            if request.uri().path() != ring_path() {
+                let path = request.uri().path().to_string();
+                return Ok(Status::unimplemented(format!("no method {path} here")).into_http());
+            }
+            Ok(match service.serve(request).await {
+                Ok(()) => ok_response(),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// A received message as the ring's chunk, if it belongs to the admitted generation and ring.
+fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk<LeBytes>, Status> {
+    if m.generation != admit.generation {
+        return Err(Status::failed_precondition(format!(
+            "chunk of generation {}, but this rank is in generation {}",
+            m.generation, admit.generation
+        )));
+    }
+    if m.from_rank != admit.prev_rank {
+        return Err(Status::invalid_argument(format!(
+            "chunk from rank {}, but this rank's ring predecessor is rank {}",
+            m.from_rank, admit.prev_rank
+        )));
+    }
+    if m.data.len() % 4 != 0 {
+        return Err(Status::invalid_argument(format!(
+            "chunk payload of {} bytes is not whole f32 values",
+            m.data.len()
+        )));
+    }
+    let phase = match pb::Phase::try_from(m.phase) {
+        Ok(pb::Phase::ReduceScatter) => Phase::ReduceScatter,
+        Ok(pb::Phase::AllGather) => Phase::AllGather,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "chunk phase {} is not a ring phase",
+                m.phase
+            )))
+        }
+    };
+    Ok(Chunk {
+        generation: m.generation,
+        step: m.step,
+        phase,
+        round: m.round,
+        index: m.index,
+        data: LeBytes(m.data),
+    })
+}
