@@ -3,11 +3,30 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
+use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce, GrpcRing};
 use elbo_worker::Reduce;
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
+}
+
+/// `peer` joins `generation` as `rank` of `world`, sending to `next`.
+fn join(
+    peer: &BoundPeer,
+    generation: u64,
+    rank: usize,
+    world: usize,
+    next: SocketAddr,
+) -> GrpcRing {
+    peer.connect(
+        generation,
+        rank,
+        world,
+        next,
+        Instant::now() + Duration::from_secs(10),
+        Default::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -23,16 +42,7 @@ fn three_ranks_all_reduce_over_grpc() {
         .map(|(rank, peer)| {
             let next = addrs[(rank + 1) % world];
             std::thread::spawn(move || {
-                let ring = peer
-                    .connect(
-                        1,
-                        rank,
-                        world,
-                        next,
-                        Instant::now() + Duration::from_secs(10),
-                        Default::default(),
-                    )
-                    .unwrap();
+                let ring = join(&peer, 1, rank, world, next);
                 let mut ar = GrpcAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
                 let mut results = Vec::new();
                 for step in 0..3 {
@@ -70,16 +80,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
     use elbo_proto::v1 as pb;
     let peer = BoundPeer::bind(loopback(), 4).unwrap();
     let addr = peer.local_addr();
-    let ring = peer
-        .connect(
-            1,
-            1,
-            2,
-            addr,
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
+    let ring = join(&peer, 1, 1, 2, addr);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,37 +137,10 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
     let addr = peer.local_addr();
     // The next rank: it holds this rank's own chunks, so only the test's streams reach `peer`.
     let next = BoundPeer::bind(loopback(), 4).unwrap();
-    let _next_ring = next
-        .connect(
-            2,
-            0,
-            2,
-            addr,
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
-    let old = peer
-        .connect(
-            1,
-            1,
-            2,
-            next.local_addr(),
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
+    let _next_ring = join(&next, 2, 0, 2, addr);
+    let old = join(&peer, 1, 1, 2, next.local_addr());
     drop(old);
-    let ring = peer
-        .connect(
-            2,
-            1,
-            2,
-            next.local_addr(),
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
+    let ring = join(&peer, 2, 1, 2, next.local_addr());
     let chunk = |generation: u64, values: usize| pb::Chunk {
         generation,
         from_rank: 0,
@@ -201,26 +175,8 @@ fn a_stock_grpc_client_can_play_the_previous_rank() {
     let addr = peer.local_addr();
     // Rank 0 of the ring: it takes rank 1's chunks and nothing else.
     let next = BoundPeer::bind(loopback(), 4).unwrap();
-    let _next_ring = next
-        .connect(
-            1,
-            0,
-            2,
-            addr,
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
-    let ring = peer
-        .connect(
-            1,
-            1,
-            2,
-            next.local_addr(),
-            Instant::now() + Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
+    let _next_ring = join(&next, 1, 0, 2, addr);
+    let ring = join(&peer, 1, 1, 2, next.local_addr());
     // What rank 0 sends rank 1 for 8 values in chunks of 4: its half of segment 0 to sum, then
     // the reduced segment 1.
     let chunk = |phase: pb::Phase, values: [f32; 4]| pb::Chunk {
