@@ -22,7 +22,7 @@ use tonic::{Code, Status};
 use crate::error::{Result, WorkerError};
 use crate::peer_server::{ring_path, Admit, LeBytes, RingService};
 use crate::ring::{Chunk, Phase, RingAllReduce, RingTransport};
-use crate::ring_wire::{encode_chunk, PREFIX_BYTES};
+use crate::ring_wire::encode_chunk;
 use crate::trainer::Reduce;
 
 /// Largest HTTP/2 frame this worker accepts: a whole chunk in a few frames, not hundreds of 16 KiB
@@ -101,10 +101,8 @@ impl BoundPeer {
             prev_rank: 0,
             inbox: None,
         });
-        let service = RingService::new(
-            admit_rx,
-            max_chunk_values.saturating_mul(4) + PREFIX_BYTES + 1024,
-        );
+        // A chunk's values plus its header fields (a few dozen bytes; 1 KiB of room).
+        let service = RingService::new(admit_rx, max_chunk_values.saturating_mul(4) + 1024);
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpListenerStream::new(listener);
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -324,8 +322,9 @@ pub struct GrpcRing {
 const CANCEL_POLL: Duration = Duration::from_millis(2);
 
 /// How long a receive polls for a chunk before it sleeps (see [`GrpcRing::wait`]). Measured
-/// with `elbo bench allreduce` on 2 cores: 4 ranks reach 1.3 GB/s without polling and 2.0 GB/s
-/// with 50–1000 µs of it; 2 ranks lose at most ~10 %.
+/// with `elbo bench allreduce` on 2 cores (25 MB, medians of interleaved runs): 4 ranks reach
+/// 1.3 GB/s without polling and 1.8–2.0 GB/s with 50–1000 µs of it; at 2 ranks the runs with
+/// polling ranged from equal to 15 % slower, within this machine's run-to-run noise.
 const SPIN_FOR: Duration = Duration::from_micros(200);
 
 impl Drop for GrpcRing {

@@ -65,24 +65,23 @@ fn ring(world: usize) -> Vec<Link> {
 
 /// The in-process ring as a trainer's [`Reduce`]: each all-reduce runs to its end on the
 /// calling thread.
-struct Blocking(RingAllReduce<Link>);
+struct Blocking(RingAllReduce<Link>, tokio::runtime::Runtime);
 
 impl Reduce for Blocking {
     fn world(&self) -> u32 {
         self.0.transport().world() as u32
     }
     fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
-        block_on(self.0.all_reduce_mean(buf))
+        self.1.block_on(self.0.all_reduce_mean(buf))
     }
 }
 
-/// Runs a future to its end on this thread.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// A runtime that runs futures on the thread that blocks on them.
+fn local_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .unwrap()
-        .block_on(f)
 }
 
 fn values(rank: usize, len: usize, step: u64) -> Vec<f32> {
@@ -99,10 +98,11 @@ fn run(links: Vec<Link>, len: usize, chunk: usize, steps: u64) -> Vec<Result<Vec
             std::thread::spawn(move || {
                 let rank = link.rank;
                 let mut ar = RingAllReduce::new(link, 7, chunk, Duration::from_secs(5))?;
+                let runtime = local_runtime();
                 (0..steps)
                     .map(|step| {
                         let mut buf = values(rank, len, step);
-                        block_on(ar.all_reduce_mean(&mut buf)).map(|()| buf)
+                        runtime.block_on(ar.all_reduce_mean(&mut buf)).map(|()| buf)
                     })
                     .collect()
             })
@@ -180,7 +180,8 @@ fn a_silent_neighbour_ends_in_an_error_at_the_deadline() {
     let started = Instant::now();
     let mut ar = RingAllReduce::new(rank0, 1, 16, Duration::from_millis(200)).unwrap();
     let mut buf = vec![1.0f32; 40];
-    let err = block_on(ar.all_reduce_mean(&mut buf))
+    let err = local_runtime()
+        .block_on(ar.all_reduce_mean(&mut buf))
         .unwrap_err()
         .to_string();
     assert!(err.contains("deadline"), "{err}");
@@ -266,8 +267,10 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
             .map(|link| {
                 std::thread::spawn(move || {
                     let rank = link.rank;
-                    let mut reduce =
-                        Blocking(RingAllReduce::new(link, 1, 5, Duration::from_secs(5)).unwrap());
+                    let mut reduce = Blocking(
+                        RingAllReduce::new(link, 1, 5, Duration::from_secs(5)).unwrap(),
+                        local_runtime(),
+                    );
                     let mut t = trainer();
                     for step in 0..steps {
                         let (lo, hi) = (rank * 7 / world, (rank + 1) * 7 / world);
