@@ -244,6 +244,10 @@ pub struct ClusterConfig {
     pub checksum_every: u64,
     /// Largest gradient chunk sent between ring neighbours, in KiB.
     pub ring_chunk_kib: u64,
+    /// Chunks of its own segment each worker keeps on their way around the ring at once.
+    /// 1 suits workers that share cores (one machine, more workers than cores); raise it for
+    /// links with a long round trip.
+    pub ring_depth: u64,
     /// `elbo train` restarts a local worker that dies (killed by a signal); the run survives
     /// the loss either way while `cluster.min_workers` remain.
     pub restart_workers: bool,
@@ -307,6 +311,7 @@ impl Default for Config {
                 step_timeout_s: 120.0,
                 checksum_every: 50,
                 ring_chunk_kib: 256,
+                ring_depth: 1,
                 restart_workers: true,
                 reconnect_timeout_s: 300.0,
             },

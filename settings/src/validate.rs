@@ -25,6 +25,7 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
         ("cluster.workers", u64::from(cfg.cluster.workers)),
         ("cluster.min_workers", u64::from(cfg.cluster.min_workers)),
         ("cluster.ring_chunk_kib", cfg.cluster.ring_chunk_kib),
+        ("cluster.ring_depth", cfg.cluster.ring_depth),
         (
             "train.keep_checkpoints",
             u64::from(cfg.train.keep_checkpoints),
@@ -117,6 +118,15 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
             format!(
                 "found {}, expected at most 16384 (16 MiB chunks)",
                 cfg.cluster.ring_chunk_kib
+            ),
+        ));
+    }
+    if cfg.cluster.ring_depth > 64 {
+        return Err((
+            "cluster.ring_depth",
+            format!(
+                "found {}, expected at most 64 chunks in flight",
+                cfg.cluster.ring_depth
             ),
         ));
     }

@@ -199,6 +199,17 @@ fn wrong_types_name_the_key_the_source_and_the_expectation() {
         ..Default::default()
     });
     assert!(msg.contains("expected 32 or 64"), "{msg}");
+
+    for (depth, expect) in [("0", "positive"), ("65", "at most 64")] {
+        let msg = invalid(&Layers {
+            flags: flags(&[&format!("cluster.ring_depth={depth}")]),
+            ..Default::default()
+        });
+        assert!(
+            msg.contains("`cluster.ring_depth`") && msg.contains(expect),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

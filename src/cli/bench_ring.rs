@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
+use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
 use serde::Serialize;
 
@@ -30,6 +31,9 @@ pub struct AllreduceArgs {
     /// Largest chunk sent between neighbours, in KiB (cluster.ring_chunk_kib).
     #[arg(long, default_value_t = 256)]
     chunk_kib: u64,
+    /// Chunks of its own segment each rank keeps in flight (cluster.ring_depth).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    depth: u64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -53,6 +57,8 @@ pub struct RankArgs {
     bytes: u64,
     #[arg(long, default_value_t = 256)]
     chunk_kib: u64,
+    #[arg(long, default_value_t = 1)]
+    depth: u64,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     #[arg(long, default_value_t = 200)]
@@ -67,6 +73,7 @@ struct AllreduceReport {
     algbw_gbps: f64,
     busbw_gbps: f64,
     chunk_kib: u64,
+    depth: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +155,8 @@ pub fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
         args.bytes.to_string(),
         "--chunk-kib".into(),
         args.chunk_kib.to_string(),
+        "--depth".into(),
+        args.depth.to_string(),
     ];
     let results = run_ranks(args.world, &extra)?;
     let seconds = results
@@ -165,6 +174,7 @@ pub fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
         algbw_gbps: algbw,
         busbw_gbps: algbw * 2.0 * (n - 1.0) / n,
         chunk_kib: args.chunk_kib,
+        depth: args.depth,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -227,9 +237,9 @@ pub fn train(workers: u32, batch_size: usize, steps: u64, json: bool) -> anyhow:
 fn join_ring(
     rank: u32,
     world: u32,
-    chunk_values: usize,
+    settings: RingSettings,
 ) -> anyhow::Result<(BoundPeer, GrpcAllReduce)> {
-    let peer = BoundPeer::bind("127.0.0.1:0".parse()?, chunk_values)?;
+    let peer = BoundPeer::bind("127.0.0.1:0".parse()?, settings.chunk_len)?;
     println!("peer {}", peer.local_addr());
     std::io::stdout().flush()?;
     let mut line = String::new();
@@ -252,16 +262,17 @@ fn join_ring(
         Instant::now() + RING_TIMEOUT,
         Default::default(),
     )?;
-    Ok((
-        peer,
-        GrpcAllReduce::new(ring, 1, chunk_values, RING_TIMEOUT)?,
-    ))
+    Ok((peer, GrpcAllReduce::new(ring, 1, settings)?))
 }
 
 /// `elbo bench rank`: one rank of a benchmark; prints its result as one JSON line.
 pub fn rank(args: RankArgs) -> anyhow::Result<()> {
-    let chunk_values = (args.chunk_kib as usize * 1024 / 4).max(1);
-    let (_peer, mut ring) = join_ring(args.rank, args.world, chunk_values)?;
+    let settings = RingSettings {
+        chunk_len: (args.chunk_kib as usize * 1024 / 4).max(1),
+        depth: args.depth as usize,
+        timeout: RING_TIMEOUT,
+    };
+    let (_peer, mut ring) = join_ring(args.rank, args.world, settings)?;
     match args.kind {
         RankKind::Allreduce => {
             let mut buf = vec![1.0f32; (args.bytes / 4) as usize];

@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use elbo_datasets::{BatchStream, Cursor};
 use elbo_worker::checkpoint;
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
+use elbo_worker::ring::RingSettings;
 use elbo_worker::session::{self, Command, JoinRequest, Report, Session, StartCommand, Upload};
 use elbo_worker::{Trainer, WorkerError};
 
@@ -393,8 +394,12 @@ impl Worker {
             }
             Err(e) => return Err(e.into()),
         };
-        let chunk_values = (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1);
-        let mut reduce = GrpcAllReduce::new(ring, start.generation, chunk_values, step_timeout)?;
+        let settings = RingSettings {
+            chunk_len: (cfg.cluster.ring_chunk_kib as usize * 1024 / 4).max(1),
+            depth: cfg.cluster.ring_depth as usize,
+            timeout: step_timeout,
+        };
+        let mut reduce = GrpcAllReduce::new(ring, start.generation, settings)?;
         // Whatever ends the generation, a checkpoint on its way is taken (or refused) first, so
         // the coordinator has it before this worker halts or finishes.
         let mut uploading = None;

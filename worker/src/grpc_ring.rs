@@ -21,8 +21,8 @@ use tonic::{Code, Status};
 
 use crate::error::{Result, WorkerError};
 use crate::peer_server::{ring_path, Admit, LeBytes, RingService};
-use crate::ring::{Chunk, Phase, RingAllReduce, RingTransport};
-use crate::ring_wire::encode_chunk;
+use crate::ring::{Chunk, Outgoing, Phase, RingAllReduce, RingSettings, RingTransport};
+use crate::ring_wire::{encode_chunk, encode_forward, encode_sum};
 use crate::trainer::Reduce;
 
 /// Largest HTTP/2 frame this worker accepts: a whole chunk in a few frames, not hundreds of 16 KiB
@@ -366,7 +366,7 @@ impl RingTransport for GrpcRing {
         self.world
     }
 
-    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()> {
+    fn send(&mut self, chunk: Chunk<Outgoing<'_, LeBytes>>) -> Result<()> {
         if let Some(reason) = self.failure.lock().ok().and_then(|f| f.clone()) {
             self.broken = true;
             return Err(WorkerError::Ring(format!(
@@ -385,17 +385,27 @@ impl RingTransport for GrpcRing {
             data: Bytes::new(),
             from_rank: self.rank as u32,
         };
-        let message = encode_chunk(&header, chunk.data).map_err(|status| {
+        let framed = match chunk.data {
+            Outgoing::Values(values) => encode_chunk(&header, values).map(|m| [m, Bytes::new()]),
+            Outgoing::Sum(own, received) => {
+                encode_sum(&header, own, received.bytes()).map(|m| [m, Bytes::new()])
+            }
+            Outgoing::Forward(received) => encode_forward(&header, received.into_bytes()),
+        };
+        let framed = framed.map_err(|status| {
             self.broken = true;
             WorkerError::Ring(status.message().to_string())
         })?;
-        self.to_next
-            .as_ref()
-            .map_or(Err(()), |t| t.send(message).map_err(|_| ()))
-            .map_err(|()| {
-                self.broken = true;
-                WorkerError::Ring("the stream to the next rank is closed".into())
-            })
+        for part in framed.into_iter().filter(|part| !part.is_empty()) {
+            self.to_next
+                .as_ref()
+                .map_or(Err(()), |t| t.send(part).map_err(|_| ()))
+                .map_err(|()| {
+                    self.broken = true;
+                    WorkerError::Ring("the stream to the next rank is closed".into())
+                })?;
+        }
+        Ok(())
     }
 
     async fn recv(&mut self, deadline: Instant) -> Result<Chunk<LeBytes>> {
@@ -457,18 +467,12 @@ pub struct GrpcAllReduce {
 }
 
 impl GrpcAllReduce {
-    /// All-reduces over `ring` (generation `generation`) in chunks of at most `chunk_len`
-    /// values, each receive waiting at most `timeout`.
-    pub fn new(
-        ring: GrpcRing,
-        generation: u64,
-        chunk_len: usize,
-        timeout: Duration,
-    ) -> Result<Self> {
+    /// All-reduces over `ring` (generation `generation`) as `settings` say.
+    pub fn new(ring: GrpcRing, generation: u64, settings: RingSettings) -> Result<Self> {
         let runtime = ring.runtime.clone();
         let world = ring.world as u32;
         Ok(GrpcAllReduce {
-            ring: Some(RingAllReduce::new(ring, generation, chunk_len, timeout)?),
+            ring: Some(RingAllReduce::new(ring, generation, settings)?),
             runtime,
             world,
         })

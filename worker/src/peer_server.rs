@@ -46,6 +46,18 @@ pub type Inbox = tokio::sync::mpsc::UnboundedSender<Result<Chunk<LeBytes>>>;
 #[derive(Debug, Clone)]
 pub struct LeBytes(Bytes);
 
+impl LeBytes {
+    /// The little-endian f32 bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// The little-endian f32 bytes, owned.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
 impl Payload for LeBytes {
     fn len(&self) -> usize {
         self.0.len() / 4

@@ -1,12 +1,19 @@
 //! Ring all-reduce over a [`RingTransport`]: reduce-scatter, then all-gather, each N−1 rounds
-//! around the ring, every segment cut into chunks so that sending, receiving and summing
-//! overlap on a streaming transport. Mean semantics. For a fixed ring the summation order of
-//! every element is fixed — segment `s` is folded in ring order starting at rank `s`, divided by
-//! N at its owner (rank `s − 1`) and then copied around — so every rank ends with the same bits.
+//! around the ring, every segment cut into chunks. Mean semantics. For a fixed ring the
+//! summation order of every element is fixed — segment `s` is folded in ring order starting at
+//! rank `s`, divided by N at its owner (rank `s − 1`) and then copied around — so every rank
+//! ends with the same bits.
 //!
-//! Every incoming chunk is checked against what the schedule expects — generation, step,
-//! phase, round, chunk index and length — and rejected, never summed, otherwise. Every receive
-//! has a deadline: no hang outlives it.
+//! The chunks flow as a pipeline, not round by round: a rank answers each chunk as it arrives.
+//! A partial sum is added to this rank's values straight into the outgoing message (the sum
+//! is never stored: the all-gather overwrites that part of the buffer later), and a reduced
+//! chunk of the all-gather is passed on as it came, without re-encoding its values. Beside
+//! those answers the rank feeds in its own segment, one chunk per chunk received.
+//!
+//! Every incoming chunk is checked against what the schedule allows — generation, step, phase,
+//! round, the next chunk index of that round, a chunk only after its previous round, and its
+//! length — and rejected, never summed, otherwise. Every receive has a deadline: no hang
+//! outlives it.
 //!
 //! The algorithm is a future: a transport runs it on the same thread as its network I/O, so a
 //! chunk that arrives is summed without waking another thread.
@@ -26,9 +33,9 @@ pub enum Phase {
     AllGather,
 }
 
-/// One chunk on the wire, tagged with where it belongs in the schedule. Sent as a borrowed
-/// slice of the buffer (`Chunk<&[f32]>`, so a transport copies it once, straight into its wire
-/// format), received owned.
+/// One chunk on the wire, tagged with where it belongs in the schedule. Sent as an
+/// [`Outgoing`] (so a transport writes the values once, straight into its wire format),
+/// received owned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunk<D = Vec<f32>> {
     /// Membership generation of the ring.
@@ -45,8 +52,52 @@ pub struct Chunk<D = Vec<f32>> {
     pub data: D,
 }
 
-impl Chunk<&[f32]> {
-    /// An owned copy.
+/// The values of an outgoing chunk, described rather than materialised: the transport writes
+/// them into its wire format in one pass.
+#[derive(Debug)]
+pub enum Outgoing<'a, P> {
+    /// Values of this rank's buffer.
+    Values(&'a [f32]),
+    /// This rank's values plus received ones, element by element (`own[i] + received[i]`).
+    Sum(&'a [f32], &'a P),
+    /// Received values, passed on unchanged.
+    Forward(P),
+}
+
+impl<P: Payload> Outgoing<'_, P> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Values(v) | Outgoing::Sum(v, _) => v.len(),
+            Outgoing::Forward(p) => p.len(),
+        }
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values, computed.
+    pub fn to_vec(&self) -> Vec<f32> {
+        match self {
+            Outgoing::Values(v) => v.to_vec(),
+            Outgoing::Sum(own, received) => {
+                let mut out = own.to_vec();
+                received.add_into(&mut out);
+                out
+            }
+            Outgoing::Forward(p) => {
+                let mut out = vec![0.0; p.len()];
+                p.copy_into(&mut out);
+                out
+            }
+        }
+    }
+}
+
+impl<P: Payload> Chunk<Outgoing<'_, P>> {
+    /// An owned copy with the values computed.
     pub fn to_owned_chunk(&self) -> Chunk {
         Chunk {
             generation: self.generation,
@@ -94,12 +145,26 @@ pub trait RingTransport: Send {
     /// Ring size.
     fn world(&self) -> usize;
     /// Sends a chunk to the next rank (must not wait for the receiver to consume it).
-    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()>;
+    fn send(&mut self, chunk: Chunk<Outgoing<'_, Self::Payload>>) -> Result<()>;
     /// The next chunk from the previous rank, or an error once `deadline` passes.
     fn recv(
         &mut self,
         deadline: Instant,
     ) -> impl Future<Output = Result<Chunk<Self::Payload>>> + Send;
+}
+
+/// How a ring all-reduce moves the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSettings {
+    /// Largest chunk sent, in values.
+    pub chunk_len: usize,
+    /// Chunks of its own segment a rank keeps on their way around the ring at once (at least
+    /// 1): it feeds in the next one when a chunk's all-gather completes here. More keeps a
+    /// long or slow link busy; fewer keeps the data in flight inside the caches when ranks
+    /// share cores (see `cluster.ring_depth`).
+    pub depth: usize,
+    /// How long a receive waits.
+    pub timeout: Duration,
 }
 
 /// A ring all-reduce of one rank.
@@ -108,6 +173,7 @@ pub struct RingAllReduce<T: RingTransport> {
     generation: u64,
     step: u64,
     chunk_len: usize,
+    depth: usize,
     timeout: Duration,
 }
 
@@ -119,12 +185,21 @@ fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
 }
 
 impl<T: RingTransport> RingAllReduce<T> {
-    /// A collective over `transport` for ring generation `generation`, sending chunks of at
-    /// most `chunk_len` values; each receive waits at most `timeout`.
-    pub fn new(transport: T, generation: u64, chunk_len: usize, timeout: Duration) -> Result<Self> {
-        if chunk_len == 0 || transport.world() == 0 || transport.rank() >= transport.world() {
+    /// A collective over `transport` for ring generation `generation`, moving data as
+    /// `settings` say.
+    pub fn new(transport: T, generation: u64, settings: RingSettings) -> Result<Self> {
+        let RingSettings {
+            chunk_len,
+            depth,
+            timeout,
+        } = settings;
+        if chunk_len == 0
+            || depth == 0
+            || transport.world() == 0
+            || transport.rank() >= transport.world()
+        {
             return Err(WorkerError::Invalid(format!(
-                "ring all-reduce: chunk length {chunk_len} must be positive and rank {} inside a world of {}",
+                "ring all-reduce: chunk length {chunk_len} and depth {depth} must be positive and rank {} inside a world of {}",
                 transport.rank(),
                 transport.world()
             )));
@@ -134,6 +209,7 @@ impl<T: RingTransport> RingAllReduce<T> {
             generation,
             step: 0,
             chunk_len,
+            depth,
             timeout,
         })
     }
@@ -148,32 +224,6 @@ impl<T: RingTransport> RingAllReduce<T> {
         &self.transport
     }
 
-    async fn expect(
-        &mut self,
-        phase: Phase,
-        round: u32,
-        index: u32,
-        len: usize,
-    ) -> Result<T::Payload> {
-        let deadline = Instant::now() + self.timeout;
-        let chunk = self.transport.recv(deadline).await?;
-        let want = (self.generation, self.step, phase, round, index, len);
-        let got = (
-            chunk.generation,
-            chunk.step,
-            chunk.phase,
-            chunk.round,
-            chunk.index,
-            chunk.data.len(),
-        );
-        if got != want {
-            return Err(WorkerError::Ring(format!(
-                "rejected a chunk (generation, step, phase, round, index, length) = {got:?}, expected {want:?}"
-            )));
-        }
-        Ok(chunk.data)
-    }
-
     /// Replaces `buf` with the element-wise mean over all ranks' `buf`s (same length on every rank).
     pub async fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
         let n = self.transport.world();
@@ -181,62 +231,173 @@ impl<T: RingTransport> RingAllReduce<T> {
             self.step += 1;
             return Ok(());
         }
-        let r = self.transport.rank();
-        let len = buf.len();
-        let segment = move |s: usize| split(len, n, s % n);
-        // Reduce-scatter: in round k, send segment (r − k) and add the incoming (r − k − 1);
-        // after N−1 rounds rank r holds the full sum of segment (r + 1).
-        let reduce = |k: usize| (segment(r + n - k), segment(r + 2 * n - k - 1));
-        self.phase(buf, Phase::ReduceScatter, reduce, |acc, d| d.add_into(acc))
-            .await?;
+        let schedule = Schedule::new(buf.len(), n, self.transport.rank(), self.chunk_len);
+        let (stages, last_reduce) = (schedule.stages(), schedule.rounds() - 1);
         let scale = 1.0 / n as f32;
-        buf[segment(r + 1)].iter_mut().for_each(|v| *v *= scale);
-        // All-gather: in round k, send segment (r + 1 − k) and take the incoming (r − k).
-        let gather = |k: usize| (segment(r + 1 + n - k), segment(r + n - k));
-        self.phase(buf, Phase::AllGather, gather, |dst, d| d.copy_into(dst))
-            .await?;
+        // Chunks received so far in each stage.
+        let mut received = vec![0usize; stages];
+        let mut left: usize = (0..stages).map(|s| schedule.chunks_in(s)).sum();
+        // Chunks of this rank's own segment sent, and chunks whose all-gather ended here. A
+        // rank feeds in its next chunk while fewer than `depth` are on their way; since the
+        // segments' chunk counts differ by at most one, every rank can always feed all of its
+        // own, so the pipeline cannot stall.
+        let (mut fed, mut finished) = (0, 0);
+        while left > 0 {
+            while fed < schedule.chunks_out(0) && fed < finished + self.depth {
+                let data = Outgoing::Values(&buf[schedule.piece_out(0, fed)]);
+                self.send(0, fed, data)?;
+                fed += 1;
+            }
+            let (stage, c, data) = self.receive(&schedule, &received).await?;
+            received[stage] += 1;
+            left -= 1;
+            let range = schedule.piece_in(stage, c);
+            if stage < last_reduce {
+                self.send(stage + 1, c, Outgoing::Sum(&buf[range], &data))?;
+            } else if stage == last_reduce {
+                // This rank owns the segment: the sum is complete and its mean goes around.
+                let mean = &mut buf[range];
+                data.add_into(mean);
+                mean.iter_mut().for_each(|v| *v *= scale);
+                self.send(stage + 1, c, Outgoing::Values(mean))?;
+            } else {
+                data.copy_into(&mut buf[range]);
+                if stage + 1 < stages {
+                    self.send(stage + 1, c, Outgoing::Forward(data))?;
+                } else {
+                    finished += 1;
+                }
+            }
+        }
         self.step += 1;
         Ok(())
     }
 
-    /// One phase: in each of the N−1 rounds, send segment `segments(round).0` and fold the
-    /// incoming segment `segments(round).1` into `buf` with `combine`, chunk by chunk.
-    async fn phase(
-        &mut self,
-        buf: &mut [f32],
-        phase: Phase,
-        segments: impl Fn(usize) -> (Range<usize>, Range<usize>),
-        combine: fn(&mut [f32], &T::Payload),
-    ) -> Result<()> {
-        let chunk_len = self.chunk_len;
-        let chunks = |seg: &Range<usize>| seg.len().div_ceil(chunk_len).max(1);
-        let piece = |seg: &Range<usize>, c: usize| {
-            let start = seg.start + c * chunk_len;
-            start..(start + chunk_len).min(seg.end)
+    /// Sends chunk `index` of stage `stage`.
+    fn send(&mut self, stage: usize, index: usize, data: Outgoing<'_, T::Payload>) -> Result<()> {
+        let rounds = self.transport.world() - 1;
+        let (phase, round) = if stage < rounds {
+            (Phase::ReduceScatter, stage)
+        } else {
+            (Phase::AllGather, stage - rounds)
         };
-        for round in 0..self.transport.world() - 1 {
-            let (out_seg, in_seg) = segments(round);
-            for c in 0..chunks(&out_seg).max(chunks(&in_seg)) {
-                if c < chunks(&out_seg) {
-                    let chunk = Chunk {
-                        generation: self.generation,
-                        step: self.step,
-                        phase,
-                        round: round as u32,
-                        index: c as u32,
-                        data: &buf[piece(&out_seg, c)],
-                    };
-                    self.transport.send(chunk)?;
-                }
-                if c < chunks(&in_seg) {
-                    let range = piece(&in_seg, c);
-                    let data = self
-                        .expect(phase, round as u32, c as u32, range.len())
-                        .await?;
-                    combine(&mut buf[range], &data);
-                }
-            }
+        self.transport.send(Chunk {
+            generation: self.generation,
+            step: self.step,
+            phase,
+            round: round as u32,
+            index: index as u32,
+            data,
+        })
+    }
+
+    /// The next chunk from the previous rank as (stage, chunk index, values), if the schedule
+    /// allows it now: this collective, the next index of its stage, after the same chunk of the
+    /// previous stage where that exists (the previous rank can only produce them in that
+    /// order), the right length.
+    async fn receive(
+        &mut self,
+        schedule: &Schedule,
+        received: &[usize],
+    ) -> Result<(usize, usize, T::Payload)> {
+        let deadline = Instant::now() + self.timeout;
+        let chunk = self.transport.recv(deadline).await?;
+        let rounds = schedule.rounds();
+        let stage = match chunk.phase {
+            Phase::ReduceScatter => chunk.round as usize,
+            Phase::AllGather => rounds + chunk.round as usize,
+        };
+        let c = chunk.index as usize;
+        let allowed = chunk.generation == self.generation
+            && chunk.step == self.step
+            && (chunk.round as usize) < rounds
+            && c == received[stage]
+            && c < schedule.chunks_in(stage)
+            && (stage == 0 || c < received[stage - 1] || c >= schedule.chunks_in(stage - 1))
+            && chunk.data.len() == schedule.piece_in(stage, c).len();
+        if !allowed {
+            let got = (
+                chunk.generation,
+                chunk.step,
+                chunk.phase,
+                chunk.round,
+                chunk.index,
+                chunk.data.len(),
+            );
+            return Err(WorkerError::Ring(format!(
+                "rejected a chunk (generation, step, phase, round, index, length) = {got:?}: generation {}, step {} expects the next chunk of a round after the same chunk of the round before, in order, of the segment's length",
+                self.generation, self.step
+            )));
         }
-        Ok(())
+        Ok((stage, c, chunk.data))
+    }
+}
+
+/// Which values move when, for one rank of one all-reduce. Stage `s` is reduce-scatter round
+/// `s` for `s < N − 1`, then all-gather round `s − (N − 1)`; in stage `s` a rank sends segment
+/// `r − s` and receives segment `r − s − 1` (mod N), so what it receives in one stage is what
+/// it sends in the next. After the reduce-scatter rank `r` holds the sum of segment `r + 1`.
+struct Schedule {
+    len: usize,
+    world: usize,
+    rank: usize,
+    chunk_len: usize,
+}
+
+impl Schedule {
+    fn new(len: usize, world: usize, rank: usize, chunk_len: usize) -> Self {
+        Schedule {
+            len,
+            world,
+            rank,
+            chunk_len,
+        }
+    }
+
+    /// Rounds per phase.
+    fn rounds(&self) -> usize {
+        self.world - 1
+    }
+
+    fn stages(&self) -> usize {
+        2 * self.rounds()
+    }
+
+    fn segment(&self, s: usize) -> Range<usize> {
+        split(self.len, self.world, s % self.world)
+    }
+
+    fn segment_out(&self, stage: usize) -> Range<usize> {
+        self.segment(self.rank + 2 * self.world - stage)
+    }
+
+    fn segment_in(&self, stage: usize) -> Range<usize> {
+        self.segment(self.rank + 2 * self.world - stage - 1)
+    }
+
+    /// Chunks of a segment (an empty one still sends one empty chunk).
+    fn chunks(&self, segment: &Range<usize>) -> usize {
+        segment.len().div_ceil(self.chunk_len).max(1)
+    }
+
+    fn chunks_in(&self, stage: usize) -> usize {
+        self.chunks(&self.segment_in(stage))
+    }
+
+    fn chunks_out(&self, stage: usize) -> usize {
+        self.chunks(&self.segment_out(stage))
+    }
+
+    fn piece(&self, segment: Range<usize>, c: usize) -> Range<usize> {
+        let start = segment.start + c * self.chunk_len;
+        start..(start + self.chunk_len).min(segment.end)
+    }
+
+    fn piece_in(&self, stage: usize, c: usize) -> Range<usize> {
+        self.piece(self.segment_in(stage), c)
+    }
+
+    fn piece_out(&self, stage: usize, c: usize) -> Range<usize> {
+        self.piece(self.segment_out(stage), c)
     }
 }

@@ -1,13 +1,15 @@
-//! gRPC message framing of ring chunks, done by hand so that a chunk's values are copied once on
-//! the way out and not at all on the way in.
+//! gRPC message framing of ring chunks, done by hand so that a chunk's values are written once
+//! on the way out and not copied at all on the way in.
 //!
 //! A gRPC message on an HTTP/2 stream is a 5-byte prefix (compressed flag, big-endian length)
-//! and a protobuf body. [`encode_chunk`] writes prefix, header fields and the f32 payload into
-//! one buffer in one pass (tonic would encode a message into its own buffer, copying the
-//! payload a second time). [`MessageReader`] cuts messages out of the stream's DATA frames: a
-//! message that lies inside one frame is a zero-copy slice of it (tonic copies every frame into
-//! its decode buffer first); only a message split across frames is assembled. The bytes on the
-//! wire are plain gRPC, so any gRPC client or server interoperates with these peers.
+//! and a protobuf body. [`encode_chunk`] and [`encode_sum`] write prefix, header fields and the
+//! f32 payload into one buffer in one pass (tonic would encode a message into its own buffer,
+//! copying the payload a second time); [`encode_forward`] frames received values without
+//! touching them, as a small header part followed by the payload as it arrived.
+//! [`MessageReader`] cuts messages out of the stream's DATA frames as the frames they lie in
+//! ([`FramedMessage`]): decoding slices the payload out of its frame whenever it lies inside one
+//! (tonic copies every frame into its decode buffer first). The bytes on the wire are plain
+//! gRPC, so any gRPC client or server interoperates with these peers.
 
 use std::collections::VecDeque;
 
@@ -23,18 +25,11 @@ pub const PREFIX_BYTES: usize = 5;
 /// Field number of `Chunk.data` in `proto/elbo.proto`.
 const DATA_FIELD: u32 = 6;
 
-/// `header` (whose `data` must be empty) with `values` as its payload, framed as one gRPC
-/// message: prefix, header fields, then the values as little-endian f32 bytes. Protobuf lets
-/// fields come in any order, so this decodes as the `pb::Chunk` with `data` set.
-///
-/// # Errors
-/// A message longer than the prefix can describe (4 GiB).
-pub fn encode_chunk(header: &pb::Chunk, values: &[f32]) -> Result<Bytes, Status> {
-    debug_assert!(
-        header.data.is_empty(),
-        "the payload is written from `values`"
-    );
-    let payload = std::mem::size_of_val(values);
+/// Prefix, the fields of `header` (whose `data` must be empty) and the key and length of a
+/// `data` field of `payload` bytes, in a buffer with room for `room` more bytes. Protobuf lets
+/// fields come in any order, so header and payload decode as the `pb::Chunk` with `data` set.
+fn frame_header(header: &pb::Chunk, payload: usize, room: usize) -> Result<BytesMut, Status> {
+    debug_assert!(header.data.is_empty(), "the payload is written separately");
     // Like prost, an empty `bytes` field is left out.
     let field = if payload == 0 {
         0
@@ -47,23 +42,122 @@ pub fn encode_chunk(header: &pb::Chunk, values: &[f32]) -> Result<Bytes, Status>
             "a chunk of {payload} bytes does not fit a gRPC message"
         ))
     })?;
-    let mut buf = BytesMut::with_capacity(PREFIX_BYTES + message);
+    let mut buf = BytesMut::with_capacity(PREFIX_BYTES + message - payload + room);
     buf.put_u8(0);
     buf.put_u32(length);
     header
         .encode(&mut buf)
         .map_err(|e| Status::internal(format!("cannot encode a chunk header: {e}")))?;
-    if payload == 0 {
-        return Ok(buf.freeze());
+    if payload > 0 {
+        encode_key(DATA_FIELD, WireType::LengthDelimited, &mut buf);
+        encode_varint(payload as u64, &mut buf);
     }
-    encode_key(DATA_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(payload as u64, &mut buf);
+    Ok(buf)
+}
+
+/// `header` (whose `data` must be empty) with `values` as its payload, framed as one gRPC
+/// message: prefix, header fields, then the values as little-endian f32 bytes.
+///
+/// # Errors
+/// A message longer than the prefix can describe (4 GiB).
+pub fn encode_chunk(header: &pb::Chunk, values: &[f32]) -> Result<Bytes, Status> {
+    let payload = std::mem::size_of_val(values);
+    let mut buf = frame_header(header, payload, payload)?;
     if cfg!(target_endian = "little") {
         buf.extend_from_slice(bytemuck::cast_slice(values));
     } else {
         values.iter().for_each(|v| buf.put_f32_le(*v));
     }
     Ok(buf.freeze())
+}
+
+/// Like [`encode_chunk`] with the values `own[i] + received[i]`, where `received` holds
+/// little-endian f32s: the sum is written straight into the message.
+///
+/// # Errors
+/// `received` not holding exactly one f32 per value of `own`; a message longer than 4 GiB.
+pub fn encode_sum(header: &pb::Chunk, own: &[f32], received: &[u8]) -> Result<Bytes, Status> {
+    let payload = std::mem::size_of_val(own);
+    if received.len() != payload {
+        return Err(Status::internal(format!(
+            "cannot add {} received bytes to {} values",
+            received.len(),
+            own.len()
+        )));
+    }
+    let mut buf = frame_header(header, payload, payload)?;
+    let start = buf.len();
+    buf.resize(start + payload, 0);
+    for ((out, a), b) in buf[start..]
+        .chunks_exact_mut(4)
+        .zip(own)
+        .zip(received.chunks_exact(4))
+    {
+        out.copy_from_slice(&(a + f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes());
+    }
+    Ok(buf.freeze())
+}
+
+/// `header` (whose `data` must be empty) with `payload` (little-endian f32 bytes, as received)
+/// as its values, framed as one gRPC message in two parts: prefix and header fields, then the
+/// payload itself, not copied. Sent as consecutive DATA frames, the receiver's
+/// [`MessageReader`] reassembles it without copying the payload either.
+///
+/// # Errors
+/// A message longer than 4 GiB.
+pub fn encode_forward(header: &pb::Chunk, payload: Bytes) -> Result<[Bytes; 2], Status> {
+    Ok([frame_header(header, payload.len(), 0)?.freeze(), payload])
+}
+
+/// A whole gRPC message's protobuf bytes, held as the pieces of the DATA frames it arrived
+/// in. As a [`Buf`], it hands out a `bytes` field that lies inside one piece as a slice of that
+/// frame ([`Buf::copy_to_bytes`], which prost uses for `bytes` fields): no copy.
+#[derive(Debug, Default)]
+pub struct FramedMessage {
+    parts: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Buf for FramedMessage {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |part| part.as_ref())
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end of a message");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                break;
+            };
+            if front.len() > cnt {
+                front.advance(cnt);
+                break;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        if let Some(front) = self.parts.front_mut() {
+            if front.len() >= len {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                self.remaining -= len;
+                return out;
+            }
+        }
+        let mut out = BytesMut::with_capacity(len);
+        out.put((&mut *self).take(len));
+        out.freeze()
+    }
 }
 
 /// Cuts gRPC messages out of a stream's DATA frames, refusing any longer than a limit before
@@ -106,14 +200,15 @@ impl MessageReader {
     /// # Errors
     /// A compressed message (`Unimplemented`: ring peers never compress), a prefix flag other
     /// than 0 or 1 (`InvalidArgument`), a message longer than the limit (`OutOfRange`).
-    pub fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
+    pub fn next_message(&mut self) -> Result<Option<FramedMessage>, Status> {
         let len = match self.expect {
             Some(len) => len,
             None => {
                 if self.buffered < PREFIX_BYTES {
                     return Ok(None);
                 }
-                let prefix = self.take(PREFIX_BYTES);
+                let mut prefix = [0u8; PREFIX_BYTES];
+                self.take(PREFIX_BYTES).copy_to_slice(&mut prefix);
                 match prefix[0] {
                     0 => {}
                     1 => {
@@ -145,33 +240,27 @@ impl MessageReader {
         Ok(Some(self.take(len)))
     }
 
-    /// The next `n` buffered bytes: a slice of the first frame when it holds them all, else
-    /// assembled from the frames they span.
-    fn take(&mut self, n: usize) -> Bytes {
+    /// The next `n` buffered bytes, as the frames (or parts of frames) they lie in.
+    fn take(&mut self, n: usize) -> FramedMessage {
         debug_assert!(n <= self.buffered);
         self.buffered -= n;
-        if let Some(front) = self.frames.front_mut() {
-            if front.len() >= n {
-                let out = front.split_to(n);
-                if front.is_empty() {
-                    self.frames.pop_front();
-                }
-                return out;
-            }
-        }
-        let mut out = BytesMut::with_capacity(n);
-        while out.len() < n {
+        let mut message = FramedMessage {
+            parts: VecDeque::new(),
+            remaining: n,
+        };
+        let mut left = n;
+        while left > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
             };
-            let k = front.len().min(n - out.len());
-            out.extend_from_slice(&front[..k]);
-            front.advance(k);
-            if front.is_empty() {
-                self.frames.pop_front();
+            if front.len() > left {
+                message.parts.push_back(front.split_to(left));
+                break;
             }
+            left -= front.len();
+            message.parts.extend(self.frames.pop_front());
         }
-        out.freeze()
+        message
     }
 }
 
@@ -262,9 +351,47 @@ mod tests {
         let mut reader = MessageReader::new(1 << 20);
         reader.push(frame.clone());
         let message = reader.next_message().unwrap().unwrap();
-        assert_eq!(message.as_ptr(), frame[PREFIX_BYTES..].as_ptr());
-        let chunk = pb::Chunk::decode(message.clone()).unwrap();
-        assert!(message.as_ptr_range().contains(&chunk.data.as_ptr()));
+        assert_eq!(message.chunk().as_ptr(), frame[PREFIX_BYTES..].as_ptr());
+        let chunk = pb::Chunk::decode(message).unwrap();
+        assert!(frame.as_ptr_range().contains(&chunk.data.as_ptr()));
+    }
+
+    #[test]
+    fn a_sum_is_encoded_as_the_chunk_of_the_summed_values() {
+        for n in [0, 1, 1000] {
+            let own = values(n);
+            let received: Vec<f32> = (0..n).map(|i| i as f32 * -1.5 + 0.125).collect();
+            let sum: Vec<f32> = own.iter().zip(&received).map(|(a, b)| a + b).collect();
+            assert_eq!(
+                encode_sum(&header(), &own, &le(&received)).unwrap(),
+                encode_chunk(&header(), &sum).unwrap()
+            );
+        }
+        let err = encode_sum(&header(), &values(3), &le(&values(2))).unwrap_err();
+        assert!(
+            err.message()
+                .contains("cannot add 8 received bytes to 3 values"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_forwarded_payload_is_neither_copied_on_the_way_out_nor_on_the_way_in() {
+        for n in [0, 1, 700] {
+            let payload = Bytes::from(le(&values(n)));
+            let parts = encode_forward(&header(), payload.clone()).unwrap();
+            assert_eq!(parts[1].as_ptr(), payload.as_ptr(), "sent as it came");
+            let joined: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
+            assert_eq!(joined, encode_chunk(&header(), &values(n)).unwrap());
+            let mut reader = MessageReader::new(1 << 20);
+            parts.into_iter().for_each(|p| reader.push(p));
+            let chunk = pb::Chunk::decode(reader.next_message().unwrap().unwrap()).unwrap();
+            assert_eq!(chunk.data, payload);
+            if n > 0 {
+                assert_eq!(chunk.data.as_ptr(), payload.as_ptr(), "decoded in place");
+            }
+            assert!(reader.is_between_messages());
+        }
     }
 
     #[test]
@@ -272,7 +399,7 @@ mod tests {
         let frame = encode_chunk(&header(), &values(10)).unwrap();
         let mut reader = MessageReader::new(1 << 20);
         reader.push(frame.slice(..frame.len() - 1));
-        assert_eq!(reader.next_message().unwrap(), None);
+        assert!(reader.next_message().unwrap().is_none());
         assert!(!reader.is_between_messages());
         reader.push(frame.slice(frame.len() - 1..));
         assert!(reader.next_message().unwrap().is_some());

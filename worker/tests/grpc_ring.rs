@@ -4,7 +4,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce, GrpcRing};
+use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
+
+fn settings(chunk_len: usize, timeout: Duration) -> RingSettings {
+    RingSettings {
+        chunk_len,
+        depth: 1,
+        timeout,
+    }
+}
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -43,7 +52,8 @@ fn three_ranks_all_reduce_over_grpc() {
             let next = addrs[(rank + 1) % world];
             std::thread::spawn(move || {
                 let ring = join(&peer, 1, rank, world, next);
-                let mut ar = GrpcAllReduce::new(ring, 1, 1000, Duration::from_secs(10)).unwrap();
+                let mut ar =
+                    GrpcAllReduce::new(ring, 1, settings(1000, Duration::from_secs(10))).unwrap();
                 let mut results = Vec::new();
                 for step in 0..3 {
                     let mut buf: Vec<f32> = (0..10_001)
@@ -103,7 +113,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("5 bytes"), "{}", status.message());
-    let mut ar = GrpcAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
+    let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
     let started = Instant::now();
     let err = ar
         .all_reduce_mean(&mut vec![1.0; 8])
@@ -158,7 +168,7 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
     let oversized = send_stream(addr, vec![chunk(2, 4096)]);
     assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
     // Neither reached the ring: it still waits, and times out cleanly.
-    let mut ar = GrpcAllReduce::new(ring, 2, 4, Duration::from_millis(300)).unwrap();
+    let mut ar = GrpcAllReduce::new(ring, 2, settings(4, Duration::from_millis(300))).unwrap();
     let err = ar
         .all_reduce_mean(&mut vec![1.0; 8])
         .unwrap_err()
@@ -204,7 +214,7 @@ fn a_stock_grpc_client_can_play_the_previous_rank() {
                 client.ring(tokio_stream::iter(chunks)).await
             })
     });
-    let mut ar = GrpcAllReduce::new(ring, 1, 4, Duration::from_secs(5)).unwrap();
+    let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
     let mut buf = vec![2.0, 4.0, 6.0, 8.0, 1.0, 1.0, 1.0, 1.0];
     ar.all_reduce_mean(&mut buf).unwrap();
     assert_eq!(buf, [6.0, 12.0, 18.0, 24.0, -1.0, -2.0, -3.0, -4.0]);

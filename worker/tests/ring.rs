@@ -6,7 +6,7 @@ use tokio::sync::mpsc::{
     unbounded_channel as channel, UnboundedReceiver as Receiver, UnboundedSender as Sender,
 };
 
-use elbo_worker::ring::{Chunk, Phase, RingAllReduce, RingTransport};
+use elbo_worker::ring::{Chunk, Outgoing, Phase, RingAllReduce, RingSettings, RingTransport};
 use elbo_worker::{Reduce, Result, WorkerError};
 
 /// Links of one rank: a channel to the next rank, one from the previous.
@@ -27,7 +27,7 @@ impl RingTransport for Link {
     fn world(&self) -> usize {
         self.world
     }
-    fn send(&mut self, chunk: Chunk<&[f32]>) -> Result<()> {
+    fn send(&mut self, chunk: Chunk<Outgoing<'_, Vec<f32>>>) -> Result<()> {
         let mut chunk = chunk.to_owned_chunk();
         if let Some(t) = self.tamper {
             t(&mut chunk);
@@ -90,14 +90,29 @@ fn values(rank: usize, len: usize, step: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `steps` all-reduces on every rank (one thread each); returns each rank's buffers.
-fn run(links: Vec<Link>, len: usize, chunk: usize, steps: u64) -> Vec<Result<Vec<Vec<f32>>>> {
+fn settings(chunk_len: usize, depth: usize, timeout: Duration) -> RingSettings {
+    RingSettings {
+        chunk_len,
+        depth,
+        timeout,
+    }
+}
+
+/// Runs `steps` all-reduces on every rank (one thread each), in chunks of `chunk` values with
+/// `depth` chunks in flight; returns each rank's buffers.
+fn run(
+    links: Vec<Link>,
+    len: usize,
+    (chunk, depth): (usize, usize),
+    steps: u64,
+) -> Vec<Result<Vec<Vec<f32>>>> {
     let handles: Vec<_> = links
         .into_iter()
         .map(|link| {
             std::thread::spawn(move || {
                 let rank = link.rank;
-                let mut ar = RingAllReduce::new(link, 7, chunk, Duration::from_secs(5))?;
+                let mut ar =
+                    RingAllReduce::new(link, 7, settings(chunk, depth, Duration::from_secs(5)))?;
                 let runtime = local_runtime();
                 (0..steps)
                     .map(|step| {
@@ -114,8 +129,15 @@ fn run(links: Vec<Link>, len: usize, chunk: usize, steps: u64) -> Vec<Result<Vec
 #[test]
 fn every_rank_gets_the_mean_with_identical_bits() {
     for world in 1..=6 {
-        for (len, chunk) in [(1, 4), (5, 2), (37, 4), (1000, 64), (1000, 1000)] {
-            let results = run(ring(world), len, chunk, 3);
+        for (len, chunk, depth) in [
+            (1, 4, 1),
+            (5, 2, 1),
+            (37, 4, 2),
+            (1000, 64, 1),
+            (1000, 64, 3),
+            (1000, 1000, 1),
+        ] {
+            let results = run(ring(world), len, (chunk, depth), 3);
             let results: Vec<Vec<Vec<f32>>> = results.into_iter().map(|r| r.unwrap()).collect();
             let first = &results[0];
             for (step, got) in first.iter().enumerate() {
@@ -142,19 +164,21 @@ fn every_rank_gets_the_mean_with_identical_bits() {
 }
 
 #[test]
-fn the_result_does_not_depend_on_the_chunk_size() {
-    let a = run(ring(4), 999, 7, 1).remove(2).unwrap();
-    let b = run(ring(4), 999, 500, 1).remove(2).unwrap();
+fn the_result_does_not_depend_on_the_chunk_size_or_the_depth() {
+    let a = run(ring(4), 999, (7, 1), 1).remove(2).unwrap();
+    let b = run(ring(4), 999, (500, 1), 1).remove(2).unwrap();
+    let c = run(ring(4), 999, (7, 5), 1).remove(2).unwrap();
     assert_eq!(
         a, b,
         "chunking pipelines the transfer but sums in the same order"
     );
+    assert_eq!(a, c, "so does keeping more chunks in flight");
 }
 
 fn rejected_with(tamper: fn(&mut Chunk), expect: &str) {
     let mut links = ring(3);
     links[1].tamper = Some(tamper);
-    let results = run(links, 60, 8, 1);
+    let results = run(links, 60, (8, 1), 1);
     let err = results[2]
         .as_ref()
         .expect_err("rank 2 receives rank 1's chunks and must reject them")
@@ -178,7 +202,7 @@ fn a_silent_neighbour_ends_in_an_error_at_the_deadline() {
     let rank1 = links.pop().unwrap();
     let rank0 = links.pop().unwrap();
     let started = Instant::now();
-    let mut ar = RingAllReduce::new(rank0, 1, 16, Duration::from_millis(200)).unwrap();
+    let mut ar = RingAllReduce::new(rank0, 1, settings(16, 1, Duration::from_millis(200))).unwrap();
     let mut buf = vec![1.0f32; 40];
     let err = local_runtime()
         .block_on(ar.all_reduce_mean(&mut buf))
@@ -194,14 +218,14 @@ fn a_silent_neighbour_ends_in_an_error_at_the_deadline() {
 
 #[test]
 fn invalid_settings_are_refused() {
-    let links = ring(2);
-    assert!(RingAllReduce::new(
-        links.into_iter().next().unwrap(),
-        0,
-        0,
-        Duration::from_secs(1)
-    )
-    .is_err());
+    for (chunk, depth) in [(0, 1), (4, 0)] {
+        let link = ring(2).into_iter().next().unwrap();
+        let err = RingAllReduce::new(link, 0, settings(chunk, depth, Duration::from_secs(1)))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("must be positive"), "{err}");
+    }
 }
 
 /// N trainers on their parts of each global batch, joined by the ring, end with the parameters
@@ -268,7 +292,8 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
                 std::thread::spawn(move || {
                     let rank = link.rank;
                     let mut reduce = Blocking(
-                        RingAllReduce::new(link, 1, 5, Duration::from_secs(5)).unwrap(),
+                        RingAllReduce::new(link, 1, settings(5, 1, Duration::from_secs(5)))
+                            .unwrap(),
                         local_runtime(),
                     );
                     let mut t = trainer();
