@@ -2,8 +2,9 @@
 //! grpc.health.v1, for probes) and, for each generation of the ring, streams its chunks to the
 //! next rank over one long-lived gRPC stream (so chunks pipeline); chunks from the previous rank
 //! arrive through this worker's server ([`crate::peer_server`]). Payloads travel as raw
-//! little-endian f32 bytes, framed by hand ([`crate::ring_wire`]): one copy from the gradient
-//! buffer into the outgoing message, none on receipt before the sum.
+//! little-endian f32 bytes, framed by hand ([`crate::ring_wire`]): values (or a partial sum)
+//! are written once, straight into the outgoing message; a forwarded chunk is not copied at all,
+//! and nothing is copied on receipt before the sum.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,7 +8,8 @@
 //! A partial sum is added to this rank's values straight into the outgoing message (the sum
 //! is never stored: the all-gather overwrites that part of the buffer later), and a reduced
 //! chunk of the all-gather is passed on as it came, without re-encoding its values. Beside
-//! those answers the rank feeds in its own segment, one chunk per chunk received.
+//! those answers the rank feeds in its own segment, keeping a few of its chunks (the depth) on
+//! their way round at once.
 //!
 //! Every incoming chunk is checked against what the schedule allows — generation, step, phase,
 //! round, the next chunk index of that round, a chunk only after its previous round, and its
@@ -65,19 +66,6 @@ pub enum Outgoing<'a, P> {
 }
 
 impl<P: Payload> Outgoing<'_, P> {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            Outgoing::Values(v) | Outgoing::Sum(v, _) => v.len(),
-            Outgoing::Forward(p) => p.len(),
-        }
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The values, computed.
     pub fn to_vec(&self) -> Vec<f32> {
         match self {
@@ -160,8 +148,8 @@ pub struct RingSettings {
     pub chunk_len: usize,
     /// Chunks of its own segment a rank keeps on their way around the ring at once (at least
     /// 1): it feeds in the next one when a chunk's all-gather completes here. More keeps a
-    /// long or slow link busy; fewer keeps the data in flight inside the caches when ranks
-    /// share cores (see `cluster.ring_depth`).
+    /// long or slow link busy; 1 measured fastest when ranks share cores (see
+    /// `cluster.ring_depth`).
     pub depth: usize,
     /// How long a receive waits.
     pub timeout: Duration,
