@@ -14,6 +14,10 @@ import sys
 import threading
 import time
 
+# Longest a rank waits for the others to start or for a peer's bytes (a failed rank ends the
+# run with an error instead of a hang).
+WAIT_S = 60
+
 
 def usage(problem):
     sys.exit(f"{problem}\nusage: python3 scripts/tcp_ring_reference.py [WORLD [BYTES [CHUNK]]]")
@@ -33,14 +37,16 @@ def rank(r, world, total, chunk, ports, barrier, results):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
+    listener.settimeout(WAIT_S)
     ports[r] = listener.getsockname()[1]
-    barrier.wait()
-    out = socket.create_connection(("127.0.0.1", ports[(r + 1) % world]))
+    barrier.wait(WAIT_S)
+    out = socket.create_connection(("127.0.0.1", ports[(r + 1) % world]), timeout=WAIT_S)
     out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     incoming, _ = listener.accept()
+    incoming.settimeout(WAIT_S)
     payload = bytearray(chunk)
     inbox = memoryview(bytearray(chunk))
-    barrier.wait()
+    barrier.wait(WAIT_S)
     start = time.perf_counter()
 
     def send():
@@ -83,7 +89,7 @@ def main():
             p.start()
         try:
             for p in procs:
-                p.join(timeout=600)
+                p.join()
         finally:
             for p in procs:
                 if p.is_alive():

@@ -277,7 +277,9 @@ async fn stream_to_next(
     ))
 }
 
-/// The call's outcome from `grpc-status` and `grpc-message`, if `headers` carry one.
+/// The call's outcome from `grpc-status` and `grpc-message`, if `headers` carry one. Not
+/// tonic's `Status::from_header_map`: that panics on a malformed `grpc-status-details-bin`,
+/// which a peer controls.
 fn grpc_status(headers: &http::HeaderMap) -> Option<Result<(), Status>> {
     let code = Code::from_bytes(headers.get("grpc-status")?.as_bytes());
     if code == Code::Ok {

@@ -27,7 +27,7 @@ use tonic::Status;
 
 use crate::error::{Result, WorkerError};
 use crate::ring::{Chunk, Payload, Phase};
-use crate::ring_wire::{MessageReader, PREFIX_BYTES};
+use crate::ring_wire::{le_f32s, MessageReader, PREFIX_BYTES};
 
 /// How long an incoming stream waits for this worker to join the stream's generation.
 const ADMIT_WAIT: Duration = Duration::from_secs(30);
@@ -63,14 +63,14 @@ impl Payload for LeBytes {
         self.0.len() / 4
     }
     fn add_into(&self, acc: &mut [f32]) {
-        for (a, b) in acc.iter_mut().zip(self.0.chunks_exact(4)) {
-            *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+        acc.iter_mut()
+            .zip(le_f32s(&self.0))
+            .for_each(|(a, v)| *a += v);
     }
     fn copy_into(&self, dst: &mut [f32]) {
-        for (d, b) in dst.iter_mut().zip(self.0.chunks_exact(4)) {
-            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+        dst.iter_mut()
+            .zip(le_f32s(&self.0))
+            .for_each(|(d, v)| *d = v);
     }
 }
 

@@ -231,27 +231,26 @@ impl<T: RingTransport> RingAllReduce<T> {
         // own, so the pipeline cannot stall.
         let (mut fed, mut finished) = (0, 0);
         while left > 0 {
-            while fed < schedule.chunks_out(0) && fed < finished + self.depth {
-                let data = Outgoing::Values(&buf[schedule.piece_out(0, fed)]);
-                self.send(0, fed, data)?;
+            while fed < schedule.own_chunks() && fed < finished + self.depth {
+                let data = Outgoing::Values(&buf[schedule.own_piece(fed)]);
+                self.send(&schedule, 0, fed, data)?;
                 fed += 1;
             }
-            let (stage, c, data) = self.receive(&schedule, &received).await?;
+            let (stage, c, range, data) = self.receive(&schedule, &received).await?;
             received[stage] += 1;
             left -= 1;
-            let range = schedule.piece_in(stage, c);
             if stage < last_reduce {
-                self.send(stage + 1, c, Outgoing::Sum(&buf[range], &data))?;
+                self.send(&schedule, stage + 1, c, Outgoing::Sum(&buf[range], &data))?;
             } else if stage == last_reduce {
                 // This rank owns the segment: the sum is complete and its mean goes around.
                 let mean = &mut buf[range];
                 data.add_into(mean);
                 mean.iter_mut().for_each(|v| *v *= scale);
-                self.send(stage + 1, c, Outgoing::Values(mean))?;
+                self.send(&schedule, stage + 1, c, Outgoing::Values(mean))?;
             } else {
                 data.copy_into(&mut buf[range]);
                 if stage + 1 < stages {
-                    self.send(stage + 1, c, Outgoing::Forward(data))?;
+                    self.send(&schedule, stage + 1, c, Outgoing::Forward(data))?;
                 } else {
                     finished += 1;
                 }
@@ -262,13 +261,14 @@ impl<T: RingTransport> RingAllReduce<T> {
     }
 
     /// Sends chunk `index` of stage `stage`.
-    fn send(&mut self, stage: usize, index: usize, data: Outgoing<'_, T::Payload>) -> Result<()> {
-        let rounds = self.transport.world() - 1;
-        let (phase, round) = if stage < rounds {
-            (Phase::ReduceScatter, stage)
-        } else {
-            (Phase::AllGather, stage - rounds)
-        };
+    fn send(
+        &mut self,
+        schedule: &Schedule,
+        stage: usize,
+        index: usize,
+        data: Outgoing<'_, T::Payload>,
+    ) -> Result<()> {
+        let (phase, round) = schedule.phase_round(stage);
         self.transport.send(Chunk {
             generation: self.generation,
             step: self.step,
@@ -279,45 +279,52 @@ impl<T: RingTransport> RingAllReduce<T> {
         })
     }
 
-    /// The next chunk from the previous rank as (stage, chunk index, values), if the schedule
-    /// allows it now: this collective, the next index of its stage, after the same chunk of the
-    /// previous stage where that exists (the previous rank can only produce them in that
-    /// order), the right length.
+    /// The next chunk from the previous rank as (stage, chunk index, its range of the buffer,
+    /// values), if the schedule allows it now: this collective, the next index of its stage,
+    /// after the same chunk of the previous stage where that exists (the previous rank can
+    /// only produce them in that order), the right length.
     async fn receive(
         &mut self,
         schedule: &Schedule,
         received: &[usize],
-    ) -> Result<(usize, usize, T::Payload)> {
+    ) -> Result<(usize, usize, Range<usize>, T::Payload)> {
         let deadline = Instant::now() + self.timeout;
         let chunk = self.transport.recv(deadline).await?;
-        let rounds = schedule.rounds();
-        let stage = match chunk.phase {
-            Phase::ReduceScatter => chunk.round as usize,
-            Phase::AllGather => rounds + chunk.round as usize,
-        };
         let c = chunk.index as usize;
-        let allowed = chunk.generation == self.generation
-            && chunk.step == self.step
-            && (chunk.round as usize) < rounds
-            && c == received[stage]
-            && c < schedule.chunks_in(stage)
-            && (stage == 0 || c < received[stage - 1] || c >= schedule.chunks_in(stage - 1))
-            && chunk.data.len() == schedule.piece_in(stage, c).len();
-        if !allowed {
-            let got = (
-                chunk.generation,
-                chunk.step,
-                chunk.phase,
-                chunk.round,
-                chunk.index,
-                chunk.data.len(),
-            );
-            return Err(WorkerError::Ring(format!(
-                "rejected a chunk (generation, step, phase, round, index, length) = {got:?}: generation {}, step {} expects the next chunk of a round after the same chunk of the round before, in order, of the segment's length",
-                self.generation, self.step
-            )));
+        let in_order = |stage: usize| {
+            chunk.generation == self.generation
+                && chunk.step == self.step
+                && c == received[stage]
+                && c < schedule.chunks_in(stage)
+                && (stage == 0 || c < received[stage - 1] || c >= schedule.chunks_in(stage - 1))
+        };
+        let Some(stage) = schedule
+            .stage(chunk.phase, chunk.round)
+            .filter(|&s| in_order(s))
+        else {
+            return Err(self.rejected(&chunk));
+        };
+        let range = schedule.piece_in(stage, c);
+        if range.len() != chunk.data.len() {
+            return Err(self.rejected(&chunk));
         }
-        Ok((stage, c, chunk.data))
+        Ok((stage, c, range, chunk.data))
+    }
+
+    /// The error for a chunk the schedule does not allow.
+    fn rejected(&self, chunk: &Chunk<T::Payload>) -> WorkerError {
+        let got = (
+            chunk.generation,
+            chunk.step,
+            chunk.phase,
+            chunk.round,
+            chunk.index,
+            chunk.data.len(),
+        );
+        WorkerError::Ring(format!(
+            "rejected a chunk (generation, step, phase, round, index, length) = {got:?}: generation {}, step {} expects the next chunk of a round after the same chunk of the round before, in order, of the segment's length",
+            self.generation, self.step
+        ))
     }
 }
 
@@ -351,12 +358,26 @@ impl Schedule {
         2 * self.rounds()
     }
 
-    fn segment(&self, s: usize) -> Range<usize> {
-        split(self.len, self.world, s % self.world)
+    /// The phase and round of stage `stage`.
+    fn phase_round(&self, stage: usize) -> (Phase, usize) {
+        if stage < self.rounds() {
+            (Phase::ReduceScatter, stage)
+        } else {
+            (Phase::AllGather, stage - self.rounds())
+        }
     }
 
-    fn segment_out(&self, stage: usize) -> Range<usize> {
-        self.segment(self.rank + 2 * self.world - stage)
+    /// The stage of `round` of `phase`, if there is one.
+    fn stage(&self, phase: Phase, round: u32) -> Option<usize> {
+        let round = usize::try_from(round).ok().filter(|&r| r < self.rounds())?;
+        Some(match phase {
+            Phase::ReduceScatter => round,
+            Phase::AllGather => self.rounds() + round,
+        })
+    }
+
+    fn segment(&self, s: usize) -> Range<usize> {
+        split(self.len, self.world, s % self.world)
     }
 
     fn segment_in(&self, stage: usize) -> Range<usize> {
@@ -372,8 +393,9 @@ impl Schedule {
         self.chunks(&self.segment_in(stage))
     }
 
-    fn chunks_out(&self, stage: usize) -> usize {
-        self.chunks(&self.segment_out(stage))
+    /// Chunks of this rank's own segment, which it feeds in (stage 0 sends them).
+    fn own_chunks(&self) -> usize {
+        self.chunks(&self.segment(self.rank))
     }
 
     fn piece(&self, segment: Range<usize>, c: usize) -> Range<usize> {
@@ -385,7 +407,7 @@ impl Schedule {
         self.piece(self.segment_in(stage), c)
     }
 
-    fn piece_out(&self, stage: usize, c: usize) -> Range<usize> {
-        self.piece(self.segment_out(stage), c)
+    fn own_piece(&self, c: usize) -> Range<usize> {
+        self.piece(self.segment(self.rank), c)
     }
 }

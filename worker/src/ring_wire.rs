@@ -25,6 +25,13 @@ pub const PREFIX_BYTES: usize = 5;
 /// Field number of `Chunk.data` in `proto/elbo.proto`.
 const DATA_FIELD: u32 = 6;
 
+/// The values of little-endian f32 bytes (a trailing partial value is left out).
+pub fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// Prefix, the fields of `header` (whose `data` must be empty) and the key and length of a
 /// `data` field of `payload` bytes, in a buffer with room for `room` more bytes. Protobuf lets
 /// fields come in any order, so header and payload decode as the `pb::Chunk` with `data` set.
@@ -91,9 +98,9 @@ pub fn encode_sum(header: &pb::Chunk, own: &[f32], received: &[u8]) -> Result<By
     for ((out, a), b) in buf[start..]
         .chunks_exact_mut(4)
         .zip(own)
-        .zip(received.chunks_exact(4))
+        .zip(le_f32s(received))
     {
-        out.copy_from_slice(&(a + f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes());
+        out.copy_from_slice(&(a + b).to_le_bytes());
     }
     Ok(buf.freeze())
 }
@@ -112,7 +119,7 @@ pub fn encode_forward(header: &pb::Chunk, payload: Bytes) -> Result<[Bytes; 2], 
 /// A whole gRPC message's protobuf bytes, held as the pieces of the DATA frames it arrived
 /// in. As a [`Buf`], it hands out a `bytes` field that lies inside one piece as a slice of that
 /// frame ([`Buf::copy_to_bytes`], which prost uses for `bytes` fields): no copy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FramedMessage {
     parts: VecDeque<Bytes>,
     remaining: usize,
@@ -207,8 +214,7 @@ impl MessageReader {
                 if self.buffered < PREFIX_BYTES {
                     return Ok(None);
                 }
-                let mut prefix = [0u8; PREFIX_BYTES];
-                self.take(PREFIX_BYTES).copy_to_slice(&mut prefix);
+                let prefix = self.take_prefix();
                 match prefix[0] {
                     0 => {}
                     1 => {
@@ -238,6 +244,26 @@ impl MessageReader {
         }
         self.expect = None;
         Ok(Some(self.take(len)))
+    }
+
+    /// The next [`PREFIX_BYTES`] buffered bytes, copied out of the frames they lie in.
+    fn take_prefix(&mut self) -> [u8; PREFIX_BYTES] {
+        debug_assert!(PREFIX_BYTES <= self.buffered);
+        self.buffered -= PREFIX_BYTES;
+        let mut prefix = [0u8; PREFIX_BYTES];
+        let mut filled = 0;
+        while filled < PREFIX_BYTES {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            let n = front.len().min(PREFIX_BYTES - filled);
+            front.copy_to_slice(&mut prefix[filled..filled + n]);
+            filled += n;
+            if front.is_empty() {
+                self.frames.pop_front();
+            }
+        }
+        prefix
     }
 
     /// The next `n` buffered bytes, as the frames (or parts of frames) they lie in.
