@@ -109,6 +109,50 @@ fn one_two_and_four_workers_train_the_same_model() {
     }
 }
 
+/// The parameters of two checkpoints agree within `1e-5` (relative, over all parameters).
+fn assert_same_model(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (params(a), params(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (name, want) in &a {
+        for (x, y) in want.iter().zip(&b[name]) {
+            diff += f64::from(x - y).powi(2);
+            norm += f64::from(*x).powi(2);
+        }
+    }
+    let rel = (diff / norm).sqrt();
+    assert!(rel < 1e-5, "{what}: parameters differ by {rel:e} (relative)");
+}
+
+/// Free bits clamp each latent dimension's mean KL over the *global* batch (its sums are
+/// all-reduced before the loss), so N workers train what one process trains with them on too,
+/// and a resume at another world size changes nothing. (Clamping each rank's share, as before,
+/// made the gradients depend on how the batch was split.)
+#[test]
+fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let train = |name: &str, world: u32, max_steps: &str| -> PathBuf {
+        let dir = tmp.path().join(name);
+        let workers = format!("cluster.workers={world}");
+        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap()];
+        args.extend(SMALL);
+        args.extend(["--set", &workers, "--set", "model.free_bits=0.5"]);
+        args.extend(["--set", "train.epochs=3", "--max-steps", max_steps]);
+        ok(elbo(&args, &cache));
+        dir
+    };
+    let step30 = "checkpoints/step-000000030";
+    let one = train("world1", 1, "30").join(step30);
+    for world in [2, 4] {
+        let dir = train(&format!("world{world}"), world, "30");
+        assert_same_model(&one, &dir.join(step30), &format!("world {world}"));
+    }
+    train("resumed", 4, "15");
+    let resumed = train("resumed", 2, "30");
+    assert_same_model(&one, &resumed.join(step30), "4 workers, then 2");
+}
+
 /// Starts `elbo coordinator` on a free loopback port; returns its index and URL.
 fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (usize, String) {
     let i = procs.spawn(&mut coordinator_cmd("127.0.0.1:0", run, cache, extra));

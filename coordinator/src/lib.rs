@@ -137,7 +137,7 @@ pub enum CoordinatorError {
 
 /// Stops a running coordinator from another thread (the launcher, when a child dies).
 #[derive(Clone)]
-pub struct Aborter(Arc<state::Shared>);
+pub struct Aborter(Arc<service::Shared>);
 
 impl Aborter {
     /// Fails the run with `reason`: every worker is told to stop.

@@ -1,26 +1,149 @@
 //! The gRPC face of the coordinator: the `Coordinator` service, grpc.health.v1 and server
-//! reflection, and the driver that runs the rendezvous and watches the run until it ends.
+//! reflection, the driver that feeds the state machine the passage of time until the run ends,
+//! and the effects thread that carries out what the state machine decides (commands to workers,
+//! steps to the run store), in the order it decided them, outside its lock.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_server::{self, CoordinatorServer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::{Phase, Shared, Upload};
+use crate::state::{Effect, Phase, Run, Upload};
 use crate::{Aborter, CoordinatorError, Files, RunStore, Settings, Summary};
+
+/// Commands to one worker.
+type Outbox = mpsc::UnboundedSender<Result<pb::Command, Status>>;
+
+/// Work for the effects thread, in the order it was decided.
+enum Task {
+    /// A session joined: its command stream.
+    Register(u64, Outbox),
+    /// Something the state machine decided.
+    Do(Effect),
+    /// Reply once everything queued before is done.
+    Flush(std_mpsc::Sender<()>),
+    /// End every command stream and stop.
+    Shutdown,
+}
+
+/// The state machine, its effects queue and a wake-up for the driver.
+pub(crate) struct Shared {
+    run: Mutex<Run>,
+    tasks: Mutex<std_mpsc::Sender<Task>>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue(&self, task: Task) {
+        // The effects thread outlives every transition (it stops on `Shutdown`, the last task).
+        let _ = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(task);
+    }
+
+    /// Runs one transition at the current time under the lock and queues its effects.
+    fn apply<R>(&self, transition: impl FnOnce(&mut Run, Instant) -> (R, Vec<Effect>)) -> R {
+        let mut run = self.lock();
+        let (result, effects) = transition(&mut run, Instant::now());
+        for e in effects {
+            self.queue(Task::Do(e));
+        }
+        drop(run);
+        self.changed.notify_one();
+        result
+    }
+
+    /// Runs a transition that may refuse its event.
+    fn try_apply(
+        &self,
+        transition: impl FnOnce(&mut Run, Instant) -> Result<Vec<Effect>, Status>,
+    ) -> Result<(), Status> {
+        self.apply(|run, now| match transition(run, now) {
+            Ok(fx) => (Ok(()), fx),
+            Err(status) => (Err(status), Vec::new()),
+        })
+    }
+
+    /// Admits a worker: its command stream is registered before its `Welcome` is sent.
+    fn join(&self, join: &pb::Join, outbox: Outbox) -> Result<u64, Status> {
+        let mut run = self.lock();
+        let (id, effects) = run.join(join, Instant::now())?;
+        self.queue(Task::Register(id, outbox));
+        for e in effects {
+            self.queue(Task::Do(e));
+        }
+        drop(run);
+        self.changed.notify_one();
+        Ok(id)
+    }
+
+    pub(crate) fn fail(&self, reason: String) {
+        self.apply(|run, _| ((), run.fail(reason)));
+    }
+
+    pub(crate) fn drain(&self, reason: &str) {
+        self.apply(|run, now| ((), run.drain(reason, now)));
+    }
+
+    /// Waits until every effect queued so far has been carried out.
+    fn flush(&self) {
+        let (done, wait) = std_mpsc::channel();
+        self.queue(Task::Flush(done));
+        let _ = wait.recv();
+    }
+}
+
+/// The effects thread: sends commands to the workers' streams and records committed steps,
+/// one task at a time in queue order. A step the store cannot record fails the run.
+fn carry_out(tasks: std_mpsc::Receiver<Task>, store: Arc<dyn RunStore>, shared: Arc<Shared>) {
+    let mut outboxes: BTreeMap<u64, Outbox> = BTreeMap::new();
+    for task in tasks {
+        match task {
+            Task::Register(id, outbox) => {
+                outboxes.insert(id, outbox);
+            }
+            Task::Do(Effect::Send(id, command)) => {
+                // A closed stream means the session is ending; its reader reports it as left.
+                if let Some(outbox) = outboxes.get(&id) {
+                    let _ = outbox.send(Ok(command));
+                }
+            }
+            Task::Do(Effect::Close(id)) => {
+                outboxes.remove(&id);
+            }
+            Task::Do(Effect::Commit(step)) => {
+                if let Err(e) = store.committed(&step) {
+                    shared.fail(format!("cannot record step {}: {e}", step.step));
+                }
+            }
+            Task::Flush(done) => {
+                let _ = done.send(());
+            }
+            Task::Shutdown => return,
+        }
+    }
+}
 
 /// How long a new session may take to send its `Join`.
 const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 struct Service {
     shared: Arc<Shared>,
+    store: Arc<dyn RunStore>,
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Send>>;
@@ -63,13 +186,13 @@ impl coordinator_server::Coordinator for Service {
                 match incoming.next().await {
                     Some(Ok(pb::WorkerMessage {
                         kind: Some(pb::worker_message::Kind::Heartbeat(_)),
-                    })) => shared.seen(session),
+                    })) => shared.lock().seen(session, Instant::now()),
                     Some(Ok(_)) => break "it sent a message other than a heartbeat".to_string(),
                     Some(Err(status)) => break format!("its session broke: {}", status.message()),
                     None => break "it closed its session".to_string(),
                 }
             };
-            shared.left(session, &why);
+            shared.apply(|run, now| ((), run.left(session, &why, now)));
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             commands,
@@ -80,7 +203,8 @@ impl coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::ReportAck>, Status> {
-        self.shared.report(request.into_inner())?;
+        let report = request.into_inner();
+        self.shared.try_apply(|run, _| run.report(report))?;
         Ok(Response::new(pb::ReportAck {}))
     }
 
@@ -89,14 +213,14 @@ impl coordinator_server::Coordinator for Service {
         request: Request<pb::CheckpointUpload>,
     ) -> Result<Response<pb::CheckpointAck>, Status> {
         let upload = request.into_inner();
-        let kind = self.shared.check_upload(&upload)?;
+        let kind = self.shared.lock().check_upload(&upload)?;
         let files: Files = upload.files.into_iter().map(|f| (f.name, f.data)).collect();
         let (step, persist) = match kind {
             Upload::Periodic(step) => (step, true),
             Upload::Handover { step, persist } => (step, persist),
         };
         if persist {
-            let store = self.shared.store.clone();
+            let store = self.store.clone();
             let written = files.clone();
             let saved = tokio::task::spawn_blocking(move || store.save_checkpoint(step, &written))
                 .await
@@ -106,16 +230,18 @@ impl coordinator_server::Coordinator for Service {
                 self.shared.fail(reason.clone());
                 return Err(Status::internal(reason));
             }
-            self.shared.saved(step);
+            self.shared.apply(|run, _| ((), run.saved(step)));
         }
         if let Upload::Handover { .. } = kind {
-            self.shared.handed_over(step, files);
+            self.shared
+                .apply(|run, now| ((), run.handed_over(step, files, now)));
         }
         Ok(Response::new(pb::CheckpointAck {}))
     }
 
     async fn halt(&self, request: Request<pb::Halted>) -> Result<Response<pb::HaltAck>, Status> {
-        self.shared.halted(&request.into_inner())?;
+        let halted = request.into_inner();
+        self.shared.try_apply(|run, now| run.halted(&halted, now))?;
         Ok(Response::new(pb::HaltAck {}))
     }
 
@@ -125,7 +251,7 @@ impl coordinator_server::Coordinator for Service {
     ) -> Result<Response<pb::FailureAck>, Status> {
         let failure = request.into_inner();
         self.shared
-            .worker_failed(failure.session, &failure.reason)?;
+            .try_apply(|run, _| run.worker_failed(failure.session, &failure.reason))?;
         Ok(Response::new(pb::FailureAck {}))
     }
 }
@@ -136,6 +262,9 @@ pub struct Coordinator {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    store: Arc<dyn RunStore>,
+    tasks: std_mpsc::Receiver<Task>,
+    settings: Settings,
 }
 
 impl Coordinator {
@@ -171,11 +300,20 @@ impl Coordinator {
         let addr = listener
             .local_addr()
             .map_err(|e| serve_err(e.to_string()))?;
+        let (queue, tasks) = std_mpsc::channel();
+        let shared = Arc::new(Shared {
+            run: Mutex::new(Run::new(settings.clone(), Instant::now())),
+            tasks: Mutex::new(queue),
+            changed: Notify::new(),
+        });
         Ok(Coordinator {
             runtime,
             listener,
             addr,
-            shared: Arc::new(Shared::new(settings, store)),
+            shared,
+            store,
+            tasks,
+            settings,
         })
     }
 
@@ -196,12 +334,22 @@ impl Coordinator {
             listener,
             addr,
             shared,
+            store,
+            tasks,
+            settings,
         } = self;
-        let max = shared.settings.max_message_bytes;
+        let effects = {
+            let (store, shared) = (store.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("elbo-coordinator-effects".into())
+                .spawn(move || carry_out(tasks, store, shared))
+                .map_err(|e| CoordinatorError::Invalid(e.to_string()))?
+        };
         let service = CoordinatorServer::new(Service {
             shared: shared.clone(),
+            store,
         })
-        .max_decoding_message_size(max);
+        .max_decoding_message_size(settings.max_message_bytes);
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(elbo_proto::FILE_DESCRIPTOR_SET)
@@ -222,16 +370,21 @@ impl Coordinator {
                 .set_serving::<CoordinatorServer<Service>>()
                 .await;
         });
-        tracing::info!(%addr, run = %shared.settings.run_id, workers = shared.settings.workers, "coordinator listening");
-        runtime.block_on(drive(&shared));
-        let (phase, summary) = shared.outcome();
+        tracing::info!(%addr, run = %settings.run_id, workers = settings.workers, "coordinator listening");
+        runtime.block_on(drive(&shared, &settings));
+        shared.flush();
+        let (phase, summary) = {
+            let run = shared.lock();
+            (run.phase.clone(), run.summary())
+        };
         // Let the last commands reach the workers, then end their streams and the server.
         runtime.block_on(async {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            shared.close_sessions();
+            shared.queue(Task::Shutdown);
             let _ = stop_server.send(());
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         });
+        let _ = effects.join();
         runtime.shutdown_timeout(Duration::from_secs(1));
         match phase {
             Phase::Finished => Ok(summary),
@@ -243,19 +396,16 @@ impl Coordinator {
     }
 }
 
-/// Runs the rendezvous and watches heartbeats and deadlines until the run ends.
-async fn drive(shared: &Shared) {
-    let s = &shared.settings;
+/// Feeds the state machine the passage of time (rendezvous, heartbeats, deadlines) until the
+/// run ends.
+async fn drive(shared: &Shared, s: &Settings) {
     let tick = (s.heartbeat_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     loop {
-        let phase = shared.lock().phase.clone();
-        match phase {
-            Phase::Finished | Phase::Failed(_) => return,
-            Phase::Rendezvous => shared.rendezvous(),
-            Phase::Running | Phase::Halting | Phase::Handover => {}
-        }
-        for (session, why) in shared.overdue() {
-            shared.left(session, &why);
+        if shared.apply(|run, now| {
+            let fx = run.tick(now);
+            (run.ended(), fx)
+        }) {
+            return;
         }
         tokio::select! {
             _ = shared.changed.notified() => {}

@@ -1,27 +1,38 @@
-//! The coordinator's state machine: sessions, the rendezvous, generations, step commit, replica
-//! checks and checkpoints. Every transition happens under one lock, held briefly and never across
-//! an await.
+//! The coordinator's decisions: sessions, the rendezvous, generations, step commit, replica
+//! checks, hand-overs and checkpoints, as a state machine with no I/O. Every transition is a
+//! method of [`Run`] that takes the event and the time (`now`) and returns the [`Effect`]s to
+//! carry out — commands to send, steps to record — in the style of torchft's
+//! `quorum_compute`; the service (`service.rs`) feeds it events under one lock and carries the
+//! effects out in order on a thread of their own. Tested in tables at the end of this file, with
+//! hand-built states and synthetic time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use elbo_proto::v1 as pb;
-use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
-use crate::{CommittedStep, RunStore, Settings, StepTimings, Summary};
+use crate::{CommittedStep, Settings, StepTimings, Summary};
 
-/// Commands to one worker.
-pub(crate) type Outbox = mpsc::UnboundedSender<Result<pb::Command, Status>>;
+/// What a transition asks the outside world to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Send a command to a worker's session.
+    Send(u64, pb::Command),
+    /// Record a committed step (metrics, progress); called in step order.
+    Commit(CommittedStep),
+    /// End a worker's command stream: it left the run (a worker that was only cut off then
+    /// notices and joins again).
+    Close(u64),
+}
 
 /// A joined worker.
+#[derive(Debug, Clone)]
 pub(crate) struct Member {
     pub worker_id: String,
     pub peer: SocketAddr,
     pub device: String,
-    pub outbox: Outbox,
     pub last_seen: Instant,
     /// The newest generation it says it has been in.
     last_generation: u64,
@@ -46,7 +57,10 @@ pub(crate) enum Phase {
     Failed(String),
 }
 
-pub(crate) struct Inner {
+/// A run as the coordinator sees it.
+#[derive(Clone)]
+pub(crate) struct Run {
+    pub settings: Settings,
     pub phase: Phase,
     next_session: u64,
     pub sessions: BTreeMap<u64, Member>,
@@ -70,16 +84,8 @@ pub(crate) struct Inner {
     rendezvous_deadline: Instant,
 }
 
-/// State shared by the service handlers and the driver.
-pub(crate) struct Shared {
-    pub settings: Settings,
-    pub store: Arc<dyn RunStore>,
-    inner: Mutex<Inner>,
-    /// Signalled on every change the driver may wait for.
-    pub changed: Notify,
-}
-
 /// What a checkpoint upload is.
+#[derive(Debug)]
 pub(crate) enum Upload {
     /// Rank 0's periodic (or final) checkpoint: written to the run directory.
     Periodic(u64),
@@ -129,41 +135,36 @@ fn to_pb_files(files: &crate::Files) -> Vec<pb::File> {
         .collect()
 }
 
-impl Shared {
-    pub fn new(settings: Settings, store: Arc<dyn RunStore>) -> Self {
+type Effects = Vec<Effect>;
+
+impl Run {
+    /// A run that starts its rendezvous at `now`.
+    pub fn new(settings: Settings, now: Instant) -> Self {
         let state = settings
             .checkpoint
             .clone()
             .map(|files| (settings.start_step, files));
-        Shared {
-            inner: Mutex::new(Inner {
-                phase: Phase::Rendezvous,
-                next_session: 1,
-                sessions: BTreeMap::new(),
-                generation: 0,
-                ranks: Vec::new(),
-                reports: BTreeMap::new(),
-                committed: settings.start_step,
-                checkpoint: None,
-                halt: None,
-                draining: false,
-                state,
-                donor: None,
-                rendezvous_deadline: Instant::now() + settings.rendezvous_timeout,
-            }),
+        Run {
+            phase: Phase::Rendezvous,
+            next_session: 1,
+            sessions: BTreeMap::new(),
+            generation: 0,
+            ranks: Vec::new(),
+            reports: BTreeMap::new(),
+            committed: settings.start_step,
+            checkpoint: None,
+            halt: None,
+            draining: false,
+            state,
+            donor: None,
+            rendezvous_deadline: now + settings.rendezvous_timeout,
             settings,
-            store,
-            changed: Notify::new(),
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Admits a worker or says why not. Returns its session id. A worker that joins a running
-    /// generation with room to spare halts it: the next generation takes the newcomer in.
-    pub fn join(&self, join: &pb::Join, outbox: Outbox) -> Result<u64, Status> {
+    /// Admits a worker or says why not: its session id, and the effects (its `Welcome` first).
+    /// A worker that joins a running generation halts it: the next generation takes it in.
+    pub fn join(&mut self, join: &pb::Join, now: Instant) -> Result<(u64, Effects), Status> {
         let s = &self.settings;
         if !same_secret(&join.token, &s.token) {
             return Err(Status::unauthenticated(
@@ -200,8 +201,7 @@ impl Shared {
                 join.device
             )));
         }
-        let mut inner = self.lock();
-        if inner
+        if self
             .sessions
             .values()
             .any(|m| m.worker_id == join.worker_id)
@@ -211,248 +211,241 @@ impl Shared {
                 join.worker_id
             )));
         }
-        if matches!(inner.phase, Phase::Finished | Phase::Failed(_)) || inner.draining {
+        if self.ended() || self.draining {
             return Err(Status::failed_precondition(
                 "the run has ended (or is stopping); it admits no new workers",
             ));
         }
-        if inner.sessions.len() >= s.workers as usize {
+        if self.sessions.len() >= s.workers as usize {
             return Err(Status::resource_exhausted(format!(
                 "the run already has its {} workers (cluster.workers)",
                 s.workers
             )));
         }
-        let id = inner.next_session;
-        inner.next_session += 1;
-        // Welcome goes first, under the lock: the ring may form as soon as the member is in.
+        let id = self.next_session;
+        self.next_session += 1;
         let welcome = pb::Welcome {
             session: id,
             config_toml: s.config_toml.clone(),
             config_sha256: s.config_sha256.clone(),
             heartbeat_interval_ms: (s.heartbeat_timeout.as_millis() / 4).clamp(10, 5_000) as u32,
         };
-        outbox
-            .send(Ok(command(pb::command::Kind::Welcome(welcome))))
-            .map_err(|_| Status::cancelled("the session closed while joining"))?;
-        inner.sessions.insert(
+        let mut fx = vec![Effect::Send(
+            id,
+            command(pb::command::Kind::Welcome(welcome)),
+        )];
+        self.sessions.insert(
             id,
             Member {
                 worker_id: join.worker_id.clone(),
                 peer,
                 device: join.device.clone(),
-                outbox,
-                last_seen: Instant::now(),
+                last_seen: now,
                 last_generation: join.last_generation,
                 step: None,
                 halted: false,
             },
         );
         tracing::info!(worker = %join.worker_id, %peer, device = %join.device, "worker joined");
-        if inner.phase == Phase::Running {
-            self.begin_halt(
-                &mut inner,
-                format!("worker {} joins the run", join.worker_id),
-            );
+        if self.phase == Phase::Running {
+            let reason = format!("worker {} joins the run", join.worker_id);
+            self.begin_halt(reason, now, &mut fx);
         }
-        drop(inner);
-        self.changed.notify_one();
-        Ok(id)
+        Ok((id, fx))
+    }
+
+    /// Whether the run has finished or failed.
+    pub fn ended(&self) -> bool {
+        matches!(self.phase, Phase::Finished | Phase::Failed(_))
     }
 
     /// A heartbeat (or any message) from a session.
-    pub fn seen(&self, session: u64) {
-        if let Some(m) = self.lock().sessions.get_mut(&session) {
-            m.last_seen = Instant::now();
+    pub fn seen(&mut self, session: u64, now: Instant) {
+        if let Some(m) = self.sessions.get_mut(&session) {
+            m.last_seen = now;
         }
     }
 
     /// A worker is gone (its session ended, it went silent, or it did not do what it was told
     /// in time): it leaves the run, and a generation it was in is halted and re-formed without it.
-    pub fn left(&self, session: u64, why: &str) {
-        let mut inner = self.lock();
-        let Some(member) = inner.sessions.remove(&session) else {
-            return;
+    pub fn left(&mut self, session: u64, why: &str, now: Instant) -> Effects {
+        let mut fx = Vec::new();
+        let Some(member) = self.sessions.remove(&session) else {
+            return fx;
         };
+        fx.push(Effect::Close(session));
         let who = member.worker_id;
-        let rank = inner.ranks.iter().position(|s| *s == session);
-        if matches!(inner.phase, Phase::Finished | Phase::Failed(_)) {
+        let rank = self.ranks.iter().position(|s| *s == session);
+        if self.ended() {
             tracing::debug!(worker = %who, why, "worker left after the run ended");
-            return;
+            return fx;
         }
         tracing::warn!(worker = %who, ?rank, why, "worker lost");
-        match (&inner.phase, rank) {
+        match (&self.phase, rank) {
             (Phase::Running, Some(rank)) => {
                 let reason = format!("worker {who} (rank {rank}) was lost: {why}");
-                self.begin_halt(&mut inner, reason);
+                self.begin_halt(reason, now, &mut fx);
             }
-            (Phase::Halting, Some(_)) => self.check_halted(&mut inner),
-            (Phase::Handover, _) if inner.donor.is_some_and(|(d, _)| d == session) => {
-                inner.donor = None;
-                self.after_halt(&mut inner);
+            (Phase::Halting, Some(_)) => self.check_halted(now, &mut fx),
+            (Phase::Handover, _) if self.donor.is_some_and(|(d, _)| d == session) => {
+                self.donor = None;
+                self.after_halt(now, &mut fx);
             }
             _ => {}
         }
-        drop(inner);
-        self.changed.notify_one();
+        fx
     }
 
     /// Fails the run (once): every worker is told to stop.
-    pub fn fail(&self, reason: String) {
-        let mut inner = self.lock();
-        self.fail_locked(&mut inner, reason);
-        drop(inner);
-        self.changed.notify_one();
+    pub fn fail(&mut self, reason: String) -> Effects {
+        let mut fx = Vec::new();
+        self.fail_into(reason, &mut fx);
+        fx
     }
 
-    fn fail_locked(&self, inner: &mut Inner, reason: String) {
-        if matches!(inner.phase, Phase::Finished | Phase::Failed(_)) {
+    fn fail_into(&mut self, reason: String, fx: &mut Effects) {
+        if self.ended() {
             return;
         }
         tracing::error!(reason = %reason, "the run failed");
-        for m in inner.sessions.values() {
-            let _ = m.outbox.send(Ok(stop(&reason, true)));
-        }
-        inner.phase = Phase::Failed(reason);
+        fx.extend(
+            self.sessions
+                .keys()
+                .map(|id| Effect::Send(*id, stop(&reason, true))),
+        );
+        self.phase = Phase::Failed(reason);
     }
 
     /// Stops the run at the next step boundary with a checkpoint there (SIGTERM, Ctrl-C).
-    pub fn drain(&self, reason: &str) {
-        let mut inner = self.lock();
-        if matches!(inner.phase, Phase::Finished | Phase::Failed(_)) || inner.draining {
-            return;
+    pub fn drain(&mut self, reason: &str, now: Instant) -> Effects {
+        let mut fx = Vec::new();
+        if self.ended() || self.draining {
+            return fx;
         }
         tracing::warn!(
             reason,
             "stopping at the next step boundary with a checkpoint"
         );
-        inner.draining = true;
-        match inner.phase {
-            Phase::Running => self.begin_halt(&mut inner, reason.to_string()),
-            Phase::Rendezvous => self.after_halt(&mut inner),
+        self.draining = true;
+        match self.phase {
+            Phase::Running => self.begin_halt(reason.to_string(), now, &mut fx),
+            Phase::Rendezvous => self.after_halt(now, &mut fx),
             _ => {}
         }
-        drop(inner);
-        self.changed.notify_one();
+        fx
     }
 
     /// A worker cannot go on: the run fails with its reason.
-    pub fn worker_failed(&self, session: u64, reason: &str) -> Result<(), Status> {
+    pub fn worker_failed(&mut self, session: u64, reason: &str) -> Result<Effects, Status> {
         let who = self
-            .lock()
             .sessions
             .get(&session)
             .map(|m| m.worker_id.clone())
             .ok_or_else(|| Status::not_found(format!("unknown session {session}")))?;
         let reason: String = reason.chars().take(2000).collect();
-        self.fail(format!("worker {who} failed: {reason}"));
-        Ok(())
+        Ok(self.fail(format!("worker {who} failed: {reason}")))
     }
 
     /// Aborts the running generation: every rank is told to halt at a step boundary.
-    fn begin_halt(&self, inner: &mut Inner, reason: String) {
-        if inner.phase != Phase::Running {
+    fn begin_halt(&mut self, reason: String, now: Instant, fx: &mut Effects) {
+        if self.phase != Phase::Running {
             return;
         }
-        tracing::warn!(generation = inner.generation, reason = %reason, "halting the generation");
-        inner.phase = Phase::Halting;
-        inner.halt = Some((reason, Instant::now()));
+        tracing::warn!(generation = self.generation, reason = %reason, "halting the generation");
+        self.phase = Phase::Halting;
+        self.halt = Some((reason, now));
         let halt = command(pb::command::Kind::Halt(pb::Halt {
-            generation: inner.generation,
+            generation: self.generation,
         }));
-        let ranks = inner.ranks.clone();
-        for id in ranks {
-            if let Some(m) = inner.sessions.get_mut(&id) {
-                if !m.halted {
-                    let _ = m.outbox.send(Ok(halt.clone()));
-                }
+        for id in &self.ranks {
+            if self.sessions.get(id).is_some_and(|m| !m.halted) {
+                fx.push(Effect::Send(*id, halt.clone()));
             }
         }
-        self.check_halted(inner);
+        self.check_halted(now, fx);
     }
 
     /// A worker has halted at a step boundary.
-    pub fn halted(&self, h: &pb::Halted) -> Result<(), Status> {
-        let mut inner = self.lock();
-        if h.generation < inner.generation && inner.sessions.contains_key(&h.session) {
-            return Ok(());
+    pub fn halted(&mut self, h: &pb::Halted, now: Instant) -> Result<Effects, Status> {
+        let mut fx = Vec::new();
+        if h.generation < self.generation && self.sessions.contains_key(&h.session) {
+            return Ok(fx);
         }
-        let rank = self.rank_of(&inner, h.session, h.generation)?;
-        if h.step < inner.committed || h.step > self.settings.stop_step {
+        let rank = self.rank_of(h.session, h.generation)?;
+        if h.step < self.committed || h.step > self.settings.stop_step {
             return Err(Status::invalid_argument(format!(
                 "halted at step {}, outside [{}, {}]",
-                h.step, inner.committed, self.settings.stop_step
+                h.step, self.committed, self.settings.stop_step
             )));
         }
-        if let Some(m) = inner.sessions.get_mut(&h.session) {
+        if let Some(m) = self.sessions.get_mut(&h.session) {
             m.step = Some(h.step);
             m.halted = true;
         }
-        if inner.phase == Phase::Running {
+        if self.phase == Phase::Running {
             let reason = format!("rank {rank}'s ring broke at step {}", h.step);
-            self.begin_halt(&mut inner, reason);
+            self.begin_halt(reason, now, &mut fx);
         } else {
-            self.check_halted(&mut inner);
+            self.check_halted(now, &mut fx);
         }
-        drop(inner);
-        self.changed.notify_one();
-        Ok(())
+        Ok(fx)
     }
 
     /// Moves on once every rank still in the run has halted.
-    fn check_halted(&self, inner: &mut Inner) {
-        if inner.phase != Phase::Halting {
+    fn check_halted(&mut self, now: Instant, fx: &mut Effects) {
+        if self.phase != Phase::Halting {
             return;
         }
-        let all = inner
+        let all = self
             .ranks
             .iter()
-            .filter_map(|id| inner.sessions.get(id))
+            .filter_map(|id| self.sessions.get(id))
             .all(|m| m.halted);
         if all {
-            self.after_halt(inner);
+            self.after_halt(now, fx);
         }
     }
 
     /// Every surviving rank stands at a step boundary: the furthest of them defines the run's
     /// state. Steps before it are committed, and the run either stops there (with a checkpoint)
     /// or re-forms the ring.
-    fn after_halt(&self, inner: &mut Inner) {
-        let survivors: Vec<(u64, u64)> = inner
+    fn after_halt(&mut self, now: Instant, fx: &mut Effects) {
+        let survivors: Vec<(u64, u64)> = self
             .ranks
             .iter()
-            .filter_map(|id| Some((*id, inner.sessions.get(id)?.step?)))
+            .filter_map(|id| Some((*id, self.sessions.get(id)?.step?)))
             .collect();
         let furthest = survivors.iter().map(|(_, step)| *step).max();
         let reached = match furthest {
             Some(step) => step,
-            None if inner.generation == 0 => inner.committed,
+            None if self.generation == 0 => self.committed,
             None => {
-                let reason = inner
+                let reason = self
                     .halt
                     .as_ref()
                     .map_or("", |(r, _)| r.as_str())
                     .to_string();
-                return self.fail_locked(
-                    inner,
+                return self.fail_into(
                     format!(
                         "every worker of generation {} was lost ({reason}); run again to resume from the newest checkpoint",
-                        inner.generation
+                        self.generation
                     ),
+                    fx,
                 );
             }
         };
-        if reached < inner.committed {
-            return self.fail_locked(
-                inner,
+        if reached < self.committed {
+            return self.fail_into(
                 format!(
                     "the state of step {} was lost with the workers that held it; run again to resume from the newest checkpoint",
-                    inner.committed
+                    self.committed
                 ),
+                fx,
             );
         }
-        while inner.committed < reached {
-            let step = inner.committed;
-            let reports: Vec<pb::StepReport> = inner
+        while self.committed < reached {
+            let step = self.committed;
+            let reports: Vec<pb::StepReport> = self
                 .reports
                 .remove(&step)
                 .into_iter()
@@ -460,109 +453,96 @@ impl Shared {
                 .flatten()
                 .collect();
             if reports.is_empty() {
-                return self
-                    .fail_locked(inner, format!("step {step} was taken but never reported"));
+                return self.fail_into(format!("step {step} was taken but never reported"), fx);
             }
-            let world = inner.ranks.len() as u32;
-            let committed = match self.commit(&reports, world) {
-                Ok(c) => c,
-                Err(reason) => return self.fail_locked(inner, reason),
-            };
-            inner.committed = step + 1;
-            if let Err(e) = self.store.committed(&committed) {
-                return self.fail_locked(inner, format!("cannot record step {step}: {e}"));
+            let world = self.ranks.len() as u32;
+            match self.commit(&reports, world) {
+                Ok(c) => fx.push(Effect::Commit(c)),
+                Err(reason) => return self.fail_into(reason, fx),
             }
+            self.committed = step + 1;
         }
-        inner.reports.clear();
-        let stop_here = inner.draining || inner.committed >= self.settings.stop_step;
-        if stop_here && inner.checkpoint == Some(inner.committed) {
-            return self.finish(inner, "stopped with a checkpoint");
+        self.reports.clear();
+        let stop_here = self.draining || self.committed >= self.settings.stop_step;
+        if stop_here && self.checkpoint == Some(self.committed) {
+            return self.finish("stopped with a checkpoint", fx);
         }
         if stop_here && survivors.is_empty() {
             // Nothing was trained since the last checkpoint (or ever): nothing to save.
-            return self.finish(inner, "stopped before training");
+            return self.finish("stopped before training", fx);
         }
         if stop_here {
-            return self.ask_donor(inner, true);
+            return self.ask_donor(true, now, fx);
         }
-        inner.phase = Phase::Rendezvous;
-        inner.rendezvous_deadline = Instant::now() + self.settings.rendezvous_timeout;
-        self.try_form(inner);
+        self.phase = Phase::Rendezvous;
+        self.rendezvous_deadline = now + self.settings.rendezvous_timeout;
+        self.try_form(now, fx);
     }
 
     /// Asks the first rank that holds the committed state to send it.
-    fn ask_donor(&self, inner: &mut Inner, persist: bool) {
-        let committed = inner.committed;
-        let donor = inner
+    fn ask_donor(&mut self, persist: bool, now: Instant, fx: &mut Effects) {
+        let committed = self.committed;
+        let donor = self
             .ranks
             .iter()
-            .chain(inner.sessions.keys())
+            .chain(self.sessions.keys())
             .find(|id| {
-                inner
-                    .sessions
+                self.sessions
                     .get(id)
                     .is_some_and(|m| m.step == Some(committed))
             })
             .copied();
         let Some(donor) = donor else {
-            return self.fail_locked(
-                inner,
-                format!("no worker holds the state of step {committed}"),
-            );
+            return self.fail_into(format!("no worker holds the state of step {committed}"), fx);
         };
         let ask = command(pb::command::Kind::SendState(pb::SendState {
-            generation: inner.generation,
+            generation: self.generation,
             persist,
         }));
-        if inner.sessions[&donor].outbox.send(Ok(ask)).is_err() {
-            inner.sessions.remove(&donor);
-            return self.after_halt(inner);
-        }
-        tracing::info!(worker = %inner.sessions[&donor].worker_id, step = committed, persist, "asking for the state");
-        inner.donor = Some((donor, Instant::now()));
-        inner.phase = Phase::Handover;
+        fx.push(Effect::Send(donor, ask));
+        tracing::info!(worker = %self.sessions[&donor].worker_id, step = committed, persist, "asking for the state");
+        self.donor = Some((donor, now));
+        self.phase = Phase::Handover;
     }
 
     /// Forms the next generation from the joined workers, ranked by worker id, if there are
     /// enough: the first one waits for `cluster.workers` (or `cluster.min_workers` after the
     /// rendezvous timeout); later ones go on with whoever is there, at least `min_workers`.
-    pub fn try_form(&self, inner: &mut Inner) {
+    fn try_form(&mut self, now: Instant, fx: &mut Effects) {
         let s = &self.settings;
-        if inner.phase != Phase::Rendezvous {
+        if self.phase != Phase::Rendezvous {
             return;
         }
-        let joined = inner.sessions.len() as u32;
-        let timed_out = Instant::now() >= inner.rendezvous_deadline;
+        let joined = self.sessions.len() as u32;
+        let timed_out = now >= self.rendezvous_deadline;
         let enough =
-            joined >= s.workers || (joined >= s.min_workers && (timed_out || inner.generation > 0));
+            joined >= s.workers || (joined >= s.min_workers && (timed_out || self.generation > 0));
         if !enough {
             if timed_out {
-                let what = if inner.generation == 0 {
+                let what = if self.generation == 0 {
                     "joined"
                 } else {
                     "remain or rejoined"
                 };
-                self.fail_locked(
-                    inner,
-                    format!(
-                        "only {joined} of at least {} workers (cluster.min_workers) {what} within {:.0} s (cluster.rendezvous_timeout_s)",
-                        s.min_workers,
-                        s.rendezvous_timeout.as_secs_f64()
-                    ),
+                let reason = format!(
+                    "only {joined} of at least {} workers (cluster.min_workers) {what} within {:.0} s (cluster.rendezvous_timeout_s)",
+                    s.min_workers,
+                    s.rendezvous_timeout.as_secs_f64()
                 );
+                self.fail_into(reason, fx);
             }
             return;
         }
-        let committed = inner.committed;
+        let committed = self.committed;
         let needs_state = |m: &Member| m.step != Some(committed);
-        let have_state = inner
+        let have_state = self
             .state
             .as_ref()
             .is_some_and(|(step, _)| *step == committed);
-        if committed > 0 && !have_state && inner.sessions.values().any(needs_state) {
-            return self.ask_donor(inner, false);
+        if committed > 0 && !have_state && self.sessions.values().any(needs_state) {
+            return self.ask_donor(false, now, fx);
         }
-        let mut members: Vec<(&u64, &Member)> = inner.sessions.iter().collect();
+        let mut members: Vec<(&u64, &Member)> = self.sessions.iter().collect();
         members.sort_by(|a, b| a.1.worker_id.cmp(&b.1.worker_id));
         let ranks: Vec<u64> = members.iter().map(|(id, _)| **id).collect();
         let peers: Vec<String> = members.iter().map(|(_, m)| m.peer.to_string()).collect();
@@ -574,17 +554,16 @@ impl Shared {
         let generation = members
             .iter()
             .map(|(_, m)| m.last_generation)
-            .fold(inner.generation, u64::max)
+            .fold(self.generation, u64::max)
             + 1;
-        let files = inner
+        let files = self
             .state
             .as_ref()
             .filter(|(step, _)| *step == committed)
             .map(|(_, files)| to_pb_files(files))
             .unwrap_or_default();
-        let mut lost = Vec::new();
         for (rank, id) in ranks.iter().enumerate() {
-            let m = &inner.sessions[id];
+            let m = &self.sessions[id];
             let start = pb::Start {
                 generation,
                 rank: rank as u32,
@@ -600,118 +579,109 @@ impl Shared {
                 },
                 start_step: committed,
             };
-            if m.outbox
-                .send(Ok(command(pb::command::Kind::Start(start))))
-                .is_err()
-            {
-                lost.push(*id);
-            }
+            fx.push(Effect::Send(*id, command(pb::command::Kind::Start(start))));
         }
         tracing::info!(generation, world, step = committed, ?workers, "ring formed");
-        inner.generation = generation;
-        inner.ranks = ranks;
-        for m in inner.sessions.values_mut() {
+        self.generation = generation;
+        self.ranks = ranks;
+        for m in self.sessions.values_mut() {
             m.step = Some(committed);
             m.halted = false;
         }
-        inner.halt = None;
-        inner.phase = Phase::Running;
-        for id in lost {
-            if let Some(m) = inner.sessions.remove(&id) {
-                let reason = format!("worker {} left while the ring formed", m.worker_id);
-                self.begin_halt(inner, reason);
-            }
-        }
+        self.halt = None;
+        self.phase = Phase::Running;
     }
 
-    /// Called by the driver: sessions silent for longer than the heartbeat timeout, and workers
-    /// that did not halt or hand over in time (`cluster.step_timeout_s`), with why.
-    pub fn overdue(&self) -> Vec<(u64, String)> {
-        let inner = self.lock();
+    /// The passage of time: forms a generation once there are enough workers (or fails the
+    /// rendezvous when it times out), and drops sessions silent for longer than the heartbeat
+    /// timeout and workers that did not halt or hand over within `cluster.step_timeout_s`.
+    pub fn tick(&mut self, now: Instant) -> Effects {
+        let mut fx = Vec::new();
+        self.try_form(now, &mut fx);
+        for (session, why) in self.overdue(now) {
+            fx.extend(self.left(session, &why, now));
+        }
+        fx
+    }
+
+    /// Sessions that are overdue at `now`, with why.
+    fn overdue(&self, now: Instant) -> Vec<(u64, String)> {
         let limit = self.settings.heartbeat_timeout;
-        let mut out: Vec<(u64, String)> = inner
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let mut out: Vec<(u64, String)> = self
             .sessions
             .iter()
-            .filter(|(_, m)| m.last_seen.elapsed() > limit)
+            .filter(|(_, m)| since(m.last_seen) > limit)
             .map(|(id, m)| {
                 (
                     *id,
                     format!(
                         "no heartbeat for {:.1} s (cluster.heartbeat_timeout_s = {})",
-                        m.last_seen.elapsed().as_secs_f64(),
+                        since(m.last_seen).as_secs_f64(),
                         limit.as_secs_f64()
                     ),
                 )
             })
             .collect();
         let patience = self.settings.step_timeout;
-        if let (Phase::Halting, Some((_, since))) = (&inner.phase, &inner.halt) {
-            if since.elapsed() > patience {
+        if let (Phase::Halting, Some((_, t))) = (&self.phase, &self.halt) {
+            if since(*t) > patience {
                 out.extend(
-                    inner
-                        .ranks
+                    self.ranks
                         .iter()
-                        .filter(|id| inner.sessions.get(id).is_some_and(|m| !m.halted))
+                        .filter(|id| self.sessions.get(id).is_some_and(|m| !m.halted))
                         .map(|id| (*id, format!("did not halt within {patience:?}"))),
                 );
             }
         }
-        if let (Phase::Handover, Some((donor, since))) = (&inner.phase, inner.donor) {
-            if since.elapsed() > patience {
+        if let (Phase::Handover, Some((donor, t))) = (&self.phase, self.donor) {
+            if since(t) > patience {
                 out.push((donor, format!("did not send its state within {patience:?}")));
             }
         }
         out
     }
 
-    /// The rendezvous, from the driver: forms a generation once there are enough workers.
-    pub fn rendezvous(&self) {
-        let mut inner = self.lock();
-        self.try_form(&mut inner);
-    }
-
-    fn rank_of(&self, inner: &Inner, session: u64, generation: u64) -> Result<usize, Status> {
-        if !inner.sessions.contains_key(&session) {
+    fn rank_of(&self, session: u64, generation: u64) -> Result<usize, Status> {
+        if !self.sessions.contains_key(&session) {
             return Err(Status::not_found(format!("unknown session {session}")));
         }
-        if generation != inner.generation {
+        if generation != self.generation {
             tracing::warn!(
                 session,
                 generation,
-                current = inner.generation,
+                current = self.generation,
                 "refused a message of a stale generation"
             );
             return Err(Status::failed_precondition(format!(
                 "message of stale generation {generation}: the run is in generation {}",
-                inner.generation
+                self.generation
             )));
         }
         if !matches!(
-            inner.phase,
+            self.phase,
             Phase::Running | Phase::Halting | Phase::Handover
         ) {
             return Err(Status::failed_precondition("the run is not training"));
         }
-        inner
-            .ranks
+        self.ranks
             .iter()
             .position(|s| *s == session)
             .ok_or_else(|| Status::failed_precondition("this session has no rank in the ring"))
     }
 
     /// A step report; commits every step all ranks have reported, in order.
-    pub fn report(&self, report: pb::StepReport) -> Result<(), Status> {
-        let mut inner = self.lock();
-        let rank = self.rank_of(&inner, report.session, report.generation)?;
+    pub fn report(&mut self, report: pb::StepReport) -> Result<Effects, Status> {
+        let rank = self.rank_of(report.session, report.generation)?;
         let step = report.step;
         let end = self
             .settings
             .stop_step
-            .min(inner.committed.saturating_add(MAX_AHEAD));
-        if step < inner.committed || step >= end {
+            .min(self.committed.saturating_add(MAX_AHEAD));
+        if step < self.committed || step >= end {
             return Err(Status::invalid_argument(format!(
                 "step {step} is outside the uncommitted steps [{}, {end})",
-                inner.committed
+                self.committed
             )));
         }
         if report.terms.len() > MAX_TERMS
@@ -724,8 +694,8 @@ impl Shared {
                 "at most {MAX_TERMS} loss terms with names of 1–{MAX_NAME} bytes"
             )));
         }
-        let world = inner.ranks.len();
-        let slot = inner
+        let world = self.ranks.len();
+        let slot = self
             .reports
             .entry(step)
             .or_insert_with(|| vec![None; world]);
@@ -735,46 +705,35 @@ impl Shared {
             )));
         }
         slot[rank] = Some(report);
-        let mut failure = None;
+        let mut fx = Vec::new();
         loop {
-            let next = inner.committed;
-            let ready = inner
+            let next = self.committed;
+            let ready = self
                 .reports
                 .get(&next)
                 .is_some_and(|r| r.iter().all(Option::is_some));
             if !ready {
                 break;
             }
-            let reports: Vec<pb::StepReport> = inner
+            let reports: Vec<pb::StepReport> = self
                 .reports
                 .remove(&next)
                 .into_iter()
                 .flatten()
                 .flatten()
                 .collect();
-            let committed = match self.commit(&reports, world as u32) {
-                Ok(c) => c,
+            match self.commit(&reports, world as u32) {
+                Ok(c) => fx.push(Effect::Commit(c)),
                 Err(reason) => {
-                    failure = Some(reason);
-                    break;
+                    self.fail_into(reason, &mut fx);
+                    return Ok(fx);
                 }
-            };
-            inner.committed = next + 1;
-            if let Err(e) = self.store.committed(&committed) {
-                failure = Some(format!("cannot record step {next}: {e}"));
-                break;
             }
+            self.committed = next + 1;
         }
-        if let Some(reason) = failure {
-            self.fail_locked(&mut inner, reason);
-        } else {
-            self.finish_if_done(&mut inner);
-        }
-        drop(inner);
-        self.changed.notify_one();
-        Ok(())
+        self.finish_if_done(&mut fx);
+        Ok(fx)
     }
-
     /// Checks the reporting ranks agree on a step and merges their reports.
     fn commit(&self, reports: &[pb::StepReport], world: u32) -> Result<CommittedStep, String> {
         let first = &reports[0];
@@ -845,8 +804,7 @@ impl Shared {
 
     /// Checks a checkpoint upload and says what it is.
     pub fn check_upload(&self, upload: &pb::CheckpointUpload) -> Result<Upload, Status> {
-        let inner = self.lock();
-        let rank = self.rank_of(&inner, upload.session, upload.generation)?;
+        let rank = self.rank_of(upload.session, upload.generation)?;
         let bad_name =
             |n: &str| n.is_empty() || n.len() > 64 || n.contains(['/', '\\']) || n.starts_with('.');
         if upload.files.is_empty()
@@ -858,22 +816,22 @@ impl Shared {
             ));
         }
         if upload.requested {
-            let asked = inner.phase == Phase::Handover
-                && inner.donor.is_some_and(|(d, _)| d == upload.session);
+            let asked = self.phase == Phase::Handover
+                && self.donor.is_some_and(|(d, _)| d == upload.session);
             if !asked {
                 return Err(Status::failed_precondition(
                     "this worker was not asked for its state",
                 ));
             }
-            if upload.step != inner.committed {
+            if upload.step != self.committed {
                 return Err(Status::invalid_argument(format!(
                     "state of step {}, but step {} was asked for",
-                    upload.step, inner.committed
+                    upload.step, self.committed
                 )));
             }
             return Ok(Upload::Handover {
                 step: upload.step,
-                persist: inner.draining || inner.committed >= self.settings.stop_step,
+                persist: self.draining || self.committed >= self.settings.stop_step,
             });
         }
         if rank != 0 {
@@ -891,69 +849,527 @@ impl Shared {
     }
 
     /// A checkpoint of `step` is durable.
-    pub fn saved(&self, step: u64) {
-        let mut inner = self.lock();
-        inner.checkpoint = inner.checkpoint.max(Some(step));
-        self.finish_if_done(&mut inner);
-        drop(inner);
-        self.changed.notify_one();
+    pub fn saved(&mut self, step: u64) -> Effects {
+        let mut fx = Vec::new();
+        self.checkpoint = self.checkpoint.max(Some(step));
+        self.finish_if_done(&mut fx);
+        fx
     }
 
     /// The donor's state arrived (and is durable, if it was to be written): the run stops
     /// there, or the next generation forms with it.
-    pub fn handed_over(&self, step: u64, files: crate::Files) {
-        let mut inner = self.lock();
-        if inner.phase != Phase::Handover || step != inner.committed {
-            return;
+    pub fn handed_over(&mut self, step: u64, files: crate::Files, now: Instant) -> Effects {
+        let mut fx = Vec::new();
+        if self.phase != Phase::Handover || step != self.committed {
+            return fx;
         }
-        inner.donor = None;
-        inner.state = Some((step, files));
-        if inner.draining || step >= self.settings.stop_step {
-            if inner.checkpoint == Some(step) {
-                return self.finish(&mut inner, "stopped with a checkpoint");
+        self.donor = None;
+        self.state = Some((step, files));
+        if self.draining || step >= self.settings.stop_step {
+            if self.checkpoint == Some(step) {
+                self.finish("stopped with a checkpoint", &mut fx);
+            } else {
+                // The stop came after this state was sent unwritten: ask for it again, to keep.
+                self.ask_donor(true, now, &mut fx);
             }
-            // The stop came after this state was sent unwritten: ask for it again, to keep.
-            return self.ask_donor(&mut inner, true);
+            return fx;
         }
-        inner.phase = Phase::Rendezvous;
-        self.try_form(&mut inner);
-        drop(inner);
-        self.changed.notify_one();
+        self.phase = Phase::Rendezvous;
+        self.try_form(now, &mut fx);
+        fx
     }
 
     /// Finishes the run once every step is committed and the last one checkpointed.
-    fn finish_if_done(&self, inner: &mut Inner) {
+    fn finish_if_done(&mut self, fx: &mut Effects) {
         let stop_step = self.settings.stop_step;
-        if inner.phase == Phase::Running
-            && inner.committed >= stop_step
-            && inner.checkpoint == Some(stop_step)
+        if self.phase == Phase::Running
+            && self.committed >= stop_step
+            && self.checkpoint == Some(stop_step)
         {
-            self.finish(inner, "the run finished");
+            self.finish("the run finished", fx);
         }
     }
 
-    fn finish(&self, inner: &mut Inner, reason: &str) {
-        inner.phase = Phase::Finished;
-        for m in inner.sessions.values() {
-            let _ = m.outbox.send(Ok(stop(reason, false)));
-        }
-        self.changed.notify_one();
+    fn finish(&mut self, reason: &str, fx: &mut Effects) {
+        self.phase = Phase::Finished;
+        fx.extend(
+            self.sessions
+                .keys()
+                .map(|id| Effect::Send(*id, stop(reason, false))),
+        );
     }
 
-    /// The phase, and a summary.
-    pub fn outcome(&self) -> (Phase, Summary) {
-        let inner = self.lock();
-        let summary = Summary {
-            steps: inner.committed,
-            world: inner.ranks.len() as u32,
-            generation: inner.generation,
-            checkpoint: inner.checkpoint,
+    /// A summary of where the run stands.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            steps: self.committed,
+            world: self.ranks.len() as u32,
+            generation: self.generation,
+            checkpoint: self.checkpoint,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The decisions, table by table: hand-built runs, synthetic time, effects compared.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Files;
+    use tonic::Code;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn settings(workers: u32, min_workers: u32, stop_step: u64) -> Settings {
+        Settings {
+            run_id: "run".into(),
+            token: "tok".into(),
+            config_toml: String::new(),
+            config_sha256: "abc".into(),
+            workers,
+            min_workers,
+            rendezvous_timeout: 10 * SECOND,
+            heartbeat_timeout: 5 * SECOND,
+            step_timeout: 20 * SECOND,
+            checksum_every: 0,
+            checkpoint_every: 0,
+            start_step: 0,
+            stop_step,
+            checkpoint: None,
+            max_message_bytes: 1 << 20,
+        }
+    }
+
+    fn join_msg(id: &str) -> pb::Join {
+        pb::Join {
+            run_id: "run".into(),
+            token: "tok".into(),
+            config_sha256: String::new(),
+            worker_id: id.into(),
+            peer_address: "127.0.0.1:9".into(),
+            device: "cpu".into(),
+            last_generation: 0,
+        }
+    }
+
+    thread_local! {
+        /// Worker ids by session, of every worker a test joined (left ones too).
+        static NAMES: std::cell::RefCell<BTreeMap<u64, String>> = Default::default();
+    }
+
+    /// Joins worker `id` at `now`, remembering its name for [`said`].
+    fn join(run: &mut Run, id: &str, now: Instant) -> Result<(u64, Vec<Effect>), Status> {
+        let (session, fx) = run.join(&join_msg(id), now)?;
+        NAMES.with(|n| n.borrow_mut().insert(session, id.to_string()));
+        Ok((session, fx))
+    }
+
+    /// What a list of effects does, in words: `start w1 r0/2 g1`, `halt w0`, `stop w1`, ….
+    fn said(fx: &[Effect]) -> Vec<String> {
+        let who = |id: &u64| NAMES.with(|n| n.borrow().get(id).cloned()).unwrap();
+        fx.iter()
+            .map(|e| match e {
+                Effect::Send(id, c) => match c.kind.as_ref().unwrap() {
+                    pb::command::Kind::Welcome(_) => format!("welcome {}", who(id)),
+                    pb::command::Kind::Start(s) => format!(
+                        "start {} r{}/{} g{} @{}{}",
+                        who(id),
+                        s.rank,
+                        s.world,
+                        s.generation,
+                        s.start_step,
+                        if s.checkpoint.is_empty() {
+                            ""
+                        } else {
+                            " +state"
+                        }
+                    ),
+                    pb::command::Kind::Halt(h) => format!("halt {} g{}", who(id), h.generation),
+                    pb::command::Kind::SendState(s) => {
+                        format!("send-state {} persist={}", who(id), s.persist)
+                    }
+                    pb::command::Kind::Stop(s) => {
+                        format!("stop {} failed={}", who(id), s.failed)
+                    }
+                },
+                Effect::Commit(c) => format!("commit {}", c.step),
+                Effect::Close(id) => format!("close {}", who(id)),
+            })
+            .collect()
+    }
+
+    /// A run with workers `ids` joined at `t0`, and their session ids.
+    fn joined(s: Settings, ids: &[&str], t0: Instant) -> (Run, Vec<u64>) {
+        let mut run = Run::new(s, t0);
+        let sessions = ids.iter().map(|id| join(&mut run, id, t0).unwrap().0).collect();
+        (run, sessions)
+    }
+
+    fn report(session: u64, generation: u64, step: u64, checksum: Option<u64>) -> pb::StepReport {
+        pb::StepReport {
+            session,
+            generation,
+            step,
+            terms: vec![pb::Term {
+                name: "loss".into(),
+                value: 1.0,
+            }],
+            applied: true,
+            rows: 4,
+            global_rows: 8,
+            checksum,
+            epoch: 0,
+            step_in_epoch: step + 1,
+            ..Default::default()
+        }
+    }
+
+    fn halted(session: u64, generation: u64, step: u64) -> pb::Halted {
+        pb::Halted {
+            session,
+            generation,
+            step,
+        }
+    }
+
+    #[test]
+    fn joins_are_refused_with_the_status_their_fault_calls_for() {
+        let t0 = Instant::now();
+        type Mutate = fn(&mut pb::Join);
+        let table: [(&str, Mutate, Code); 7] = [
+            (
+                "wrong token",
+                |j| j.token = "x".into(),
+                Code::Unauthenticated,
+            ),
+            (
+                "other run",
+                |j| j.run_id = "x".into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                "other config",
+                |j| j.config_sha256 = "def".into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                "bad id",
+                |j| j.worker_id = "a b".into(),
+                Code::InvalidArgument,
+            ),
+            (
+                "bad peer",
+                |j| j.peer_address = "nowhere".into(),
+                Code::InvalidArgument,
+            ),
+            (
+                "bad device",
+                |j| j.device = String::new(),
+                Code::InvalidArgument,
+            ),
+            (
+                "same id",
+                |j| j.worker_id = "w0".into(),
+                Code::AlreadyExists,
+            ),
+        ];
+        for (what, mutate, code) in table {
+            let (mut run, _) = joined(settings(2, 2, 10), &["w0"], t0);
+            let mut j = join_msg("w1");
+            mutate(&mut j);
+            assert_eq!(run.join(&j, t0).unwrap_err().code(), code, "{what}");
+            assert_eq!(run.sessions.len(), 1, "{what}: nobody more joined");
+        }
+        let (mut run, _) = joined(settings(2, 2, 10), &["w0", "w1"], t0);
+        assert_eq!(
+            run.join(&join_msg("w2"), t0).unwrap_err().code(),
+            Code::ResourceExhausted,
+            "a full run"
+        );
+        run.fail("gone".into());
+        run.sessions.clear();
+        assert_eq!(
+            run.join(&join_msg("w2"), t0).unwrap_err().code(),
+            Code::FailedPrecondition,
+            "an ended run"
+        );
+    }
+
+    #[test]
+    fn the_rendezvous_forms_the_ring_when_enough_workers_are_there() {
+        let t0 = Instant::now();
+        // (workers, min_workers, joined, seconds after the start, what happens)
+        type Row<'a> = (u32, u32, &'a [&'a str], u64, &'a [&'a str]);
+        let table: [Row; 5] = [
+            (
+                2,
+                2,
+                &["b", "a"],
+                0,
+                &["start a r0/2 g1 @0", "start b r1/2 g1 @0"],
+            ),
+            (3, 2, &["a", "b"], 9, &[]),
+            (
+                3,
+                2,
+                &["a", "b"],
+                10,
+                &["start a r0/2 g1 @0", "start b r1/2 g1 @0"],
+            ),
+            (3, 3, &["a", "b"], 9, &[]),
+            (
+                3,
+                3,
+                &["a", "b"],
+                10,
+                &["stop a failed=true", "stop b failed=true"],
+            ),
+        ];
+        for (workers, min, ids, secs, want) in table {
+            let mut s = settings(workers, min, 10);
+            s.heartbeat_timeout = 60 * SECOND;
+            let (mut run, _) = joined(s, ids, t0);
+            let fx = run.tick(t0 + Duration::from_secs(secs));
+            assert_eq!(
+                said(&fx),
+                want,
+                "{workers}/{min} with {ids:?} at {secs} s"
+            );
+        }
+        let (mut run, s) = joined(settings(3, 3, 10), &["a", "b"], t0);
+        for session in s {
+            run.seen(session, t0 + 9 * SECOND);
+        }
+        run.tick(t0 + 10 * SECOND);
+        match &run.phase {
+            Phase::Failed(why) => assert!(why.contains("cluster.min_workers"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn steps_commit_in_order_once_every_rank_reported() {
+        let t0 = Instant::now();
+        let (mut run, s) = joined(settings(2, 2, 3), &["a", "b"], t0);
+        run.tick(t0);
+        let mut commits = Vec::new();
+        for (session, step) in [(s[0], 0), (s[0], 1), (s[1], 0), (s[1], 1)] {
+            let fx = run.report(report(session, 1, step, None)).unwrap();
+            commits.extend(said(&fx));
+        }
+        assert_eq!(commits, ["commit 0", "commit 1"]);
+        let err = run.report(report(s[0], 1, 0, None)).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "a committed step");
+        let err = run.report(report(s[0], 0, 2, None)).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "a stale generation");
+        let err = run.report(report(s[0], 1, 3, None)).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "past the stop step");
+        // The last step commits, the last checkpoint is saved: the run finishes.
+        run.report(report(s[0], 1, 2, None)).unwrap();
+        run.report(report(s[1], 1, 2, None)).unwrap();
+        let fx = run.saved(3);
+        assert_eq!(
+            said(&fx),
+            ["stop a failed=false", "stop b failed=false"]
+        );
+        assert_eq!(run.phase, Phase::Finished);
+    }
+
+    #[test]
+    fn replicas_that_differ_fail_the_run() {
+        let t0 = Instant::now();
+        let mut s0 = settings(2, 2, 10);
+        s0.checksum_every = 2;
+        let (mut run, s) = joined(s0, &["a", "b"], t0);
+        run.tick(t0);
+        for session in [s[0], s[1]] {
+            run.report(report(session, 1, 0, None)).unwrap();
+        }
+        run.report(report(s[0], 1, 1, Some(7))).unwrap();
+        let fx = run.report(report(s[1], 1, 1, Some(8))).unwrap();
+        assert_eq!(
+            said(&fx),
+            ["stop a failed=true", "stop b failed=true"]
+        );
+        match &run.phase {
+            Phase::Failed(why) => assert!(why.contains("replicas diverged at step 1"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A running two-worker run at generation 1 with steps 0..3 committed.
+    fn running_at_3(t0: Instant) -> (Run, Vec<u64>) {
+        let (mut run, s) = joined(settings(2, 1, 10), &["a", "b"], t0);
+        run.tick(t0);
+        for step in 0..3 {
+            for session in [s[0], s[1]] {
+                run.report(report(session, 1, step, None)).unwrap();
+            }
+        }
+        (run, s)
+    }
+
+    #[test]
+    fn a_lost_worker_halts_the_generation_and_the_ring_re_forms_without_it() {
+        let t0 = Instant::now();
+        // (how b is lost, when)
+        let table: [(&str, u64); 2] = [("its session closed", 1), ("silent", 6)];
+        for (how, secs) in table {
+            let (mut run, s) = running_at_3(t0);
+            run.seen(s[0], t0 + 5 * SECOND);
+            let fx = if how == "silent" {
+                run.tick(t0 + Duration::from_secs(secs))
+            } else {
+                run.left(s[1], how, t0 + Duration::from_secs(secs))
+            };
+            assert_eq!(said(&fx), ["close b", "halt a g1"], "{how}");
+            assert_eq!(run.phase, Phase::Halting);
+            // a halts at step 4 (it trained step 3 before the halt reached it; b never
+            // reported it): step 3 commits from a's report alone, and the ring re-forms.
+            run.report(report(s[0], 1, 3, None)).unwrap();
+            let fx = run.halted(&halted(s[0], 1, 4), t0 + 7 * SECOND).unwrap();
+            assert_eq!(said(&fx), ["commit 3", "start a r0/1 g2 @4"], "{how}");
+        }
+    }
+
+    #[test]
+    fn a_worker_that_does_not_halt_in_time_is_dropped() {
+        let t0 = Instant::now();
+        let (mut run, s) = running_at_3(t0);
+        run.drain("SIGTERM", t0);
+        run.halted(&halted(s[0], 1, 3), t0).unwrap();
+        run.seen(s[0], t0 + 20 * SECOND);
+        run.seen(s[1], t0 + 20 * SECOND);
+        assert_eq!(
+            said(&run.clone().tick(t0 + 20 * SECOND)),
+            Vec::<String>::new()
+        );
+        let fx = run.tick(t0 + 21 * SECOND);
+        assert_eq!(
+            said(&fx)[..2],
+            ["close b".to_string(), "send-state a persist=true".into()]
+        );
+    }
+
+    #[test]
+    fn a_newcomer_halts_the_generation_and_gets_the_state_from_a_peer() {
+        let t0 = Instant::now();
+        let (mut run, s) = running_at_3(t0);
+        run.left(s[1], "killed", t0);
+        run.halted(&halted(s[0], 1, 3), t0).unwrap();
+        assert_eq!(run.phase, Phase::Running, "a alone at generation 2");
+        for step in 3..5 {
+            run.report(report(s[0], 2, step, None)).unwrap();
+        }
+        let (c, fx) = join(&mut run, "c", t0).unwrap();
+        assert_eq!(said(&fx), ["welcome c", "halt a g2"]);
+        let fx = run.halted(&halted(s[0], 2, 5), t0).unwrap();
+        assert_eq!(said(&fx), ["send-state a persist=false"]);
+        assert_eq!(run.phase, Phase::Handover);
+        let upload = pb::CheckpointUpload {
+            session: s[0],
+            generation: 2,
+            step: 5,
+            files: vec![pb::File {
+                name: "state.json".into(),
+                data: vec![1],
+            }],
+            requested: true,
         };
-        (inner.phase.clone(), summary)
+        assert!(matches!(
+            run.check_upload(&upload),
+            Ok(Upload::Handover {
+                step: 5,
+                persist: false
+            })
+        ));
+        let stranger = pb::CheckpointUpload {
+            session: c,
+            ..upload.clone()
+        };
+        assert_eq!(
+            run.check_upload(&stranger).unwrap_err().code(),
+            Code::FailedPrecondition,
+            "only the donor answers"
+        );
+        let files = Files::from([("state.json".to_string(), vec![1])]);
+        let fx = run.handed_over(5, files, t0);
+        assert_eq!(
+            said(&fx),
+            ["start a r0/2 g3 @5", "start c r1/2 g3 @5 +state"],
+            "the state goes to the newcomer only"
+        );
     }
 
-    /// Ends every session's command stream.
-    pub fn close_sessions(&self) {
-        self.lock().sessions.clear();
+    #[test]
+    fn a_drain_stops_at_a_step_boundary_with_a_checkpoint() {
+        let t0 = Instant::now();
+        let (mut run, s) = running_at_3(t0);
+        let fx = run.drain("SIGTERM", t0);
+        assert_eq!(said(&fx), ["halt a g1", "halt b g1"]);
+        assert_eq!(
+            run.join(&join_msg("c"), t0).unwrap_err().code(),
+            Code::FailedPrecondition,
+            "no newcomers while draining"
+        );
+        run.halted(&halted(s[0], 1, 3), t0).unwrap();
+        let fx = run.halted(&halted(s[1], 1, 3), t0).unwrap();
+        assert_eq!(said(&fx), ["send-state a persist=true"]);
+        let fx = run.saved(3);
+        assert!(fx.is_empty(), "not finished before the hand-over completes");
+        let fx = run.handed_over(3, Files::new(), t0);
+        assert_eq!(
+            said(&fx),
+            ["stop a failed=false", "stop b failed=false"]
+        );
+        assert_eq!(run.phase, Phase::Finished);
+    }
+
+    #[test]
+    fn stale_messages_are_refused_or_ignored() {
+        let t0 = Instant::now();
+        let (mut run, s) = running_at_3(t0);
+        run.left(s[1], "killed", t0);
+        run.halted(&halted(s[0], 1, 3), t0).unwrap();
+        // Generation 2 runs now; generation 1's messages are from the past.
+        assert!(run.halted(&halted(s[0], 1, 3), t0).unwrap().is_empty());
+        assert_eq!(
+            run.report(report(s[0], 1, 3, None)).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            run.report(report(99, 2, 3, None)).unwrap_err().code(),
+            Code::NotFound,
+            "an unknown session"
+        );
+        let upload = pb::CheckpointUpload {
+            session: s[0],
+            generation: 1,
+            step: 3,
+            files: vec![pb::File {
+                name: "a".into(),
+                data: vec![],
+            }],
+            requested: false,
+        };
+        assert_eq!(
+            run.check_upload(&upload).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn losing_every_worker_fails_the_run() {
+        let t0 = Instant::now();
+        let (mut run, s) = running_at_3(t0);
+        run.left(s[0], "killed", t0);
+        let fx = run.left(s[1], "killed", t0);
+        assert_eq!(said(&fx), ["close b"]);
+        match &run.phase {
+            Phase::Failed(why) => assert!(why.contains("every worker of generation 1"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

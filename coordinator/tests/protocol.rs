@@ -467,12 +467,13 @@ fn non_finite_steps_commit_and_far_future_reports_are_refused() {
         a.report(1, 1, Some(3)).await.unwrap();
         b.report(1, 1, Some(3)).await.unwrap();
     });
-    assert_eq!(store.steps.lock().unwrap().len(), 2);
-    assert!(store.steps.lock().unwrap()[0].terms["neg_elbo"].is_nan());
     // The scripted workers hang up without halting: the run ends, naming the generation lost.
     let err = outcome.join().unwrap().unwrap_err().to_string();
     assert!(
         err.contains("every worker of generation 1 was lost"),
         "{err}"
     );
+    // Steps are recorded in order, off the state machine's lock, by the time the run ends.
+    assert_eq!(store.steps.lock().unwrap().len(), 2);
+    assert!(store.steps.lock().unwrap()[0].terms["neg_elbo"].is_nan());
 }

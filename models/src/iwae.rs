@@ -1,31 +1,27 @@
 //! Evaluation: the importance-weighted bound (Burda et al. 2015) and active units.
 
+use std::ops::Range;
+
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::{Input, Model};
-use crate::noise::Noise;
 
-/// Per-example IWAE bound `log (1/k) Σ_s w_s` with k samples — an estimate of log p(x) that
-/// tightens as k grows (k = 1 is the ELBO). Samples are decoded in groups of at most
+/// Per-example IWAE bound `log (1/k) Σ_s w_s` with k samples of a batch of `b` examples — an
+/// estimate of log p(x) that tightens as k grows (k = 1 is the ELBO). `log_weights` gives the
+/// (S, B) log-weights of a range of samples; they are asked for in groups of at most
 /// `max_rows` (samples × batch) rows, so k = 1000 fits in memory.
 pub fn iw_bound(
-    model: &dyn Model,
-    input: &Input<'_>,
-    noise: &Noise,
+    b: usize,
     k: usize,
     max_rows: usize,
+    log_weights: impl Fn(Range<usize>) -> Result<Tensor>,
 ) -> Result<Vec<f64>> {
-    let b = input.ids.len();
     let per_group = (max_rows / b.max(1)).clamp(1, k.max(1));
     let mut log_w: Vec<Vec<f32>> = vec![Vec::with_capacity(k); b];
     let mut start = 0;
     while start < k {
         let end = (start + per_group).min(k);
-        let w = model
-            .log_weights(input, noise, start..end)?
-            .t()?
-            .to_vec2::<f32>()?; // (B, S)
+        let w = log_weights(start..end)?.t()?.to_vec2::<f32>()?; // (B, S)
         for (acc, row) in log_w.iter_mut().zip(w) {
             acc.extend(row);
         }

@@ -1,7 +1,9 @@
 //! The VAE family on candle: encoders/decoders, likelihoods, KL terms, objectives (ELBO, β,
-//! warm-up, free bits, IWAE bound) behind one [`Model`] trait. Knows nothing of networks or files.
+//! warm-up, free bits, IWAE bound) behind one [`Model`] contract, and the [`Registry`] through
+//! which `model.kind` selects a variant. Knows nothing of networks or files.
 
 mod bernoulli;
+mod buffers;
 mod cpu;
 mod dense;
 mod error;
@@ -14,9 +16,12 @@ mod model;
 mod noise;
 mod objective;
 mod params;
+mod registry;
+mod spec;
 mod vae;
 
 pub use bernoulli::bernoulli_nll;
+pub use buffers::Buffers;
 pub use dense::dense;
 pub use error::{ModelError, Result};
 pub use gaussian::reparameterise;
@@ -24,8 +29,13 @@ pub use grad_sink::GradSink;
 pub use iwae::{iw_bound, ActiveUnits};
 pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 pub use likelihood::{Likelihood, LikelihoodKind};
-pub use model::{Input, Model};
+pub use model::{
+    EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Picture, Statistics,
+    StepContext, Term,
+};
 pub use noise::{Noise, Purpose};
-pub use objective::{gaussian_kl, vae_loss, LossOutput, Objective};
+pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};
 pub use params::Params;
-pub use vae::{Architecture, Vae, VaeSpec};
+pub use registry::{NoSection, Registry, Section, SectionError, Variant};
+pub use spec::{Architecture, BuildContext, ModelSpec};
+pub use vae::{BetaVae, Vae};

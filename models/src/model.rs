@@ -1,22 +1,37 @@
-//! The interface every model of the family implements.
+//! The contract every model of the family implements, and what makes N workers train exactly
+//! what one process trains.
 //!
-//! How the variants fit (checked on paper):
-//! - conditional VAE: `Input::labels` go into encoder and decoder; `decode_mean` takes labels.
-//! - semi-supervised M2: one batch mixes labeled and unlabeled rows (`labels[i] = None`); its
-//!   `loss` adds the classifier term and enumerates y for unlabeled rows; `log_weights`
-//!   enumerates y inside the importance weights.
-//! - VQ-VAE: `loss` adds codebook/commitment terms; the EMA codebook is non-gradient state
-//!   returned by `buffers` (averaged across workers, checkpointed, never in the optimiser).
-//! - hierarchical VAEs: several latent layers inside `loss`/`log_weights`; `latent_dim` is the
-//!   top layer's, which `decode_mean` samples from.
+//! **Sums, not means.** A step's loss is this rank's share of the global objective: sums over
+//! its rows divided by a normaliser that is the same on every rank (the global batch's row
+//! count, [`StepContext::global_rows`]), so the gradients of all ranks *add up* to the gradient
+//! of the global batch. Reported terms are sums with their counts ([`Term`]); they travel in the
+//! flat buffer with the gradients and are divided only after the all-reduce.
+//!
+//! **Batch statistics before the loss.** A loss that needs a non-linear function of the whole
+//! global batch (free bits clamp the batch-mean KL of each latent dimension) declares
+//! [`Statistics::batch`] sums; the trainer computes them on every rank
+//! ([`Model::batch_statistics`]), all-reduces them, and hands the global sums to
+//! [`Model::loss`] in [`StepContext::batch_stats`]. The non-linear function is applied to the
+//! global sums, identically on every rank.
+//!
+//! **State after the step.** Non-gradient state ([`Buffers`]: EMA codebooks, running moments)
+//! is updated from sums ([`LossOutput::update_stats`]) that ride in the same all-reduce as the
+//! gradients, in [`Model::update_state`], identically on every replica. The trainer writes the
+//! buffers into checkpoints, hands them to joining workers and covers them with the replica
+//! checksum.
+//!
+//! Everything a model reports is declared up front in [`Model::statistics`], so the flat buffer's
+//! layout is known before the first batch, and a rank with no rows in a (short, final) batch
+//! contributes zeros of the right length.
 
-use std::ops::Range;
+use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
 
+use crate::buffers::Buffers;
 use crate::error::Result;
 use crate::noise::Noise;
-use crate::objective::{LossOutput, Objective};
 use crate::params::Params;
 
 /// One minibatch as a model sees it.
@@ -30,39 +45,179 @@ pub struct Input<'a> {
     pub ids: &'a [u64],
 }
 
-/// A latent-variable model trained by a variational bound.
+/// What a step's loss needs besides its rows.
+#[derive(Debug, Clone, Copy)]
+pub struct StepContext<'a> {
+    /// The global step (0-based): keys the noise and the schedules.
+    pub step: u64,
+    /// The run's noise.
+    pub noise: &'a Noise,
+    /// Rows of the global batch, every rank's together: the normaliser of per-example means.
+    pub global_rows: u64,
+    /// Global sums of [`Model::batch_statistics`] for this step (empty when the model declares
+    /// none).
+    pub batch_stats: &'a [f32],
+}
+
+/// A reported term: a sum over this rank's rows and the count it is a mean over. After the
+/// all-reduce the trainer reports `Σ sum / Σ count`.
+#[derive(Debug, Clone)]
+pub struct Term {
+    /// A scalar tensor.
+    pub sum: Tensor,
+    /// What the sum is divided by (rows, labeled rows, …).
+    pub count: f64,
+}
+
+impl Term {
+    /// The sum over the rows of a per-row tensor (B,), counted per row.
+    pub fn per_row(values: &Tensor) -> Result<Term> {
+        Ok(Term {
+            sum: values.sum_all()?,
+            count: values.elem_count() as f64,
+        })
+    }
+
+    /// A value that is the same for every row (a schedule's weight), counted per row.
+    pub fn constant(value: f64, rows: usize, device: &Device) -> Result<Term> {
+        Ok(Term {
+            sum: Tensor::new((value * rows as f64) as f32, device)?,
+            count: rows as f64,
+        })
+    }
+}
+
+/// The result of a loss evaluation.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    /// The scalar to minimise: this rank's share of the global objective (see the module docs).
+    pub loss: Tensor,
+    /// Reported terms by name, exactly those of [`Statistics::terms`].
+    pub terms: BTreeMap<&'static str, Term>,
+    /// Sums the state update needs, [`Statistics::update`] values (1-D), or `None` when none.
+    pub update_stats: Option<Tensor>,
+}
+
+/// What a model reports besides gradients, declared before the first step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statistics {
+    /// Names of the reported terms (sorted).
+    pub terms: Vec<&'static str>,
+    /// Length of the batch statistics the loss needs from the global batch (0: none).
+    pub batch: usize,
+    /// Length of the update statistics (0: no state update).
+    pub update: usize,
+}
+
+/// Settings of an evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions<'a> {
+    /// Noise of the evaluation (its own stream, seeded from the run).
+    pub noise: &'a Noise,
+    /// Importance samples of the IW bound (`None`: no bound).
+    pub iw_samples: Option<usize>,
+    /// Memory budget of one importance-weighted decode, in rows (samples × batch).
+    pub max_rows: usize,
+}
+
+/// A named evaluation figure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Metric {
+    /// A count.
+    Count(u64),
+    /// A real number (nats per example, a fraction, …).
+    Value(f64),
+    /// One value per layer, per code, ….
+    List(Vec<f64>),
+}
+
+/// Evaluation figures by name.
+pub type Metrics = BTreeMap<String, Metric>;
+
+/// Accumulates a model's evaluation over batches.
+pub trait Evaluator {
+    /// Adds one batch.
+    fn add(&mut self, input: &Input<'_>) -> Result<()>;
+    /// The figures over every batch added.
+    fn finish(self: Box<Self>) -> Metrics;
+}
+
+/// A picture a model draws of itself, beside the common ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picture {
+    /// File stem (`codebook` → `codebook.png`).
+    pub name: String,
+    /// Examples in data space, row-major, each the size of one example.
+    pub values: Vec<f32>,
+    /// Examples per row of the grid.
+    pub cols: usize,
+}
+
+/// A latent-variable model trained by a variational bound (or its relatives).
 pub trait Model: Send {
     /// The trainable parameters, by name.
     fn params(&self) -> &Params;
 
-    /// Non-gradient state that workers average and checkpoints keep (none by default).
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        Vec::new()
+    /// Non-gradient state (none by default).
+    fn buffers(&self) -> Option<&Buffers> {
+        None
     }
 
-    /// Dimension of the latent space `decode_mean` takes.
-    fn latent_dim(&self) -> usize;
+    /// What the model reports besides gradients.
+    fn statistics(&self) -> Statistics;
 
-    /// The training loss of a minibatch at a global step (the step keys the noise).
-    fn loss(
-        &self,
-        input: &Input<'_>,
-        noise: &Noise,
-        step: u64,
-        objective: &Objective,
-    ) -> Result<LossOutput>;
+    /// Sums over this rank's rows that the loss needs from the global batch: a 1-D tensor of
+    /// [`Statistics::batch`] values (only called when that is not 0).
+    fn batch_statistics(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<Tensor> {
+        let _ = (input, ctx);
+        Err(crate::ModelError::Spec(
+            "the model declares batch statistics but does not compute them".into(),
+        ))
+    }
 
-    /// Importance log-weights `log p(x, z_s) − log q(z_s | x)` for samples `samples`: (S, B).
-    fn log_weights(
+    /// The training loss of this rank's rows of a global batch.
+    fn loss(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<LossOutput>;
+
+    /// Updates the non-gradient state from the all-reduced update statistics of a step that
+    /// was applied (only called when [`Statistics::update`] is not 0).
+    fn update_state(&mut self, stats: &[f32], step: u64) -> Result<()> {
+        let _ = (stats, step);
+        Ok(())
+    }
+
+    /// An evaluator of the model on test data.
+    fn evaluator<'a>(&'a self, options: EvalOptions<'a>) -> Result<Box<dyn Evaluator + 'a>>;
+
+    /// `n` examples drawn from the model, as means of the observation model: (n, D). With
+    /// `labels`, conditioned on them (models without labels ignore them).
+    fn sample(
         &self,
-        input: &Input<'_>,
-        noise: &Noise,
-        samples: Range<usize>,
+        n: usize,
+        seed: u64,
+        labels: Option<&[i64]>,
+        device: &Device,
     ) -> Result<Tensor>;
 
-    /// The mean of q(z|x): (B, latent_dim) (for reconstructions, traversals, active units).
-    fn posterior_mean(&self, input: &Input<'_>) -> Result<Tensor>;
+    /// Reconstructions of the input: (B, D).
+    fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor>;
 
-    /// The mean of p(x|z) for latents `z` (N, latent_dim): (N, D).
-    fn decode_mean(&self, z: &Tensor) -> Result<Tensor>;
+    /// Latent traversals around one example (`input` holds one row): `steps` decodes for each
+    /// of the first `max_dims` latent dimensions, as (dims × steps, D); `None` if the model has
+    /// no continuous latent to traverse.
+    fn traversals(
+        &self,
+        input: &Input<'_>,
+        max_dims: usize,
+        steps: usize,
+    ) -> Result<Option<Tensor>> {
+        let _ = (input, max_dims, steps);
+        Ok(None)
+    }
+
+    /// Pictures of its own (codebook usage, per-layer traversals …), drawn from a test batch.
+    fn pictures(&self, input: &Input<'_>) -> Result<Vec<Picture>> {
+        let _ = input;
+        Ok(Vec::new())
+    }
 }

@@ -4,48 +4,20 @@
 use std::ops::Range;
 
 use candle_core::{Device, Tensor, D};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::gaussian::reparameterise;
-use crate::layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
-use crate::likelihood::{Likelihood, LikelihoodKind};
-use crate::model::{Input, Model};
+use crate::iwae::{iw_bound, ActiveUnits};
+use crate::layers::{linear, ConvDecoder, ConvEncoder, Linear, Mlp};
+use crate::likelihood::Likelihood;
+use crate::model::{
+    EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Statistics, StepContext,
+};
 use crate::noise::{Noise, Purpose};
-use crate::objective::{gaussian_kl, vae_loss, LossOutput, Objective};
+use crate::objective::{free_bits_statistics, gaussian_kl, vae_loss, VAE_TERMS};
 use crate::params::Params;
-
-/// Encoder/decoder architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// Dense layers on the flattened example.
-    Mlp,
-    /// Stride-2 convolutions (28, 32 or 64 pixel square images).
-    Conv,
-}
-
-/// Everything that defines a VAE's shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VaeSpec {
-    /// Example shape, e.g. `[1, 28, 28]`.
-    pub input_shape: Vec<usize>,
-    /// Latent dimension.
-    pub latent_dim: usize,
-    /// Encoder/decoder family.
-    pub architecture: Architecture,
-    /// Hidden layer sizes of the MLP encoder (the decoder mirrors them); for `Conv`, the
-    /// dense layers between the convolutions and the latent.
-    pub hidden: Vec<usize>,
-    /// Nonlinearity.
-    pub activation: Activation,
-    /// Observation model.
-    pub likelihood: LikelihoodKind,
-    /// Variance of `GaussianFixed`.
-    pub variance: f64,
-    /// The posterior log-variance is clamped to ±this.
-    pub log_var_clamp: f64,
-}
+use crate::registry::{NoSection, Variant};
+use crate::spec::{Architecture, BuildContext, ModelSpec};
 
 enum Trunk {
     Mlp {
@@ -63,7 +35,7 @@ enum Trunk {
 
 /// A VAE.
 pub struct Vae {
-    spec: VaeSpec,
+    spec: ModelSpec,
     params: Params,
     trunk: Trunk,
     mu: Linear,
@@ -74,7 +46,8 @@ pub struct Vae {
 
 impl Vae {
     /// Builds a VAE with parameters drawn from `seed`.
-    pub fn new(spec: VaeSpec, device: &Device, seed: u64) -> Result<Self> {
+    pub fn new(spec: ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        spec.objective.validate()?;
         let dim: usize = spec.input_shape.iter().product();
         if dim == 0 || spec.latent_dim == 0 || spec.hidden.contains(&0) {
             return Err(ModelError::Spec(format!(
@@ -149,7 +122,7 @@ impl Vae {
     }
 
     /// The specification.
-    pub fn spec(&self) -> &VaeSpec {
+    pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
@@ -202,36 +175,9 @@ impl Vae {
     }
 }
 
-impl Model for Vae {
-    fn params(&self) -> &Params {
-        &self.params
-    }
-
-    fn latent_dim(&self) -> usize {
-        self.spec.latent_dim
-    }
-
-    fn loss(
-        &self,
-        input: &Input<'_>,
-        noise: &Noise,
-        step: u64,
-        objective: &Objective,
-    ) -> Result<LossOutput> {
-        let (mu, log_var) = self.encode(input.x)?;
-        let eps = noise.rows(
-            Purpose::Train,
-            step,
-            input.ids,
-            self.spec.latent_dim,
-            input.x.device(),
-        )?;
-        let z = reparameterise(&mu, &log_var, &eps)?;
-        let rec = self.likelihood.nll(&self.decode(&z)?, input.x)?;
-        vae_loss(&rec, &gaussian_kl(&mu, &log_var)?, objective, step)
-    }
-
-    fn log_weights(
+impl Vae {
+    /// Importance log-weights `log p(x, z_s) − log q(z_s | x)` for samples `samples`: (S, B).
+    pub fn log_weights(
         &self,
         input: &Input<'_>,
         noise: &Noise,
@@ -263,11 +209,186 @@ impl Model for Vae {
         Ok(((log_px + log_pz)? - log_qz)?)
     }
 
-    fn posterior_mean(&self, input: &Input<'_>) -> Result<Tensor> {
-        Ok(self.encode(input.x)?.0)
+    /// The mean of p(x|z) for latents `z` (N, latent_dim): (N, D).
+    pub fn decode_mean(&self, z: &Tensor) -> Result<Tensor> {
+        self.likelihood.mean(&self.decode(z)?)
     }
 
-    fn decode_mean(&self, z: &Tensor) -> Result<Tensor> {
-        self.likelihood.mean(&self.decode(z)?)
+    /// The per-example reconstruction NLL (B,) and per-dimension KL (B, d) of one posterior
+    /// sample per row, drawn from the stream of (purpose, counter).
+    fn terms(
+        &self,
+        input: &Input<'_>,
+        noise: &Noise,
+        purpose: Purpose,
+        counter: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mu, log_var) = self.encode(input.x)?;
+        let eps = noise.rows(
+            purpose,
+            counter,
+            input.ids,
+            self.spec.latent_dim,
+            input.x.device(),
+        )?;
+        let z = reparameterise(&mu, &log_var, &eps)?;
+        let rec = self.likelihood.nll(&self.decode(&z)?, input.x)?;
+        Ok((rec, gaussian_kl(&mu, &log_var)?))
+    }
+}
+
+impl Model for Vae {
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn statistics(&self) -> Statistics {
+        Statistics {
+            terms: VAE_TERMS.to_vec(),
+            batch: self
+                .spec
+                .objective
+                .batch_statistics_len(self.spec.latent_dim),
+            update: 0,
+        }
+    }
+
+    fn batch_statistics(&self, input: &Input<'_>, _ctx: &StepContext<'_>) -> Result<Tensor> {
+        let (mu, log_var) = self.encode(input.x)?;
+        free_bits_statistics(&gaussian_kl(&mu.detach(), &log_var.detach())?)
+    }
+
+    fn loss(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<LossOutput> {
+        let (rec, kl_dims) = self.terms(input, ctx.noise, Purpose::Train, ctx.step)?;
+        vae_loss(&rec, &kl_dims, &self.spec.objective, ctx)
+    }
+
+    fn evaluator<'a>(&'a self, options: EvalOptions<'a>) -> Result<Box<dyn Evaluator + 'a>> {
+        Ok(Box::new(VaeEvaluator {
+            vae: self,
+            options,
+            rows: 0,
+            rec: 0.0,
+            kl: 0.0,
+            nll_iw: 0.0,
+            active: ActiveUnits::default(),
+        }))
+    }
+
+    fn sample(
+        &self,
+        n: usize,
+        seed: u64,
+        _labels: Option<&[i64]>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let ids: Vec<u64> = (0..n as u64).collect();
+        let z = Noise::new(seed).rows(Purpose::Sample, 0, &ids, self.spec.latent_dim, device)?;
+        self.decode_mean(&z)
+    }
+
+    fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
+        self.decode_mean(&self.encode(input.x)?.0)
+    }
+
+    fn traversals(
+        &self,
+        input: &Input<'_>,
+        max_dims: usize,
+        steps: usize,
+    ) -> Result<Option<Tensor>> {
+        let base = self.encode(input.x)?.0.flatten_all()?.to_vec1::<f32>()?;
+        let d = base.len();
+        let dims = d.min(max_dims);
+        let mut z = Vec::with_capacity(dims * steps * d);
+        for dim in 0..dims {
+            for s in 0..steps {
+                let mut v = base.clone();
+                v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
+                z.extend(v);
+            }
+        }
+        let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
+        Ok(Some(self.decode_mean(&z)?))
+    }
+}
+
+/// The VAE's test figures: single-sample −ELBO and its terms, the IW bound, active units.
+struct VaeEvaluator<'a> {
+    vae: &'a Vae,
+    options: EvalOptions<'a>,
+    rows: u64,
+    rec: f64,
+    kl: f64,
+    nll_iw: f64,
+    active: ActiveUnits,
+}
+
+impl Evaluator for VaeEvaluator<'_> {
+    fn add(&mut self, input: &Input<'_>) -> Result<()> {
+        let (rec, kl_dims) = self
+            .vae
+            .terms(input, self.options.noise, Purpose::Train, 0)?;
+        self.rec += f64::from(rec.sum_all()?.to_scalar::<f32>()?);
+        self.kl += f64::from(kl_dims.sum_all()?.to_scalar::<f32>()?);
+        if let Some(k) = self.options.iw_samples {
+            let b = input.ids.len();
+            let bound = iw_bound(b, k, self.options.max_rows, |samples| {
+                self.vae.log_weights(input, self.options.noise, samples)
+            })?;
+            self.nll_iw -= bound.iter().sum::<f64>();
+        }
+        self.active.add(&self.vae.encode(input.x)?.0)?;
+        self.rows += input.ids.len() as u64;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Metrics {
+        let n = self.rows.max(1) as f64;
+        let mut m = Metrics::from([
+            (
+                "neg_elbo".to_string(),
+                Metric::Value((self.rec + self.kl) / n),
+            ),
+            ("rec".to_string(), Metric::Value(self.rec / n)),
+            ("kl".to_string(), Metric::Value(self.kl / n)),
+            (
+                "active_units".to_string(),
+                Metric::Count(self.active.count(0.01) as u64),
+            ),
+            (
+                "latent_dim".to_string(),
+                Metric::Count(self.vae.spec.latent_dim as u64),
+            ),
+        ]);
+        if let Some(k) = self.options.iw_samples {
+            m.insert("nll_iw".into(), Metric::Value(self.nll_iw / n));
+            m.insert("iw_samples".into(), Metric::Count(k as u64));
+        }
+        m
+    }
+}
+
+impl Variant for Vae {
+    const KIND: &'static str = "vae";
+    const ABOUT: &'static str =
+        "VAE: diagonal Gaussian posterior, analytic KL, β / KL warm-up / free bits from [model]";
+    type Config = NoSection;
+
+    fn build(spec: &ModelSpec, _: &NoSection, ctx: &BuildContext) -> Result<Box<dyn Model>> {
+        Ok(Box::new(Vae::new(spec.clone(), &ctx.device, ctx.seed)?))
+    }
+}
+
+/// The β-VAE: the VAE under the name papers use for it, meant with `model.beta` ≠ 1.
+pub struct BetaVae;
+
+impl Variant for BetaVae {
+    const KIND: &'static str = "beta_vae";
+    const ABOUT: &'static str = "β-VAE: the VAE with model.beta weighting the KL term";
+    type Config = NoSection;
+
+    fn build(spec: &ModelSpec, section: &NoSection, ctx: &BuildContext) -> Result<Box<dyn Model>> {
+        Vae::build(spec, section, ctx)
     }
 }

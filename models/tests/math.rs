@@ -3,13 +3,14 @@
 use candle_core::{Device, Tensor, D};
 use elbo_models::{
     bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, Input, Likelihood,
-    LikelihoodKind, Model, Noise, Objective, Params, Purpose, Vae, VaeSpec,
+    LikelihoodKind, LossOutput, Model, ModelSpec, Noise, Objective, Params, Purpose, StepContext,
+    Term, Vae,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn spec(likelihood: LikelihoodKind, activation: Activation) -> VaeSpec {
-    VaeSpec {
+fn spec(likelihood: LikelihoodKind, activation: Activation) -> ModelSpec {
+    ModelSpec {
         input_shape: vec![6],
         latent_dim: 3,
         architecture: Architecture::Mlp,
@@ -18,7 +19,35 @@ fn spec(likelihood: LikelihoodKind, activation: Activation) -> VaeSpec {
         likelihood,
         variance: 0.5,
         log_var_clamp: 8.0,
+        objective: Objective::default(),
     }
+}
+
+/// The loss of a whole batch in one process: the batch statistics (free bits) computed on it
+/// first, as the trainer does with their all-reduced sums.
+fn loss(model: &dyn Model, input: &Input<'_>, noise: &Noise, step: u64) -> LossOutput {
+    let mut ctx = StepContext {
+        step,
+        noise,
+        global_rows: input.ids.len() as u64,
+        batch_stats: &[],
+    };
+    let stats: Vec<f32> = if model.statistics().batch > 0 {
+        model
+            .batch_statistics(input, &ctx)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    } else {
+        Vec::new()
+    };
+    ctx.batch_stats = &stats;
+    model.loss(input, &ctx).unwrap()
+}
+
+/// A term's mean.
+fn mean(term: &Term) -> f64 {
+    term.sum.to_scalar::<f32>().unwrap() as f64 / term.count
 }
 
 fn data(rows: usize, dim: usize, seed: u64) -> Tensor {
@@ -118,7 +147,11 @@ fn gaussian_nll_matches_hand_computed() {
 
 /// Central finite differences of the whole loss against autograd, for a sample of parameters.
 fn check_gradients(likelihood: LikelihoodKind, objective: Objective) {
-    let vae = Vae::new(spec(likelihood, Activation::Tanh), &Device::Cpu, 3).unwrap();
+    let spec = ModelSpec {
+        objective,
+        ..spec(likelihood, Activation::Tanh)
+    };
+    let vae = Vae::new(spec, &Device::Cpu, 3).unwrap();
     let x = data(4, 6, 9);
     let ids = [10u64, 11, 12, 13];
     let labels = [None; 4];
@@ -128,7 +161,7 @@ fn check_gradients(likelihood: LikelihoodKind, objective: Objective) {
         ids: &ids,
     };
     let noise = Noise::new(5);
-    let loss_of = || vae.loss(&input, &noise, 7, &objective).unwrap().loss;
+    let loss_of = || loss(&vae, &input, &noise, 7).loss;
     let grads = loss_of().backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut checked = 0;
@@ -193,12 +226,13 @@ fn gradients_match_finite_differences_gaussian_beta_free_bits() {
 
 #[test]
 fn objective_terms_and_warmup() {
-    let vae = Vae::new(
-        spec(LikelihoodKind::Bernoulli, Activation::Relu),
-        &Device::Cpu,
-        1,
-    )
-    .unwrap();
+    let vae = |objective| {
+        let spec = ModelSpec {
+            objective,
+            ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
+        };
+        Vae::new(spec, &Device::Cpu, 1).unwrap()
+    };
     let x = data(8, 6, 2);
     let ids: Vec<u64> = (0..8).collect();
     let input = Input {
@@ -213,14 +247,15 @@ fn objective_terms_and_warmup() {
         warmup_steps: 10,
         free_bits: 0.0,
     };
-    let out = vae.loss(&input, &noise, 4, &warm).unwrap();
-    let (rec, kl) = (scalar(&out.terms["rec"]), scalar(&out.terms["kl"]));
-    assert!((scalar(&out.terms["neg_elbo"]) - (rec + kl)).abs() < 1e-4);
+    let out = loss(&vae(warm), &input, &noise, 4);
+    let (rec, kl) = (mean(&out.terms["rec"]), mean(&out.terms["kl"]));
+    assert!((mean(&out.terms["neg_elbo"]) - (rec + kl)).abs() < 1e-4);
     assert!(
-        (scalar(&out.terms["kl_weight"]) - 1.0).abs() < 1e-6,
+        (mean(&out.terms["kl_weight"]) - 1.0).abs() < 1e-6,
         "step 4 of 10: weight 2 × 5/10"
     );
     assert!((scalar(&out.loss) - (rec + kl)).abs() < 1e-4);
+    assert!((mean(&out.terms["loss"]) - scalar(&out.loss)).abs() < 1e-4);
     assert_eq!(warm.kl_weight(50), 2.0);
     // Free bits: with a floor far above the KL, the penalised KL is d × floor.
     let fb = Objective {
@@ -228,14 +263,104 @@ fn objective_terms_and_warmup() {
         warmup_steps: 0,
         free_bits: 100.0,
     };
-    let out = vae.loss(&input, &noise, 4, &fb).unwrap();
-    assert!((scalar(&out.loss) - (scalar(&out.terms["rec"]) + 300.0)).abs() < 1e-3);
+    let out = loss(&vae(fb), &input, &noise, 4);
+    assert!((scalar(&out.loss) - (mean(&out.terms["rec"]) + 300.0)).abs() < 1e-3);
+    assert!((mean(&out.terms["loss"]) - scalar(&out.loss)).abs() < 1e-3);
+}
+
+/// Free bits clamp the *global* batch's mean KL per dimension: the loss of a batch split in
+/// two parts, each given the whole batch's statistics, adds up to the loss of the whole batch,
+/// and so do the gradients.
+#[test]
+fn free_bits_split_across_ranks_add_up_to_the_whole_batch() {
+    let spec = ModelSpec {
+        objective: Objective {
+            beta: 1.0,
+            warmup_steps: 0,
+            free_bits: 0.02,
+        },
+        ..spec(LikelihoodKind::Bernoulli, Activation::Tanh)
+    };
+    let vae = Vae::new(spec, &Device::Cpu, 6).unwrap();
+    let x = data(9, 6, 8);
+    let ids: Vec<u64> = (0..9).collect();
+    let labels = [None; 9];
+    let noise = Noise::new(3);
+    let (xa, xb) = (x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 5).unwrap());
+    let whole = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let first = Input {
+        x: &xa,
+        labels: &labels[..4],
+        ids: &ids[..4],
+    };
+    let second = Input {
+        x: &xb,
+        labels: &labels[4..],
+        ids: &ids[4..],
+    };
+    let stats: Vec<f32> = vae
+        .batch_statistics(
+            &whole,
+            &StepContext {
+                step: 0,
+                noise: &noise,
+                global_rows: 9,
+                batch_stats: &[],
+            },
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mean_kl: Vec<f32> = stats.iter().map(|s| s / 9.0).collect();
+    assert!(
+        mean_kl.iter().any(|k| *k > 0.02) && mean_kl.iter().any(|k| *k < 0.02),
+        "the floor binds some dimensions and not others: {mean_kl:?}"
+    );
+    let ctx = StepContext {
+        step: 0,
+        noise: &noise,
+        global_rows: 9,
+        batch_stats: &stats,
+    };
+    let gradient = |input: &Input<'_>| {
+        let out = vae.loss(input, &ctx).unwrap();
+        let grads = out.loss.backward().unwrap();
+        let flat: Vec<f32> = vae
+            .params()
+            .vars()
+            .values()
+            .flat_map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (out.loss.to_scalar::<f32>().unwrap(), flat)
+    };
+    let (all, g_all) = gradient(&whole);
+    let (a, g_a) = gradient(&first);
+    let (b, g_b) = gradient(&second);
+    assert!((a + b - all).abs() < 1e-4 * all.abs(), "{a} + {b} vs {all}");
+    for ((x, y), z) in g_a.iter().zip(&g_b).zip(&g_all) {
+        assert!(
+            (x + y - z).abs() <= 1e-5 * (1.0 + z.abs()),
+            "{x} + {y} vs {z}"
+        );
+    }
 }
 
 #[test]
 fn iwae_bound_is_above_the_elbo_and_grows_with_k() {
     // A sharp likelihood makes the importance weights informative, so the bound keeps growing.
-    let sharp = VaeSpec {
+    let sharp = ModelSpec {
         variance: 0.02,
         ..spec(LikelihoodKind::GaussianFixed, Activation::Relu)
     };
@@ -248,20 +373,20 @@ fn iwae_bound_is_above_the_elbo_and_grows_with_k() {
         ids: &ids,
     };
     let noise = Noise::new(2);
-    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let average = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let bound = |vae: &Vae, input: &Input<'_>, noise: &Noise, k: usize, max_rows: usize| {
+        iw_bound(input.ids.len(), k, max_rows, |samples| {
+            vae.log_weights(input, noise, samples)
+        })
+        .unwrap()
+    };
     let bounds: Vec<f64> = [1, 10, 100]
         .iter()
-        .map(|k| mean(iw_bound(&vae, &input, &noise, *k, 1 << 20).unwrap()))
+        .map(|k| average(bound(&vae, &input, &noise, *k, 1 << 20)))
         .collect();
     // The analytic-KL ELBO, averaged over many single-sample reconstructions.
     let elbo = -(0..50u64)
-        .map(|s| {
-            vae.loss(&input, &noise, s, &Objective::default())
-                .unwrap()
-                .terms["neg_elbo"]
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        })
+        .map(|s| mean(&loss(&vae, &input, &noise, s).terms["neg_elbo"]))
         .sum::<f64>()
         / 50.0;
     assert!(
@@ -274,14 +399,14 @@ fn iwae_bound_is_above_the_elbo_and_grows_with_k() {
         "non-decreasing in k: {bounds:?}"
     );
     // Grouping the samples to bound memory changes nothing.
-    let small = iw_bound(&vae, &input, &noise, 100, 256 * 7).unwrap();
-    assert!((mean(small) - bounds[2]).abs() < 1e-9);
+    let small = bound(&vae, &input, &noise, 100, 256 * 7);
+    assert!((average(small) - bounds[2]).abs() < 1e-9);
 }
 
 #[test]
 fn conv_vaes_take_28_32_and_64_pixel_images() {
     for side in [28usize, 32, 64] {
-        let spec = VaeSpec {
+        let spec = ModelSpec {
             input_shape: vec![1, side, side],
             architecture: Architecture::Conv,
             hidden: vec![32],
@@ -295,9 +420,7 @@ fn conv_vaes_take_28_32_and_64_pixel_images() {
             labels: &[None; 2],
             ids: &ids,
         };
-        let out = vae
-            .loss(&input, &Noise::new(0), 0, &Objective::default())
-            .unwrap();
+        let out = loss(&vae, &input, &Noise::new(0), 0);
         assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
         let z = Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(vae.decode_mean(&z).unwrap().dims(), [3, side * side]);
@@ -310,7 +433,7 @@ fn conv_vaes_take_28_32_and_64_pixel_images() {
             "every parameter gets a gradient"
         );
     }
-    let bad = VaeSpec {
+    let bad = ModelSpec {
         input_shape: vec![1, 30, 30],
         architecture: Architecture::Conv,
         ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
@@ -448,23 +571,13 @@ fn gradient_sink_receives_exactly_the_gradients_candle_would() {
         ids: &ids,
     };
     let noise = Noise::new(1);
-    let plain = vae
-        .loss(&input, &noise, 0, &Objective::default())
-        .unwrap()
-        .loss
-        .backward()
-        .unwrap();
+    let plain = loss(&vae, &input, &noise, 0).loss.backward().unwrap();
     let sink = vae.params().grad_sink().clone();
     vae.params().enable_grad_sink();
     for _ in 0..2 {
         // Twice: the second step overwrites the first step's deposits rather than adding to them.
         sink.begin_step();
-        let store = vae
-            .loss(&input, &noise, 0, &Objective::default())
-            .unwrap()
-            .loss
-            .backward()
-            .unwrap();
+        let store = loss(&vae, &input, &noise, 0).loss.backward().unwrap();
         let mut deposited = 0;
         for (name, var) in vae.params().vars() {
             let want = plain
@@ -497,7 +610,7 @@ fn gradient_sink_receives_exactly_the_gradients_candle_would() {
 
 #[test]
 fn absurd_layer_sizes_are_errors() {
-    let huge = VaeSpec {
+    let huge = ModelSpec {
         hidden: vec![1 << 30],
         ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
     };

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use config::{ConfigError, Environment, File, FileFormat, Map, Source, Value, ValueKind};
+use elbo_models::Registry;
 
 use crate::schema::Config;
 use crate::validate::validate;
@@ -179,13 +180,33 @@ fn flat_keys(source: &dyn Source) -> Result<Vec<String>, ConfigError> {
     Ok(keys)
 }
 
-/// All leaf keys of the schema, dotted, sorted.
-pub fn known_keys() -> Vec<String> {
+/// All leaf keys of the schema, dotted, sorted: the common ones and every registered model
+/// variant's section keys (`model.<kind>.<key>`; `model.<kind>` itself names its section).
+pub fn known_keys(registry: &Registry) -> Vec<String> {
     let defaults = config::Config::try_from(&Config::default())
         .expect("the default config serialises to a table");
     let mut keys = flat_keys(&defaults).expect("the default config collects");
+    for kind in registry.kinds() {
+        let prefix = format!("model.{kind}");
+        let section = registry.defaults(kind).unwrap_or_default();
+        keys.extend(section_keys(&prefix, &section));
+        keys.push(prefix);
+    }
     keys.sort();
+    keys.dedup();
     keys
+}
+
+fn section_keys(prefix: &str, table: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let key = format!("{prefix}.{k}");
+        match v {
+            toml::Value::Table(sub) if !sub.is_empty() => out.extend(section_keys(&key, sub)),
+            _ => out.push(key),
+        }
+    }
+    out
 }
 
 fn parse_flags(flags: &[String]) -> Result<Vec<(String, String)>, SettingsError> {
@@ -284,8 +305,9 @@ fn describe(err: &ConfigError) -> (Option<String>, String) {
     }
 }
 
-/// Resolves the config from all layers, validates it and fills derived defaults.
-pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
+/// Resolves the config from all layers, validates it (the model's section against `registry`)
+/// and fills derived defaults.
+pub fn load(layers: &Layers, registry: &Registry) -> Result<Config, SettingsError> {
     let file = match &layers.file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
@@ -296,20 +318,25 @@ pub fn load(layers: &Layers) -> Result<Config, SettingsError> {
         }
         None => None,
     };
-    resolve(file, layers)
+    resolve(file, layers, registry)
 }
 
 /// Resolves a config from TOML text alone (no environment, no flags), as a worker does with the
 /// config its coordinator sends; `label` names the text in errors.
-pub fn load_toml(text: &str, label: &Path) -> Result<Config, SettingsError> {
+pub fn load_toml(text: &str, label: &Path, registry: &Registry) -> Result<Config, SettingsError> {
     resolve(
         Some((label.to_path_buf(), text.to_string())),
         &Layers::default(),
+        registry,
     )
 }
 
-fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, SettingsError> {
-    let known = known_keys();
+fn resolve(
+    file: Option<(PathBuf, String)>,
+    layers: &Layers,
+    registry: &Registry,
+) -> Result<Config, SettingsError> {
+    let known = known_keys(registry);
     let mut winners: BTreeMap<String, Origin> =
         known.iter().map(|k| (k.clone(), Origin::Default)).collect();
     let defaults = config::Config::try_from(&Config::default())
@@ -364,8 +391,8 @@ fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, S
     builder = builder.add_source(flags.clone());
 
     let origin_of = |key: &str| winners.get(key).cloned().unwrap_or(Origin::Default);
-    let with_choices = |key: &str, message: String| match crate::schema::choices(key) {
-        Some(choices) => format!("{message}; expected one of: {}", choices.join(", ")),
+    let with_choices = |key: &str, message: String| match choices(key) {
+        Some(choices) => format!("{message}; expected one of: {choices}"),
         None => message,
     };
     let merged = builder.build().map_err(|e| {
@@ -377,7 +404,7 @@ fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, S
             key,
         }
     })?;
-    let mut cfg: Config = merged.try_deserialize().map_err(|e| {
+    let mut cfg: Config = merged.clone().try_deserialize().map_err(|e| {
         let (key, message) = describe(&e);
         let key = key.unwrap_or_default();
         SettingsError::Invalid {
@@ -391,6 +418,7 @@ fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, S
         key: key.to_string(),
         message,
     })?;
+    cfg.model.section = model_section(&cfg.model.kind, &merged, registry, &winners)?;
     if cfg.run.dir.is_empty() {
         cfg.run.dir = Path::new("runs")
             .join(&cfg.run.name)
@@ -401,8 +429,185 @@ fn resolve(file: Option<(PathBuf, String)>, layers: &Layers) -> Result<Config, S
 }
 
 impl Config {
+    /// The config as a TOML table, the model's section `[model.<kind>]` included.
+    pub fn to_value(&self) -> toml::Table {
+        let mut table = match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => unreachable!("the config serialises to a table"),
+        };
+        if let (Some(section), Some(toml::Value::Table(model))) =
+            (&self.model.section, table.get_mut("model"))
+        {
+            model.insert(self.model.kind.clone(), toml::Value::Table(section.clone()));
+        }
+        table
+    }
+
     /// The config as TOML, as `elbo config show` prints it.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the config serialises to TOML")
+        toml::to_string(&self.to_value()).expect("the config serialises to TOML")
+    }
+}
+
+/// The accepted values of an enum-typed key, as its type's serde derive lists them: found by
+/// setting the key to a value no variant has in the defaults and reading the error.
+fn choices(key: &str) -> Option<String> {
+    let mut tree = toml::Value::try_from(Config::default()).ok()?;
+    let mut slot = &mut tree;
+    for part in key.split('.') {
+        slot = slot.get_mut(part)?;
+    }
+    if !slot.is_str() {
+        return None;
+    }
+    *slot = toml::Value::String("\u{1}".into());
+    let err = tree.try_into::<Config>().err()?.message().to_string();
+    let list = err.split_once("expected one of ")?.1;
+    Some(list.replace('`', ""))
+}
+
+/// The selected variant's section: its defaults overlaid with what the layers set (each value
+/// typed like its default), then checked by the variant. Keys of other variants' sections are
+/// refused: they would be silently ignored.
+fn model_section(
+    kind: &str,
+    merged: &config::Config,
+    registry: &Registry,
+    winners: &BTreeMap<String, Origin>,
+) -> Result<Option<toml::Table>, SettingsError> {
+    let origin_of = |key: &str| winners.get(key).cloned().unwrap_or(Origin::Default);
+    let Some(mut section) = registry.defaults(kind) else {
+        return Err(SettingsError::Invalid {
+            key: "model.kind".into(),
+            origin: origin_of("model.kind"),
+            message: format!(
+                "found {kind:?}, expected one of: {}",
+                registry.kinds().join(", ")
+            ),
+        });
+    };
+    for (key, origin) in winners {
+        let other = key
+            .strip_prefix("model.")
+            .and_then(|rest| rest.split('.').next())
+            .filter(|k| *k != kind && registry.contains(k));
+        if let (Some(other), false) = (other, *origin == Origin::Default) {
+            return Err(SettingsError::Invalid {
+                key: key.clone(),
+                origin: origin.clone(),
+                message: format!(
+                    "configures model kind {other:?}, but model.kind = {kind:?}: set model.kind = {other:?}, or drop the key"
+                ),
+            });
+        }
+    }
+    let prefix = format!("model.{kind}");
+    if let Ok(set) = merged.get_table(&prefix) {
+        overlay(&prefix, &mut section, &set, &origin_of)?;
+    }
+    registry.check(kind, &section).map_err(|e| {
+        let key = if e.key.is_empty() {
+            prefix.clone()
+        } else {
+            format!("{prefix}.{}", e.key)
+        };
+        SettingsError::Invalid {
+            origin: origin_of(&key),
+            key,
+            message: e.message,
+        }
+    })?;
+    Ok((!section.is_empty()).then_some(section))
+}
+
+/// Writes the values a layer set over a section's defaults, each typed like its default.
+fn overlay(
+    prefix: &str,
+    section: &mut toml::Table,
+    set: &Map<String, Value>,
+    origin_of: &dyn Fn(&str) -> Origin,
+) -> Result<(), SettingsError> {
+    for (k, value) in set {
+        let key = format!("{prefix}.{k}");
+        let Some(default) = section.get_mut(k) else {
+            continue;
+        };
+        if let (toml::Value::Table(sub), ValueKind::Table(inner)) = (&mut *default, &value.kind) {
+            overlay(&key, sub, inner, origin_of)?;
+            continue;
+        }
+        *default = typed_like(default, value).map_err(|message| SettingsError::Invalid {
+            origin: origin_of(&key),
+            key: key.clone(),
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+/// `value` as the type of `default` (strings from flags and the environment are parsed).
+fn typed_like(default: &toml::Value, value: &Value) -> Result<toml::Value, String> {
+    use toml::Value as T;
+    let text = match &value.kind {
+        ValueKind::String(s) => Some(s.trim()),
+        _ => None,
+    };
+    let found = || format!("found {}", describe_value(value));
+    match default {
+        T::Integer(_) => match (&value.kind, text) {
+            (ValueKind::I64(i), _) => Ok(T::Integer(*i)),
+            (ValueKind::U64(u), _) => i64::try_from(*u).map(T::Integer).map_err(|_| found()),
+            (_, Some(t)) => t.parse().map(T::Integer).map_err(|_| found()),
+            _ => Err(found()),
+        }
+        .map_err(|f| format!("{f}, expected an integer")),
+        T::Float(_) => match (&value.kind, text) {
+            (ValueKind::Float(f), _) => Ok(T::Float(*f)),
+            (ValueKind::I64(i), _) => Ok(T::Float(*i as f64)),
+            (ValueKind::U64(u), _) => Ok(T::Float(*u as f64)),
+            (_, Some(t)) => t.parse().map(T::Float).map_err(|_| found()),
+            _ => Err(found()),
+        }
+        .map_err(|f| format!("{f}, expected a number")),
+        T::Boolean(_) => match (&value.kind, text) {
+            (ValueKind::Boolean(b), _) => Ok(T::Boolean(*b)),
+            (_, Some(t)) => t.parse().map(T::Boolean).map_err(|_| found()),
+            _ => Err(found()),
+        }
+        .map_err(|f| format!("{f}, expected true or false")),
+        T::String(_) => match text {
+            Some(_) => Ok(T::String(value.to_string())),
+            None => Err(format!("{}, expected a string", found())),
+        },
+        T::Array(items) => {
+            let parts: Vec<Value> = match (&value.kind, text) {
+                (ValueKind::Array(a), _) => a.clone(),
+                (_, Some("")) => Vec::new(),
+                (_, Some(t)) => t
+                    .split(',')
+                    .map(|p| Value::new(None, ValueKind::String(p.trim().to_string())))
+                    .collect(),
+                _ => return Err(format!("{}, expected a list", found())),
+            };
+            let like = items.first().cloned().unwrap_or(T::String(String::new()));
+            parts
+                .iter()
+                .map(|p| typed_like(&like, p))
+                .collect::<Result<Vec<_>, _>>()
+                .map(T::Array)
+        }
+        T::Table(_) | T::Datetime(_) => Err(format!(
+            "{}, expected a value of the section's own form",
+            found()
+        )),
+    }
+}
+
+fn describe_value(value: &Value) -> String {
+    match &value.kind {
+        ValueKind::String(s) => format!("{s:?}"),
+        ValueKind::Table(_) => "a table".into(),
+        ValueKind::Array(_) => "a list".into(),
+        other => other.to_string(),
     }
 }

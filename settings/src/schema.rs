@@ -1,5 +1,9 @@
-//! The typed configuration tree and its built-in defaults.
+//! The typed configuration tree and its built-in defaults. Enumerated choices are the
+//! libraries' own types (one definition per concept); the optimiser and the learning-rate
+//! schedule are defined here and used by the trainer.
 
+use elbo_datasets::Binarize;
+use elbo_models::{Activation, Architecture, LikelihoodKind};
 use serde::{Deserialize, Serialize};
 
 /// The whole run configuration, as resolved from all layers.
@@ -60,18 +64,6 @@ pub struct SpritesConfig {
     pub seed: u64,
 }
 
-/// Binarisation of [0, 1] intensities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Binarize {
-    /// Use intensities as they are.
-    None,
-    /// One Bernoulli draw per pixel, fixed for the whole run.
-    Static,
-    /// A fresh Bernoulli draw per pixel on every visit (seeded, reproducible).
-    Dynamic,
-}
-
 /// `[train]`: the optimisation loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,7 +73,7 @@ pub struct TrainConfig {
     /// Global minibatch size, summed over all workers.
     pub batch_size: u64,
     /// Optimiser.
-    pub optimizer: Optimizer,
+    pub optimizer: OptimizerKind,
     /// Learning rate.
     pub lr: f64,
     /// Weight decay: an L2 term for adam and sgd, decoupled for adamw.
@@ -104,7 +96,7 @@ pub struct TrainConfig {
     pub log_every: u64,
 }
 
-/// Learning-rate schedules.
+/// Learning-rate schedules (the shape; `train.warmup_steps` and the run's length complete it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
@@ -116,24 +108,28 @@ pub enum LrSchedule {
     Cosine,
 }
 
-/// Optimisers.
+/// Optimisers (the trainer's update rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Optimizer {
-    /// Adam (Kingma & Ba).
+pub enum OptimizerKind {
+    /// Adam (Kingma & Ba); weight decay, if any, is an L2 term added to the gradient.
     Adam,
     /// Adam with decoupled weight decay.
     Adamw,
-    /// SGD with momentum.
+    /// SGD with (heavy-ball) momentum.
     Sgd,
 }
 
-/// `[model]`: model family and size.
+/// `[model]`: the keys common to the model family, and the selected variant's own section
+/// `[model.<kind>]`.
+///
+/// Unknown keys are refused by the loader before this is deserialised (the variants' section
+/// keys come from the registry), so no `deny_unknown_fields` here: the section is read apart,
+/// and written back by [`Config::to_value`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Model family.
-    pub kind: ModelKind,
+    /// The variant (a kind in the model registry, e.g. `vae`).
+    pub kind: String,
     /// Dimension of the (top) latent variable.
     pub latent_dim: u32,
     /// Encoder/decoder family: `mlp` or `conv` (28, 32 or 64 pixel square images).
@@ -145,7 +141,7 @@ pub struct ModelConfig {
     /// Nonlinearity.
     pub activation: Activation,
     /// Observation model.
-    pub likelihood: Likelihood,
+    pub likelihood: LikelihoodKind,
     /// Variance of the `gaussian_fixed` likelihood.
     pub variance: f64,
     /// Weight of the KL term (1 = VAE, > 1 = β-VAE).
@@ -156,60 +152,17 @@ pub struct ModelConfig {
     pub free_bits: f64,
     /// Clamp of the posterior log-variance (±).
     pub log_var_clamp: f64,
+    /// The selected variant's section `[model.<kind>]`, typed and checked by the loader (absent
+    /// when the variant has no keys of its own).
+    #[serde(skip)]
+    pub section: Option<toml::Table>,
 }
 
-/// Encoder/decoder families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// Dense layers.
-    Mlp,
-    /// Convolutions.
-    Conv,
-}
-
-/// Nonlinearities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// ReLU.
-    Relu,
-    /// tanh.
-    Tanh,
-    /// GELU.
-    Gelu,
-}
-
-/// Observation models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Likelihood {
-    /// Bernoulli on logits.
-    Bernoulli,
-    /// Gaussian, variance `model.variance`.
-    GaussianFixed,
-    /// Gaussian, one learned variance.
-    GaussianGlobal,
-    /// Gaussian, a learned variance per dimension.
-    GaussianPerDim,
-}
-
-/// The model family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelKind {
-    /// VAE with analytic KL.
-    Vae,
-    /// β-VAE.
-    BetaVae,
-    /// Conditional VAE.
-    Cvae,
-    /// Semi-supervised VAE (Kingma et al.'s M2).
-    M2,
-    /// Vector-quantised VAE.
-    Vqvae,
-    /// Hierarchical VAE.
-    Hvae,
+impl ModelConfig {
+    /// The selected variant's section (empty when it has no keys).
+    pub fn section(&self) -> toml::Table {
+        self.section.clone().unwrap_or_default()
+    }
 }
 
 /// `[eval]`: evaluation.
@@ -278,7 +231,7 @@ impl Default for Config {
             train: TrainConfig {
                 epochs: 10,
                 batch_size: 128,
-                optimizer: Optimizer::Adam,
+                optimizer: OptimizerKind::Adam,
                 lr: 1e-3,
                 weight_decay: 0.0,
                 momentum: 0.9,
@@ -291,17 +244,18 @@ impl Default for Config {
                 log_every: 50,
             },
             model: ModelConfig {
-                kind: ModelKind::Vae,
+                kind: "vae".into(),
                 latent_dim: 16,
                 architecture: Architecture::Mlp,
                 hidden: vec![400],
                 activation: Activation::Relu,
-                likelihood: Likelihood::Bernoulli,
+                likelihood: LikelihoodKind::Bernoulli,
                 variance: 1.0,
                 beta: 1.0,
                 kl_warmup_steps: 0,
                 free_bits: 0.0,
                 log_var_clamp: 10.0,
+                section: None,
             },
             cluster: ClusterConfig {
                 workers: 1,
@@ -320,25 +274,6 @@ impl Default for Config {
                 batch_size: 100,
             },
         }
-    }
-}
-
-/// The accepted values of the keys whose type is an enum.
-pub(crate) fn choices(key: &str) -> Option<&'static [&'static str]> {
-    match key {
-        "data.binarize" => Some(&["none", "static", "dynamic"]),
-        "train.optimizer" => Some(&["adam", "adamw", "sgd"]),
-        "model.kind" => Some(&["vae", "beta_vae", "cvae", "m2", "vqvae", "hvae"]),
-        "model.architecture" => Some(&["mlp", "conv"]),
-        "model.activation" => Some(&["relu", "tanh", "gelu"]),
-        "model.likelihood" => Some(&[
-            "bernoulli",
-            "gaussian_fixed",
-            "gaussian_global",
-            "gaussian_per_dim",
-        ]),
-        "train.lr_schedule" => Some(&["constant", "linear_warmup", "cosine"]),
-        _ => None,
     }
 }
 

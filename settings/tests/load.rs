@@ -2,7 +2,74 @@
 
 use std::path::PathBuf;
 
-use elbo_settings::{load, Binarize, Config, Layers, ModelKind, Optimizer, Origin, SettingsError};
+use elbo_datasets::Binarize;
+use elbo_models::{
+    BuildContext, Model, ModelError, ModelSpec, Registry, Section, SectionError, Variant,
+};
+use elbo_settings::{known_keys, Config, Layers, OptimizerKind, Origin, SettingsError};
+use serde::{Deserialize, Serialize};
+
+/// `[model.demo]`: a section of every shape the loader types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Demo {
+    rate: f64,
+    codes: u32,
+    ema: bool,
+    name: String,
+    sizes: Vec<u32>,
+}
+
+impl Default for Demo {
+    fn default() -> Self {
+        Demo {
+            rate: 0.25,
+            codes: 8,
+            ema: true,
+            name: "a".into(),
+            sizes: vec![2, 3],
+        }
+    }
+}
+
+impl Section for Demo {
+    fn validate(&self) -> Result<(), SectionError> {
+        if self.codes == 0 {
+            return Err(SectionError::new(
+                "codes",
+                "found 0, expected at least one code",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A variant the loader learns of from the registry alone (never built here).
+struct DemoModel;
+
+impl Variant for DemoModel {
+    const KIND: &'static str = "demo";
+    const ABOUT: &'static str = "a section for the loader's tests";
+    type Config = Demo;
+
+    fn build(_: &ModelSpec, _: &Demo, _: &BuildContext) -> Result<Box<dyn Model>, ModelError> {
+        Err(ModelError::Spec("not built in these tests".into()))
+    }
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::builtin();
+    r.register::<DemoModel>();
+    r
+}
+
+fn load(layers: &Layers) -> Result<Config, SettingsError> {
+    elbo_settings::load(layers, &registry())
+}
+
+fn demo(cfg: &Config) -> Demo {
+    toml::Value::Table(cfg.model.section()).try_into().unwrap()
+}
 
 fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -52,8 +119,8 @@ fn layers_apply_in_order_file_env_flags() {
     assert_eq!(cfg.train.epochs, 3, "file");
     assert_eq!(cfg.train.batch_size, 256, "env over file");
     assert_eq!(cfg.train.lr, 0.002, "flag over env");
-    assert_eq!(cfg.train.optimizer, Optimizer::Adamw, "last flag wins");
-    assert_eq!(cfg.model.kind, ModelKind::BetaVae);
+    assert_eq!(cfg.train.optimizer, OptimizerKind::Adamw, "last flag wins");
+    assert_eq!(cfg.model.kind, "beta_vae");
     assert_eq!(cfg.data.binarize, Binarize::Dynamic);
     assert_eq!(cfg.run.dir, "runs/exp1");
     assert_eq!(
@@ -169,8 +236,17 @@ fn wrong_types_name_the_key_the_source_and_the_expectation() {
     assert!(
         msg.contains("`model.kind`")
             && msg.contains("--set model.kind=gan")
-            && msg.contains("vae, beta_vae"),
+            && msg.contains("beta_vae, demo, vae"),
         "{msg}"
+    );
+
+    let msg = invalid(&Layers {
+        flags: flags(&["model.activation=relux"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.activation`") && msg.contains("expected one of: relu, tanh, gelu"),
+        "the choices come from the enum itself: {msg}"
     );
 
     let msg = invalid(&Layers {
@@ -240,4 +316,97 @@ fn malformed_inputs() {
     })
     .unwrap_err();
     assert!(matches!(err, SettingsError::File { .. }), "{err}");
+}
+
+#[test]
+fn a_variant_section_is_typed_from_its_defaults_in_every_layer() {
+    let (_d, path) =
+        file("[model]\nkind = \"demo\"\n[model.demo]\nname = \"from-file\"\nrate = 1\n");
+    let cfg = load(&Layers {
+        file: Some(path),
+        env: env(&[
+            ("ELBO__MODEL__DEMO__CODES", "16"),
+            ("ELBO__MODEL__DEMO__SIZES", "4,5,6"),
+        ]),
+        flags: flags(&["model.demo.rate=0.5", "model.demo.ema=false"]),
+    })
+    .unwrap();
+    assert_eq!(
+        demo(&cfg),
+        Demo {
+            rate: 0.5,
+            codes: 16,
+            ema: false,
+            name: "from-file".into(),
+            sizes: vec![4, 5, 6],
+        }
+    );
+    let only_kind = load(&Layers {
+        flags: flags(&["model.kind=demo"]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        demo(&only_kind),
+        Demo::default(),
+        "unset keys keep their defaults"
+    );
+    let shown = cfg.to_toml();
+    assert!(shown.contains("[model.demo]"), "{shown}");
+    let (_d2, path) = file(&shown);
+    let again = load(&Layers {
+        file: Some(path),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(again, cfg, "config show round-trips the section");
+    let keys = known_keys(&registry());
+    for key in [
+        "model.demo.rate",
+        "model.demo.sizes",
+        "model.kind",
+        "train.lr",
+    ] {
+        assert!(keys.contains(&key.to_string()), "{key} in {keys:?}");
+    }
+}
+
+#[test]
+fn bad_section_values_name_the_key_the_source_and_the_expectation() {
+    let msg = invalid(&Layers {
+        flags: flags(&["model.kind=demo", "model.demo.rate=fast"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.demo.rate`")
+            && msg.contains("--set model.demo.rate=fast")
+            && msg.contains("expected a number"),
+        "{msg}"
+    );
+    let msg = invalid(&Layers {
+        env: env(&[("ELBO__MODEL__DEMO__CODES", "0")]),
+        flags: flags(&["model.kind=demo"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.demo.codes`")
+            && msg.contains("ELBO__MODEL__DEMO__CODES")
+            && msg.contains("at least one code"),
+        "the variant's own range check: {msg}"
+    );
+    let msg = invalid(&Layers {
+        flags: flags(&["model.demo.rate=0.5"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.demo.rate`") && msg.contains("but model.kind = \"vae\""),
+        "a key of another variant's section is not silently ignored: {msg}"
+    );
+    let (key, origin, hint) = unknown(&Layers {
+        flags: flags(&["model.kind=demo", "model.demo.rat=1"]),
+        ..Default::default()
+    });
+    assert_eq!(key, "model.demo.rat");
+    assert_eq!(origin, Origin::Flag("model.demo.rat=1".into()));
+    assert!(hint.contains("did you mean `model.demo.rate`"), "{hint}");
 }

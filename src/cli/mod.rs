@@ -1,22 +1,15 @@
-//! Subcommands of `elbo`.
+//! Subcommands of `elbo`: each parses its flags, calls the engine (or a library) and reports.
 
+mod args;
 mod bench;
-mod bench_ring;
-mod build;
 mod config_cmd;
 mod data;
 mod eval;
-mod job;
-mod launch;
-mod layers;
-mod pictures;
-mod procs;
-mod progress;
-mod run_dir;
 mod train;
-mod worker;
 
 use clap::{Parser, Subcommand};
+use elbo_engine::Engine;
+use elbo_models::Registry;
 
 /// Distributed data-parallel training of variational autoencoders.
 #[derive(Debug, Parser)]
@@ -31,14 +24,15 @@ enum Command {
     /// Train a model (resumes a run directory that holds a checkpoint).
     Train(train::TrainArgs),
     /// Coordinate a distributed run: workers join it, it writes the run directory.
-    Coordinator(launch::CoordinatorArgs),
+    Coordinator(train::CoordinatorArgs),
     /// Join a coordinator's run as a worker.
-    Worker(worker::WorkerArgs),
-    /// Evaluate a trained run on test data: −ELBO, its terms, the IWAE bound, active units.
+    Worker(train::WorkerArgs),
+    /// Evaluate a trained run on test data: the figures its model reports (−ELBO and its
+    /// terms, the IW bound, active units for the VAE).
     Eval(eval::EvalArgs),
-    /// Draw samples from a trained run's prior into a PNG grid.
+    /// Draw samples from a trained run's model into a PNG grid.
     Sample(eval::SampleArgs),
-    /// Inspect the resolved configuration.
+    /// Inspect the resolved configuration and the model kinds.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
     /// Convert, generate and inspect datasets.
@@ -49,15 +43,16 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// Runs one parsed command line.
+/// Runs one parsed command line with the built-in model variants.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let engine = Engine::new(Registry::builtin(), args::cache_root());
     match cli.command {
-        Command::Train(args) => train::run(args),
-        Command::Coordinator(args) => launch::serve(args),
-        Command::Worker(args) => worker::run(args),
-        Command::Eval(args) => eval::eval(args),
-        Command::Sample(args) => eval::sample(args),
-        Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Train(a) => train::train(&engine, a),
+        Command::Coordinator(a) => train::coordinator(&engine, a),
+        Command::Worker(a) => train::worker(&engine, a),
+        Command::Eval(a) => eval::eval(&engine, a),
+        Command::Sample(a) => eval::sample(&engine, a),
+        Command::Config(cmd) => config_cmd::run(&engine, cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -97,8 +97,25 @@ pub struct Checkpoint {
     pub state: TrainState,
     /// Flat parameters in the layout's order.
     pub params: Vec<f32>,
+    /// Flat non-gradient state (the model's buffers) in their layout's order.
+    pub buffers: Vec<f32>,
     /// Optimiser state.
     pub optimizer: OptimizerState,
+}
+
+/// A model's tensors as a checkpoint holds them: its parameters and its non-gradient state
+/// (buffers), both in `model.safetensors` under their own names, as PyTorch's `state_dict`
+/// keeps parameters and buffers together.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelTensors<'a> {
+    /// The parameters' layout.
+    pub params: &'a FlatLayout,
+    /// Their values.
+    pub param_values: &'a [f32],
+    /// The buffers' layout.
+    pub buffers: &'a FlatLayout,
+    /// Their values.
+    pub buffer_values: &'a [f32],
 }
 
 fn step_dir_name(step: u64) -> String {
@@ -149,42 +166,43 @@ pub type Files = BTreeMap<String, Vec<u8>>;
 /// The names of a checkpoint's files.
 pub const FILE_NAMES: [&str; 3] = [MODEL_FILE, OPTIM_FILE, STATE_FILE];
 
-/// Encodes parameters, optimiser state and counters as the files of a checkpoint.
-pub fn encode(
+fn slot_tensors(
     layout: &FlatLayout,
-    params: &[f32],
-    optimizer: &OptimizerState,
-    state: &TrainState,
-) -> Result<Files> {
-    let model: Vec<_> = layout
+    values: &[f32],
+    prefix: &str,
+) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    layout
         .slots()
         .iter()
         .map(|s| {
             (
-                s.name.clone(),
+                format!("{prefix}{}", s.name),
                 s.var.dims().to_vec(),
-                to_bytes(&params[s.offset..s.offset + s.len]),
+                to_bytes(&values[s.offset..s.offset + s.len]),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Encodes a model's tensors, optimiser state and counters as the files of a checkpoint.
+pub fn encode(
+    model: &ModelTensors<'_>,
+    optimizer: &OptimizerState,
+    state: &TrainState,
+) -> Result<Files> {
+    let mut tensors = slot_tensors(model.params, model.param_values, "");
+    tensors.extend(slot_tensors(model.buffers, model.buffer_values, ""));
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let optim: Vec<_> = optimizer
         .buffers
         .iter()
-        .flat_map(|(buf, values)| {
-            layout.slots().iter().map(move |s| {
-                (
-                    format!("{buf}.{}", s.name),
-                    s.var.dims().to_vec(),
-                    to_bytes(&values[s.offset..s.offset + s.len]),
-                )
-            })
-        })
+        .flat_map(|(buf, values)| slot_tensors(model.params, values, &format!("{buf}.")))
         .collect();
     let mut json =
         serde_json::to_vec_pretty(state).map_err(|e| WorkerError::Internal(e.to_string()))?;
     json.push(b'\n');
     Ok(Files::from([
-        (MODEL_FILE.to_string(), serialize(&model)?),
+        (MODEL_FILE.to_string(), serialize(&tensors)?),
         (OPTIM_FILE.to_string(), serialize(&optim)?),
         (STATE_FILE.to_string(), json),
     ]))
@@ -211,18 +229,6 @@ pub fn decode_state(files: &Files, origin: &Path) -> Result<TrainState> {
         ));
     }
     Ok(state)
-}
-
-/// Writes a checkpoint atomically and keeps only the newest `keep` (≥ 1). Returns its directory.
-pub fn save(
-    run_dir: &Path,
-    layout: &FlatLayout,
-    params: &[f32],
-    optimizer: &OptimizerState,
-    state: &TrainState,
-    keep: usize,
-) -> Result<PathBuf> {
-    write(run_dir, &encode(layout, params, optimizer, state)?, keep)
 }
 
 /// Writes encoded checkpoint files atomically under the step their state names, and keeps only
@@ -370,31 +376,45 @@ pub fn newest(run_dir: &Path) -> Result<Option<(PathBuf, Files)>> {
     }
 }
 
-/// Loads a checkpoint directory for a model of this layout.
-pub fn load(dir: &Path, layout: &FlatLayout) -> Result<Checkpoint> {
-    decode(&read(dir)?, layout, dir)
-}
-
-/// Decodes checkpoint files (read from `origin`, named in errors) for a model of this layout.
-pub fn decode(files: &Files, layout: &FlatLayout, origin: &Path) -> Result<Checkpoint> {
+/// Decodes checkpoint files (read from `origin`, named in errors) for a model with these
+/// parameter and buffer layouts.
+pub fn decode(
+    files: &Files,
+    params: &FlatLayout,
+    buffers: &FlatLayout,
+    origin: &Path,
+) -> Result<Checkpoint> {
     let state = decode_state(files, origin)?;
     let model_path = origin.join(MODEL_FILE);
     let st = SafeTensors::deserialize(&files[MODEL_FILE])
         .map_err(|e| WorkerError::checkpoint(&model_path, e))?;
-    if st.len() != layout.slots().len() {
+    let expected = params.slots().len() + buffers.slots().len();
+    if st.len() != expected {
         return Err(WorkerError::checkpoint(
             &model_path,
             format!(
-                "holds {} tensors, the model has {}",
+                "holds {} tensors, the model has {} ({} parameters, {} buffers)",
                 st.len(),
-                layout.slots().len()
+                expected,
+                params.slots().len(),
+                buffers.slots().len()
             ),
         ));
     }
-    let mut params = Vec::with_capacity(layout.len());
-    for s in layout.slots() {
-        params.extend(tensor_values(&st, &s.name, s.var.dims(), &model_path)?);
-    }
+    let flat = |layout: &FlatLayout, st: &SafeTensors<'_>, prefix: &str, path: &Path| {
+        let mut values = Vec::with_capacity(layout.len());
+        for s in layout.slots() {
+            values.extend(tensor_values(
+                st,
+                &format!("{prefix}{}", s.name),
+                s.var.dims(),
+                path,
+            )?);
+        }
+        Ok::<_, WorkerError>(values)
+    };
+    let param_values = flat(params, &st, "", &model_path)?;
+    let buffer_values = flat(buffers, &st, "", &model_path)?;
     let optim_path = origin.join(OPTIM_FILE);
     let st = SafeTensors::deserialize(&files[OPTIM_FILE])
         .map_err(|e| WorkerError::checkpoint(&optim_path, e))?;
@@ -405,26 +425,19 @@ pub fn decode(files: &Files, layout: &FlatLayout, origin: &Path) -> Result<Check
         .collect();
     names.sort();
     names.dedup();
-    let mut buffers = BTreeMap::new();
+    let mut optimizer = BTreeMap::new();
     for buf in names {
-        let mut values = Vec::with_capacity(layout.len());
-        for s in layout.slots() {
-            values.extend(tensor_values(
-                &st,
-                &format!("{buf}.{}", s.name),
-                s.var.dims(),
-                &optim_path,
-            )?);
-        }
-        buffers.insert(buf, values);
+        let values = flat(params, &st, &format!("{buf}."), &optim_path)?;
+        optimizer.insert(buf, values);
     }
     Ok(Checkpoint {
         dir: origin.to_path_buf(),
         optimizer: OptimizerState {
             step: state.optimizer_step,
-            buffers,
+            buffers: optimizer,
         },
         state,
-        params,
+        params: param_values,
+        buffers: buffer_values,
     })
 }

@@ -20,8 +20,8 @@ pub struct Slot {
     pub len: usize,
 }
 
-/// The layout of a model's parameters in one flat buffer.
-#[derive(Debug, Clone)]
+/// The layout of named tensors (a model's parameters, or its buffers) in one flat buffer.
+#[derive(Debug, Clone, Default)]
 pub struct FlatLayout {
     slots: Vec<Slot>,
     len: usize,

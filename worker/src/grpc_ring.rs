@@ -487,14 +487,14 @@ impl Reduce for GrpcAllReduce {
         self.world
     }
 
-    fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+    fn all_reduce_sum(&mut self, buf: &mut Vec<f32>) -> Result<()> {
         let mut ring = self.ring.take().ok_or_else(|| {
             WorkerError::Ring("an earlier all-reduce of this generation did not finish".into())
         })?;
         let mut values = std::mem::take(buf);
         let len = values.len();
         let task = self.runtime.spawn(async move {
-            let done = ring.all_reduce_mean(&mut values).await;
+            let done = ring.all_reduce_sum(&mut values).await;
             (ring, values, done)
         });
         match self.runtime.block_on(task) {

@@ -5,19 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, WorkerError};
+use elbo_settings::{LrSchedule, OptimizerKind};
 
-/// Which update rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// Adam; weight decay, if any, is an L2 term added to the gradient.
-    Adam,
-    /// Adam with decoupled weight decay.
-    Adamw,
-    /// SGD with (heavy-ball) momentum.
-    Sgd,
-}
+use crate::error::{Result, WorkerError};
 
 /// Hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -260,27 +250,27 @@ pub fn clip_grad_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
     }
 }
 
-/// Learning-rate schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    /// The base rate throughout.
-    Constant,
-    /// Linear ramp from 0 over `warmup` steps, then constant.
-    LinearWarmup {
-        /// Ramp length in steps.
-        warmup: u64,
-    },
-    /// Linear warm-up, then cosine decay to 0 at step `total`.
-    Cosine {
-        /// Ramp length in steps.
-        warmup: u64,
-        /// Steps of the whole run.
-        total: u64,
-    },
+/// A learning-rate schedule: its shape, the warm-up and the run's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Constant, linear warm-up, or warm-up then cosine decay to 0 at `total`.
+    pub kind: LrSchedule,
+    /// Ramp length in steps (0: none).
+    pub warmup: u64,
+    /// Steps of the whole run (where the cosine reaches 0).
+    pub total: u64,
 }
 
 impl Schedule {
+    /// The base rate throughout.
+    pub fn constant() -> Self {
+        Schedule {
+            kind: LrSchedule::Constant,
+            warmup: 0,
+            total: 0,
+        }
+    }
+
     /// The learning rate at a (0-based) step.
     pub fn lr(&self, base: f64, step: u64) -> f64 {
         let ramp = |warmup: u64| {
@@ -290,10 +280,15 @@ impl Schedule {
                 ((step + 1) as f64 / warmup as f64).min(1.0)
             }
         };
-        match *self {
-            Schedule::Constant => base,
-            Schedule::LinearWarmup { warmup } => base * ramp(warmup),
-            Schedule::Cosine { warmup, total } => {
+        let Schedule {
+            kind,
+            warmup,
+            total,
+        } = *self;
+        match kind {
+            LrSchedule::Constant => base,
+            LrSchedule::LinearWarmup => base * ramp(warmup),
+            LrSchedule::Cosine => {
                 if step < warmup {
                     base * ramp(warmup)
                 } else {

@@ -1,8 +1,8 @@
 //! Ring all-reduce over a [`RingTransport`]: reduce-scatter, then all-gather, each N−1 rounds
-//! around the ring, every segment cut into chunks. Mean semantics. For a fixed ring the
+//! around the ring, every segment cut into chunks. Sum semantics. For a fixed ring the
 //! summation order of every element is fixed — segment `s` is folded in ring order starting at
-//! rank `s`, divided by N at its owner (rank `s − 1`) and then copied around — so every rank
-//! ends with the same bits.
+//! rank `s`, completed at its owner (rank `s − 1`) and then copied around — so every rank ends
+//! with the same bits.
 //!
 //! The chunks flow as a pipeline, not round by round: a rank answers each chunk as it arrives.
 //! A partial sum is added to this rank's values straight into the outgoing message (the sum
@@ -212,8 +212,8 @@ impl<T: RingTransport> RingAllReduce<T> {
         &self.transport
     }
 
-    /// Replaces `buf` with the element-wise mean over all ranks' `buf`s (same length on every rank).
-    pub async fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+    /// Replaces `buf` with the element-wise sum over all ranks' `buf`s (same length on every rank).
+    pub async fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         let n = self.transport.world();
         if n == 1 {
             self.step += 1;
@@ -221,7 +221,6 @@ impl<T: RingTransport> RingAllReduce<T> {
         }
         let schedule = Schedule::new(buf.len(), n, self.transport.rank(), self.chunk_len);
         let (stages, last_reduce) = (schedule.stages(), schedule.rounds() - 1);
-        let scale = 1.0 / n as f32;
         // Chunks received so far in each stage.
         let mut received = vec![0usize; stages];
         let mut left: usize = (0..stages).map(|s| schedule.chunks_in(s)).sum();
@@ -242,11 +241,10 @@ impl<T: RingTransport> RingAllReduce<T> {
             if stage < last_reduce {
                 self.send(&schedule, stage + 1, c, Outgoing::Sum(&buf[range], &data))?;
             } else if stage == last_reduce {
-                // This rank owns the segment: the sum is complete and its mean goes around.
-                let mean = &mut buf[range];
-                data.add_into(mean);
-                mean.iter_mut().for_each(|v| *v *= scale);
-                self.send(&schedule, stage + 1, c, Outgoing::Values(mean))?;
+                // This rank owns the segment: the sum is complete and goes around.
+                let sum = &mut buf[range];
+                data.add_into(sum);
+                self.send(&schedule, stage + 1, c, Outgoing::Values(sum))?;
             } else {
                 data.copy_into(&mut buf[range]);
                 if stage + 1 < stages {

@@ -561,11 +561,3 @@ impl From<WorkerError> for Refusal {
         Refusal::Final(e)
     }
 }
-
-/// FNV-1a (64-bit) over the parameters' bit patterns, one 32-bit word at a time (a quarter of
-/// the byte-wise loop's multiplies): equal replicas give equal checksums.
-pub fn checksum(params: &[f32]) -> u64 {
-    params.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, v| {
-        (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
-    })
-}

@@ -59,7 +59,7 @@ fn three_ranks_all_reduce_over_grpc() {
                     let mut buf: Vec<f32> = (0..10_001)
                         .map(|i| (i * (rank + 1) + step) as f32 * 0.5)
                         .collect();
-                    ar.all_reduce_mean(&mut buf).unwrap();
+                    ar.all_reduce_sum(&mut buf).unwrap();
                     results.push(buf);
                 }
                 results
@@ -71,8 +71,7 @@ fn three_ranks_all_reduce_over_grpc() {
         for (i, v) in got.iter().enumerate() {
             let want = (0..world)
                 .map(|r| (i * (r + 1) + step) as f64 * 0.5)
-                .sum::<f64>()
-                / world as f64;
+                .sum::<f64>();
             assert!(
                 (f64::from(*v) - want).abs() <= 1e-5 * (1.0 + want.abs()),
                 "{v} vs {want}"
@@ -116,7 +115,7 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
     let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
     let started = Instant::now();
     let err = ar
-        .all_reduce_mean(&mut vec![1.0; 8])
+        .all_reduce_sum(&mut vec![1.0; 8])
         .unwrap_err()
         .to_string();
     assert!(err.contains("rejected a chunk"), "{err}");
@@ -170,7 +169,7 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
     // Neither reached the ring: it still waits, and times out cleanly.
     let mut ar = GrpcAllReduce::new(ring, 2, settings(4, Duration::from_millis(300))).unwrap();
     let err = ar
-        .all_reduce_mean(&mut vec![1.0; 8])
+        .all_reduce_sum(&mut vec![1.0; 8])
         .unwrap_err()
         .to_string();
     assert!(err.contains("deadline passed"), "{err}");
@@ -216,7 +215,7 @@ fn a_stock_grpc_client_can_play_the_previous_rank() {
     });
     let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
     let mut buf = vec![2.0, 4.0, 6.0, 8.0, 1.0, 1.0, 1.0, 1.0];
-    ar.all_reduce_mean(&mut buf).unwrap();
-    assert_eq!(buf, [6.0, 12.0, 18.0, 24.0, -1.0, -2.0, -3.0, -4.0]);
+    ar.all_reduce_sum(&mut buf).unwrap();
+    assert_eq!(buf, [12.0, 24.0, 36.0, 48.0, -1.0, -2.0, -3.0, -4.0]);
     feeder.join().unwrap().expect("the stream is acknowledged");
 }

@@ -1,8 +1,7 @@
 //! Flat-buffer optimisers against plain per-parameter reference implementations.
 
-use elbo_worker::{
-    clip_grad_norm, global_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule,
-};
+use elbo_settings::{LrSchedule, OptimizerKind};
+use elbo_worker::{clip_grad_norm, global_norm, Optimizer, OptimizerConfig, Schedule};
 
 /// Textbook Adam/AdamW/SGD in f64, one scalar at a time.
 fn reference(kind: OptimizerKind, p0: &[f64], grads: &[Vec<f64>], lr: f64, wd: f64) -> Vec<f64> {
@@ -125,12 +124,17 @@ fn clipping_and_schedules() {
         .sqrt();
     assert!((global_norm(&long) - exact).abs() < 1e-5 * exact);
     assert!(global_norm(&[1.0, f32::NAN]).is_nan() && global_norm(&[f32::INFINITY]).is_infinite());
-    assert_eq!(Schedule::Constant.lr(0.1, 99), 0.1);
-    let warm = Schedule::LinearWarmup { warmup: 10 };
+    assert_eq!(Schedule::constant().lr(0.1, 99), 0.1);
+    let warm = Schedule {
+        kind: LrSchedule::LinearWarmup,
+        warmup: 10,
+        total: 0,
+    };
     assert!(
         (warm.lr(1.0, 0) - 0.1).abs() < 1e-12 && warm.lr(1.0, 9) == 1.0 && warm.lr(1.0, 500) == 1.0
     );
-    let cos = Schedule::Cosine {
+    let cos = Schedule {
+        kind: LrSchedule::Cosine,
         warmup: 10,
         total: 110,
     };

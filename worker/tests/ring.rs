@@ -71,8 +71,8 @@ impl Reduce for Blocking {
     fn world(&self) -> u32 {
         self.0.transport().world() as u32
     }
-    fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
-        self.1.block_on(self.0.all_reduce_mean(buf))
+    fn all_reduce_sum(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+        self.1.block_on(self.0.all_reduce_sum(buf))
     }
 }
 
@@ -117,7 +117,7 @@ fn run(
                 (0..steps)
                     .map(|step| {
                         let mut buf = values(rank, len, step);
-                        runtime.block_on(ar.all_reduce_mean(&mut buf)).map(|()| buf)
+                        runtime.block_on(ar.all_reduce_sum(&mut buf)).map(|()| buf)
                     })
                     .collect()
             })
@@ -127,7 +127,7 @@ fn run(
 }
 
 #[test]
-fn every_rank_gets_the_mean_with_identical_bits() {
+fn every_rank_gets_the_sum_with_identical_bits() {
     for world in 1..=6 {
         for (len, chunk, depth) in [
             (1, 4, 1),
@@ -144,7 +144,7 @@ fn every_rank_gets_the_mean_with_identical_bits() {
                 let inputs: Vec<Vec<f32>> =
                     (0..world).map(|r| values(r, len, step as u64)).collect();
                 for (i, got) in got.iter().enumerate() {
-                    let want = inputs.iter().map(|v| f64::from(v[i])).sum::<f64>() / world as f64;
+                    let want = inputs.iter().map(|v| f64::from(v[i])).sum::<f64>();
                     assert!(
                         (f64::from(*got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "world {world} len {len}: {got} vs {want}"
@@ -205,7 +205,7 @@ fn a_silent_neighbour_ends_in_an_error_at_the_deadline() {
     let mut ar = RingAllReduce::new(rank0, 1, settings(16, 1, Duration::from_millis(200))).unwrap();
     let mut buf = vec![1.0f32; 40];
     let err = local_runtime()
-        .block_on(ar.all_reduce_mean(&mut buf))
+        .block_on(ar.all_reduce_sum(&mut buf))
         .unwrap_err()
         .to_string();
     assert!(err.contains("deadline"), "{err}");
@@ -229,16 +229,18 @@ fn invalid_settings_are_refused() {
 }
 
 /// N trainers on their parts of each global batch, joined by the ring, end with the parameters
-/// of one trainer on the whole batch (up to summation order), and identical to each other.
+/// of one trainer on the whole batch (up to summation order), and identical to each other —
+/// with free bits too, whose clamp needs the global batch's KL (a collective of its own).
 #[test]
 fn data_parallel_training_over_the_ring_equals_one_process() {
     use candle_core::Device;
     use elbo_datasets::{Batch, Cursor};
-    use elbo_models::{Activation, Architecture, LikelihoodKind, Objective, Vae, VaeSpec};
-    use elbo_worker::{LocalReduce, OptimizerConfig, OptimizerKind, Schedule, StepConfig, Trainer};
+    use elbo_models::{Activation, Architecture, LikelihoodKind, ModelSpec, Objective, Vae};
+    use elbo_settings::OptimizerKind;
+    use elbo_worker::{LocalReduce, OptimizerConfig, Schedule, StepConfig, Trainer};
 
-    fn trainer() -> Trainer {
-        let spec = VaeSpec {
+    fn trainer(objective: Objective) -> Trainer {
+        let spec = ModelSpec {
             input_shape: vec![12],
             latent_dim: 3,
             architecture: Architecture::Mlp,
@@ -247,12 +249,12 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
             likelihood: LikelihoodKind::Bernoulli,
             variance: 1.0,
             log_var_clamp: 8.0,
+            objective,
         };
         let config = StepConfig {
-            objective: Objective::default(),
             optimizer: OptimizerConfig::defaults(OptimizerKind::Adam),
             lr: 1e-2,
-            schedule: Schedule::Constant,
+            schedule: Schedule::constant(),
             clip_norm: 0.0,
             max_nonfinite: 1,
             seed: 3,
@@ -279,42 +281,48 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
         }
     }
     let steps = 5;
-    let mut single = trainer();
-    for step in 0..steps {
-        single
-            .train_step(&part(step, 0..7), &mut LocalReduce, &Device::Cpu)
-            .unwrap();
-    }
-    for world in [2usize, 3] {
-        let handles: Vec<_> = ring(world)
-            .into_iter()
-            .map(|link| {
-                std::thread::spawn(move || {
-                    let rank = link.rank;
-                    let mut reduce = Blocking(
-                        RingAllReduce::new(link, 1, settings(5, 1, Duration::from_secs(5)))
-                            .unwrap(),
-                        local_runtime(),
-                    );
-                    let mut t = trainer();
-                    for step in 0..steps {
-                        let (lo, hi) = (rank * 7 / world, (rank + 1) * 7 / world);
-                        t.train_step(&part(step, lo..hi), &mut reduce, &Device::Cpu)
-                            .unwrap();
-                    }
-                    t.params().to_vec()
-                })
-            })
-            .collect();
-        let params: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        for p in &params[1..] {
-            assert_eq!(p, &params[0], "world {world}: replicas identical");
+    let free_bits = Objective {
+        free_bits: 0.5,
+        ..Objective::default()
+    };
+    for objective in [Objective::default(), free_bits] {
+        let mut single = trainer(objective);
+        for step in 0..steps {
+            single
+                .train_step(&part(step, 0..7), &mut LocalReduce, &Device::Cpu)
+                .unwrap();
         }
-        for (a, b) in params[0].iter().zip(single.params()) {
-            assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "world {world}: {a} vs single-process {b}"
-            );
+        for world in [2usize, 3] {
+            let handles: Vec<_> = ring(world)
+                .into_iter()
+                .map(|link| {
+                    std::thread::spawn(move || {
+                        let rank = link.rank;
+                        let mut reduce = Blocking(
+                            RingAllReduce::new(link, 1, settings(5, 1, Duration::from_secs(5)))
+                                .unwrap(),
+                            local_runtime(),
+                        );
+                        let mut t = trainer(objective);
+                        for step in 0..steps {
+                            let (lo, hi) = (rank * 7 / world, (rank + 1) * 7 / world);
+                            t.train_step(&part(step, lo..hi), &mut reduce, &Device::Cpu)
+                                .unwrap();
+                        }
+                        t.params().to_vec()
+                    })
+                })
+                .collect();
+            let params: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            for p in &params[1..] {
+                assert_eq!(p, &params[0], "world {world}: replicas identical");
+            }
+            for (a, b) in params[0].iter().zip(single.params()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "world {world}, {objective:?}: {a} vs single-process {b}"
+                );
+            }
         }
     }
 }

@@ -2,15 +2,14 @@
 
 use candle_core::Device;
 use elbo_datasets::{Batch, Cursor};
-use elbo_models::{Activation, Architecture, LikelihoodKind, Objective, Vae, VaeSpec};
+use elbo_models::{Activation, Architecture, LikelihoodKind, ModelSpec, Objective, Vae};
+use elbo_settings::OptimizerKind;
 use elbo_worker::checkpoint::{self, TrainState};
-use elbo_worker::{
-    LocalReduce, OptimizerConfig, OptimizerKind, Schedule, StepConfig, Trainer, WorkerError,
-};
+use elbo_worker::{LocalReduce, OptimizerConfig, Schedule, StepConfig, Trainer, WorkerError};
 
 /// A small MLP VAE on 8-value examples with Adam at 1e-2.
 fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
-    let spec = VaeSpec {
+    let spec = ModelSpec {
         input_shape: vec![8],
         latent_dim,
         architecture: Architecture::Mlp,
@@ -19,13 +18,13 @@ fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
         likelihood: LikelihoodKind::Bernoulli,
         variance: 1.0,
         log_var_clamp: 8.0,
+        objective: Objective::default(),
     };
     let model = Vae::new(spec, &Device::Cpu, seed).unwrap();
     let config = StepConfig {
-        objective: Objective::default(),
         optimizer: OptimizerConfig::defaults(OptimizerKind::Adam),
         lr: 1e-2,
-        schedule: Schedule::Constant,
+        schedule: Schedule::constant(),
         clip_norm: 0.0,
         max_nonfinite: 3,
         seed,
@@ -121,15 +120,30 @@ fn state(t: &Trainer) -> TrainState {
     TrainState {
         format: checkpoint::FORMAT,
         step: t.step(),
-        cursor: Cursor {
-            epoch: 0,
-            step: t.step(),
-        },
+        cursor: cursor(t),
         nonfinite_total: t.nonfinite_total(),
         optimizer_step: t.optimizer().state().step,
         seed: 1,
         config_sha256: "abc".into(),
     }
+}
+
+fn cursor(t: &Trainer) -> Cursor {
+    Cursor {
+        epoch: 0,
+        step: t.step(),
+    }
+}
+
+/// Writes the trainer's checkpoint into `dir`, keeping `keep`.
+fn save(dir: &std::path::Path, t: &Trainer, keep: usize) -> std::path::PathBuf {
+    let files = t.checkpoint_files(cursor(t), 1, "abc").unwrap();
+    checkpoint::write(dir, &files, keep).unwrap()
+}
+
+/// Reads a checkpoint directory for the trainer's model.
+fn load(dir: &std::path::Path, t: &Trainer) -> elbo_worker::Result<checkpoint::Checkpoint> {
+    t.decode(&checkpoint::read(dir)?, dir)
 }
 
 #[test]
@@ -140,29 +154,11 @@ fn checkpoints_round_trip_deterministically_and_keep_the_newest() {
     for s in 0..5 {
         t.train_step(&batch(s, false), &mut LocalReduce, &Device::Cpu)
             .unwrap();
-        saved.push(
-            checkpoint::save(
-                a.path(),
-                t.layout(),
-                t.params(),
-                t.optimizer().state(),
-                &state(&t),
-                2,
-            )
-            .unwrap(),
-        );
+        saved.push(save(a.path(), &t, 2));
     }
     let kept = checkpoint::list(a.path()).unwrap();
     assert_eq!(kept, saved[3..]);
-    let again = checkpoint::save(
-        b.path(),
-        t.layout(),
-        t.params(),
-        t.optimizer().state(),
-        &state(&t),
-        2,
-    )
-    .unwrap();
+    let again = save(b.path(), &t, 2);
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert_eq!(
             std::fs::read(saved[4].join(f)).unwrap(),
@@ -170,21 +166,14 @@ fn checkpoints_round_trip_deterministically_and_keep_the_newest() {
             "{f} is byte-identical"
         );
     }
-    let ck = checkpoint::load(&saved[4], t.layout()).unwrap();
+    let ck = load(&saved[4], &t).unwrap();
     assert_eq!(ck.params, t.params());
     assert_eq!(&ck.optimizer, t.optimizer().state());
     assert_eq!(ck.state, state(&t));
 
     // Resuming continues exactly like the uninterrupted trainer.
     let mut resumed = trainer(3);
-    resumed
-        .restore(
-            ck.params,
-            ck.optimizer,
-            ck.state.step,
-            ck.state.nonfinite_total,
-        )
-        .unwrap();
+    assert_eq!(resumed.restore(ck).unwrap(), cursor(&t));
     for s in 5..8 {
         let x = t
             .train_step(&batch(s, false), &mut LocalReduce, &Device::Cpu)
@@ -201,26 +190,16 @@ fn checkpoints_round_trip_deterministically_and_keep_the_newest() {
 fn a_checkpoint_of_another_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let t = trainer(4);
-    let saved = checkpoint::save(
-        dir.path(),
-        t.layout(),
-        t.params(),
-        t.optimizer().state(),
-        &state(&t),
-        1,
-    )
-    .unwrap();
+    let saved = save(dir.path(), &t, 1);
     let other = trainer_with(3, 0);
-    let err = checkpoint::load(&saved, other.layout())
-        .unwrap_err()
-        .to_string();
+    let err = load(&saved, &other).unwrap_err().to_string();
     assert!(
         err.contains("model.safetensors")
             && err.contains("decoder.0.weight is F32[6, 2], the model expects F32[6, 3]"),
         "{err}"
     );
     std::fs::write(saved.join("state.json"), "{").unwrap();
-    assert!(checkpoint::load(&saved, t.layout())
+    assert!(load(&saved, &t)
         .unwrap_err()
         .to_string()
         .contains("state.json"));

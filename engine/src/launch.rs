@@ -8,37 +8,37 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use elbo_coordinator::{Aborter, CommittedStep, Coordinator, Files, RunStore, Settings, Summary};
+use candle_core::Device;
+use elbo_coordinator::{Aborter, CommittedStep, Coordinator, Files, RunStore, Settings};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
 use indicatif::ProgressBar;
 use rand::RngCore;
 use serde_json::json;
 
-use super::build;
-use super::job::Job;
-use super::layers::ConfigArgs;
-use super::procs::{threads_each, Children};
-use super::progress::{self, StepLine, Window};
-use super::run_dir::{self, Metrics};
+use crate::build::Engine;
+use crate::error::{io, EngineError, Result};
+use crate::job::Job;
+use crate::local::{finish, TrainOptions, TrainSummary};
+use crate::procs::{threads_each, Children};
+use crate::progress::{self, StepLine, Window};
+use crate::run_dir::{self, Metrics};
+use crate::signal::StopSignal;
 
-#[derive(Debug, clap::Args)]
-pub struct CoordinatorArgs {
-    #[command(flatten)]
-    config: ConfigArgs,
+/// How to run `elbo coordinator`.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
     /// Where to serve workers.
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// The run's shared secret (workers must present it).
-    #[arg(long, env = "ELBO_TOKEN", hide_env_values = true, default_value = "")]
-    token: String,
-    #[command(flatten)]
-    run: super::train::RunArgs,
+    pub token: String,
+    /// Resume even if the config differs from the checkpoint's.
+    pub force: bool,
+    /// Stop after this many global steps (with a checkpoint).
+    pub max_steps: Option<u64>,
 }
 
 /// The run directory as the coordinator's store: metrics.jsonl, the progress bar, checkpoints.
@@ -81,7 +81,7 @@ impl RunStore for RunDirStore {
         rec["reduce_s"] = json!(t.reduce.as_secs_f64());
         rec["update_s"] = json!(t.update.as_secs_f64());
         progress::show(&self.bar, &rec, &format!("  {} workers", c.world));
-        st.metrics.log(&rec).map_err(|e| format!("{e:#}"))
+        st.metrics.log(&rec).map_err(|e| e.to_string())
     }
 
     fn save_checkpoint(&self, step: u64, files: &Files) -> Result<(), String> {
@@ -99,19 +99,19 @@ impl RunStore for RunDirStore {
     }
 }
 
-/// A coordinator for the run of `cfg`, resuming its run directory's newest checkpoint.
+/// A coordinator for the run of `job`, resuming its run directory's newest checkpoint.
 fn coordinator(
     job: &Job,
     listen: SocketAddr,
     token: String,
     force: bool,
     max_steps: Option<u64>,
-) -> anyhow::Result<(Coordinator, Arc<RunDirStore>)> {
+) -> Result<(Coordinator, Arc<RunDirStore>)> {
     let cfg = &job.cfg;
     let run_dir = PathBuf::from(&cfg.run.dir);
     let (start_step, files) = match checkpoint::newest(&run_dir)? {
         Some((dir, files)) => {
-            let old = build::run_config(&run_dir)?;
+            let old = job.engine.run_config(&run_dir)?;
             run_dir::check_resume_config(&old, cfg, force)?;
             let state = checkpoint::decode_state(&files, &dir)?;
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
@@ -122,11 +122,11 @@ fn coordinator(
     run_dir::write_config(&run_dir, cfg)?;
     let stop_step = max_steps.unwrap_or(u64::MAX).min(job.total_steps);
     if start_step >= stop_step {
-        bail!(
+        return Err(EngineError::Invalid(format!(
             "{} already holds a checkpoint at step {start_step}: nothing left to train (the run has {} steps)",
             run_dir.display(),
             job.total_steps
-        );
+        )));
     }
     let metrics = Metrics::open(&run_dir, files.as_ref().map(|_| start_step))?;
     let c = &cfg.cluster;
@@ -163,56 +163,54 @@ fn coordinator(
     Ok((coordinator, store))
 }
 
-fn report(summary: &Summary, started: Instant, job: &Job, start_step: u64) {
-    let secs = started.elapsed().as_secs_f64();
-    let steps = summary.steps.saturating_sub(start_step);
-    println!(
-        "trained {steps} steps on {} workers in {secs:.1} s ({:.0} samples/s; generation {}); checkpoint at step {}",
-        summary.world,
-        steps as f64 * job.cfg.train.batch_size as f64 / secs.max(1e-9),
-        summary.generation,
-        summary.checkpoint.unwrap_or_default()
-    );
-    if summary.steps < job.total_steps {
-        println!(
-            "stopped at step {} of {}; the same command resumes the run",
-            summary.steps, job.total_steps
-        );
-    }
-}
-
-/// `elbo coordinator`.
-pub fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let mut cfg = args.config.load()?;
-    args.run.apply(&mut cfg);
-    let job = Job::prepare(cfg)?;
+/// `elbo coordinator`: serves the run of `cfg` until it ends.
+pub fn serve(
+    engine: &Engine,
+    cfg: Config,
+    options: &CoordinatorOptions,
+    stop: &StopSignal,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<TrainSummary> {
+    let job = Job::prepare(engine, cfg)?;
     let (coordinator, store) = coordinator(
         &job,
-        args.listen,
-        args.token,
-        args.run.force,
-        args.run.max_steps,
+        options.listen,
+        options.token.clone(),
+        options.force,
+        options.max_steps,
     )?;
-    println!("coordinator listening on {}", coordinator.local_addr());
-    on_signals(coordinator.aborter(), Arc::default())?;
+    listening(coordinator.local_addr());
+    stop.attach(coordinator.aborter());
     let started = Instant::now();
-    let start_step = store.start_step;
-    let summary = coordinator.run()?;
+    let summary = coordinator.run();
     store.bar.finish_and_clear();
-    report(&summary, started, &job, start_step);
-    Ok(())
+    summarise(summary?, started, &job, store.start_step, stop)
 }
 
-/// SIGTERM or Ctrl-C: stop at the next step boundary with a checkpoint; a second one: at once.
-fn on_signals(aborter: Aborter, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
-    ctrlc::set_handler(move || {
-        if interrupted.swap(true, Ordering::SeqCst) {
-            aborter.abort("interrupted twice (Ctrl-C or SIGTERM)");
-        } else {
-            aborter.drain("interrupted (Ctrl-C or SIGTERM)");
-        }
+fn summarise(
+    summary: elbo_coordinator::Summary,
+    started: Instant,
+    job: &Job,
+    start_step: u64,
+    stop: &StopSignal,
+) -> Result<TrainSummary> {
+    let seconds = started.elapsed().as_secs_f64();
+    let steps = summary.steps.saturating_sub(start_step);
+    let checkpoint = summary.checkpoint.unwrap_or_default();
+    Ok(TrainSummary {
+        steps,
+        seconds,
+        samples_per_s: steps as f64 * job.cfg.train.batch_size as f64 / seconds.max(1e-9),
+        world: summary.world,
+        generation: Some(summary.generation),
+        step: summary.steps,
+        total_steps: job.total_steps,
+        checkpoint: checkpoint::checkpoints_dir(Path::new(&job.cfg.run.dir))
+            .join(format!("step-{checkpoint:09}")),
+        checkpoint_step: checkpoint,
+        interrupted: stop.raised(),
+        test: None,
     })
-    .context("cannot install the Ctrl-C/SIGTERM handler")
 }
 
 fn random_token() -> String {
@@ -239,7 +237,7 @@ struct LocalWorkers<'a> {
 impl LocalWorkers<'_> {
     /// Starts the worker of slot `slot` (its id names the restart, so a replacement never
     /// collides with its predecessor's session).
-    fn spawn(&mut self, slot: usize) -> anyhow::Result<()> {
+    fn spawn(&mut self, slot: usize) -> Result<()> {
         let id = match self.restarts[slot] {
             0 => format!("worker-{slot}"),
             n => format!("worker-{slot}-r{n}"),
@@ -263,7 +261,7 @@ impl LocalWorkers<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+            .map_err(io(format!("cannot start {}", self.exe.display())))?;
         if slot < self.children.0.len() {
             self.children.0[slot] = (id, child);
         } else {
@@ -274,7 +272,7 @@ impl LocalWorkers<'_> {
 
     /// Checks on the children: one killed by a signal is restarted (when `restart`); one that
     /// exits with an error fails the run (it has said why to the coordinator, which stops it).
-    fn watch(&mut self, restart: bool, aborter: &Aborter) -> anyhow::Result<()> {
+    fn watch(&mut self, restart: bool, aborter: &Aborter) -> Result<()> {
         for slot in 0..self.children.0.len() {
             let (id, child) = &mut self.children.0[slot];
             let Ok(Some(status)) = child.try_wait() else {
@@ -302,22 +300,31 @@ impl LocalWorkers<'_> {
 }
 
 /// `elbo train` with `cluster.workers > 1`: a coordinator here, the workers as child processes.
-pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> anyhow::Result<()> {
-    let device_handle = build::device(device)?;
-    let job = Job::prepare(cfg)?;
+pub(crate) fn train(
+    job: &Job,
+    options: &TrainOptions,
+    device: &Device,
+    stop: &StopSignal,
+) -> Result<TrainSummary> {
     let token = random_token();
-    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let (coordinator, store) = coordinator(&job, loopback, token.clone(), force, max_steps)?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (coordinator, store) = coordinator(
+        job,
+        loopback,
+        token.clone(),
+        options.force,
+        options.max_steps,
+    )?;
     let url = format!("http://{}", coordinator.local_addr());
     let aborter = coordinator.aborter();
-    on_signals(aborter.clone(), Arc::default())?;
+    stop.attach(aborter.clone());
     let workers = job.cfg.cluster.workers;
     let mut local = LocalWorkers {
-        exe: std::env::current_exe().context("cannot find the elbo executable")?,
+        exe: options.exe.clone(),
         url: url.clone(),
         token,
         run_id: &job.cfg.run.name,
-        device,
+        device: &options.device,
         threads: threads_each(workers),
         children: Children::default(),
         restarts: vec![0; workers as usize],
@@ -335,7 +342,7 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
     }
     let outcome = running
         .join()
-        .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))?;
+        .map_err(|_| EngineError::Failed("the coordinator thread panicked".into()))?;
     store.bar.finish_and_clear();
     let deadline = Instant::now() + Duration::from_secs(10);
     for (_, child) in &mut local.children.0 {
@@ -344,12 +351,10 @@ pub fn train(cfg: Config, device: &str, force: bool, max_steps: Option<u64>) -> 
         }
     }
     drop(local);
-    let summary = outcome?;
-    report(&summary, started, &job, start_step);
-    if summary.steps >= job.total_steps {
-        let run_dir = Path::new(&job.cfg.run.dir);
-        let (_, model, test) = super::train::load_model(run_dir, &device_handle)?;
-        super::train::finish(&model, &test, &job.cfg, run_dir, &device_handle)?;
+    let mut summary = summarise(outcome?, started, job, start_step, stop)?;
+    if summary.step >= job.total_steps {
+        let run = crate::eval::load_run(&job.engine, Path::new(&job.cfg.run.dir), device)?;
+        summary.test = Some(finish(job, run.model.as_ref(), device)?);
     }
-    Ok(())
+    Ok(summary)
 }

@@ -5,9 +5,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use elbo_settings::Config;
 use sha2::{Digest, Sha256};
+
+use crate::error::{io, EngineError, Result};
 
 /// SHA-256 (hex) of the resolved config as TOML, `run.dir` left out (a run may move).
 pub fn config_sha256(cfg: &Config) -> String {
@@ -41,16 +42,8 @@ fn flat(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
 /// move) and `cluster.*` (training is the same at any world size) are left out.
 pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flat(
-        "",
-        &toml::Value::try_from(old).expect("config serialises"),
-        &mut a,
-    );
-    flat(
-        "",
-        &toml::Value::try_from(new).expect("config serialises"),
-        &mut b,
-    );
+    flat("", &toml::Value::Table(old.to_value()), &mut a);
+    flat("", &toml::Value::Table(new.to_value()), &mut b);
     let compared = |k: &String| k != "run.dir" && !k.starts_with("cluster.");
     a.retain(|k, _| compared(k));
     b.retain(|k, _| compared(k));
@@ -68,21 +61,23 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
 }
 
 /// Writes `config.toml` atomically.
-pub fn write_config(run_dir: &Path, cfg: &Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+pub fn write_config(run_dir: &Path, cfg: &Config) -> Result<()> {
+    std::fs::create_dir_all(run_dir).map_err(io(format!(
+        "cannot create run directory {}",
+        run_dir.display()
+    )))?;
     let path = run_dir.join("config.toml");
-    let mut tmp = tempfile::NamedTempFile::new_in(run_dir)
-        .with_context(|| format!("cannot write in {}", run_dir.display()))?;
-    tmp.write_all(cfg.to_toml().as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let cannot = || format!("cannot write {}", path.display());
+    let mut tmp = tempfile::NamedTempFile::new_in(run_dir).map_err(io(cannot()))?;
+    tmp.write_all(cfg.to_toml().as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io(cannot()))?;
+    tmp.persist(&path).map_err(|e| io(cannot())(e.error))?;
     Ok(())
 }
 
 /// Refuses to resume with a different config unless forced; lists what changed.
-pub fn check_resume_config(old: &Config, new: &Config, force: bool) -> anyhow::Result<()> {
+pub fn check_resume_config(old: &Config, new: &Config, force: bool) -> Result<()> {
     let changed = changed_keys(old, new);
     if changed.is_empty() {
         return Ok(());
@@ -91,10 +86,10 @@ pub fn check_resume_config(old: &Config, new: &Config, force: bool) -> anyhow::R
         tracing::warn!(changed = ?changed, "resuming with a changed config (--force)");
         return Ok(());
     }
-    bail!(
+    Err(EngineError::Invalid(format!(
         "the run directory holds a checkpoint of a run with another config; changed keys:\n  {}\nresume with the same config, pass --force to resume anyway, or use another run.dir",
         changed.join("\n  ")
-    )
+    )))
 }
 
 /// `metrics.jsonl`: one JSON object per logged step.
@@ -106,7 +101,7 @@ pub struct Metrics {
 impl Metrics {
     /// Opens the run's metrics for appending, first dropping lines past `keep_through_step` (a
     /// resumed run rewrites what it redoes, so the file matches an uninterrupted run's).
-    pub fn open(run_dir: &Path, keep_through_step: Option<u64>) -> anyhow::Result<Self> {
+    pub fn open(run_dir: &Path, keep_through_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
         let kept: Vec<String> = match (File::open(&path), keep_through_step) {
             (Ok(f), Some(last)) => BufReader::new(f)
@@ -121,22 +116,22 @@ impl Metrics {
                 .collect(),
             _ => Vec::new(),
         };
+        let cannot = || format!("cannot write {}", path.display());
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+            .map_err(io(cannot()))?;
         for line in kept {
-            writeln!(file, "{line}")?;
+            writeln!(file, "{line}").map_err(io(cannot()))?;
         }
         Ok(Metrics { path, file })
     }
 
     /// Appends one record.
-    pub fn log(&mut self, record: &serde_json::Value) -> anyhow::Result<()> {
-        writeln!(self.file, "{record}")
-            .with_context(|| format!("cannot write {}", self.path.display()))
+    pub fn log(&mut self, record: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}").map_err(io(format!("cannot write {}", self.path.display())))
     }
 
     /// `(step, value)` of a key over the records of a metrics file.

@@ -73,13 +73,18 @@ impl Window {
     }
 }
 
-/// Shows a record: on the bar, or as a log line when there is no bar.
+/// Shows a record: on the bar, or as a log line when there is no bar. The bar shows the
+/// objective, and −ELBO and KL for the models that report them.
 pub fn show(bar: &ProgressBar, rec: &serde_json::Value, suffix: &str) {
+    let mut terms = format!("loss {:.2}", rec["loss"].as_f64().unwrap_or(f64::NAN));
+    for (key, label) in [("neg_elbo", "−ELBO"), ("kl", "KL")] {
+        if let Some(v) = rec[key].as_f64() {
+            terms += &format!("  {label} {v:.2}");
+        }
+    }
     bar.set_message(format!(
-        "epoch {}  −ELBO {:.2}  KL {:.2}  {:.0} samples/s{suffix}",
+        "epoch {}  {terms}  {:.0} samples/s{suffix}",
         rec["epoch"].as_u64().unwrap_or(0) + 1,
-        rec["neg_elbo"].as_f64().unwrap_or(f64::NAN),
-        rec["kl"].as_f64().unwrap_or(f64::NAN),
         rec["samples_per_s"].as_f64().unwrap_or(0.0)
     ));
     if bar.is_hidden() {

@@ -1,9 +1,10 @@
-//! Config flags shared by the subcommands that take a config, and the data cache location.
+//! Flags shared by the subcommands: the config layers, where a run lives, and the device; the
+//! data cache location from the environment.
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
+use elbo_engine::Engine;
 use elbo_settings::{Config, Layers};
 
 /// `--config FILE` and repeated `--set KEY=VALUE`.
@@ -19,13 +20,36 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// Resolves defaults ← file ← `ELBO__*` environment ← `--set` flags.
-    pub fn load(&self) -> anyhow::Result<Config> {
-        let layers = Layers {
+    pub fn load(&self, engine: &Engine) -> elbo_engine::Result<Config> {
+        engine.load_config(&Layers {
             file: self.config.clone(),
             env: std::env::vars().collect(),
             flags: self.set.clone(),
-        };
-        elbo_settings::load(&layers).context("invalid configuration")
+        })
+    }
+}
+
+/// Where a run lives and how far it goes (`elbo train` and `elbo coordinator`).
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Run directory (overrides run.dir); a directory holding a checkpoint is resumed.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Resume even if the config differs from the one the checkpoint was written with.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this many global steps (with a checkpoint); the run resumes from there.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+}
+
+impl RunArgs {
+    /// The config with `--run-dir` applied.
+    pub fn apply(&self, mut cfg: Config) -> Config {
+        if let Some(dir) = &self.run_dir {
+            cfg.run.dir = dir.to_string_lossy().into_owned();
+        }
+        cfg
     }
 }
 

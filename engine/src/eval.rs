@@ -1,0 +1,91 @@
+//! Evaluation of a model on test data, and loading a run's newest model for `elbo eval` and
+//! `elbo sample`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use elbo_datasets::sprites::Split;
+use elbo_datasets::{BatchStream, Dataset};
+use elbo_models::{EvalOptions, Input, Metric, Metrics, Model, Noise};
+use elbo_settings::Config;
+use elbo_worker::checkpoint;
+
+use crate::build::{binarizer, step_config, Engine};
+use crate::error::{data, EngineError, Result};
+
+/// Most importance samples per example (each example keeps its k log-weights).
+pub const MAX_IW_SAMPLES: u32 = 100_000;
+
+/// Memory budget of one importance-weighted decode, in rows (samples × batch).
+const IW_MAX_ROWS: usize = 50_000;
+
+/// Evaluates `model` on the whole of `test`, in file order: whatever figures the model
+/// reports (with the IW bound when `iw_samples` is given), and `rows`.
+pub fn evaluate(
+    model: &dyn Model,
+    test: &Arc<Dataset>,
+    cfg: &Config,
+    device: &Device,
+    iw_samples: Option<u32>,
+) -> Result<Metrics> {
+    let plan = test
+        .plan(
+            cfg.run.seed,
+            cfg.eval.batch_size,
+            cfg.eval.batch_size,
+            false,
+        )
+        .map_err(data("cannot plan the test data"))?;
+    let noise = Noise::new(cfg.run.seed ^ 0xe7a1);
+    let mut evaluator = model.evaluator(EvalOptions {
+        noise: &noise,
+        iw_samples: iw_samples.map(|k| k as usize),
+        max_rows: IW_MAX_ROWS,
+    })?;
+    let mut rows = 0u64;
+    let epoch = plan
+        .plan(0, 1, 0)
+        .map_err(data("cannot plan the test data"))?;
+    for batch in BatchStream::new(test.clone(), epoch, binarizer(cfg), 1) {
+        let batch = batch.map_err(data("cannot read the test data"))?;
+        let x = Tensor::from_slice(&batch.x, (batch.rows(), batch.dim), device)?;
+        evaluator.add(&Input {
+            x: &x,
+            labels: &batch.labels,
+            ids: &batch.ids,
+        })?;
+        rows += batch.rows() as u64;
+    }
+    let mut figures = evaluator.finish();
+    figures.insert("rows".into(), Metric::Count(rows));
+    Ok(figures)
+}
+
+/// A trained run's config, its newest model and its test data.
+pub struct TrainedRun {
+    /// The config it was trained with.
+    pub cfg: Config,
+    /// The model at its newest checkpoint.
+    pub model: Box<dyn Model>,
+    /// Its test data.
+    pub test: Arc<Dataset>,
+}
+
+/// Loads the newest checkpoint of a run into a fresh model of its config.
+pub fn load_run(engine: &Engine, run_dir: &Path, device: &Device) -> Result<TrainedRun> {
+    let cfg = engine.run_config(run_dir)?;
+    let test = engine.dataset(&cfg, Split::Test)?;
+    let model = engine.model(&cfg, test.schema(), device)?;
+    let (newest, files) = checkpoint::newest(run_dir)?.ok_or_else(|| {
+        EngineError::Invalid(format!("{} has no checkpoint yet", run_dir.display()))
+    })?;
+    let mut trainer = elbo_worker::Trainer::new(model, step_config(&cfg, 1))?;
+    let ck = trainer.decode(&files, &newest)?;
+    trainer.restore(ck)?;
+    Ok(TrainedRun {
+        cfg,
+        model: trainer.into_model(),
+        test,
+    })
+}
