@@ -121,7 +121,10 @@ fn assert_same_model(a: &Path, b: &Path, what: &str) {
         }
     }
     let rel = (diff / norm).sqrt();
-    assert!(rel < 1e-5, "{what}: parameters differ by {rel:e} (relative)");
+    assert!(
+        rel < 1e-5,
+        "{what}: parameters differ by {rel:e} (relative)"
+    );
 }
 
 /// Free bits clamp each latent dimension's mean KL over the *global* batch (its sums are

@@ -1003,7 +1003,10 @@ mod tests {
     /// A run with workers `ids` joined at `t0`, and their session ids.
     fn joined(s: Settings, ids: &[&str], t0: Instant) -> (Run, Vec<u64>) {
         let mut run = Run::new(s, t0);
-        let sessions = ids.iter().map(|id| join(&mut run, id, t0).unwrap().0).collect();
+        let sessions = ids
+            .iter()
+            .map(|id| join(&mut run, id, t0).unwrap().0)
+            .collect();
         (run, sessions)
     }
 
@@ -1132,11 +1135,7 @@ mod tests {
             s.heartbeat_timeout = 60 * SECOND;
             let (mut run, _) = joined(s, ids, t0);
             let fx = run.tick(t0 + Duration::from_secs(secs));
-            assert_eq!(
-                said(&fx),
-                want,
-                "{workers}/{min} with {ids:?} at {secs} s"
-            );
+            assert_eq!(said(&fx), want, "{workers}/{min} with {ids:?} at {secs} s");
         }
         let (mut run, s) = joined(settings(3, 3, 10), &["a", "b"], t0);
         for session in s {
@@ -1170,10 +1169,7 @@ mod tests {
         run.report(report(s[0], 1, 2, None)).unwrap();
         run.report(report(s[1], 1, 2, None)).unwrap();
         let fx = run.saved(3);
-        assert_eq!(
-            said(&fx),
-            ["stop a failed=false", "stop b failed=false"]
-        );
+        assert_eq!(said(&fx), ["stop a failed=false", "stop b failed=false"]);
         assert_eq!(run.phase, Phase::Finished);
     }
 
@@ -1189,10 +1185,7 @@ mod tests {
         }
         run.report(report(s[0], 1, 1, Some(7))).unwrap();
         let fx = run.report(report(s[1], 1, 1, Some(8))).unwrap();
-        assert_eq!(
-            said(&fx),
-            ["stop a failed=true", "stop b failed=true"]
-        );
+        assert_eq!(said(&fx), ["stop a failed=true", "stop b failed=true"]);
         match &run.phase {
             Phase::Failed(why) => assert!(why.contains("replicas diverged at step 1"), "{why}"),
             other => panic!("{other:?}"),
@@ -1320,10 +1313,7 @@ mod tests {
         let fx = run.saved(3);
         assert!(fx.is_empty(), "not finished before the hand-over completes");
         let fx = run.handed_over(3, Files::new(), t0);
-        assert_eq!(
-            said(&fx),
-            ["stop a failed=false", "stop b failed=false"]
-        );
+        assert_eq!(said(&fx), ["stop a failed=false", "stop b failed=false"]);
         assert_eq!(run.phase, Phase::Finished);
     }
 

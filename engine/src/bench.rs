@@ -1,7 +1,6 @@
-//! Throughput measurements: `elbo bench data` (the reader), `elbo bench train` (full
-//! training steps of the reference MLP VAE, in one process or data-parallel over worker
-//! processes) and `elbo bench allreduce` (the ring's bus bandwidth), the latter two in
-//! `bench_ring.rs`.
+//! Throughput measurements in one process: `elbo bench data` (the reader) and the timing of
+//! full training steps of the reference MLP VAE that `elbo bench train` runs here or in each
+//! rank process (`bench_ring.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -315,17 +314,8 @@ pub(crate) fn time_steps(
     Ok(t)
 }
 
-/// `elbo bench train`: one process, or `workers` rank processes, on a fixed random binary
-/// batch.
-pub fn train_bench(args: &TrainBench) -> Result<TrainBenchReport> {
-    if args.batch_size == 0 || args.steps == 0 || !(1..=64).contains(&args.workers) {
-        return Err(EngineError::Invalid(
-            "--batch-size and --steps must be positive, --workers 1 to 64".into(),
-        ));
-    }
-    if args.workers > 1 {
-        return crate::bench_ring::train(args);
-    }
+/// `elbo bench train` in one process, on a fixed random binary batch.
+pub(crate) fn train_here(args: &TrainBench) -> Result<TrainBenchReport> {
     let device = device(&args.device)?;
     let mut trainer = reference_trainer(&device)?;
     let n = args.batch_size;

@@ -1,5 +1,6 @@
 //! Multi-process benchmarks on loopback: `elbo bench allreduce` (ring all-reduce bus bandwidth,
-//! as nccl-tests defines it) and `elbo bench train --workers N` (data-parallel training steps).
+//! as nccl-tests defines it) and `elbo bench train` (data-parallel training steps with
+//! `--workers N`; one process runs them itself).
 //! Each rank is a real `elbo bench rank` process; ranks learn each other's peer addresses
 //! through their parent (stdout up, stdin down).
 
@@ -15,7 +16,8 @@ use elbo_worker::Reduce;
 use serde::Serialize;
 
 use crate::bench::{
-    fixed_batch, reference_trainer, time_steps, StepTimes, TrainBench, TrainBenchReport, MODEL,
+    fixed_batch, reference_trainer, time_steps, train_here, StepTimes, TrainBench,
+    TrainBenchReport, MODEL,
 };
 use crate::error::{io, EngineError, Result};
 use crate::procs::{threads_each, Children};
@@ -224,8 +226,17 @@ pub fn allreduce(args: &AllreduceBench) -> Result<AllreduceReport> {
     })
 }
 
-/// `elbo bench train --workers N`.
-pub(crate) fn train(args: &TrainBench) -> Result<TrainBenchReport> {
+/// `elbo bench train`: full training steps on a fixed random binary batch, in one process or
+/// data-parallel over `workers` rank processes.
+pub fn train_bench(args: &TrainBench) -> Result<TrainBenchReport> {
+    if args.batch_size == 0 || args.steps == 0 || !(1..=64).contains(&args.workers) {
+        return Err(EngineError::Invalid(
+            "--batch-size and --steps must be positive, --workers 1 to 64".into(),
+        ));
+    }
+    if args.workers == 1 {
+        return train_here(args);
+    }
     if args.batch_size < args.workers as usize {
         return Err(EngineError::Invalid(format!(
             "--batch-size {} is smaller than --workers {}",

@@ -22,11 +22,11 @@ use serde_json::json;
 use crate::build::Engine;
 use crate::error::{io, EngineError, Result};
 use crate::job::Job;
-use crate::local::{finish, TrainOptions, TrainSummary};
 use crate::procs::{threads_each, Children};
 use crate::progress::{self, StepLine, Window};
 use crate::run_dir::{self, Metrics};
 use crate::signal::StopSignal;
+use crate::summary::{finish, TrainOptions, TrainSummary};
 
 /// How to run `elbo coordinator`.
 #[derive(Debug, Clone)]

@@ -28,17 +28,20 @@ mod progress;
 mod run_dir;
 mod signal;
 mod steps;
+mod summary;
+mod train;
 pub mod worker;
 
-pub use bench::{
-    data_bench, train_bench, DataBench, DataBenchReport, TrainBench, TrainBenchReport, MODEL,
+pub use bench::{data_bench, DataBench, DataBenchReport, TrainBench, TrainBenchReport, MODEL};
+pub use bench_ring::{
+    allreduce, rank, train_bench, AllreduceBench, AllreduceReport, RankBench, RankKind,
 };
-pub use bench_ring::{allreduce, rank, AllreduceBench, AllreduceReport, RankBench, RankKind};
 pub use build::{binarizer, device, model_spec, step_config, Engine};
 pub use error::{EngineError, Result};
 pub use eval::{evaluate, load_run, TrainedRun, MAX_IW_SAMPLES};
 pub use job::Job;
-pub use local::{train, TrainOptions, TrainSummary};
 pub use pictures::{write_samples, MAX_SAMPLES};
 pub use run_dir::{changed_keys, config_sha256};
 pub use signal::StopSignal;
+pub use summary::{TrainOptions, TrainSummary};
+pub use train::train;

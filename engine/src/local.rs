@@ -1,84 +1,33 @@
-//! `elbo train`: a run in this process (world 1 of the shared loop), or — with
-//! `cluster.workers > 1` — a coordinator here and the workers as child processes
-//! ([`crate::launch`]). Either way the run directory is resumed when it holds a checkpoint, and
-//! a finished run is evaluated and drawn.
+//! A run in this process: world 1 of the shared loop, resuming the run directory's newest
+//! checkpoint, evaluated and drawn when it is finished.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use elbo_datasets::{Batch, Cursor};
-use elbo_models::Metrics as Figures;
-use elbo_settings::Config;
 use elbo_worker::checkpoint::{self, Files};
 use elbo_worker::{LocalReduce, StepReport, Trainer};
 
-use crate::build::{device, Engine};
 use crate::error::{EngineError, Result};
-use crate::eval::evaluate;
 use crate::job::Job;
-use crate::pictures::write_pictures;
 use crate::progress::{self, StepLine, Window};
 use crate::run_dir::{self, Metrics};
 use crate::signal::StopSignal;
 use crate::steps::{self, Driver, Share};
+use crate::summary::{finish, TrainOptions, TrainSummary};
 
-/// How to run `elbo train`.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    /// Device: `cpu` or `cuda:N`.
-    pub device: String,
-    /// Resume even if the config differs from the checkpoint's.
-    pub force: bool,
-    /// Stop after this many global steps (with a checkpoint).
-    pub max_steps: Option<u64>,
-    /// The `elbo` executable, started as `elbo worker` for local workers.
-    pub exe: PathBuf,
-}
-
-/// What a training run did.
-#[derive(Debug, Clone)]
-pub struct TrainSummary {
-    /// Steps trained by this invocation.
-    pub steps: u64,
-    /// Wall-clock seconds it took.
-    pub seconds: f64,
-    /// Global batch rows per second.
-    pub samples_per_s: f64,
-    /// Workers of the last generation (1 in one process).
-    pub world: u32,
-    /// Generation of the last ring (distributed runs).
-    pub generation: Option<u64>,
-    /// The global step the run stands at.
-    pub step: u64,
-    /// Steps of the whole run.
-    pub total_steps: u64,
-    /// The newest checkpoint's directory.
-    pub checkpoint: PathBuf,
-    /// The global step of the newest checkpoint.
-    pub checkpoint_step: u64,
-    /// A stop signal ended it early.
-    pub interrupted: bool,
-    /// Test figures of the finished model (when the run is complete).
-    pub test: Option<Figures>,
-}
-
-/// `elbo train`: trains the run `cfg` describes, resuming its directory's newest checkpoint.
-pub fn train(
-    engine: &Engine,
-    cfg: Config,
+/// Trains `job` here, resuming its directory's newest checkpoint.
+pub(crate) fn train(
+    job: &Job,
     options: &TrainOptions,
+    device: &Device,
     stop: &StopSignal,
 ) -> Result<TrainSummary> {
-    let device = device(&options.device)?;
-    let job = Job::prepare(engine, cfg)?;
-    if job.cfg.cluster.workers > 1 {
-        return crate::launch::train(&job, options, &device, stop);
-    }
-    let cfg = &job.cfg;
+    let (engine, cfg) = (&job.engine, &job.cfg);
     let run_dir = PathBuf::from(&cfg.run.dir);
-    let mut trainer = job.trainer(&device)?;
+    let mut trainer = job.trainer(device)?;
     let mut cursor = Cursor::start(0);
     let newest = checkpoint::newest(&run_dir)?;
     if let Some((dir, files)) = &newest {
@@ -91,7 +40,7 @@ pub fn train(
     let stop_at = options.max_steps.unwrap_or(u64::MAX).min(job.total_steps);
     tracing::info!(run_dir = %run_dir.display(), rows = job.train.rows(), steps = job.total_steps, params = trainer.layout().len(), "training");
     let mut driver = Local {
-        job: &job,
+        job,
         metrics: Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?,
         bar: progress::bar(job.total_steps, trainer.step()),
         window: Window::default(),
@@ -105,12 +54,12 @@ pub fn train(
         stop_at,
     };
     steps::train(
-        &job,
+        job,
         &mut trainer,
         &mut cursor,
         share,
         &mut LocalReduce,
-        &device,
+        device,
         &mut driver,
     )?;
     driver.bar.finish_and_clear();
@@ -122,7 +71,7 @@ pub fn train(
     let seconds = started.elapsed().as_secs_f64();
     let steps = trainer.step() - start_step;
     let test = if trainer.step() >= job.total_steps {
-        Some(finish(&job, trainer.model(), &device)?)
+        Some(finish(job, trainer.model(), device)?)
     } else {
         None
     };
@@ -139,23 +88,6 @@ pub fn train(
         interrupted: stop.raised(),
         test,
     })
-}
-
-/// The end of a finished run: its test figures and its pictures.
-pub(crate) fn finish(
-    job: &Job,
-    model: &dyn elbo_models::Model,
-    device: &Device,
-) -> Result<Figures> {
-    let figures = evaluate(model, &job.test, &job.cfg, device, None)?;
-    write_pictures(
-        model,
-        &job.test,
-        &job.cfg,
-        Path::new(&job.cfg.run.dir),
-        device,
-    )?;
-    Ok(figures)
 }
 
 type Writing = JoinHandle<Result<PathBuf>>;

@@ -4,6 +4,7 @@
 
 mod bernoulli;
 mod buffers;
+mod builtin;
 mod cpu;
 mod dense;
 mod error;

@@ -2,7 +2,7 @@
 //! `[model.<kind>]`.
 //!
 //! A variant is one module that implements [`Variant`] (its kind, its section's type with
-//! defaults and range checks, and a constructor) plus one line in [`Registry::builtin`]. The
+//! defaults and range checks, and a constructor) plus one line in `builtin.rs`. The
 //! settings loader learns every section's keys, defaults and types from the registry, so a new
 //! variant needs no edit anywhere else; a program (or a test) can register its own variants
 //! beside the built-in ones.
@@ -124,14 +124,6 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The built-in variants: one line each.
-    pub fn builtin() -> Registry {
-        let mut r = Registry::default();
-        r.register::<crate::vae::Vae>();
-        r.register::<crate::vae::BetaVae>();
-        r
-    }
-
     /// Adds a variant. Two variants of one kind are a programming error.
     pub fn register<V: Variant>(&mut self) -> &mut Self {
         let fresh = self

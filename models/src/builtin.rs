@@ -1,0 +1,14 @@
+//! The built-in model variants: one line each.
+
+use crate::registry::Registry;
+use crate::vae::{BetaVae, Vae};
+
+impl Registry {
+    /// A registry of the built-in variants.
+    pub fn builtin() -> Registry {
+        let mut r = Registry::default();
+        r.register::<Vae>();
+        r.register::<BetaVae>();
+        r
+    }
+}
