@@ -75,7 +75,7 @@ def events(log):
     lines = [ANSI.sub("", l) for l in log]
     lost = next(stamp(l) for l in lines if "worker lost" in l)
     formed = next(stamp(l) for l in lines if "ring formed" in l and "generation=2" in l)
-    steps = [(stamp(l), json.loads(l.split("progress: ", 1)[1])) for l in lines if "elbo::cli::progress" in l]
+    steps = [(stamp(l), json.loads(l.split("progress: ", 1)[1])) for l in lines if "elbo_engine::progress" in l]
     return lost, formed, steps
 
 
@@ -89,7 +89,7 @@ def fault(sig, heartbeat):
     """One run of 3 workers; worker-1 gets `sig` at a random committed step in [60, 240)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = open(os.path.join(tmp, "log"), "w+")
-        env = dict(os.environ, ELBO_LOG="info,elbo::cli::worker=warn")
+        env = dict(os.environ, ELBO_LOG="info,elbo_engine::worker=warn")
         args = [ELBO, "train", "--run-dir", os.path.join(tmp, "run"), *COMMON,
                 "--set", "cluster.workers=3", "--set", "cluster.min_workers=2",
                 "--set", "cluster.restart_workers=false",
@@ -140,7 +140,7 @@ def cut(heartbeat):
         links("up")
         with tempfile.TemporaryDirectory() as tmp:
             log = open(os.path.join(tmp, "log"), "w+")
-            env = dict(os.environ, ELBO_LOG="info,elbo::cli::worker=warn", ELBO_TOKEN="figures")
+            env = dict(os.environ, ELBO_LOG="info,elbo_engine::worker=warn", ELBO_TOKEN="figures")
             with socket.socket() as probe:  # a port free on the link's address right now
                 probe.bind((host, 0))
                 listen = f"{host}:{probe.getsockname()[1]}"

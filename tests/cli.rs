@@ -116,6 +116,26 @@ fn config_typos_are_errors_naming_key_and_source() {
 }
 
 #[test]
+fn config_models_lists_the_registered_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&elbo(&["config", "models"], &[], dir.path()));
+    let kinds: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(kinds, ["beta_vae", "vae"], "{out}");
+    let err = fails(&elbo(
+        &["config", "show", "--set", "model.kind=gan"],
+        &[],
+        dir.path(),
+    ));
+    assert!(
+        err.contains("model.kind") && err.contains("expected one of: beta_vae, vae"),
+        "{err}"
+    );
+}
+
+#[test]
 fn make_sprites_then_inspect_json() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sprites");

@@ -69,28 +69,12 @@ fn one_two_and_four_workers_train_the_same_model() {
         dir
     };
     let one = run(1);
-    let reference = params(&one.join("checkpoints/step-000000026"));
+    let last = "checkpoints/step-000000026";
     let reference_curve = curve(&one);
     assert_eq!(reference_curve.len(), 26);
     for world in [2, 4] {
         let dir = run(world);
-        let got = params(&dir.join("checkpoints/step-000000026"));
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            reference.keys().collect::<Vec<_>>()
-        );
-        let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for (name, want) in &reference {
-            for (a, b) in want.iter().zip(&got[name]) {
-                diff += f64::from(a - b).powi(2);
-                norm += f64::from(*a).powi(2);
-            }
-        }
-        let rel = (diff / norm).sqrt();
-        assert!(
-            rel < 1e-5,
-            "world {world}: parameters differ by {rel:e} (relative)"
-        );
+        assert_same_model(&one.join(last), &dir.join(last), &format!("world {world}"));
         let c = curve(&dir);
         assert_eq!(c.len(), reference_curve.len(), "world {world}");
         for ((s1, a), (s2, b)) in reference_curve.iter().zip(&c) {

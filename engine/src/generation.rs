@@ -18,10 +18,10 @@ pub(crate) struct Standing {
 }
 
 /// What a worker that is not training does with a command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Idle {
+#[derive(Debug, Clone)]
+pub(crate) enum Idle<'a> {
     /// Take on the generation's starting state ([`adopt`]) and train.
-    Start,
+    Start(&'a StartCommand),
     /// Say it has halted in this generation, at its step.
     ReportHalt(u64),
     /// Nothing to do: a halt of another generation, or one already reported.
@@ -38,10 +38,11 @@ pub(crate) enum Idle {
 }
 
 /// A worker between generations, told `command`.
-pub(crate) fn on_idle(at: Standing, command: &Command) -> Idle {
+pub(crate) fn on_idle(at: Standing, command: &Command) -> Idle<'_> {
     match command {
-        Command::Start(_) => Idle::Start,
-        Command::Halt { generation } => halt_once(at, *generation),
+        Command::Start(start) => Idle::Start(start),
+        Command::Halt { generation } if halt_once(at, *generation) => Idle::ReportHalt(*generation),
+        Command::Halt { .. } => Idle::Ignore,
         Command::SendState { generation } => Idle::SendState(*generation),
         Command::Stop { reason, failed } => Idle::Stop {
             reason: reason.clone(),
@@ -51,12 +52,8 @@ pub(crate) fn on_idle(at: Standing, command: &Command) -> Idle {
 }
 
 /// A halt of `generation` is reported once, and only for the generation the worker is in.
-pub(crate) fn halt_once(at: Standing, generation: u64) -> Idle {
-    if generation == at.generation && at.halted != Some(generation) {
-        Idle::ReportHalt(generation)
-    } else {
-        Idle::Ignore
-    }
+pub(crate) fn halt_once(at: Standing, generation: u64) -> bool {
+    generation == at.generation && at.halted != Some(generation)
 }
 
 /// How a worker takes on the state a generation starts from.
@@ -175,26 +172,24 @@ mod tests {
             failed: false,
         };
         let table = [
-            (at, Command::Start(start(4, 7, false)), Idle::Start),
-            (at, Command::Halt { generation: 3 }, Idle::ReportHalt(3)),
-            (halted, Command::Halt { generation: 3 }, Idle::Ignore),
-            (at, Command::Halt { generation: 2 }, Idle::Ignore),
-            (at, Command::SendState { generation: 3 }, Idle::SendState(3)),
-            (
-                at,
-                stop,
-                Idle::Stop {
-                    reason: "done".into(),
-                    failed: false,
-                },
-            ),
+            (at, Command::Start(start(4, 7, false)), "start g4"),
+            (at, Command::Halt { generation: 3 }, "report halt g3"),
+            (halted, Command::Halt { generation: 3 }, "ignore"),
+            (at, Command::Halt { generation: 2 }, "ignore"),
+            (at, Command::SendState { generation: 3 }, "send state g3"),
+            (at, stop, "stop: done"),
         ];
         for (standing, command, want) in table {
-            assert_eq!(
-                on_idle(standing, &command),
-                want,
-                "{standing:?} {command:?}"
-            );
+            let got = match on_idle(standing, &command) {
+                Idle::Start(s) => format!("start g{}", s.generation),
+                Idle::ReportHalt(g) => format!("report halt g{g}"),
+                Idle::Ignore => "ignore".into(),
+                Idle::SendState(g) => format!("send state g{g}"),
+                Idle::Stop { reason, failed } => {
+                    format!("stop{}: {reason}", if failed { " (failed)" } else { "" })
+                }
+            };
+            assert_eq!(got, want, "{standing:?} {command:?}");
         }
     }
 

@@ -205,8 +205,7 @@ fn summarise(
         generation: Some(summary.generation),
         step: summary.steps,
         total_steps: job.total_steps,
-        checkpoint: checkpoint::checkpoints_dir(Path::new(&job.cfg.run.dir))
-            .join(format!("step-{checkpoint:09}")),
+        checkpoint: checkpoint::step_dir(Path::new(&job.cfg.run.dir), checkpoint),
         checkpoint_step: checkpoint,
         interrupted: stop.raised(),
         test: None,

@@ -220,13 +220,10 @@ impl Worker {
         loop {
             let command = session.next_command(patience)?;
             match generation::on_idle(self.standing(), &command) {
-                Idle::Start => {
-                    let elbo_worker::session::Command::Start(start) = command else {
-                        unreachable!("on_idle starts only on Start");
-                    };
+                Idle::Start(start) => {
                     self.generation = start.generation;
-                    self.adopt(&start)?;
-                    match self.train(session, peer, &start)? {
+                    self.adopt(start)?;
+                    match self.train(session, peer, start)? {
                         Ended::Done => {}
                         Ended::Stopped(Stop::Halted) => self.halt(session, start.generation)?,
                         Ended::Stopped(Stop::Run { reason, failed }) => {
@@ -247,7 +244,7 @@ impl Worker {
 
     /// Says where this worker stands, once per generation.
     fn halt(&mut self, session: &Session, generation: u64) -> Result<()> {
-        if generation::halt_once(self.standing(), generation) == Idle::ReportHalt(generation) {
+        if generation::halt_once(self.standing(), generation) {
             self.halted = Some(generation);
             tracing::info!(generation, step = self.trainer.step(), "halted");
             session.halted(generation, self.trainer.step())?;

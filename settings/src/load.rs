@@ -181,20 +181,37 @@ fn flat_keys(source: &dyn Source) -> Result<Vec<String>, ConfigError> {
 }
 
 /// All leaf keys of the schema, dotted, sorted: the common ones and every registered model
-/// variant's section keys (`model.<kind>.<key>`; `model.<kind>` itself names its section).
+/// variant's section keys (`model.<kind>.<key>`).
 pub fn known_keys(registry: &Registry) -> Vec<String> {
     let defaults = config::Config::try_from(&Config::default())
         .expect("the default config serialises to a table");
     let mut keys = flat_keys(&defaults).expect("the default config collects");
     for kind in registry.kinds() {
-        let prefix = format!("model.{kind}");
         let section = registry.defaults(kind).unwrap_or_default();
-        keys.extend(section_keys(&prefix, &section));
-        keys.push(prefix);
+        keys.extend(section_keys(&format!("model.{kind}"), &section));
     }
     keys.sort();
-    keys.dedup();
     keys
+}
+
+/// The schema a layer is checked against: the leaf keys, and the variants' sections
+/// (`model.<kind>`), which may appear as empty tables.
+struct Schema {
+    keys: Vec<String>,
+    sections: Vec<String>,
+}
+
+impl Schema {
+    fn of(registry: &Registry) -> Self {
+        Schema {
+            keys: known_keys(registry),
+            sections: registry
+                .kinds()
+                .iter()
+                .map(|k| format!("model.{k}"))
+                .collect(),
+        }
+    }
 }
 
 fn section_keys(prefix: &str, table: &toml::Table) -> Vec<String> {
@@ -226,18 +243,22 @@ fn env_var_name(key: &str) -> String {
     )
 }
 
-/// Checks one layer's keys against the schema and records which layer set each key.
+/// Checks one layer's keys against the schema and records which layer set each key (an empty
+/// variant section is allowed and sets nothing).
 fn check_layer(
     keys: Vec<String>,
     origin_of: impl Fn(&str) -> Origin,
-    known: &[String],
+    schema: &Schema,
     winners: &mut BTreeMap<String, Origin>,
 ) -> Result<(), SettingsError> {
     for key in keys {
+        if schema.sections.contains(&key) {
+            continue;
+        }
         let origin = origin_of(&key);
-        if known.binary_search(&key).is_err() {
+        if schema.keys.binary_search(&key).is_err() {
             return Err(SettingsError::UnknownKey {
-                hint: hint_for(&key, known),
+                hint: hint_for(&key, schema),
                 key,
                 origin,
             });
@@ -247,7 +268,33 @@ fn check_layer(
     Ok(())
 }
 
-fn hint_for(key: &str, known: &[String]) -> String {
+fn hint_for(key: &str, schema: &Schema) -> String {
+    let known = &schema.keys;
+    if let Some(section) = schema
+        .sections
+        .iter()
+        .find(|s| key.starts_with(&format!("{s}.")))
+    {
+        let keys: Vec<&str> = known
+            .iter()
+            .filter(|k| k.starts_with(&format!("{section}.")))
+            .map(String::as_str)
+            .collect();
+        if keys.is_empty() {
+            return format!(
+                "; [{section}] has no keys: that model kind takes only the [model] keys"
+            );
+        }
+        let best = keys
+            .iter()
+            .map(|k| (edit_distance(key, k), *k))
+            .min()
+            .filter(|(d, _)| *d <= 3);
+        return match best {
+            Some((_, k)) => format!("; did you mean `{k}`?"),
+            None => format!("; the keys of [{section}] are {}", keys.join(", ")),
+        };
+    }
     let section = format!("{key}.");
     let children: Vec<&str> = known
         .iter()
@@ -336,9 +383,12 @@ fn resolve(
     layers: &Layers,
     registry: &Registry,
 ) -> Result<Config, SettingsError> {
-    let known = known_keys(registry);
-    let mut winners: BTreeMap<String, Origin> =
-        known.iter().map(|k| (k.clone(), Origin::Default)).collect();
+    let schema = Schema::of(registry);
+    let mut winners: BTreeMap<String, Origin> = schema
+        .keys
+        .iter()
+        .map(|k| (k.clone(), Origin::Default))
+        .collect();
     let defaults = config::Config::try_from(&Config::default())
         .expect("the default config serialises to a table");
     let mut builder = config::Config::builder().add_source(defaults);
@@ -350,7 +400,7 @@ fn resolve(
         };
         let source = File::from_str(text, FileFormat::Toml);
         let keys = flat_keys(&source).map_err(|e| file_err(e.to_string()))?;
-        check_layer(keys, |_| Origin::File(path.clone()), &known, &mut winners)?;
+        check_layer(keys, |_| Origin::File(path.clone()), &schema, &mut winners)?;
         builder = builder.add_source(source);
     }
 
@@ -372,7 +422,12 @@ fn resolve(
         origin: Origin::Env(ENV_PREFIX.into()),
         message: e.to_string(),
     })?;
-    check_layer(keys, |k| Origin::Env(env_var_name(k)), &known, &mut winners)?;
+    check_layer(
+        keys,
+        |k| Origin::Env(env_var_name(k)),
+        &schema,
+        &mut winners,
+    )?;
     builder = builder.add_source(env);
 
     let flags = Flags(parse_flags(&layers.flags)?);
@@ -387,7 +442,7 @@ fn resolve(
         Origin::Flag(format!("{k}={raw}"))
     };
     let keys = flat_keys(&flags).expect("flags collect infallibly");
-    check_layer(keys, flag_origin, &known, &mut winners)?;
+    check_layer(keys, flag_origin, &schema, &mut winners)?;
     builder = builder.add_source(flags.clone());
 
     let origin_of = |key: &str| winners.get(key).cloned().unwrap_or(Origin::Default);

@@ -409,4 +409,21 @@ fn bad_section_values_name_the_key_the_source_and_the_expectation() {
     assert_eq!(key, "model.demo.rat");
     assert_eq!(origin, Origin::Flag("model.demo.rat=1".into()));
     assert!(hint.contains("did you mean `model.demo.rate`"), "{hint}");
+    let (key, _, hint) = unknown(&Layers {
+        flags: flags(&["model.vae.rate=1"]),
+        ..Default::default()
+    });
+    assert_eq!(key, "model.vae.rate");
+    assert!(hint.contains("[model.vae] has no keys"), "{hint}");
+    let (_d, path) = file("[model]\nkind = \"vae\"\n[model.vae]\n");
+    let empty = load(&Layers {
+        file: Some(path),
+        ..Default::default()
+    });
+    assert_eq!(
+        empty.unwrap().model.section,
+        None,
+        "an empty section is allowed"
+    );
+    assert!(!known_keys(&registry()).contains(&"model.vae".to_string()));
 }

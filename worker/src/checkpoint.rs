@@ -122,6 +122,11 @@ fn step_dir_name(step: u64) -> String {
     format!("step-{step:09}")
 }
 
+/// The directory of the checkpoint of `step` steps in a run directory.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(step_dir_name(step))
+}
+
 /// The checkpoints directory of a run.
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
@@ -192,7 +197,6 @@ pub fn encode(
 ) -> Result<Files> {
     let mut tensors = slot_tensors(model.params, model.param_values, "");
     tensors.extend(slot_tensors(model.buffers, model.buffer_values, ""));
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let optim: Vec<_> = optimizer
         .buffers
         .iter()
@@ -237,7 +241,7 @@ pub fn write(run_dir: &Path, files: &Files, keep: usize) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     let state = decode_state(files, &root)?;
     std::fs::create_dir_all(&root).map_err(|e| WorkerError::checkpoint(&root, e))?;
-    let target = root.join(step_dir_name(state.step));
+    let target = step_dir(run_dir, state.step);
     if read(&target).is_ok_and(|old| &old == files) {
         return Ok(target);
     }

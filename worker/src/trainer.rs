@@ -286,7 +286,8 @@ impl Trainer {
             labels: &batch.labels,
             ids: &batch.ids,
         };
-        let mut reducing = Duration::ZERO;
+        // Time in the batch statistics' all-reduce (counted as reduction, not compute).
+        let mut stats_reduce = Duration::ZERO;
         if !self.batch_stats.is_empty() {
             if batch.rows() > 0 {
                 let ctx = self.context(batch.global_rows, &[]);
@@ -303,7 +304,7 @@ impl Trainer {
             }
             let t = Instant::now();
             reduce.all_reduce_sum(&mut self.batch_stats)?;
-            reducing += t.elapsed();
+            stats_reduce = t.elapsed();
         }
         if batch.rows() > 0 {
             self.compute(&input, batch.global_rows)?;
@@ -314,7 +315,6 @@ impl Trainer {
         let computed = Instant::now();
         reduce.all_reduce_sum(&mut self.buf)?;
         let reduced = Instant::now();
-        reducing += reduced - computed;
         let t = self.stats.terms.len();
         let terms: BTreeMap<String, f64> = self
             .stats
@@ -328,7 +328,10 @@ impl Trainer {
         self.step += 1;
         let lr = self.config.schedule.lr(self.config.lr, step);
         let grad_norm = global_norm(&self.buf[..n]);
-        let compute = computed - start - (reducing - (reduced - computed));
+        let (compute, reducing) = (
+            computed - start - stats_reduce,
+            reduced - computed + stats_reduce,
+        );
         if let Some(what) = self.non_finite(&terms, grad_norm) {
             self.nonfinite_in_row += 1;
             self.nonfinite_total += 1;
