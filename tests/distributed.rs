@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{coordinator_cmd, curve, elbo, ok, params, worker_cmd, Procs, SMALL};
+use common::{coordinator_cmd, curve, distance, elbo, ok, params, worker_cmd, Procs, SMALL};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -95,16 +95,7 @@ fn one_two_and_four_workers_train_the_same_model() {
 
 /// The parameters of two checkpoints agree within `1e-5` (relative, over all parameters).
 fn assert_same_model(a: &Path, b: &Path, what: &str) {
-    let (a, b) = (params(a), params(b));
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (name, want) in &a {
-        for (x, y) in want.iter().zip(&b[name]) {
-            diff += f64::from(x - y).powi(2);
-            norm += f64::from(*x).powi(2);
-        }
-    }
-    let rel = (diff / norm).sqrt();
+    let rel = distance(a, b);
     assert!(
         rel < 1e-5,
         "{what}: parameters differ by {rel:e} (relative)"

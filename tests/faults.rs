@@ -8,7 +8,7 @@ mod common;
 
 use common::netns::Netns;
 use common::{
-    child_with_arg, coordinator_cmd, elbo, ok, params, records, wait_until, worker_cmd, Procs,
+    child_with_arg, coordinator_cmd, distance, elbo, ok, records, wait_until, worker_cmd, Procs,
     SMALL,
 };
 use std::collections::BTreeMap;
@@ -91,19 +91,6 @@ fn final_loss(run: &Path) -> f64 {
         "the run reached its end"
     );
     last["neg_elbo"].as_f64().unwrap()
-}
-
-/// Relative L2 distance between two checkpoints' parameters.
-fn distance(a: &Path, b: &Path) -> f64 {
-    let (a, b) = (params(a), params(b));
-    let (mut diff, mut norm) = (0.0, 0.0);
-    for (name, x) in &a {
-        for (u, v) in x.iter().zip(&b[name]) {
-            diff += f64::from(u - v).powi(2);
-            norm += f64::from(*u).powi(2);
-        }
-    }
-    (diff / norm).sqrt()
 }
 
 /// Audit lines `generation step row` of every worker: for each step the rows of the

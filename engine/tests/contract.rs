@@ -337,19 +337,7 @@ fn wait_for_steps(metrics: &Path, steps: u64) {
 
 /// The tensors of a checkpoint, by name.
 fn tensors(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, values)
-        })
-        .collect()
+    elbo_worker::checkpoint::model_tensors(checkpoint).unwrap()
 }
 
 fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {

@@ -139,19 +139,21 @@ impl Drop for Procs {
 
 /// The parameters of a checkpoint, by tensor name.
 pub fn params(checkpoint: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, values)
-        })
-        .collect()
+    elbo_worker::checkpoint::model_tensors(checkpoint).unwrap()
+}
+
+/// Relative L2 distance between two checkpoints' parameters.
+pub fn distance(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (params(a), params(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (name, x) in &a {
+        for (u, v) in x.iter().zip(&b[name]) {
+            diff += f64::from(u - v).powi(2);
+            norm += f64::from(*u).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
 }
 
 /// The records of a run's metrics.jsonl; a last line still being written (no newline yet) is

@@ -380,6 +380,23 @@ pub fn newest(run_dir: &Path) -> Result<Option<(PathBuf, Files)>> {
     }
 }
 
+/// Every tensor of a checkpoint directory's `model.safetensors` (parameters and buffers) by
+/// name, flat, without a model to check them against (the files are checked against the
+/// manifest).
+pub fn model_tensors(dir: &Path) -> Result<BTreeMap<String, Vec<f32>>> {
+    let files = read(dir)?;
+    let path = dir.join(MODEL_FILE);
+    let st = SafeTensors::deserialize(&files[MODEL_FILE])
+        .map_err(|e| WorkerError::checkpoint(&path, e))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = tensor_values(&st, &name, view.shape(), &path)?;
+            Ok((name, values))
+        })
+        .collect()
+}
+
 /// Decodes checkpoint files (read from `origin`, named in errors) for a model with these
 /// parameter and buffer layouts.
 pub fn decode(
