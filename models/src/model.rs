@@ -101,7 +101,7 @@ pub struct LossOutput {
 /// What a model reports besides gradients, declared before the first step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statistics {
-    /// Names of the reported terms (sorted).
+    /// Names of the reported terms, sorted; `loss` (the objective) among them.
     pub terms: Vec<&'static str>,
     /// Length of the batch statistics the loss needs from the global batch (0: none).
     pub batch: usize,

@@ -122,9 +122,9 @@ impl Trainer {
             )));
         }
         let stats = model.statistics();
-        if !stats.terms.windows(2).all(|w| w[0] < w[1]) {
+        if !stats.terms.windows(2).all(|w| w[0] < w[1]) || !stats.terms.contains(&"loss") {
             return Err(WorkerError::Internal(format!(
-                "a model must declare its terms sorted and once each, not {:?}",
+                "a model must declare its terms sorted, once each, `loss` among them, not {:?}",
                 stats.terms
             )));
         }
