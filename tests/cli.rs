@@ -123,14 +123,14 @@ fn config_models_lists_the_registered_kinds() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(kinds, ["beta_vae", "vae"], "{out}");
+    assert_eq!(kinds, ["beta_vae", "cvae", "vae"], "{out}");
     let err = fails(&elbo(
         &["config", "show", "--set", "model.kind=gan"],
         &[],
         dir.path(),
     ));
     assert!(
-        err.contains("model.kind") && err.contains("expected one of: beta_vae, vae"),
+        err.contains("model.kind") && err.contains("expected one of: beta_vae, cvae, vae"),
         "{err}"
     );
 }

@@ -102,12 +102,9 @@ fn assert_same_model(a: &Path, b: &Path, what: &str) {
     );
 }
 
-/// Free bits clamp each latent dimension's mean KL over the *global* batch (its sums are
-/// all-reduced before the loss), so N workers train what one process trains with them on too,
-/// and a resume at another world size changes nothing. (Clamping each rank's share, as before,
-/// made the gradients depend on how the batch was split.)
-#[test]
-fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
+/// The run of `extra` settings at 1, 2 and 4 workers, and at 4 then 2 workers across a resume,
+/// ends with the same parameters at step 30.
+fn same_model_at_every_world_size(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let train = |name: &str, world: u32, max_steps: &str| -> PathBuf {
@@ -115,7 +112,8 @@ fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
         let workers = format!("cluster.workers={world}");
         let mut args = vec!["train", "--run-dir", dir.to_str().unwrap()];
         args.extend(SMALL);
-        args.extend(["--set", &workers, "--set", "model.free_bits=0.5"]);
+        args.extend(["--set", &workers]);
+        args.extend(extra);
         args.extend(["--set", "train.epochs=3", "--max-steps", max_steps]);
         ok(elbo(&args, &cache));
         dir
@@ -129,6 +127,22 @@ fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
     train("resumed", 4, "15");
     let resumed = train("resumed", 2, "30");
     assert_same_model(&one, &resumed.join(step30), "4 workers, then 2");
+}
+
+/// Free bits clamp each latent dimension's mean KL over the *global* batch (its sums are
+/// all-reduced before the loss), so N workers train what one process trains with them on too,
+/// and a resume at another world size changes nothing. (Clamping each rank's share, as before,
+/// made the gradients depend on how the batch was split.)
+#[test]
+fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
+    same_model_at_every_world_size(&["--set", "model.free_bits=0.5"]);
+}
+
+/// The conditional VAE (the sprites' shape as its label) trains the same model at any world
+/// size too.
+#[test]
+fn a_conditional_vae_trains_the_same_model_at_one_two_and_four_workers() {
+    same_model_at_every_world_size(&["--set", "model.kind=cvae", "--set", "model.cvae.classes=3"]);
 }
 
 /// Starts `elbo coordinator` on a free loopback port; returns its index and URL.

@@ -229,3 +229,144 @@ fn a_short_sprites_run_learns() {
         "test −ELBO {neg_elbo} nats is above the bar of 130"
     );
 }
+
+#[test]
+fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cvae = ["--set", "model.kind=cvae", "--set", "model.cvae.classes=3"];
+    let run = tmp.path().join("cvae");
+    let said = ok(train(&run, &cache, &cvae));
+    assert!(said.contains("trained 36 steps"), "{said}");
+    let json = ok(elbo(
+        &[
+            "eval",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--iw-samples",
+            "10",
+            "--json",
+        ],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        v["nll_iw"].as_f64().unwrap() <= v["neg_elbo"].as_f64().unwrap() + 0.5,
+        "the conditional IW bound: {v}"
+    );
+    let png = tmp.path().join("hearts.png");
+    let sample = |label: &str| {
+        let args = [
+            "sample",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--n",
+            "9",
+            "--label",
+            label,
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        elbo(&args, &cache)
+    };
+    assert!(ok(sample("2")).contains("wrote 9 samples"));
+    let out = sample("3");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--label 3: expected a class in 0..3"));
+    let rows = ok(elbo(
+        &[
+            "sample",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--n",
+            "30",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &cache,
+    ));
+    assert!(
+        rows.contains("wrote 30 samples"),
+        "one row of 10 per class: {rows}"
+    );
+
+    // Sprites carry labels 0 to 2: two classes are refused before training starts.
+    let out = train(
+        &tmp.path().join("two"),
+        &cache,
+        &["--set", "model.kind=cvae", "--set", "model.cvae.classes=2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has 2 classes, but data.train holds label 2"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("two/metrics.jsonl").exists(),
+        "nothing trained"
+    );
+
+    // Data without labels.
+    let csv = tmp.path().join("x.csv");
+    let rows: Vec<String> = (0..20)
+        .map(|i| format!("{},{},{},{}", i % 2, (i + 1) % 2, 1, 0))
+        .collect();
+    std::fs::write(&csv, rows.join("\n")).unwrap();
+    let data = tmp.path().join("x.parquet");
+    ok(elbo(
+        &[
+            "data",
+            "convert",
+            "--format",
+            "csv",
+            "--input",
+            csv.to_str().unwrap(),
+            "--shape",
+            "1,2,2",
+            "--out",
+            data.to_str().unwrap(),
+        ],
+        &cache,
+    ));
+    let spec = data.to_str().unwrap();
+    let (train_key, test_key) = (format!("data.train={spec}"), format!("data.test={spec}"));
+    let out = train(
+        &tmp.path().join("unlabeled"),
+        &cache,
+        &[
+            "--set",
+            "model.kind=cvae",
+            "--set",
+            &train_key,
+            "--set",
+            &test_key,
+            "--set",
+            "train.batch_size=4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a label on every row, but data.train has 20 unlabeled rows of 20"),
+        "{err}"
+    );
+
+    // A model that reads no labels takes no --label.
+    let vae = tmp.path().join("vae");
+    ok(train(&vae, &cache, &["--max-steps", "2"]));
+    let out = elbo(
+        &[
+            "sample",
+            "--run-dir",
+            vae.to_str().unwrap(),
+            "--label",
+            "1",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("this model does not read labels"));
+}

@@ -70,16 +70,30 @@ impl ChunkData {
 
 /// Reads and validates one chunk of a dataset: only columns `x`, `label` and `id`.
 pub fn read_chunk(ds: &Dataset, chunk: &Chunk) -> Result<ChunkData> {
-    let file_meta = &ds.files()[chunk.file];
-    let path = &file_meta.path;
-    let value_err = |column: &'static str, message: String| DataError::Value {
-        path: path.clone(),
+    let pixels = read_x(ds, chunk).map_err(|m| value_error(ds, chunk, X_COLUMN, m))?;
+    let (labels, ids) = read_labels(ds, chunk)?;
+    Ok(ChunkData {
+        pixels,
+        labels,
+        ids,
+    })
+}
+
+fn value_error(ds: &Dataset, chunk: &Chunk, column: &'static str, message: String) -> DataError {
+    DataError::Value {
+        path: ds.files()[chunk.file].path.clone(),
         row_group: chunk.row_group,
         column,
         message,
-    };
+    }
+}
+
+/// Reads and validates the labels and ids of one chunk (no pixels).
+pub fn read_labels(ds: &Dataset, chunk: &Chunk) -> Result<(Vec<Option<i64>>, Vec<u64>)> {
+    let file_meta = &ds.files()[chunk.file];
+    let path = &file_meta.path;
+    let value_err = |column: &'static str, message: String| value_error(ds, chunk, column, message);
     let rows = chunk.rows as usize;
-    let pixels = read_x(ds, chunk).map_err(|m| value_err(X_COLUMN, m))?;
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let arrow_schema = file_meta.metadata.schema().clone();
     let roots: Vec<usize> = [LABEL_COLUMN, ID_COLUMN]
@@ -146,11 +160,7 @@ pub fn read_chunk(ds: &Dataset, chunk: &Chunk) -> Result<ChunkData> {
             ),
         ));
     }
-    Ok(ChunkData {
-        pixels,
-        labels,
-        ids,
-    })
+    Ok((labels, ids))
 }
 
 /// Decodes column `x` of a chunk with Parquet's column reader, straight into flat values:

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::chunk_reader::{read_chunk, Pixels};
+use crate::chunk_reader::{read_chunk, read_labels, Pixels};
 use crate::dataset::Dataset;
 use crate::error::Result;
 use crate::format::PixelType;
@@ -39,22 +39,47 @@ pub struct Inspection {
     pub x_max: f32,
 }
 
+/// How a dataset is labeled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelCounts {
+    /// Rows with a label.
+    pub labeled: u64,
+    /// Rows without a label.
+    pub unlabeled: u64,
+    /// Rows per label.
+    pub histogram: BTreeMap<i64, u64>,
+}
+
+impl LabelCounts {
+    fn add(&mut self, labels: &[Option<i64>]) {
+        for l in labels {
+            match l {
+                Some(v) => {
+                    self.labeled += 1;
+                    *self.histogram.entry(*v).or_insert(0) += 1;
+                }
+                None => self.unlabeled += 1,
+            }
+        }
+    }
+}
+
+/// Counts a dataset's labels, reading the label column alone.
+pub fn label_counts(ds: &Dataset) -> Result<LabelCounts> {
+    let mut counts = LabelCounts::default();
+    for chunk in ds.chunks() {
+        counts.add(&read_labels(ds, chunk)?.0);
+    }
+    Ok(counts)
+}
+
 /// Reads the whole dataset and summarises it.
 pub fn inspect(ds: &Dataset) -> Result<Inspection> {
-    let mut hist = BTreeMap::new();
-    let (mut labeled, mut unlabeled) = (0, 0);
+    let mut counts = LabelCounts::default();
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for chunk in ds.chunks() {
         let data = read_chunk(ds, chunk)?;
-        for l in &data.labels {
-            match l {
-                Some(v) => {
-                    labeled += 1;
-                    *hist.entry(*v).or_insert(0u64) += 1;
-                }
-                None => unlabeled += 1,
-            }
-        }
+        counts.add(&data.labels);
         let (a, b) = match &data.pixels {
             Pixels::Uint8(v) => {
                 let (a, b) = v
@@ -80,9 +105,9 @@ pub fn inspect(ds: &Dataset) -> Result<Inspection> {
         shape: schema.shape.clone(),
         pixel_type: schema.pixel,
         has_id: schema.has_id,
-        labeled,
-        unlabeled,
-        label_histogram: hist,
+        labeled: counts.labeled,
+        unlabeled: counts.unlabeled,
+        label_histogram: counts.histogram,
         x_min: lo,
         x_max: hi,
     })

@@ -18,14 +18,14 @@ mod stream;
 mod writer;
 
 pub use binarize::{Binarize, Binarizer};
-pub use chunk_reader::{read_chunk, ChunkData, Pixels, DERIVED_ID_ROW_BITS};
+pub use chunk_reader::{read_chunk, read_labels, ChunkData, Pixels, DERIVED_ID_ROW_BITS};
 pub use dataset::{Chunk, DataFile, Dataset};
 pub use error::{DataError, Result};
 pub use format::{
     checked_numel, join_shape, parse_shape, DataSchema, PixelType, ID_COLUMN, LABEL_COLUMN,
     MAX_EXAMPLE_VALUES, SHAPE_KEY, X_COLUMN,
 };
-pub use inspect::{inspect, Inspection};
+pub use inspect::{inspect, label_counts, Inspection, LabelCounts};
 pub use plan::{share, Cursor, DataPlan, EpochOrder, PlannedBatch, RankPlan, RowRef};
 pub use seed::derive_seed;
 pub use stream::{Batch, BatchStream};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use elbo_datasets::convert::{convert_csv, convert_idx, convert_npy, CsvHeader, CsvOptions};
 use elbo_datasets::sprites::{make_sprites, resolve_builtin, sprite, Split, SpritesParams};
-use elbo_datasets::{inspect, read_chunk, Dataset, PixelType, Pixels};
+use elbo_datasets::{inspect, label_counts, read_chunk, Dataset, PixelType, Pixels};
 
 fn idx_bytes(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut v = magic.to_be_bytes().to_vec();
@@ -137,6 +137,27 @@ fn csv_with_header_label_and_unlabeled_rows() {
     assert_eq!(labels, [Some(3), None, Some(0)]);
     let report = inspect(&ds).unwrap();
     assert_eq!((report.labeled, report.unlabeled), (2, 1));
+}
+
+#[test]
+fn csv_without_a_label_column_gives_every_row_an_id_and_no_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("d.csv");
+    std::fs::write(&input, "1,2\n3,4\n5,6\n").unwrap();
+    let out = dir.path().join("d.parquet");
+    let s = convert_csv(&input, &out, &csv_opts()).unwrap();
+    assert_eq!((s.rows, s.labeled), (3, 0));
+    let (ds, x, labels) = all_rows(&out);
+    assert_eq!(x, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(labels, [None, None, None]);
+    let ids: Vec<u64> = ds
+        .chunks()
+        .iter()
+        .flat_map(|c| read_chunk(&ds, c).unwrap().ids)
+        .collect();
+    assert_eq!(ids, [0, 1, 2], "ids across row groups of 2");
+    let counts = label_counts(&ds).unwrap();
+    assert_eq!((counts.labeled, counts.unlabeled), (0, 3));
 }
 
 #[test]

@@ -2,11 +2,12 @@
 //! data plan, the step count and a freshly seeded trainer. A single-process run, each worker
 //! and the launcher all start here, so they agree by construction.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use elbo_datasets::sprites::Split;
-use elbo_datasets::{Cursor, DataPlan, Dataset};
+use elbo_datasets::{label_counts, Cursor, DataPlan, Dataset};
+use elbo_models::LabelUse;
 use elbo_settings::Config;
 use elbo_worker::checkpoint::Files;
 use elbo_worker::Trainer;
@@ -31,6 +32,8 @@ pub struct Job {
     pub total_steps: u64,
     /// SHA-256 of the config, recorded in checkpoints.
     pub config_sha256: String,
+    /// The data's labels were checked against what the model needs of them.
+    labels_checked: OnceLock<()>,
 }
 
 impl Job {
@@ -68,16 +71,58 @@ impl Job {
             test,
             plan,
             total_steps,
+            labels_checked: OnceLock::new(),
         })
     }
 
-    /// A trainer with the model's initial parameters.
+    /// A trainer with the model's initial parameters (the first time, after checking the
+    /// data's labels against what the model needs of them).
     pub fn trainer(&self, device: &Device) -> Result<Trainer> {
         let model = self.engine.model(&self.cfg, self.train.schema(), device)?;
+        if self.labels_checked.get().is_none() {
+            self.check_labels(model.labels())?;
+            let _ = self.labels_checked.set(());
+        }
         Ok(Trainer::new(
             model,
             step_config(&self.cfg, self.total_steps),
         )?)
+    }
+
+    /// Refuses, before training, data whose labels the model cannot use: a conditional model
+    /// needs a label on every row, each below its number of classes.
+    fn check_labels(&self, needs: LabelUse) -> Result<()> {
+        let Some(classes) = needs.classes() else {
+            return Ok(());
+        };
+        let kind = &self.cfg.model.kind;
+        for (key, ds) in [("data.train", &self.train), ("data.test", &self.test)] {
+            let what = format!("cannot read the labels of {key} = {:?}", ds.spec());
+            let counts = label_counts(ds).map_err(data(what))?;
+            let refuse = |why: String| {
+                EngineError::Invalid(format!(
+                    "model.kind = {kind:?} {why} ({key} = {:?})",
+                    ds.spec()
+                ))
+            };
+            if let Some((&top, _)) = counts.histogram.last_key_value() {
+                if top >= classes as i64 {
+                    return Err(refuse(format!(
+                        "has {classes} classes, but {key} holds label {top}: set the model's classes to at least {}",
+                        top + 1
+                    )));
+                }
+            }
+            if matches!(needs, LabelUse::Every { .. }) && counts.unlabeled > 0 {
+                return Err(refuse(format!(
+                    "needs a label on every row, but {key} has {} unlabeled rows of {}",
+                    counts.unlabeled,
+                    counts.labeled + counts.unlabeled
+                )));
+            }
+            tracing::info!(data = key, labeled = counts.labeled, unlabeled = counts.unlabeled, per_class = ?counts.histogram, "labels");
+        }
+        Ok(())
     }
 
     /// The cursor at the end of an epoch is the start of the next.

@@ -106,13 +106,8 @@ pub fn write_pictures(
     };
     let dir = run_dir.join("samples");
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    let samples = model.sample(64, cfg.run.seed, None, device)?;
-    grid(
-        &samples.flatten_all()?.to_vec1::<f32>()?,
-        shape,
-        8,
-        &dir.join("samples.png"),
-    )?;
+    let (samples, cols) = draw(model, 64, cfg.run.seed, None, device)?;
+    grid(&samples, shape, cols, &dir.join("samples.png"))?;
     let plan = test
         .plan(cfg.run.seed, 32, 32, false)
         .map_err(data("cannot plan the test data"))?;
@@ -189,21 +184,61 @@ pub fn curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
 /// Most samples one picture holds.
 pub const MAX_SAMPLES: usize = 4096;
 
-/// `elbo sample`: `n` samples of a trained run's model, as one square-ish PNG grid at `path`.
+/// Most classes a grid of class rows shows (the first ones).
+const MAX_CLASS_ROWS: usize = 16;
+
+/// About `n` samples of `model` and the columns of their grid: for a model that reads labels,
+/// of class `label`, or — with none — one row per class (the first 16); else unconditioned.
+fn draw(
+    model: &dyn Model,
+    n: usize,
+    seed: u64,
+    label: Option<i64>,
+    device: &Device,
+) -> Result<(Vec<f32>, usize)> {
+    let square = (n as f64).sqrt().ceil() as usize;
+    let (labels, cols) = match (model.labels().classes(), label) {
+        (None, None) => (None, square),
+        (None, Some(_)) => {
+            return Err(EngineError::Invalid(
+                "--label: this model does not read labels".into(),
+            ))
+        }
+        (Some(classes), Some(k)) if (0..classes as i64).contains(&k) => (Some(vec![k; n]), square),
+        (Some(classes), Some(k)) => {
+            return Err(EngineError::Invalid(format!(
+                "--label {k}: expected a class in 0..{classes}"
+            )))
+        }
+        (Some(classes), None) => {
+            let rows = classes.min(MAX_CLASS_ROWS);
+            let cols = (n / rows).max(1);
+            let labels = (0..rows * cols).map(|i| (i / cols) as i64).collect();
+            (Some(labels), cols)
+        }
+    };
+    let count = labels.as_ref().map_or(n, Vec::len);
+    let samples = model.sample(count, seed, labels.as_deref(), device)?;
+    Ok((samples.flatten_all()?.to_vec1::<f32>()?, cols))
+}
+
+/// `elbo sample`: about `n` samples of a trained run's model as one PNG grid at `path` (see
+/// [`draw`] for labels); returns how many it drew.
 pub fn write_samples(
     run: &crate::eval::TrainedRun,
     n: usize,
     seed: u64,
+    label: Option<i64>,
     path: &Path,
     device: &Device,
-) -> Result<()> {
+) -> Result<usize> {
     if !(1..=MAX_SAMPLES).contains(&n) {
         return Err(EngineError::Invalid(format!(
             "--n {n}: expected 1 to {MAX_SAMPLES}"
         )));
     }
     let shape = ImageShape::of(&run.test.schema().shape)?;
-    let cols = (n as f64).sqrt().ceil() as usize;
-    let samples = run.model.sample(n, seed, None, device)?;
-    grid(&samples.flatten_all()?.to_vec1::<f32>()?, shape, cols, path)
+    let (samples, cols) = draw(run.model.as_ref(), n, seed, label, device)?;
+    grid(&samples, shape, cols, path)?;
+    Ok(samples.len() / run.test.schema().dim.max(1))
 }

@@ -1,5 +1,6 @@
 //! The built-in model variants: one line each.
 
+use crate::cvae::Cvae;
 use crate::registry::Registry;
 use crate::vae::{BetaVae, Vae};
 
@@ -9,6 +10,7 @@ impl Registry {
         let mut r = Registry::default();
         r.register::<Vae>();
         r.register::<BetaVae>();
+        r.register::<Cvae>();
         r
     }
 }

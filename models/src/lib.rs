@@ -6,6 +6,7 @@ mod bernoulli;
 mod buffers;
 mod builtin;
 mod cpu;
+mod cvae;
 mod dense;
 mod error;
 mod gaussian;
@@ -23,6 +24,7 @@ mod vae;
 
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
+pub use cvae::{Cvae, CvaeConfig};
 pub use dense::dense;
 pub use error::{ModelError, Result};
 pub use gaussian::reparameterise;
@@ -31,8 +33,8 @@ pub use iwae::{iw_bound, ActiveUnits};
 pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 pub use likelihood::{Likelihood, LikelihoodKind};
 pub use model::{
-    EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Picture, Statistics,
-    StepContext, Term,
+    EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Picture,
+    Statistics, StepContext, Term,
 };
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};

@@ -154,6 +154,28 @@ pub struct Picture {
     pub cols: usize,
 }
 
+/// What a model needs of the data's labels (checked over the whole data before training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelUse {
+    /// Labels are not read.
+    Ignored,
+    /// Every row needs a label in `0..classes` (a conditional model).
+    Every {
+        /// Number of classes.
+        classes: usize,
+    },
+}
+
+impl LabelUse {
+    /// The number of classes, for models that read labels.
+    pub fn classes(self) -> Option<usize> {
+        match self {
+            LabelUse::Ignored => None,
+            LabelUse::Every { classes } => Some(classes),
+        }
+    }
+}
+
 /// A latent-variable model trained by a variational bound (or its relatives).
 pub trait Model: Send {
     /// The trainable parameters, by name.
@@ -166,6 +188,11 @@ pub trait Model: Send {
 
     /// What the model reports besides gradients.
     fn statistics(&self) -> Statistics;
+
+    /// What it needs of the data's labels (nothing by default).
+    fn labels(&self) -> LabelUse {
+        LabelUse::Ignored
+    }
 
     /// Sums over this rank's rows that the loss needs from the global batch: a 1-D tensor of
     /// [`Statistics::batch`] values (only called when that is not 0).
@@ -190,7 +217,8 @@ pub trait Model: Send {
     fn evaluator<'a>(&'a self, options: EvalOptions<'a>) -> Result<Box<dyn Evaluator + 'a>>;
 
     /// `n` examples drawn from the model, as means of the observation model: (n, D). With
-    /// `labels`, conditioned on them (models without labels ignore them).
+    /// `labels` (one per example), conditioned on them: a model that reads labels needs them,
+    /// the others ignore them.
     fn sample(
         &self,
         n: usize,

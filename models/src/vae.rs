@@ -1,5 +1,7 @@
 //! The VAE (and β-VAE through the objective): diagonal Gaussian posterior, MLP or
-//! convolutional encoder/decoder, any likelihood.
+//! convolutional encoder/decoder, any likelihood — optionally conditioned on a class label
+//! (the conditional VAE): the label's one-hot code is appended to the encoder's input features
+//! and to the latent the decoder reads.
 
 use std::ops::Range;
 
@@ -11,7 +13,8 @@ use crate::iwae::{iw_bound, ActiveUnits};
 use crate::layers::{linear, ConvDecoder, ConvEncoder, Linear, Mlp};
 use crate::likelihood::Likelihood;
 use crate::model::{
-    EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Statistics, StepContext,
+    EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Statistics,
+    StepContext,
 };
 use crate::noise::{Noise, Purpose};
 use crate::objective::{free_bits_statistics, gaussian_kl, vae_loss, VAE_TERMS};
@@ -33,7 +36,7 @@ enum Trunk {
     },
 }
 
-/// A VAE.
+/// A VAE, conditioned on a class label when it has `classes`.
 pub struct Vae {
     spec: ModelSpec,
     params: Params,
@@ -42,11 +45,26 @@ pub struct Vae {
     log_var: Linear,
     likelihood: Likelihood,
     dim: usize,
+    /// Classes of the label it is conditioned on (0: unconditional).
+    classes: usize,
 }
 
 impl Vae {
     /// Builds a VAE with parameters drawn from `seed`.
     pub fn new(spec: ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        Vae::conditional(spec, 0, device, seed)
+    }
+
+    /// Builds a VAE conditioned on a label of `classes` classes (0: unconditional), parameters
+    /// drawn from `seed`. With a label, encoder and decoder read its one-hot code beside their
+    /// input: for convolutions it joins the flattened features after the convolutional stack
+    /// (K more inputs to a dense layer instead of K constant planes convolved at every position).
+    pub fn conditional(
+        spec: ModelSpec,
+        classes: usize,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         spec.objective.validate()?;
         let dim: usize = spec.input_shape.iter().product();
         if dim == 0 || spec.latent_dim == 0 || spec.hidden.contains(&0) {
@@ -65,10 +83,10 @@ impl Vae {
         let p = &mut params;
         let (trunk, head_in) = match spec.architecture {
             Architecture::Mlp => {
-                let mut sizes = vec![dim];
+                let mut sizes = vec![dim + classes];
                 sizes.extend(&spec.hidden);
                 let enc = Mlp::new(p, "encoder", &sizes, spec.activation)?;
-                let mut dec_sizes = vec![spec.latent_dim];
+                let mut dec_sizes = vec![spec.latent_dim + classes];
                 dec_sizes.extend(spec.hidden.iter().rev());
                 dec_sizes.push(dim);
                 let dec = Mlp::new(p, "decoder", &dec_sizes, spec.activation)?;
@@ -86,11 +104,11 @@ impl Vae {
                     }
                 };
                 let enc = ConvEncoder::new(p, "encoder", c, s, spec.activation)?;
-                let mut fc = vec![enc.features];
+                let mut fc = vec![enc.features + classes];
                 fc.extend(&spec.hidden);
                 let enc_fc = Mlp::new(p, "encoder.fc", &fc, spec.activation)?;
                 let (dec, features) = ConvDecoder::new(p, "decoder", c, s, spec.activation)?;
-                let mut dfc = vec![spec.latent_dim];
+                let mut dfc = vec![spec.latent_dim + classes];
                 dfc.extend(spec.hidden.iter().rev());
                 dfc.push(features);
                 let dec_fc = Mlp::new(p, "decoder.fc", &dfc, spec.activation)?;
@@ -118,6 +136,7 @@ impl Vae {
             log_var,
             likelihood,
             dim,
+            classes,
         })
     }
 
@@ -141,11 +160,43 @@ impl Vae {
         }
     }
 
-    /// q(z|x): (μ, log σ²), each (B, d).
-    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The one-hot codes (B, classes) of the labels a conditional VAE reads (`None` when it is
+    /// unconditional); a missing or out-of-range label is an error naming the row.
+    pub fn condition(
+        &self,
+        labels: &[Option<i64>],
+        ids: &[u64],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        if self.classes == 0 {
+            return Ok(None);
+        }
+        let k = self.classes;
+        let mut code = vec![0f32; labels.len() * k];
+        for (i, (label, id)) in labels.iter().zip(ids).enumerate() {
+            match label {
+                Some(y) if (0..k as i64).contains(y) => code[i * k + *y as usize] = 1.0,
+                Some(y) => {
+                    return Err(ModelError::Input(format!(
+                        "row {id} has label {y}, but the model has {k} classes (0 to {})",
+                        k - 1
+                    )))
+                }
+                None => {
+                    return Err(ModelError::Input(format!(
+                        "row {id} has no label: a conditional VAE needs a label on every row"
+                    )))
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(code, (labels.len(), k), device)?))
+    }
+
+    /// q(z|x[, y]): (μ, log σ²), each (B, d); `y` the one-hot codes of a conditional VAE.
+    pub fn encode(&self, x: &Tensor, y: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         self.check(x)?;
         let h = match &self.trunk {
-            Trunk::Mlp { enc, .. } => enc.forward(x, true)?,
+            Trunk::Mlp { enc, .. } => enc.forward(&joined(x, y)?, true)?,
             Trunk::Conv {
                 enc,
                 enc_fc,
@@ -153,7 +204,7 @@ impl Vae {
                 ..
             } => {
                 let h = enc.forward(&x.reshape((x.dim(0)?, *c, *s, *s))?)?;
-                enc_fc.forward(&h, true)?
+                enc_fc.forward(&joined(&h, y)?, true)?
             }
         };
         let clamp = self.spec.log_var_clamp;
@@ -163,16 +214,25 @@ impl Vae {
         ))
     }
 
-    /// The decoder's output (logits or means) for latents (N, d): (N, D).
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    /// The decoder's output (logits or means) for latents (N, d) [and one-hot codes]: (N, D).
+    pub fn decode(&self, z: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        let z = joined(z, y)?;
         Ok(match &self.trunk {
-            Trunk::Mlp { dec, .. } => dec.forward(z, false)?,
+            Trunk::Mlp { dec, .. } => dec.forward(&z, false)?,
             Trunk::Conv { dec_fc, dec, .. } => {
-                let h = dec_fc.forward(z, true)?;
+                let h = dec_fc.forward(&z, true)?;
                 dec.forward(&h)?.flatten_from(1)?
             }
         })
     }
+}
+
+/// `h` with the one-hot codes appended to its features, if any.
+fn joined(h: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match y {
+        Some(y) => Tensor::cat(&[h, y], 1)?,
+        None => h.clone(),
+    })
 }
 
 impl Vae {
@@ -183,7 +243,8 @@ impl Vae {
         noise: &Noise,
         samples: Range<usize>,
     ) -> Result<Tensor> {
-        let (mu, log_var) = self.encode(input.x)?;
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        let (mu, log_var) = self.encode(input.x, y.as_ref())?;
         let (b, d) = mu.dims2()?;
         let s = samples.len();
         let eps: Vec<Tensor> = samples
@@ -192,7 +253,15 @@ impl Vae {
         let eps = Tensor::stack(&eps, 0)?; // (S, B, d)
         let std = log_var.affine(0.5, 0.0)?.exp()?;
         let z = eps.broadcast_mul(&std)?.broadcast_add(&mu)?; // (S, B, d)
-        let out = self.decode(&z.reshape((s * b, d))?)?;
+        let ys = match &y {
+            Some(y) => Some(
+                y.unsqueeze(0)?
+                    .broadcast_as((s, b, self.classes))?
+                    .reshape((s * b, self.classes))?,
+            ),
+            None => None,
+        };
+        let out = self.decode(&z.reshape((s * b, d))?, ys.as_ref())?;
         let x = input
             .x
             .unsqueeze(0)?
@@ -209,9 +278,9 @@ impl Vae {
         Ok(((log_px + log_pz)? - log_qz)?)
     }
 
-    /// The mean of p(x|z) for latents `z` (N, latent_dim): (N, D).
-    pub fn decode_mean(&self, z: &Tensor) -> Result<Tensor> {
-        self.likelihood.mean(&self.decode(z)?)
+    /// The mean of p(x|z[, y]) for latents `z` (N, latent_dim): (N, D).
+    pub fn decode_mean(&self, z: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        self.likelihood.mean(&self.decode(z, y)?)
     }
 
     /// The per-example reconstruction NLL (B,) and per-dimension KL (B, d) of one posterior
@@ -223,7 +292,8 @@ impl Vae {
         purpose: Purpose,
         counter: u64,
     ) -> Result<(Tensor, Tensor)> {
-        let (mu, log_var) = self.encode(input.x)?;
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        let (mu, log_var) = self.encode(input.x, y.as_ref())?;
         let eps = noise.rows(
             purpose,
             counter,
@@ -232,7 +302,9 @@ impl Vae {
             input.x.device(),
         )?;
         let z = reparameterise(&mu, &log_var, &eps)?;
-        let rec = self.likelihood.nll(&self.decode(&z)?, input.x)?;
+        let rec = self
+            .likelihood
+            .nll(&self.decode(&z, y.as_ref())?, input.x)?;
         Ok((rec, gaussian_kl(&mu, &log_var)?))
     }
 }
@@ -253,8 +325,16 @@ impl Model for Vae {
         }
     }
 
+    fn labels(&self) -> LabelUse {
+        match self.classes {
+            0 => LabelUse::Ignored,
+            classes => LabelUse::Every { classes },
+        }
+    }
+
     fn batch_statistics(&self, input: &Input<'_>, _ctx: &StepContext<'_>) -> Result<Tensor> {
-        let (mu, log_var) = self.encode(input.x)?;
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        let (mu, log_var) = self.encode(input.x, y.as_ref())?;
         free_bits_statistics(&gaussian_kl(&mu.detach(), &log_var.detach())?)
     }
 
@@ -279,16 +359,30 @@ impl Model for Vae {
         &self,
         n: usize,
         seed: u64,
-        _labels: Option<&[i64]>,
+        labels: Option<&[i64]>,
         device: &Device,
     ) -> Result<Tensor> {
         let ids: Vec<u64> = (0..n as u64).collect();
         let z = Noise::new(seed).rows(Purpose::Sample, 0, &ids, self.spec.latent_dim, device)?;
-        self.decode_mean(&z)
+        let y = match (self.classes, labels) {
+            (0, _) => None,
+            (_, Some(labels)) if labels.len() == n => {
+                let labels: Vec<Option<i64>> = labels.iter().map(|l| Some(*l)).collect();
+                self.condition(&labels, &ids, device)?
+            }
+            (_, labels) => {
+                return Err(ModelError::Input(format!(
+                    "a conditional VAE samples given one label per sample: {n} samples, {} labels",
+                    labels.map_or(0, <[i64]>::len)
+                )))
+            }
+        };
+        self.decode_mean(&z, y.as_ref())
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
-        self.decode_mean(&self.encode(input.x)?.0)
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        self.decode_mean(&self.encode(input.x, y.as_ref())?.0, y.as_ref())
     }
 
     fn traversals(
@@ -297,7 +391,12 @@ impl Model for Vae {
         max_dims: usize,
         steps: usize,
     ) -> Result<Option<Tensor>> {
-        let base = self.encode(input.x)?.0.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        let base = self
+            .encode(input.x, y.as_ref())?
+            .0
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let d = base.len();
         let dims = d.min(max_dims);
         let mut z = Vec::with_capacity(dims * steps * d);
@@ -309,7 +408,11 @@ impl Model for Vae {
             }
         }
         let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
-        Ok(Some(self.decode_mean(&z)?))
+        let ys = match &y {
+            Some(y) => Some(y.broadcast_as((dims * steps, self.classes))?.contiguous()?),
+            None => None,
+        };
+        Ok(Some(self.decode_mean(&z, ys.as_ref())?))
     }
 }
 
@@ -338,7 +441,10 @@ impl Evaluator for VaeEvaluator<'_> {
             })?;
             self.nll_iw -= bound.iter().sum::<f64>();
         }
-        self.active.add(&self.vae.encode(input.x)?.0)?;
+        let y = self
+            .vae
+            .condition(input.labels, input.ids, input.x.device())?;
+        self.active.add(&self.vae.encode(input.x, y.as_ref())?.0)?;
         self.rows += input.ids.len() as u64;
         Ok(())
     }

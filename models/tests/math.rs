@@ -147,14 +147,21 @@ fn gaussian_nll_matches_hand_computed() {
 
 /// Central finite differences of the whole loss against autograd, for a sample of parameters.
 fn check_gradients(likelihood: LikelihoodKind, objective: Objective) {
+    check_gradients_of(likelihood, objective, 0);
+}
+
+/// The same for a VAE conditioned on a label of `classes` classes (0: unconditional).
+fn check_gradients_of(likelihood: LikelihoodKind, objective: Objective, classes: usize) {
     let spec = ModelSpec {
         objective,
         ..spec(likelihood, Activation::Tanh)
     };
-    let vae = Vae::new(spec, &Device::Cpu, 3).unwrap();
+    let vae = Vae::conditional(spec, classes, &Device::Cpu, 3).unwrap();
     let x = data(4, 6, 9);
     let ids = [10u64, 11, 12, 13];
-    let labels = [None; 4];
+    let labels: Vec<Option<i64>> = (0..4)
+        .map(|i| (classes > 0).then_some(i % classes.max(1) as i64))
+        .collect();
     let input = Input {
         x: &x,
         labels: &labels,
@@ -202,6 +209,98 @@ fn check_gradients(likelihood: LikelihoodKind, objective: Objective) {
 #[test]
 fn gradients_match_finite_differences_bernoulli() {
     check_gradients(LikelihoodKind::Bernoulli, Objective::default());
+}
+
+#[test]
+fn gradients_of_the_conditional_vae_match_finite_differences() {
+    check_gradients_of(LikelihoodKind::Bernoulli, Objective::default(), 3);
+}
+
+#[test]
+fn a_conditional_vae_reads_every_rows_label_and_refuses_bad_ones() {
+    let vae = Vae::conditional(
+        spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        3,
+        &Device::Cpu,
+        2,
+    )
+    .unwrap();
+    let x = data(2, 6, 5);
+    let ids = [7u64, 8];
+    let noise = Noise::new(1);
+    let loss_with = |labels: &[Option<i64>]| {
+        let input = Input {
+            x: &x,
+            labels,
+            ids: &ids,
+        };
+        let ctx = StepContext {
+            step: 0,
+            noise: &noise,
+            global_rows: 2,
+            batch_stats: &[],
+        };
+        vae.loss(&input, &ctx)
+            .map(|out| out.loss.to_scalar::<f32>().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let a = loss_with(&[Some(0), Some(1)]).unwrap();
+    let b = loss_with(&[Some(2), Some(1)]).unwrap();
+    assert!(
+        (a - b).abs() > 1e-4,
+        "the label changes the bound: {a} vs {b}"
+    );
+    let missing = loss_with(&[Some(0), None]).unwrap_err();
+    assert!(missing.contains("row 8 has no label"), "{missing}");
+    let outside = loss_with(&[Some(3), Some(0)]).unwrap_err();
+    assert!(
+        outside.contains("row 7 has label 3, but the model has 3 classes"),
+        "{outside}"
+    );
+    assert_eq!(vae.labels(), elbo_models::LabelUse::Every { classes: 3 });
+    let drawn = vae.sample(4, 0, Some(&[0, 0, 2, 2]), &Device::Cpu).unwrap();
+    assert_eq!(drawn.dims(), [4, 6]);
+    let rows = drawn.to_vec2::<f32>().unwrap();
+    assert!(
+        rows[0] != rows[2],
+        "the same noise decodes differently under another label"
+    );
+    assert!(
+        vae.sample(4, 0, None, &Device::Cpu).is_err(),
+        "a conditional VAE samples given labels"
+    );
+}
+
+#[test]
+fn the_conditional_iw_bound_is_above_the_elbo_and_grows_with_k() {
+    let sharp = ModelSpec {
+        variance: 0.02,
+        ..spec(LikelihoodKind::GaussianFixed, Activation::Relu)
+    };
+    let vae = Vae::conditional(sharp, 4, &Device::Cpu, 4).unwrap();
+    let x = data(128, 6, 3);
+    let ids: Vec<u64> = (0..128).collect();
+    let labels: Vec<Option<i64>> = (0..128).map(|i| Some(i % 4)).collect();
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let noise = Noise::new(2);
+    let bound = |k: usize| {
+        let b = iw_bound(128, k, 1 << 20, |s| vae.log_weights(&input, &noise, s)).unwrap();
+        b.iter().sum::<f64>() / b.len() as f64
+    };
+    let elbo = -(0..50u64)
+        .map(|s| mean(&loss(&vae, &input, &noise, s).terms["neg_elbo"]))
+        .sum::<f64>()
+        / 50.0;
+    let (one, many) = (bound(1), bound(100));
+    assert!(
+        (one - elbo).abs() < 0.02 * elbo.abs(),
+        "k = 1 estimates the conditional ELBO: {one} vs {elbo}"
+    );
+    assert!(many > one, "k = 100 is tighter: {many} vs {one}");
 }
 
 #[test]
@@ -423,7 +522,7 @@ fn conv_vaes_take_28_32_and_64_pixel_images() {
         let out = loss(&vae, &input, &Noise::new(0), 0);
         assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
         let z = Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(vae.decode_mean(&z).unwrap().dims(), [3, side * side]);
+        assert_eq!(vae.decode_mean(&z, None).unwrap().dims(), [3, side * side]);
         let grads = out.loss.backward().unwrap();
         assert!(
             vae.params()

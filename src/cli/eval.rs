@@ -84,6 +84,10 @@ pub struct SampleArgs {
     /// Seed of the prior draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Draw every sample of this class (models that read labels; without it, one row per
+    /// class).
+    #[arg(long)]
+    label: Option<i64>,
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -92,7 +96,7 @@ pub struct SampleArgs {
 pub fn sample(engine: &Engine, args: SampleArgs) -> anyhow::Result<()> {
     let device = device(&args.device)?;
     let run = load_run(engine, &args.run_dir, &device)?;
-    write_samples(&run, args.n, args.seed, &args.out, &device)?;
-    println!("wrote {} samples to {}", args.n, args.out.display());
+    let drawn = write_samples(&run, args.n, args.seed, args.label, &args.out, &device)?;
+    println!("wrote {drawn} samples to {}", args.out.display());
     Ok(())
 }

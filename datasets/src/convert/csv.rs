@@ -101,7 +101,11 @@ pub fn convert_csv(input: &Path, out: &Path, opts: &CsvOptions) -> Result<Conver
     let data_lines = (!is_header).then_some(Ok(first)).into_iter().chain(records);
     let mut flush =
         |bytes: &mut Vec<u8>, floats: &mut Vec<f32>, labels: &mut Vec<Option<i64>>, rows: u64| {
-            let ids: Vec<u64> = (rows - labels.len() as u64..rows).collect();
+            let pending = match opts.pixel {
+                PixelType::Uint8 => bytes.len(),
+                PixelType::Float32 => floats.len(),
+            } / dim;
+            let ids: Vec<u64> = (rows - pending as u64..rows).collect();
             let x = match opts.pixel {
                 PixelType::Uint8 => PixelSlice::Uint8(bytes),
                 PixelType::Float32 => PixelSlice::Float32(floats),
