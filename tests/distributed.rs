@@ -138,6 +138,23 @@ fn free_bits_train_the_same_model_at_one_two_and_four_workers() {
     same_model_at_every_world_size(&["--set", "model.free_bits=0.5"]);
 }
 
+/// M2 on batches of labeled rows (4 kept per class, 8 a batch) beside unlabeled ones: its
+/// means are normalised by the global batch's labeled and unlabeled counts, so any world size
+/// trains the same model.
+#[test]
+fn m2_trains_the_same_model_at_one_two_and_four_workers() {
+    same_model_at_every_world_size(&[
+        "--set",
+        "model.kind=m2",
+        "--set",
+        "model.m2.classes=3",
+        "--set",
+        "data.labeled_per_class=4",
+        "--set",
+        "data.labeled_per_batch=8",
+    ]);
+}
+
 /// The conditional VAE (the sprites' shape as its label) trains the same model at any world
 /// size too.
 #[test]

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{elbo, ok};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 /// A small, fast run: 600 sprites of 32×32, batch 50 (12 steps per epoch), 3 epochs.
@@ -31,8 +31,13 @@ fn train(run: &Path, cache: &Path, extra: &[&str]) -> Output {
     elbo(&args, cache)
 }
 
+/// The files of a run's newest checkpoint.
 fn final_checkpoint(run: &Path) -> Vec<(String, Vec<u8>)> {
-    let dir = run.join("checkpoints/step-000000036");
+    let dir = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
     ["model.safetensors", "optim.safetensors", "state.json"]
         .iter()
         .map(|f| {
@@ -45,27 +50,28 @@ fn final_checkpoint(run: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-#[test]
-fn resuming_reproduces_the_uninterrupted_run_byte_for_byte() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = tmp.path().join("cache");
-    let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
-    ok(train(&whole, &cache, &[]));
-    // Stop mid-epoch (step 17 of 36, not on a checkpoint boundary), then resume to the end.
-    let said = ok(train(&split, &cache, &["--max-steps", "17"]));
+/// Trains the small run of `extra` settings whole, and again stopped mid-epoch (step 17 of
+/// 36, not on a checkpoint boundary) and resumed: the final checkpoints are byte-identical and
+/// the loss curves equal. Returns the run directories (whole, resumed).
+fn resume_is_exact(tmp: &Path, cache: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let (whole, split) = (tmp.join("whole"), tmp.join("split"));
+    ok(train(&whole, cache, extra));
+    let mut first = extra.to_vec();
+    first.extend(["--max-steps", "17"]);
+    let said = ok(train(&split, cache, &first));
     assert!(said.contains("trained 17 steps"), "{said}");
     assert!(
         !split.join("samples").exists(),
         "no pictures before the run is complete"
     );
-    ok(train(&split, &cache, &[]));
+    ok(train(&split, cache, extra));
     for ((file, a), (_, b)) in final_checkpoint(&whole)
         .iter()
         .zip(final_checkpoint(&split))
     {
         assert!(
             *a == b,
-            "{file} differs between the uninterrupted and the resumed run"
+            "{file} differs between the uninterrupted and the resumed run ({extra:?})"
         );
     }
     let metrics = |run: &Path| -> Vec<String> {
@@ -80,6 +86,13 @@ fn resuming_reproduces_the_uninterrupted_run_byte_for_byte() {
             .collect()
     };
     assert_eq!(metrics(&whole), metrics(&split), "the loss curves match");
+    (whole, split)
+}
+
+#[test]
+fn resuming_reproduces_the_uninterrupted_run_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, _) = resume_is_exact(tmp.path(), &tmp.path().join("cache"), &[]);
     for png in [
         "samples.png",
         "reconstructions.png",
@@ -184,7 +197,7 @@ fn unavailable_choices_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     for (set, expect) in [
-        ("model.kind=m2", "model.kind"),
+        ("model.kind=vqvae", "model.kind"),
         ("cluster.min_workers=9", "cluster.min_workers"),
     ] {
         let out = train(&tmp.path().join("r"), &cache, &["--set", set]);
@@ -351,6 +364,26 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
         err.contains("needs a label on every row, but data.train has 20 unlabeled rows of 20"),
         "{err}"
     );
+    let out = train(
+        &tmp.path().join("unlabeled-m2"),
+        &cache,
+        &[
+            "--set",
+            "model.kind=m2",
+            "--set",
+            &train_key,
+            "--set",
+            &test_key,
+            "--set",
+            "train.batch_size=4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs labeled rows, but data.train has none"),
+        "{err}"
+    );
 
     // A model that reads no labels takes no --label.
     let vae = tmp.path().join("vae");
@@ -369,4 +402,59 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("this model does not read labels"));
+}
+
+#[test]
+fn conditional_and_semi_supervised_runs_resume_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cvae = ["--set", "model.kind=cvae", "--set", "model.cvae.classes=3"];
+    resume_is_exact(&tmp.path().join("cvae"), &cache, &cvae);
+    let m2 = [
+        "--set",
+        "model.kind=m2",
+        "--set",
+        "model.m2.classes=3",
+        "--set",
+        "data.labeled_per_class=4",
+        "--set",
+        "data.labeled_per_batch=10",
+    ];
+    let (whole, _) = resume_is_exact(&tmp.path().join("m2"), &cache, &m2);
+    assert!(
+        whole.join("samples/analogies.png").is_file(),
+        "M2 draws its analogies"
+    );
+}
+
+#[test]
+fn semi_supervised_runs_refuse_data_they_cannot_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let m2 = |extra: &[&str]| {
+        let mut args = vec!["--set", "model.kind=m2", "--set", "model.m2.classes=3"];
+        args.extend(extra);
+        let out = train(&tmp.path().join("r"), &cache, &args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = m2(&["--set", "data.labeled_per_class=1000"]);
+    assert!(
+        err.contains("1000 labeled rows per class asked for, but class"),
+        "{err}"
+    );
+    let err = m2(&["--set", "data.labeled_per_batch=50"]);
+    assert!(
+        err.contains("data.labeled_per_batch") && err.contains("fewer than train.batch_size = 50"),
+        "{err}"
+    );
+    let err = m2(&["--set", "model.m2.classes=2"]);
+    assert!(
+        err.contains("has 2 classes, but data.train holds label 2"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("r/metrics.jsonl").exists(),
+        "nothing trained"
+    );
 }

@@ -10,6 +10,7 @@ mod error;
 mod format;
 mod fsutil;
 mod inspect;
+mod labeled;
 mod plan;
 mod prefetch;
 mod seed;
@@ -26,7 +27,8 @@ pub use format::{
     MAX_EXAMPLE_VALUES, SHAPE_KEY, X_COLUMN,
 };
 pub use inspect::{inspect, label_counts, Inspection, LabelCounts};
-pub use plan::{share, Cursor, DataPlan, EpochOrder, PlannedBatch, RankPlan, RowRef};
+pub use labeled::LabeledSet;
+pub use plan::{share, Cursor, DataPlan, EpochOrder, LabelPlan, PlannedBatch, RankPlan, RowRef};
 pub use seed::derive_seed;
 pub use stream::{Batch, BatchStream};
 pub use writer::{DatasetWriter, PixelSlice, Rows, WriterSpec, DEFAULT_ROW_GROUP_SIZE};

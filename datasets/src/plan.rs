@@ -15,6 +15,17 @@
 //! mostly its own slice of every window's row groups, and a [`Cursor`] is just (epoch, step):
 //! resuming, or re-dealing the rest of an epoch to another world size, visits every remaining
 //! row exactly once.
+//!
+//! A plan may carry a [`LabeledSet`] ([`DataPlan::with_labeled`]). Then only the rows it keeps
+//! show their labels; or, composing every global batch of `per_batch` labeled rows beside the
+//! batch of unlabeled rows above, every row of the global order counts as unlabeled (still
+//! exactly once per epoch) and the labeled rows come from the set, cycled: global step `g`
+//! takes positions `[g·L, (g+1)·L)` of an endless sequence of the set's rows, each pass over the
+//! set permuted with a seed derived from (seed, pass). The labeled rows of a step are cut into
+//! `world` contiguous parts like the others, so they too are the same at any world size and
+//! after a resume.
+
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -22,6 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::labeled::LabeledSet;
 use crate::seed::derive_seed;
 
 /// A row of the dataset: a chunk index (into the chunk list the plan was built from) and a row
@@ -52,6 +64,23 @@ impl Cursor {
 
 const CHUNK_STREAM: u64 = 1;
 const WINDOW_STREAM: u64 = 2;
+const LABELED_STREAM: u64 = 7;
+
+/// How a plan's batches show labels.
+#[derive(Debug, Clone)]
+pub enum LabelPlan {
+    /// As the data has them.
+    AsRead,
+    /// Only on the rows the set keeps.
+    Kept(Arc<LabeledSet>),
+    /// On `per_batch` rows of every global batch, drawn from the set (cycled); on no other.
+    Composed {
+        /// The labeled rows (pixels loaded).
+        set: Arc<LabeledSet>,
+        /// Labeled rows per global batch.
+        per_batch: u64,
+    },
+}
 
 /// The plan of a dataset for one run: chunk sizes, seed, global batch size and shuffle window.
 #[derive(Debug, Clone)]
@@ -62,6 +91,7 @@ pub struct DataPlan {
     batch: u64,
     window: u64,
     shuffle: bool,
+    labels: LabelPlan,
 }
 
 impl DataPlan {
@@ -100,7 +130,38 @@ impl DataPlan {
             batch: batch_size,
             window,
             shuffle,
+            labels: LabelPlan::AsRead,
         })
+    }
+
+    /// This plan with labels only on the rows `set` keeps; with `per_batch` > 0, every global
+    /// batch also holds `per_batch` labeled rows drawn from the set (whose pixels a stream then
+    /// needs loaded) and the batch of the global order holds none (see the module docs).
+    pub fn with_labeled(mut self, set: Arc<LabeledSet>, per_batch: u64) -> Result<DataPlan> {
+        if set.is_empty() {
+            return Err(DataError::Invalid(
+                "data plan: the labeled set is empty".into(),
+            ));
+        }
+        self.labels = if per_batch == 0 {
+            LabelPlan::Kept(set)
+        } else {
+            LabelPlan::Composed { set, per_batch }
+        };
+        Ok(self)
+    }
+
+    /// How the batches show labels.
+    pub fn labels(&self) -> &LabelPlan {
+        &self.labels
+    }
+
+    /// Labeled rows each global batch carries beside the global order's (0 unless composed).
+    pub fn labeled_per_batch(&self) -> u64 {
+        match self.labels {
+            LabelPlan::Composed { per_batch, .. } => per_batch,
+            _ => 0,
+        }
     }
 
     /// Rows per epoch.
@@ -161,6 +222,7 @@ impl DataPlan {
         Ok(RankPlan {
             order: self.epoch(cursor.epoch),
             window: None,
+            pass: None,
             next_step: cursor.step,
             world,
             rank,
@@ -210,6 +272,8 @@ impl EpochOrder<'_> {
 pub struct RankPlan<'a> {
     order: EpochOrder<'a>,
     window: Option<(u64, Vec<u64>)>,
+    /// The labeled set's order in the current pass over it (composed plans).
+    pass: Option<(u64, Vec<u32>)>,
     next_step: u64,
     world: u32,
     rank: u32,
@@ -220,13 +284,20 @@ pub struct RankPlan<'a> {
 pub struct PlannedBatch {
     /// Where the plan stands after this batch.
     pub cursor_after: Cursor,
-    /// Rows of the whole global batch (all ranks).
+    /// Rows of the whole global batch (all ranks, labeled rows of a composed plan included).
     pub global_rows: u64,
-    /// This rank's rows, sorted by position in the chunk sequence.
+    /// This rank's rows of the global order, sorted by position in the chunk sequence.
     pub rows: Vec<RowRef>,
+    /// This rank's labeled rows from the labeled set (composed plans), in their order.
+    pub labeled: Vec<RowRef>,
 }
 
 impl RankPlan<'_> {
+    /// How the plan's batches show labels.
+    pub fn labels(&self) -> &LabelPlan {
+        &self.order.plan.labels
+    }
+
     /// The cursor of the next batch.
     pub fn cursor(&self) -> Cursor {
         Cursor {
@@ -238,6 +309,29 @@ impl RankPlan<'_> {
     /// Steps per shuffle window.
     pub fn steps_per_window(&self) -> u64 {
         self.order.plan.window / self.order.plan.batch
+    }
+
+    /// The labeled rows of global step `global` (composed plans): positions
+    /// `[global·L, (global+1)·L)` of the set's rows, each pass over them in its own order.
+    fn labeled_rows(&mut self, global: u64) -> Vec<RowRef> {
+        let plan = self.order.plan;
+        let LabelPlan::Composed { set, per_batch } = &plan.labels else {
+            return Vec::new();
+        };
+        let n = set.len() as u64;
+        (global * per_batch..(global + 1) * per_batch)
+            .map(|position| {
+                let pass = position / n;
+                if self.pass.as_ref().map(|(p, _)| *p) != Some(pass) {
+                    let mut order: Vec<u32> = (0..n as u32).collect();
+                    let seed = derive_seed(plan.seed, &[LABELED_STREAM, pass]);
+                    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+                    self.pass = Some((pass, order));
+                }
+                let (_, order) = self.pass.as_ref().expect("the pass was just set");
+                set.row(order[(position % n) as usize] as usize)
+            })
+            .collect()
     }
 
     /// The remaining batches of the current shuffle window (empty at the end of the epoch).
@@ -280,11 +374,15 @@ impl Iterator for RankPlan<'_> {
             .iter()
             .map(|o| self.order.row_at(*o))
             .collect();
+        let labeled_all = self.labeled_rows(self.order.epoch * plan.steps_per_epoch() + step);
+        let (lo, hi) = share(labeled_all.len() as u64, self.world, self.rank);
+        let labeled = labeled_all[lo as usize..hi as usize].to_vec();
         self.next_step += 1;
         Some(PlannedBatch {
             cursor_after: self.cursor(),
-            global_rows,
+            global_rows: global_rows + labeled_all.len() as u64,
             rows,
+            labeled,
         })
     }
 }

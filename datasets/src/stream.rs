@@ -13,8 +13,8 @@ use std::sync::Arc;
 use crate::binarize::Binarizer;
 use crate::chunk_reader::ChunkData;
 use crate::dataset::Dataset;
-use crate::error::Result;
-use crate::plan::{Cursor, PlannedBatch, RankPlan};
+use crate::error::{DataError, Result};
+use crate::plan::{Cursor, LabelPlan, PlannedBatch, RankPlan};
 use crate::prefetch::Prefetcher;
 
 /// One minibatch of one rank.
@@ -45,6 +45,8 @@ impl Batch {
 pub struct BatchStream<'a> {
     dataset: Arc<Dataset>,
     plan: RankPlan<'a>,
+    /// How the plan shows labels.
+    labels: LabelPlan,
     binarizer: Binarizer,
     /// Planned batches not yet served: the rest of the current window and the next one.
     pending: VecDeque<PlannedBatch>,
@@ -75,6 +77,7 @@ impl<'a> BatchStream<'a> {
         let prefetch = Prefetcher::new(&dataset, decode_threads);
         BatchStream {
             dataset,
+            labels: plan.labels().clone(),
             plan,
             binarizer,
             pending: VecDeque::new(),
@@ -125,7 +128,7 @@ impl<'a> BatchStream<'a> {
     fn assemble(&mut self, planned: PlannedBatch) -> Result<Batch> {
         let dim = self.dataset.schema().dim;
         let epoch = planned.cursor_after.epoch;
-        let n = planned.rows.len();
+        let n = planned.rows.len() + planned.labeled.len();
         let mut batch = Batch {
             x: vec![0.0; n * dim],
             dim,
@@ -148,8 +151,26 @@ impl<'a> BatchStream<'a> {
             let row = r.row as usize;
             data.copy_row(row, dim, out);
             self.binarizer.apply(out, data.ids[row], epoch);
-            batch.labels.push(data.labels[row]);
+            batch.labels.push(match &self.labels {
+                LabelPlan::AsRead => data.labels[row],
+                LabelPlan::Kept(set) => set.label(*r),
+                LabelPlan::Composed { .. } => None,
+            });
             batch.ids.push(data.ids[row]);
+        }
+        if let LabelPlan::Composed { set, .. } = &self.labels {
+            let outs = batch.x[planned.rows.len() * dim..].chunks_exact_mut(dim.max(1));
+            for (r, out) in planned.labeled.iter().zip(outs) {
+                let (id, label) = set.copy_row(*r, out).ok_or_else(|| {
+                    DataError::Invalid(
+                        "data plan: the labeled set's rows are not loaded (LabeledSet::load)"
+                            .into(),
+                    )
+                })?;
+                self.binarizer.apply(out, id, epoch);
+                batch.labels.push(Some(label));
+                batch.ids.push(id);
+            }
         }
         let served = self.served;
         let last_use = &self.last_use;

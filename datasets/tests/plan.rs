@@ -1,8 +1,9 @@
 //! Property tests of the data plan: exactly once per epoch, exact resume, re-dealing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use elbo_datasets::{share, Cursor, DataPlan, RowRef};
+use elbo_datasets::{share, Cursor, DataPlan, LabeledSet, PlannedBatch, RowRef};
 use proptest::prelude::*;
 
 /// Every (step, rank) batch of one epoch from `cursor`, as rank → list of batches.
@@ -53,6 +54,31 @@ fn counts(rows: &[RowRef]) -> BTreeMap<RowRef, usize> {
 
 fn uneven_chunks() -> impl Strategy<Value = Vec<u64>> {
     prop::collection::vec(1u64..40, 1..12)
+}
+
+/// A labeled set of every `every`-th row, labeled by its position modulo 3.
+fn every_nth(chunks: &[u64], every: usize) -> Arc<LabeledSet> {
+    let rows = all_rows(chunks)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % every == 0)
+        .map(|(i, r)| (r, (i % 3) as i64))
+        .collect();
+    Arc::new(LabeledSet::from_rows(rows))
+}
+
+/// The planned batches of every rank of two epochs from the start, as step → rank → batch.
+fn two_epochs(plan: &DataPlan, world: u32) -> Vec<Vec<PlannedBatch>> {
+    let per_rank: Vec<Vec<PlannedBatch>> = (0..world)
+        .map(|rank| {
+            (0..2)
+                .flat_map(|e| plan.plan(e, world, rank).unwrap())
+                .collect()
+        })
+        .collect();
+    (0..per_rank[0].len())
+        .map(|s| per_rank.iter().map(|r| r[s].clone()).collect())
+        .collect()
 }
 
 proptest! {
@@ -117,6 +143,63 @@ proptest! {
         prop_assert!(counts(&after).values().all(|n| *n == 1), "no remaining row twice");
         both.sort();
         prop_assert_eq!(both, all_rows(&chunks), "done + remaining = every row once");
+    }
+
+    #[test]
+    fn composed_batches_cycle_the_labeled_set_the_same_at_any_world_size(
+        chunks in uneven_chunks(), world in 1u32..=6, batch in 1u64..24, window in 1u64..64,
+        per_batch in 1u64..9, every in 1usize..7, seed in any::<u64>(),
+    ) {
+        let set = every_nth(&chunks, every);
+        let plan = DataPlan::new(chunks.clone(), seed, batch, window, true)
+            .unwrap()
+            .with_labeled(set.clone(), per_batch)
+            .unwrap();
+        let one = two_epochs(&plan, 1);
+        let many = two_epochs(&plan, world);
+        let mut sequence = Vec::new();
+        for (step, (single, ranks)) in one.iter().zip(&many).enumerate() {
+            let labeled: Vec<RowRef> = ranks.iter().flat_map(|b| b.labeled.clone()).collect();
+            prop_assert_eq!(&labeled, &single[0].labeled, "step {}: the same labeled rows", step);
+            prop_assert_eq!(labeled.len() as u64, per_batch);
+            let unlabeled: u64 = ranks.iter().map(|b| b.rows.len() as u64).sum();
+            prop_assert!(ranks.iter().all(|b| b.global_rows == unlabeled + per_batch));
+            sequence.extend(labeled);
+        }
+        let mut kept: Vec<RowRef> = set.rows().collect();
+        kept.sort();
+        for pass in sequence.chunks_exact(set.len()) {
+            let mut pass = pass.to_vec();
+            pass.sort();
+            prop_assert_eq!(&pass, &kept, "each pass over the labeled set takes every row once");
+        }
+        let mut unlabeled: Vec<RowRef> = many.iter().take(plan.steps_per_epoch() as usize).flat_map(|r| r.iter().flat_map(|b| b.rows.clone())).collect();
+        unlabeled.sort();
+        prop_assert_eq!(unlabeled, all_rows(&chunks), "every row once an epoch, as unlabeled");
+    }
+
+    #[test]
+    fn composed_plans_resume_with_the_same_labeled_rows(
+        chunks in uneven_chunks(), world in 1u32..=6, new_world in 1u32..=6, batch in 1u64..24,
+        per_batch in 1u64..9, seed in any::<u64>(), at in 0.0f64..=1.0,
+    ) {
+        let plan = DataPlan::new(chunks.clone(), seed, batch, 16, true)
+            .unwrap()
+            .with_labeled(every_nth(&chunks, 2), per_batch)
+            .unwrap();
+        let steps = plan.steps_per_epoch();
+        let stop = ((steps as f64) * at).floor() as u64;
+        let labeled_of = |cursor: Cursor, world: u32| -> Vec<Vec<RowRef>> {
+            let ranks: Vec<Vec<PlannedBatch>> = (0..world)
+                .map(|r| plan.rank_plan(cursor, world, r).unwrap().collect())
+                .collect();
+            (0..ranks[0].len())
+                .map(|s| ranks.iter().flat_map(|r| r[s].labeled.clone()).collect())
+                .collect()
+        };
+        let full = labeled_of(Cursor::start(1), world);
+        let resumed = labeled_of(Cursor { epoch: 1, step: stop }, new_world);
+        prop_assert_eq!(&resumed[..], &full[stop as usize..]);
     }
 
     #[test]

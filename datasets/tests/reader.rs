@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::{pixel, write_u8};
 use elbo_datasets::{
     Batch, BatchStream, Binarize, Binarizer, Cursor, DataSchema, Dataset, DatasetWriter,
-    PixelSlice, PixelType, Rows, WriterSpec,
+    LabeledSet, PixelSlice, PixelType, Rows, WriterSpec,
 };
 
 fn collect(
@@ -241,4 +241,132 @@ fn stream_resumes_with_the_same_batches() {
     for rank in 0..2 {
         assert_eq!(resumed[rank][..], full[rank][5..]);
     }
+}
+
+/// The labels of the rows that have one, by id.
+fn labeled_rows(ds: &Dataset) -> BTreeMap<u64, i64> {
+    let mut out = BTreeMap::new();
+    for c in ds.chunks() {
+        let d = elbo_datasets::read_chunk(ds, c).unwrap();
+        for (id, label) in d.ids.iter().zip(&d.labels) {
+            if let Some(l) = label {
+                out.insert(*id, *l);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_labeled_set_keeps_n_rows_per_class_whatever_the_world_and_the_rest_lose_their_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = two_files(dir.path());
+    let truth = labeled_rows(&ds);
+    let set = LabeledSet::select(&ds, 3, 5).unwrap();
+    assert_eq!(set.len(), 9);
+    assert_eq!(set.per_class(), BTreeMap::from([(0, 3), (1, 3), (2, 3)]));
+    assert_eq!(
+        LabeledSet::select(&ds, 3, 5)
+            .unwrap()
+            .rows()
+            .collect::<Vec<_>>(),
+        set.rows().collect::<Vec<_>>(),
+        "the same seed keeps the same rows"
+    );
+    let other: Vec<_> = LabeledSet::select(&ds, 3, 6).unwrap().rows().collect();
+    assert_ne!(
+        other,
+        set.rows().collect::<Vec<_>>(),
+        "another seed, others"
+    );
+    assert_eq!(
+        LabeledSet::select(&ds, 0, 5).unwrap().len(),
+        truth.len(),
+        "0 keeps every label"
+    );
+    let err = LabeledSet::select(&ds, 20, 5).unwrap_err().to_string();
+    assert!(
+        err.contains("20 labeled rows per class asked for, but class"),
+        "{err}"
+    );
+
+    let plan = ds
+        .plan(11, 8, 8, true)
+        .unwrap()
+        .with_labeled(Arc::new(set.clone()), 0)
+        .unwrap();
+    let mut kept = BTreeMap::new();
+    for rank in 0..2 {
+        for b in BatchStream::new(
+            ds.clone(),
+            plan.plan(0, 2, rank).unwrap(),
+            Binarizer::new(Binarize::None, 0),
+            1,
+        ) {
+            let b = b.unwrap();
+            for (id, label) in b.ids.iter().zip(&b.labels) {
+                if let Some(l) = label {
+                    assert_eq!(truth[id], *l, "a kept label is the row's own");
+                    kept.insert(*id, *l);
+                }
+            }
+        }
+    }
+    assert_eq!(kept.len(), 9, "only the kept rows show labels");
+}
+
+#[test]
+fn composed_batches_carry_labeled_rows_with_their_values_beside_unlabeled_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = two_files(dir.path());
+    let truth = labeled_rows(&ds);
+    let mut set = LabeledSet::select(&ds, 2, 1).unwrap();
+    let plan = ds.plan(11, 6, 12, true).unwrap();
+    let unloaded = plan.clone().with_labeled(Arc::new(set.clone()), 3).unwrap();
+    let err = BatchStream::new(
+        ds.clone(),
+        unloaded.plan(0, 1, 0).unwrap(),
+        Binarizer::new(Binarize::None, 0),
+        0,
+    )
+    .next()
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not loaded"), "{err}");
+    set.load(&ds).unwrap();
+    let plan = plan.with_labeled(Arc::new(set.clone()), 3).unwrap();
+    let mut labeled_seen = BTreeMap::new();
+    let mut unlabeled_ids = Vec::new();
+    for b in BatchStream::new(
+        ds.clone(),
+        plan.plan(0, 1, 0).unwrap(),
+        Binarizer::new(Binarize::None, 0),
+        1,
+    ) {
+        let b = b.unwrap();
+        assert_eq!(b.rows() as u64, b.global_rows);
+        let split = b.rows() - 3;
+        assert!(
+            b.labels[..split].iter().all(Option::is_none),
+            "the global order's rows are unlabeled"
+        );
+        for (i, (id, label)) in b.ids.iter().zip(&b.labels).enumerate().skip(split) {
+            let label = label.expect("the last 3 rows are labeled");
+            assert_eq!(truth[id], label);
+            for j in 0..6 {
+                assert_eq!(
+                    b.x[i * 6 + j],
+                    f32::from(common::pixel(*id, j)) / 255.0,
+                    "values of id {id}"
+                );
+            }
+            *labeled_seen.entry(*id).or_insert(0) += 1;
+        }
+        unlabeled_ids.extend_from_slice(&b.ids[..split]);
+    }
+    unlabeled_ids.sort_unstable();
+    unlabeled_ids.dedup();
+    assert_eq!(unlabeled_ids.len(), 40, "every row once, as unlabeled");
+    assert_eq!(labeled_seen.len(), 6, "the 6 labeled rows cycle");
 }

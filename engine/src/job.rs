@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use elbo_datasets::sprites::Split;
-use elbo_datasets::{label_counts, Cursor, DataPlan, Dataset};
+use elbo_datasets::{label_counts, Cursor, DataPlan, Dataset, LabeledSet};
 use elbo_models::LabelUse;
 use elbo_settings::Config;
 use elbo_worker::checkpoint::Files;
@@ -54,14 +54,32 @@ impl Job {
                 test.schema().shape
             )));
         }
-        let plan = train
+        let per_batch = cfg.data.labeled_per_batch;
+        let mut plan = train
             .plan(
                 cfg.run.seed,
-                cfg.train.batch_size,
+                cfg.train.batch_size - per_batch,
                 cfg.data.shuffle_window,
                 true,
             )
             .map_err(data("cannot plan data.train"))?;
+        if cfg.data.labeled_per_class > 0 || per_batch > 0 {
+            let what = || {
+                format!(
+                    "cannot choose the labeled rows of data.train = {:?}",
+                    cfg.data.train
+                )
+            };
+            let mut set = LabeledSet::select(&train, cfg.data.labeled_per_class, cfg.run.seed)
+                .map_err(data(what()))?;
+            if per_batch > 0 {
+                set.load(&train).map_err(data(what()))?;
+            }
+            tracing::info!(rows = set.len(), per_class = ?set.per_class(), per_batch, "labels kept");
+            plan = plan
+                .with_labeled(Arc::new(set), per_batch)
+                .map_err(data(what()))?;
+        }
         let total_steps = cfg.train.epochs * plan.steps_per_epoch();
         Ok(Job {
             engine: engine.clone(),
@@ -90,7 +108,8 @@ impl Job {
     }
 
     /// Refuses, before training, data whose labels the model cannot use: a conditional model
-    /// needs a label on every row, each below its number of classes.
+    /// needs a label on every row, a semi-supervised one labeled training rows, and both labels
+    /// below their number of classes.
     fn check_labels(&self, needs: LabelUse) -> Result<()> {
         let Some(classes) = needs.classes() else {
             return Ok(());
@@ -113,12 +132,18 @@ impl Job {
                     )));
                 }
             }
-            if matches!(needs, LabelUse::Every { .. }) && counts.unlabeled > 0 {
-                return Err(refuse(format!(
-                    "needs a label on every row, but {key} has {} unlabeled rows of {}",
-                    counts.unlabeled,
-                    counts.labeled + counts.unlabeled
-                )));
+            match needs {
+                LabelUse::Every { .. } if counts.unlabeled > 0 => {
+                    return Err(refuse(format!(
+                        "needs a label on every row, but {key} has {} unlabeled rows of {}",
+                        counts.unlabeled,
+                        counts.labeled + counts.unlabeled
+                    )))
+                }
+                LabelUse::Partial { .. } if key == "data.train" && counts.labeled == 0 => {
+                    return Err(refuse(format!("needs labeled rows, but {key} has none")));
+                }
+                _ => {}
             }
             tracing::info!(data = key, labeled = counts.labeled, unlabeled = counts.unlabeled, per_class = ?counts.histogram, "labels");
         }

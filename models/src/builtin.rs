@@ -1,6 +1,7 @@
 //! The built-in model variants: one line each.
 
 use crate::cvae::Cvae;
+use crate::m2::M2Kind;
 use crate::registry::Registry;
 use crate::vae::{BetaVae, Vae};
 
@@ -11,6 +12,7 @@ impl Registry {
         r.register::<Vae>();
         r.register::<BetaVae>();
         r.register::<Cvae>();
+        r.register::<M2Kind>();
         r
     }
 }

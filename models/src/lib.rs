@@ -14,6 +14,7 @@ mod grad_sink;
 mod iwae;
 mod layers;
 mod likelihood;
+mod m2;
 mod model;
 mod noise;
 mod objective;
@@ -32,6 +33,7 @@ pub use grad_sink::GradSink;
 pub use iwae::{iw_bound, ActiveUnits};
 pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
 pub use likelihood::{Likelihood, LikelihoodKind};
+pub use m2::{M2Config, M2Kind, M2};
 pub use model::{
     EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Picture,
     Statistics, StepContext, Term,
@@ -41,4 +43,4 @@ pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_
 pub use params::Params;
 pub use registry::{NoSection, Registry, Section, SectionError, Variant};
 pub use spec::{Architecture, BuildContext, ModelSpec};
-pub use vae::{BetaVae, Vae};
+pub use vae::{BetaVae, Vae, VaeNet};

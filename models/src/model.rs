@@ -164,6 +164,12 @@ pub enum LabelUse {
         /// Number of classes.
         classes: usize,
     },
+    /// Labels in `0..classes` where there are any; unlabeled rows are welcome, but some rows
+    /// of the training data need a label (a semi-supervised model).
+    Partial {
+        /// Number of classes.
+        classes: usize,
+    },
 }
 
 impl LabelUse {
@@ -171,7 +177,7 @@ impl LabelUse {
     pub fn classes(self) -> Option<usize> {
         match self {
             LabelUse::Ignored => None,
-            LabelUse::Every { classes } => Some(classes),
+            LabelUse::Every { classes } | LabelUse::Partial { classes } => Some(classes),
         }
     }
 }

@@ -36,10 +36,17 @@ enum Trunk {
     },
 }
 
-/// A VAE, conditioned on a class label when it has `classes`.
+/// A VAE, conditioned on a class label when it has `classes`: its networks and their
+/// parameters.
 pub struct Vae {
-    spec: ModelSpec,
     params: Params,
+    net: VaeNet,
+}
+
+/// The networks of a (conditional) VAE — encoder, decoder, likelihood — whose parameters live
+/// in the `Params` they were built into (a model may hold more networks there: M2's classifier).
+pub struct VaeNet {
+    spec: ModelSpec,
     trunk: Trunk,
     mu: Linear,
     log_var: Linear,
@@ -49,6 +56,14 @@ pub struct Vae {
     classes: usize,
 }
 
+impl std::ops::Deref for Vae {
+    type Target = VaeNet;
+
+    fn deref(&self) -> &VaeNet {
+        &self.net
+    }
+}
+
 impl Vae {
     /// Builds a VAE with parameters drawn from `seed`.
     pub fn new(spec: ModelSpec, device: &Device, seed: u64) -> Result<Self> {
@@ -56,15 +71,26 @@ impl Vae {
     }
 
     /// Builds a VAE conditioned on a label of `classes` classes (0: unconditional), parameters
-    /// drawn from `seed`. With a label, encoder and decoder read its one-hot code beside their
-    /// input: for convolutions it joins the flattened features after the convolutional stack
-    /// (K more inputs to a dense layer instead of K constant planes convolved at every position).
+    /// drawn from `seed` (see [`VaeNet::new`]).
     pub fn conditional(
         spec: ModelSpec,
         classes: usize,
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
+        let mut params = Params::new(device, seed);
+        let net = VaeNet::new(&mut params, spec, classes)?;
+        Ok(Vae { params, net })
+    }
+}
+
+impl VaeNet {
+    /// The networks of a VAE conditioned on a label of `classes` classes (0: unconditional),
+    /// their parameters drawn into `params`. With a label, encoder and decoder read its one-hot
+    /// code beside their input: for convolutions it joins the flattened features after the
+    /// convolutional stack (K more inputs to a dense layer instead of K constant planes
+    /// convolved at every position).
+    pub fn new(params: &mut Params, spec: ModelSpec, classes: usize) -> Result<Self> {
         spec.objective.validate()?;
         let dim: usize = spec.input_shape.iter().product();
         if dim == 0 || spec.latent_dim == 0 || spec.hidden.contains(&0) {
@@ -79,8 +105,7 @@ impl Vae {
                 spec.log_var_clamp
             )));
         }
-        let mut params = Params::new(device, seed);
-        let p = &mut params;
+        let p = params;
         let (trunk, head_in) = match spec.architecture {
             Architecture::Mlp => {
                 let mut sizes = vec![dim + classes];
@@ -128,9 +153,8 @@ impl Vae {
         let mu = linear(p, "posterior.mu", head_in, spec.latent_dim)?;
         let log_var = linear(p, "posterior.log_var", head_in, spec.latent_dim)?;
         let likelihood = Likelihood::new(p, spec.likelihood, dim, spec.variance)?;
-        Ok(Vae {
+        Ok(VaeNet {
             spec,
-            params,
             trunk,
             mu,
             log_var,
@@ -235,7 +259,7 @@ fn joined(h: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-impl Vae {
+impl VaeNet {
     /// Importance log-weights `log p(x, z_s) − log q(z_s | x)` for samples `samples`: (S, B).
     pub fn log_weights(
         &self,
@@ -285,7 +309,7 @@ impl Vae {
 
     /// The per-example reconstruction NLL (B,) and per-dimension KL (B, d) of one posterior
     /// sample per row, drawn from the stream of (purpose, counter).
-    fn terms(
+    pub(crate) fn terms(
         &self,
         input: &Input<'_>,
         noise: &Noise,
@@ -306,6 +330,68 @@ impl Vae {
             .likelihood
             .nll(&self.decode(&z, y.as_ref())?, input.x)?;
         Ok((rec, gaussian_kl(&mu, &log_var)?))
+    }
+}
+
+impl VaeNet {
+    /// `n` samples of p(x|z[, y]) (as means) for z drawn from the prior with `seed`; a
+    /// conditional VAE needs one label per sample.
+    pub fn sample(
+        &self,
+        n: usize,
+        seed: u64,
+        labels: Option<&[i64]>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let ids: Vec<u64> = (0..n as u64).collect();
+        let z = Noise::new(seed).rows(Purpose::Sample, 0, &ids, self.spec.latent_dim, device)?;
+        let y = match (self.classes, labels) {
+            (0, _) => None,
+            (_, Some(labels)) if labels.len() == n => {
+                let labels: Vec<Option<i64>> = labels.iter().map(|l| Some(*l)).collect();
+                self.condition(&labels, &ids, device)?
+            }
+            (_, labels) => {
+                return Err(ModelError::Input(format!(
+                    "a conditional VAE samples given one label per sample: {n} samples, {} labels",
+                    labels.map_or(0, <[i64]>::len)
+                )))
+            }
+        };
+        self.decode_mean(&z, y.as_ref())
+    }
+
+    /// Reconstructions through the posterior mean (of the rows' labels, if conditional).
+    pub fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        self.decode_mean(&self.encode(input.x, y.as_ref())?.0, y.as_ref())
+    }
+
+    /// Traversals of the first `max_dims` latent dimensions around one row's posterior mean,
+    /// `steps` values from −3 to 3 each: (dims × steps, D).
+    pub fn traversals(&self, input: &Input<'_>, max_dims: usize, steps: usize) -> Result<Tensor> {
+        let y = self.condition(input.labels, input.ids, input.x.device())?;
+        let base = self
+            .encode(input.x, y.as_ref())?
+            .0
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let d = base.len();
+        let dims = d.min(max_dims);
+        let mut z = Vec::with_capacity(dims * steps * d);
+        for dim in 0..dims {
+            for s in 0..steps {
+                let mut v = base.clone();
+                v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
+                z.extend(v);
+            }
+        }
+        let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
+        let ys = match &y {
+            Some(y) => Some(y.broadcast_as((dims * steps, self.classes))?.contiguous()?),
+            None => None,
+        };
+        self.decode_mean(&z, ys.as_ref())
     }
 }
 
@@ -362,27 +448,11 @@ impl Model for Vae {
         labels: Option<&[i64]>,
         device: &Device,
     ) -> Result<Tensor> {
-        let ids: Vec<u64> = (0..n as u64).collect();
-        let z = Noise::new(seed).rows(Purpose::Sample, 0, &ids, self.spec.latent_dim, device)?;
-        let y = match (self.classes, labels) {
-            (0, _) => None,
-            (_, Some(labels)) if labels.len() == n => {
-                let labels: Vec<Option<i64>> = labels.iter().map(|l| Some(*l)).collect();
-                self.condition(&labels, &ids, device)?
-            }
-            (_, labels) => {
-                return Err(ModelError::Input(format!(
-                    "a conditional VAE samples given one label per sample: {n} samples, {} labels",
-                    labels.map_or(0, <[i64]>::len)
-                )))
-            }
-        };
-        self.decode_mean(&z, y.as_ref())
+        self.net.sample(n, seed, labels, device)
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
-        let y = self.condition(input.labels, input.ids, input.x.device())?;
-        self.decode_mean(&self.encode(input.x, y.as_ref())?.0, y.as_ref())
+        self.net.reconstruct(input)
     }
 
     fn traversals(
@@ -391,28 +461,7 @@ impl Model for Vae {
         max_dims: usize,
         steps: usize,
     ) -> Result<Option<Tensor>> {
-        let y = self.condition(input.labels, input.ids, input.x.device())?;
-        let base = self
-            .encode(input.x, y.as_ref())?
-            .0
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let d = base.len();
-        let dims = d.min(max_dims);
-        let mut z = Vec::with_capacity(dims * steps * d);
-        for dim in 0..dims {
-            for s in 0..steps {
-                let mut v = base.clone();
-                v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
-                z.extend(v);
-            }
-        }
-        let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
-        let ys = match &y {
-            Some(y) => Some(y.broadcast_as((dims * steps, self.classes))?.contiguous()?),
-            None => None,
-        };
-        Ok(Some(self.decode_mean(&z, ys.as_ref())?))
+        Ok(Some(self.net.traversals(input, max_dims, steps)?))
     }
 }
 

@@ -1,10 +1,12 @@
 //! The math against closed forms, hand-computed values and finite differences.
 
 use candle_core::{Device, Tensor, D};
+use std::collections::BTreeMap;
+
 use elbo_models::{
-    bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, Input, Likelihood,
-    LikelihoodKind, LossOutput, Model, ModelSpec, Noise, Objective, Params, Purpose, StepContext,
-    Term, Vae,
+    bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, EvalOptions, Input, Likelihood,
+    LikelihoodKind, LossOutput, M2Config, Metric, Model, ModelSpec, Noise, Objective, Params,
+    Purpose, StepContext, Term, Vae, M2,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -162,17 +164,18 @@ fn check_gradients_of(likelihood: LikelihoodKind, objective: Objective, classes:
     let labels: Vec<Option<i64>> = (0..4)
         .map(|i| (classes > 0).then_some(i % classes.max(1) as i64))
         .collect();
-    let input = Input {
-        x: &x,
-        labels: &labels,
-        ids: &ids,
-    };
+    check_model_gradients(&vae, &x, &ids, &labels);
+}
+
+/// Central finite differences of a model's loss on a batch against autograd.
+fn check_model_gradients(model: &dyn Model, x: &Tensor, ids: &[u64], labels: &[Option<i64>]) {
+    let input = Input { x, labels, ids };
     let noise = Noise::new(5);
-    let loss_of = || loss(&vae, &input, &noise, 7).loss;
+    let loss_of = || loss(model, &input, &noise, 7).loss;
     let grads = loss_of().backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut checked = 0;
-    for (name, var) in vae.params().vars() {
+    for (name, var) in model.params().vars() {
         let analytic = grads
             .get(var.as_tensor())
             .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -718,4 +721,155 @@ fn absurd_layer_sizes_are_errors() {
         .expect("refused")
         .to_string();
     assert!(err.contains("choose smaller layers"), "{err}");
+}
+
+fn m2(alpha: f64) -> M2 {
+    let cfg = M2Config {
+        classes: 3,
+        alpha,
+        classifier_hidden: vec![4],
+    };
+    M2::new(
+        &spec(LikelihoodKind::Bernoulli, Activation::Tanh),
+        &cfg,
+        &Device::Cpu,
+        11,
+    )
+    .unwrap()
+}
+
+#[test]
+fn gradients_of_m2_match_finite_differences() {
+    let x = data(5, 6, 2);
+    let ids = [1u64, 2, 3, 4, 5];
+    let labels = [Some(0), None, Some(2), None, None];
+    check_model_gradients(&m2(2.0), &x, &ids, &labels);
+}
+
+/// M2's unlabeled bound enumerates every class exactly: for a batch of one unlabeled row it is
+/// `Σ_y q(y|x)·L(x,y) + Σ_y q(y|x)·log q(y|x)`, each `L(x,y)` the bound of the row labeled `y`.
+#[test]
+fn the_unlabeled_bound_is_the_exact_sum_over_classes() {
+    let model = m2(0.0);
+    let x = data(1, 6, 4);
+    let ids = [42u64];
+    let noise = Noise::new(3);
+    let with = |label: Option<i64>| {
+        let labels = [label];
+        let input = Input {
+            x: &x,
+            labels: &labels,
+            ids: &ids,
+        };
+        mean(
+            &loss(&model, &input, &noise, 0).terms[if label.is_some() {
+                "neg_elbo_labeled"
+            } else {
+                "neg_elbo"
+            }],
+        )
+    };
+    let q: Vec<f64> = candle_nn::ops::softmax(&model.logits(&x).unwrap(), D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let direct: f64 = (0..3)
+        .map(|y| q[y] * (with(Some(y as i64)) + q[y].ln()))
+        .sum();
+    let enumerated = with(None);
+    assert!(
+        (enumerated - direct).abs() < 1e-3 * direct.abs(),
+        "{enumerated} vs {direct}"
+    );
+}
+
+/// The classifier learns from labels only through its cross-entropy: the labeled bound gives
+/// q(y|x) no gradient, and the cross-entropy gives the VAE none.
+#[test]
+fn the_classifier_term_reaches_only_the_classifier() {
+    let x = data(3, 6, 8);
+    let ids = [1u64, 2, 3];
+    let labels = [Some(0), Some(1), Some(2)];
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let noise = Noise::new(1);
+    let grads = |alpha: f64| -> BTreeMap<String, Vec<f32>> {
+        let model = m2(alpha);
+        let g = loss(&model, &input, &noise, 0).loss.backward().unwrap();
+        model
+            .params()
+            .vars()
+            .iter()
+            .map(|(name, var)| {
+                let values = g.get(var.as_tensor()).map_or_else(
+                    || vec![0.0; var.elem_count()],
+                    |t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                (name.clone(), values)
+            })
+            .collect()
+    };
+    let (bound_only, with_ce) = (grads(0.0), grads(1.0));
+    for (name, g) in &bound_only {
+        let classifier = name.starts_with("classifier.");
+        let zero = g.iter().all(|v| *v == 0.0);
+        assert_eq!(
+            zero, classifier,
+            "{name}: the labeled bound moves the VAE, never the classifier"
+        );
+        let moved = with_ce[name]
+            .iter()
+            .zip(g)
+            .any(|(a, b)| (a - b).abs() > 1e-7);
+        assert_eq!(
+            moved, classifier,
+            "{name}: the cross-entropy moves the classifier, never the VAE"
+        );
+    }
+}
+
+#[test]
+fn the_m2_iw_bound_enumerates_the_classes_is_above_the_elbo_and_grows_with_k() {
+    let model = m2(1.0);
+    let x = data(64, 6, 3);
+    let ids: Vec<u64> = (0..64).collect();
+    let labels: Vec<Option<i64>> = (0..64).map(|i| Some(i % 3)).collect();
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let noise = Noise::new(2);
+    let figures = |k: usize| {
+        let mut e = model
+            .evaluator(EvalOptions {
+                noise: &noise,
+                iw_samples: Some(k),
+                max_rows: 1 << 20,
+            })
+            .unwrap();
+        e.add(&input).unwrap();
+        let m = e.finish();
+        let value = |key: &str| match &m[key] {
+            Metric::Value(v) => *v,
+            other => panic!("{key}: {other:?}"),
+        };
+        (value("neg_elbo"), value("nll_iw"), value("accuracy"))
+    };
+    let (neg_elbo, one, accuracy) = figures(1);
+    let (_, many, _) = figures(50);
+    assert!(
+        one <= neg_elbo + 1e-3,
+        "k = 1: {one} vs the ELBO's {neg_elbo}"
+    );
+    assert!(many < one, "k = 50 is tighter: {many} vs {one}");
+    assert!((0.0..=1.0).contains(&accuracy));
 }

@@ -48,6 +48,15 @@ pub struct DataConfig {
     pub binarize: Binarize,
     /// Rows shuffled together (the bounded shuffle window of the data plan).
     pub shuffle_window: u64,
+    /// Keep the labels of this many training rows per class, chosen by a seeded rule that does
+    /// not depend on the world size, and treat the other rows as unlabeled (0: keep every
+    /// label). For semi-supervised models.
+    pub labeled_per_class: u64,
+    /// Labeled rows in every global batch, drawn from the kept labeled rows (cycled as often as
+    /// an epoch of the unlabeled rows needs) beside `train.batch_size` minus this many
+    /// unlabeled rows; every row of the data then counts as unlabeled once an epoch (0: batches
+    /// take rows as they come).
+    pub labeled_per_batch: u64,
     /// The built-in procedural sprites set, used when a split is `builtin:sprites`.
     pub sprites: SpritesConfig,
 }
@@ -222,6 +231,8 @@ impl Default for Config {
                 test: "builtin:sprites".into(),
                 binarize: Binarize::None,
                 shuffle_window: 16_384,
+                labeled_per_class: 0,
+                labeled_per_batch: 0,
                 sprites: SpritesConfig {
                     n: 20_000,
                     size: 32,

@@ -130,6 +130,15 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
             ),
         ));
     }
+    if cfg.data.labeled_per_batch >= cfg.train.batch_size {
+        return Err((
+            "data.labeled_per_batch",
+            format!(
+                "found {}, expected fewer than train.batch_size = {} (a batch needs unlabeled rows too)",
+                cfg.data.labeled_per_batch, cfg.train.batch_size
+            ),
+        ));
+    }
     if ![32, 64].contains(&cfg.data.sprites.size) {
         return Err((
             "data.sprites.size",

@@ -236,7 +236,7 @@ fn wrong_types_name_the_key_the_source_and_the_expectation() {
     assert!(
         msg.contains("`model.kind`")
             && msg.contains("--set model.kind=gan")
-            && msg.contains("beta_vae, cvae, demo, vae"),
+            && msg.contains(&registry().kinds().join(", ")),
         "{msg}"
     );
 
