@@ -288,8 +288,10 @@ pub struct PlannedBatch {
     pub global_rows: u64,
     /// This rank's rows of the global order, sorted by position in the chunk sequence.
     pub rows: Vec<RowRef>,
-    /// This rank's labeled rows from the labeled set (composed plans), in their order.
-    pub labeled: Vec<RowRef>,
+    /// This rank's labeled rows from the labeled set (composed plans), in their order, each
+    /// with the pass over the set it belongs to (a row's visit: dynamic binarisation draws
+    /// afresh for every pass).
+    pub labeled: Vec<(RowRef, u64)>,
 }
 
 impl RankPlan<'_> {
@@ -312,8 +314,9 @@ impl RankPlan<'_> {
     }
 
     /// The labeled rows of global step `global` (composed plans): positions
-    /// `[global·L, (global+1)·L)` of the set's rows, each pass over them in its own order.
-    fn labeled_rows(&mut self, global: u64) -> Vec<RowRef> {
+    /// `[global·L, (global+1)·L)` of the set's rows, each pass over them in its own order; with
+    /// the pass each belongs to.
+    fn labeled_rows(&mut self, global: u64) -> Vec<(RowRef, u64)> {
         let plan = self.order.plan;
         let LabelPlan::Composed { set, per_batch } = &plan.labels else {
             return Vec::new();
@@ -329,7 +332,7 @@ impl RankPlan<'_> {
                     self.pass = Some((pass, order));
                 }
                 let (_, order) = self.pass.as_ref().expect("the pass was just set");
-                set.row(order[(position % n) as usize] as usize)
+                (set.row(order[(position % n) as usize] as usize), pass)
             })
             .collect()
     }

@@ -160,14 +160,14 @@ impl<'a> BatchStream<'a> {
         }
         if let LabelPlan::Composed { set, .. } = &self.labels {
             let outs = batch.x[planned.rows.len() * dim..].chunks_exact_mut(dim.max(1));
-            for (r, out) in planned.labeled.iter().zip(outs) {
+            for ((r, pass), out) in planned.labeled.iter().zip(outs) {
                 let (id, label) = set.copy_row(*r, out).ok_or_else(|| {
                     DataError::Invalid(
                         "data plan: the labeled set's rows are not loaded (LabeledSet::load)"
                             .into(),
                     )
                 })?;
-                self.binarizer.apply(out, id, epoch);
+                self.binarizer.apply(out, id, *pass);
                 batch.labels.push(Some(label));
                 batch.ids.push(id);
             }

@@ -265,6 +265,16 @@ fn npy_uint8_and_float64() {
     assert_eq!(x, pixels);
     assert_eq!(l, [Some(4), Some(3), Some(2), Some(1), Some(0)]);
 
+    // -1 marks an unlabeled row (scikit-learn's convention).
+    let partial: Vec<u8> = [4i64, -1, 2, -1, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(&lab, npy("<i8", &[5], &partial)).unwrap();
+    let s = convert_npy(&img, Some(&lab), &out, None, 2).unwrap();
+    assert_eq!(s.labeled, 3);
+    assert_eq!(all_rows(&out).2, [Some(4), None, Some(2), None, Some(0)]);
+
     let floats: Vec<u8> = [0.5f64, 1.5, -1.0, 2.0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
@@ -302,11 +312,16 @@ fn npy_errors() {
         err.contains("y.npy") && err.contains("expected [2]"),
         "{err}"
     );
-    std::fs::write(&lab, npy("<i2", &[2], &[0xff, 0xff, 1, 0])).unwrap();
+    std::fs::write(&lab, npy("<i2", &[2], &[0xfe, 0xff, 1, 0])).unwrap();
     let err = convert_npy(&img, Some(&lab), &out, None, 2)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("y.npy") && err.contains("label -1"), "{err}");
+    assert!(
+        err.contains("y.npy")
+            && err.contains("label -2")
+            && err.contains("-1 for an unlabeled row"),
+        "{err}"
+    );
     std::fs::write(&img, npy("|u1", &[2, 2], &[1, 2])).unwrap();
     let err = convert_npy(&img, None, &out, None, 2)
         .unwrap_err()

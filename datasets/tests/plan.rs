@@ -159,12 +159,16 @@ proptest! {
         let many = two_epochs(&plan, world);
         let mut sequence = Vec::new();
         for (step, (single, ranks)) in one.iter().zip(&many).enumerate() {
-            let labeled: Vec<RowRef> = ranks.iter().flat_map(|b| b.labeled.clone()).collect();
+            let labeled: Vec<(RowRef, u64)> = ranks.iter().flat_map(|b| b.labeled.clone()).collect();
             prop_assert_eq!(&labeled, &single[0].labeled, "step {}: the same labeled rows", step);
             prop_assert_eq!(labeled.len() as u64, per_batch);
+            for (i, (_, pass)) in labeled.iter().enumerate() {
+                let position = step as u64 * per_batch + i as u64;
+                prop_assert_eq!(*pass, position / set.len() as u64, "the pass of each labeled row");
+            }
             let unlabeled: u64 = ranks.iter().map(|b| b.rows.len() as u64).sum();
             prop_assert!(ranks.iter().all(|b| b.global_rows == unlabeled + per_batch));
-            sequence.extend(labeled);
+            sequence.extend(labeled.into_iter().map(|(r, _)| r));
         }
         let mut kept: Vec<RowRef> = set.rows().collect();
         kept.sort();
@@ -189,7 +193,7 @@ proptest! {
             .unwrap();
         let steps = plan.steps_per_epoch();
         let stop = ((steps as f64) * at).floor() as u64;
-        let labeled_of = |cursor: Cursor, world: u32| -> Vec<Vec<RowRef>> {
+        let labeled_of = |cursor: Cursor, world: u32| -> Vec<Vec<(RowRef, u64)>> {
             let ranks: Vec<Vec<PlannedBatch>> = (0..world)
                 .map(|r| plan.rank_plan(cursor, world, r).unwrap().collect())
                 .collect();

@@ -370,3 +370,41 @@ fn composed_batches_carry_labeled_rows_with_their_values_beside_unlabeled_ones()
     assert_eq!(unlabeled_ids.len(), 40, "every row once, as unlabeled");
     assert_eq!(labeled_seen.len(), 6, "the 6 labeled rows cycle");
 }
+
+#[test]
+fn a_labeled_row_is_binarised_afresh_on_every_pass_over_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = two_files(dir.path());
+    let mut set = LabeledSet::select(&ds, 3, 3).unwrap();
+    set.load(&ds).unwrap();
+    // 9 kept rows, 9 a batch: every step is one pass over the set.
+    let plan = ds
+        .plan(11, 4, 8, true)
+        .unwrap()
+        .with_labeled(Arc::new(set), 9)
+        .unwrap();
+    let mut draws: BTreeMap<u64, Vec<Vec<f32>>> = BTreeMap::new();
+    let dynamic = Binarizer::new(Binarize::Dynamic, 9);
+    for b in BatchStream::new(ds.clone(), plan.plan(0, 1, 0).unwrap(), dynamic, 0) {
+        let b = b.unwrap();
+        for (i, id) in b.ids.iter().enumerate().skip(b.rows() - 9) {
+            draws
+                .entry(*id)
+                .or_default()
+                .push(b.x[i * 6..(i + 1) * 6].to_vec());
+        }
+    }
+    let mut uncertain = 0;
+    for (id, seen) in draws {
+        assert!(seen.len() > 2, "id {id} is in every batch");
+        // Only pixels far from 0 and 1 are likely to come out differently.
+        if (0..6).any(|j| (77..=178).contains(&common::pixel(id, j))) {
+            uncertain += 1;
+            assert!(
+                seen.windows(2).any(|w| w[0] != w[1]),
+                "id {id}: a fresh draw on every pass, not one an epoch"
+            );
+        }
+    }
+    assert!(uncertain > 0, "some kept row has grey pixels");
+}

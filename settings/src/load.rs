@@ -644,10 +644,14 @@ fn typed_like(default: &toml::Value, value: &Value) -> Result<toml::Value, Strin
                     .collect(),
                 _ => return Err(format!("{}, expected a list", found())),
             };
-            let like = items.first().cloned().unwrap_or(T::String(String::new()));
+            // An empty default says nothing of its items' type: they are read as written (the
+            // variant's own deserialisation then checks them).
             parts
                 .iter()
-                .map(|p| typed_like(&like, p))
+                .map(|p| match items.first() {
+                    Some(like) => typed_like(like, p),
+                    None => Ok(as_written(p)),
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map(T::Array)
         }
@@ -655,6 +659,28 @@ fn typed_like(default: &toml::Value, value: &Value) -> Result<toml::Value, Strin
             "{}, expected a value of the section's own form",
             found()
         )),
+    }
+}
+
+/// A value with no default to type it by: numbers and booleans as such, text as a number or a
+/// boolean when it reads as one (values from flags and the environment arrive as text).
+fn as_written(value: &Value) -> toml::Value {
+    use toml::Value as T;
+    match &value.kind {
+        ValueKind::I64(i) => T::Integer(*i),
+        ValueKind::U64(u) => i64::try_from(*u).map_or(T::Float(*u as f64), T::Integer),
+        ValueKind::Float(f) => T::Float(*f),
+        ValueKind::Boolean(b) => T::Boolean(*b),
+        ValueKind::String(s) => {
+            let s = s.trim();
+            s.parse::<i64>()
+                .map(T::Integer)
+                .or_else(|_| s.parse::<f64>().map(T::Float))
+                .or_else(|_| s.parse::<bool>().map(T::Boolean))
+                .unwrap_or_else(|_| T::String(s.to_string()))
+        }
+        ValueKind::Array(items) => T::Array(items.iter().map(as_written).collect()),
+        other => T::String(other.to_string()),
     }
 }
 

@@ -18,6 +18,7 @@ struct Demo {
     ema: bool,
     name: String,
     sizes: Vec<u32>,
+    extra: Vec<u32>,
 }
 
 impl Default for Demo {
@@ -28,6 +29,7 @@ impl Default for Demo {
             ema: true,
             name: "a".into(),
             sizes: vec![2, 3],
+            extra: Vec::new(),
         }
     }
 }
@@ -327,6 +329,7 @@ fn a_variant_section_is_typed_from_its_defaults_in_every_layer() {
         env: env(&[
             ("ELBO__MODEL__DEMO__CODES", "16"),
             ("ELBO__MODEL__DEMO__SIZES", "4,5,6"),
+            ("ELBO__MODEL__DEMO__EXTRA", "7,8"),
         ]),
         flags: flags(&["model.demo.rate=0.5", "model.demo.ema=false"]),
     })
@@ -339,8 +342,16 @@ fn a_variant_section_is_typed_from_its_defaults_in_every_layer() {
             ema: false,
             name: "from-file".into(),
             sizes: vec![4, 5, 6],
-        }
+            extra: vec![7, 8],
+        },
+        "a list whose default is empty is read as written"
     );
+    let from_flag = load(&Layers {
+        flags: flags(&["model.kind=demo", "model.demo.extra=[9]"]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(demo(&from_flag).extra, [9]);
     let only_kind = load(&Layers {
         flags: flags(&["model.kind=demo"]),
         ..Default::default()

@@ -1,4 +1,5 @@
-//! NumPy `.npy` arrays: images `(N, ...)` of uint8 or float, labels `(N,)` of integers.
+//! NumPy `.npy` arrays: images `(N, ...)` of uint8 or float, labels `(N,)` of integers (-1: an
+//! unlabeled row, as scikit-learn writes them).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -82,13 +83,17 @@ fn read_labels(path: &Path, rows: usize) -> Result<Vec<Option<i64>>> {
             ))
         }
     };
-    if let Some(i) = values.iter().position(|v| *v < 0) {
+    if let Some(i) = values.iter().position(|v| *v < -1) {
         return Err(DataError::input(
             path,
-            format!("label {} at index {i}; expected labels ≥ 0", values[i]),
+            format!(
+                "label {} at index {i}; expected labels ≥ 0, or -1 for an unlabeled row",
+                values[i]
+            ),
         ));
     }
-    Ok(values.into_iter().map(Some).collect())
+    // -1 marks an unlabeled row, as in scikit-learn's semi-supervised estimators.
+    Ok(values.into_iter().map(|v| (v >= 0).then_some(v)).collect())
 }
 
 /// Converts an `(N, ...)` image array (and optionally `(N,)` labels) to Parquet at `out`.
@@ -185,7 +190,9 @@ pub fn convert_npy(
     Ok(ConvertSummary {
         rows,
         shape,
-        labeled: if labels.is_some() { rows } else { 0 },
+        labeled: labels
+            .as_ref()
+            .map_or(0, |l| l.iter().filter(|v| v.is_some()).count() as u64),
     })
 }
 

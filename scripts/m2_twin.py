@@ -1,0 +1,139 @@
+"""The PyTorch twin of configs/m2-mnist.toml, and the labels-only baseline, for
+scripts/m2_quality.sh.
+
+Picks 10 labeled digits per class from MNIST's training set (numpy, seeded) and writes the data
+for elbo: WORK/{x,y}_{train,test}.npy, training labels -1 where a digit counts as unlabeled.
+Then trains on the same digits, the same recipe as elbo's M2 — classifier 784-500-10, encoder
+784+10-500-(50, 50), decoder 50+10-500-784, ReLU, Bernoulli likelihood, log-variance clamped to
+±10, prior N(0, I) and uniform p(y), dynamic binarisation, Adam 1e-3, each batch 100 unlabeled
+digits of a shuffled epoch plus the 100 labeled ones, loss = mean over labeled of
+(−ELBO(x,y) + alpha·CE) + mean over unlabeled of Σ_y q(y|x)(−ELBO(x,y)) − H(q(y|x)) — and a
+classifier of the same architecture on the 100 labels alone. Prints JSON lines: the baseline,
+then the twin's test accuracy after each epoch.
+
+Usage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA]]
+"""
+import gzip
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+K, D, H, Z = 10, 784, 500, 50
+
+
+def usage(problem):
+    sys.exit(f"{problem}\nusage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA]]")
+
+
+def idx(path, header):
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read()[header:], dtype=np.uint8)
+
+
+def load(mnist, split):
+    x = idx(os.path.join(mnist, f"{split}-images-idx3-ubyte.gz"), 16).reshape(-1, 28, 28)
+    y = idx(os.path.join(mnist, f"{split}-labels-idx1-ubyte.gz"), 8).astype(np.int64)
+    return x, y
+
+
+class M2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.mu, self.lv = nn.Linear(D + K, H), nn.Linear(H, Z), nn.Linear(H, Z)
+        self.dec1, self.dec2 = nn.Linear(Z + K, H), nn.Linear(H, D)
+        self.cls1, self.cls2 = nn.Linear(D, H), nn.Linear(H, K)
+
+    def logits(self, x):
+        return self.cls2(F.relu(self.cls1(x)))
+
+    def neg_elbo(self, x, y1h):
+        """−ELBO(x, y) per row, −log p(y) included."""
+        h = F.relu(self.enc(torch.cat([x, y1h], 1)))
+        mu, lv = self.mu(h), self.lv(h).clamp(-10, 10)
+        z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
+        out = self.dec2(F.relu(self.dec1(torch.cat([z, y1h], 1))))
+        rec = F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+        kl = 0.5 * (lv.exp() + mu ** 2 - 1 - lv).sum(1)
+        return rec + kl + math.log(K)
+
+
+def accuracy(classify, x, y):
+    with torch.no_grad():
+        return (classify(x).argmax(1) == y).float().mean().item()
+
+
+def main():
+    if len(sys.argv) not in (4, 5, 6):
+        usage("expected MNIST_DIR, WORK and EPOCHS")
+    mnist, work = sys.argv[1], sys.argv[2]
+    try:
+        epochs = int(sys.argv[3])
+        seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+        alpha = float(sys.argv[5]) if len(sys.argv) > 5 else 50.0
+    except ValueError as e:
+        usage(str(e))
+    if epochs <= 0 or alpha < 0:
+        usage("EPOCHS must be positive and ALPHA ≥ 0")
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    rng = np.random.RandomState(seed)
+    x_train, y_train = load(mnist, "train")
+    x_test, y_test = load(mnist, "t10k")
+    chosen = np.concatenate([rng.choice(np.flatnonzero(y_train == c), 10, replace=False) for c in range(K)])
+    partial = np.full_like(y_train, -1)
+    partial[chosen] = y_train[chosen]
+    os.makedirs(work, exist_ok=True)
+    np.save(os.path.join(work, "x_train.npy"), x_train)
+    np.save(os.path.join(work, "y_train.npy"), partial)
+    np.save(os.path.join(work, "x_test.npy"), x_test)
+    np.save(os.path.join(work, "y_test.npy"), y_test)
+
+    gray = torch.from_numpy(x_train.reshape(-1, D).astype(np.float32) / 255)
+    test = torch.bernoulli(torch.from_numpy(x_test.reshape(-1, D).astype(np.float32) / 255),
+                           generator=torch.Generator().manual_seed(seed))
+    test_y = torch.from_numpy(y_test)
+    xl, yl = gray[chosen], torch.from_numpy(y_train[chosen])
+    steps_per_epoch = len(gray) // 100
+
+    # The baseline: the classifier alone, on the 100 labels, as many steps as the twin takes.
+    base = M2()
+    opt = torch.optim.Adam(list(base.cls1.parameters()) + list(base.cls2.parameters()), lr=1e-3)
+    for _ in range(epochs * steps_per_epoch):
+        loss = F.cross_entropy(base.logits(torch.bernoulli(xl)), yl)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(json.dumps({"impl": "labels-only classifier", "steps": epochs * steps_per_epoch,
+                      "accuracy": accuracy(base.logits, test, test_y)}), flush=True)
+
+    m = M2()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    eye = torch.eye(K)
+    started = time.time()
+    for epoch in range(epochs):
+        order = torch.randperm(len(gray))
+        for s in range(steps_per_epoch):
+            xu = torch.bernoulli(gray[order[s * 100:(s + 1) * 100]])
+            xlb = torch.bernoulli(xl)
+            labeled = m.neg_elbo(xlb, eye[yl]) + alpha * F.cross_entropy(m.logits(xlb), yl, reduction="none")
+            bounds = m.neg_elbo(xu.repeat_interleave(K, 0), eye.repeat(len(xu), 1)).view(-1, K)
+            logits = m.logits(xu)
+            unlabeled = (F.softmax(logits, 1) * (bounds + F.log_softmax(logits, 1))).sum(1)
+            loss = labeled.mean() + unlabeled.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(json.dumps({"impl": "pytorch m2", "epoch": epoch + 1, "alpha": alpha,
+                          "accuracy": accuracy(m.logits, test, test_y),
+                          "seconds": round(time.time() - started, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
