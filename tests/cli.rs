@@ -328,6 +328,49 @@ fn bench_data_reports_json() {
 }
 
 #[test]
+fn bench_train_times_the_model_a_config_describes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |args: &[&str]| {
+        let mut all = vec![
+            "bench",
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--json",
+        ];
+        all.extend(args);
+        elbo(&all, &[], dir.path())
+    };
+    for (args, model) in [
+        (&[][..], "mlp-vae 784-400-20 bernoulli adam"),
+        (
+            &["--set", "model.kind=m2", "--shape", "1,8,8"][..],
+            "m2 1,8,8 mlp hidden [400] z 16 bernoulli",
+        ),
+        (
+            &["--set", "model.kind=cvae", "--workers", "2"][..],
+            "cvae 1,28,28 mlp hidden [400] z 16 bernoulli",
+        ),
+    ] {
+        let v: serde_json::Value = serde_json::from_str(&ok(&bench(args))).unwrap();
+        assert_eq!(v["model"], model, "{args:?}");
+        assert!(v["samples_per_s"].as_f64().unwrap() > 0.0, "{args:?}");
+        assert!(v["final_loss"].as_f64().unwrap().is_finite(), "{args:?}");
+    }
+    let err = fails(&bench(&["--shape", "1,8,8"]));
+    assert!(
+        err.contains("--shape applies to a configured model"),
+        "{err}"
+    );
+    let err = fails(&bench(&["--set", "model.kind=gan"]));
+    assert!(err.contains("model.kind"), "{err}");
+    let err = fails(&bench(&["--set", "model.kind=m2", "--shape", "1,x"]));
+    assert!(err.contains("--shape"), "{err}");
+}
+
+#[test]
 fn every_shipped_config_loads() {
     let dir = tempfile::tempdir().unwrap();
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");

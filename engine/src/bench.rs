@@ -7,25 +7,40 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use elbo_datasets::{
-    Batch, BatchStream, Binarize, Binarizer, Cursor, DataSchema, Dataset, DatasetWriter,
-    PixelSlice, PixelType, Rows, WriterSpec, DEFAULT_ROW_GROUP_SIZE,
+    checked_numel, join_shape, Batch, BatchStream, Binarize, Binarizer, Cursor, DataSchema,
+    Dataset, DatasetWriter, PixelSlice, PixelType, Rows, WriterSpec, DEFAULT_ROW_GROUP_SIZE,
 };
-use elbo_models::{Activation, Architecture, LikelihoodKind, ModelSpec, Objective, Vae};
-use elbo_settings::OptimizerKind;
+use elbo_models::{Activation, Architecture, LabelUse, LikelihoodKind, ModelSpec, Objective, Vae};
+use elbo_settings::{Layers, OptimizerKind};
 use elbo_worker::{LocalReduce, OptimizerConfig, Reduce, Schedule, StepConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::build::device;
+use crate::build::{device, step_config, Engine};
 use crate::error::{data, io, EngineError, Result};
 
 /// The benchmark model, as reports name it.
 pub const MODEL: &str = "mlp-vae 784-400-20 bernoulli adam";
 
+/// A model `elbo bench train` times from a config: the config's layers (file and `--set`
+/// flags, which rank processes are started with too) and the shape of the synthetic examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchConfig {
+    /// A TOML config file.
+    pub file: Option<PathBuf>,
+    /// `KEY=VALUE` overrides.
+    pub set: Vec<String>,
+    /// Example shape, e.g. `[1, 28, 28]`.
+    pub shape: Vec<usize>,
+}
+
 /// What `elbo bench train` times.
 #[derive(Debug, Clone)]
 pub struct TrainBench {
+    /// The model a config describes; `None`: the reference MLP VAE 784-400-20 of
+    /// `torch_vae_step.py`.
+    pub config: Option<BenchConfig>,
     /// Worker processes, each training its share of the batch, joined by the ring all-reduce.
     pub workers: u32,
     /// Batch size (global, over all workers).
@@ -42,7 +57,7 @@ pub struct TrainBench {
 #[derive(Debug, Serialize)]
 pub struct TrainBenchReport {
     /// The model.
-    pub model: &'static str,
+    pub model: String,
     /// Worker processes.
     pub workers: u32,
     /// Global batch size.
@@ -237,7 +252,7 @@ pub fn data_bench(args: &DataBench) -> Result<DataBenchReport> {
 
 /// The reference MLP VAE of `../shared/reference/torch_vae_step.py`: 784-400-20, ReLU,
 /// Bernoulli likelihood, analytic KL, Adam at 1e-3.
-pub(crate) fn reference_trainer(device: &candle_core::Device) -> Result<Trainer> {
+fn reference_trainer(device: &candle_core::Device) -> Result<Trainer> {
     let spec = ModelSpec {
         input_shape: vec![784],
         latent_dim: 20,
@@ -261,17 +276,94 @@ pub(crate) fn reference_trainer(device: &candle_core::Device) -> Result<Trainer>
     Ok(Trainer::new(Box::new(model), config)?)
 }
 
-/// A fixed random binary batch of `rows` rows of a global batch of `global_rows`.
-pub(crate) fn fixed_batch(rows: usize, global_rows: usize, seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+/// The trainer of the benchmark's model, its name, its example size and what it needs of
+/// labels.
+pub(crate) fn bench_trainer(
+    engine: &Engine,
+    config: Option<&BenchConfig>,
+    steps: u64,
+    device: &candle_core::Device,
+) -> Result<(Trainer, String, usize, LabelUse)> {
+    let Some(bench) = config else {
+        return Ok((
+            reference_trainer(device)?,
+            MODEL.to_string(),
+            784,
+            LabelUse::Ignored,
+        ));
+    };
+    let dim = checked_numel(&bench.shape)
+        .filter(|d| *d > 0)
+        .ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "--shape {:?}: expected positive sizes",
+                bench.shape
+            ))
+        })?;
+    let cfg = engine.load_config(&Layers {
+        file: bench.file.clone(),
+        flags: bench.set.clone(),
+        ..Default::default()
+    })?;
+    let schema = DataSchema {
+        shape: bench.shape.clone(),
+        dim,
+        pixel: PixelType::Uint8,
+        has_label: true,
+        has_id: true,
+    };
+    let model = engine.model(&cfg, &schema, device)?;
+    let labels = model.labels();
+    let name = bench_name(&cfg, &bench.shape);
+    let trainer = Trainer::new(model, step_config(&cfg, steps))?;
+    Ok((trainer, name, dim, labels))
+}
+
+/// How a report names a configured model: kind, example shape, trunk, latent, likelihood.
+pub(crate) fn bench_name(cfg: &elbo_settings::Config, shape: &[usize]) -> String {
+    let m = &cfg.model;
+    format!(
+        "{} {} {:?} hidden {:?} z {} {:?}",
+        m.kind,
+        join_shape(shape),
+        m.architecture,
+        m.hidden,
+        m.latent_dim,
+        m.likelihood
+    )
+    .to_lowercase()
+}
+
+/// Rows `lo..hi` of a fixed random binary global batch of `global_rows` examples of `dim`
+/// values: each row drawn from its index in the global batch, so every split of it across ranks
+/// holds the same rows. Labels as the model needs them: random classes for a conditional model,
+/// on the first half of the global batch for a semi-supervised one.
+pub(crate) fn fixed_batch(
+    lo: u64,
+    hi: u64,
+    global_rows: u64,
+    dim: usize,
+    labels: LabelUse,
+) -> Batch {
+    let mut x = Vec::with_capacity((hi - lo) as usize * dim);
+    let mut classes = Vec::with_capacity((hi - lo) as usize);
+    for row in lo..hi {
+        let mut rng = ChaCha8Rng::seed_from_u64(row);
+        x.extend((0..dim).map(|_| if rng.random::<f32>() > 0.5 { 1.0 } else { 0.0 }));
+        classes.push(match labels {
+            LabelUse::Ignored => None,
+            LabelUse::Every { classes } => Some(rng.random_range(0..classes as i64)),
+            LabelUse::Partial { classes } => {
+                (row < global_rows / 2).then(|| rng.random_range(0..classes as i64))
+            }
+        });
+    }
     Batch {
-        x: (0..rows * 784)
-            .map(|_| if rng.random::<f32>() > 0.5 { 1.0 } else { 0.0 })
-            .collect(),
-        dim: 784,
-        labels: vec![None; rows],
-        ids: (0..rows as u64).collect(),
-        global_rows: global_rows as u64,
+        x,
+        dim,
+        labels: classes,
+        ids: (lo..hi).collect(),
+        global_rows,
         cursor_after: Cursor::start(0),
     }
 }
@@ -315,14 +407,15 @@ pub(crate) fn time_steps(
 }
 
 /// `elbo bench train` in one process, on a fixed random binary batch.
-pub(crate) fn train_here(args: &TrainBench) -> Result<TrainBenchReport> {
+pub(crate) fn train_here(engine: &Engine, args: &TrainBench) -> Result<TrainBenchReport> {
     let device = device(&args.device)?;
-    let mut trainer = reference_trainer(&device)?;
+    let (mut trainer, model, dim, labels) =
+        bench_trainer(engine, args.config.as_ref(), args.steps, &device)?;
     let n = args.batch_size;
-    let batch = fixed_batch(n, n, 0);
+    let batch = fixed_batch(0, n as u64, n as u64, dim, labels);
     let t = time_steps(&mut trainer, &batch, &mut LocalReduce, args.steps, &device)?;
     Ok(TrainBenchReport {
-        model: MODEL,
+        model,
         workers: 1,
         batch_size: n,
         steps: args.steps,

@@ -16,11 +16,14 @@ use elbo_worker::Reduce;
 use serde::Serialize;
 
 use crate::bench::{
-    fixed_batch, reference_trainer, time_steps, train_here, StepTimes, TrainBench,
-    TrainBenchReport, MODEL,
+    bench_name, bench_trainer, fixed_batch, time_steps, train_here, BenchConfig, StepTimes,
+    TrainBench, TrainBenchReport, MODEL,
 };
+use crate::build::Engine;
 use crate::error::{io, EngineError, Result};
 use crate::procs::{threads_each, Children};
+use elbo_datasets::join_shape;
+use elbo_settings::Layers;
 
 /// How long a rank waits for a peer (a benchmark never hangs past it).
 const RING_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,7 +53,7 @@ pub enum RankKind {
 }
 
 /// One rank of a multi-process benchmark (`elbo bench rank`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RankBench {
     /// What it times.
     pub kind: RankKind,
@@ -68,6 +71,8 @@ pub struct RankBench {
     pub batch_size: usize,
     /// Timed steps.
     pub steps: u64,
+    /// The model a config describes (train benchmarks; `None`: the reference MLP VAE).
+    pub config: Option<BenchConfig>,
 }
 
 /// Ring all-reduce bus bandwidth, as nccl-tests defines it.
@@ -112,17 +117,24 @@ impl std::str::FromStr for RankKind {
 /// The arguments of `elbo bench rank` for a rank of this benchmark (`--rank` and `--world`
 /// aside).
 fn rank_args(bench: &RankBench) -> Vec<String> {
-    [
+    let mut args: Vec<(&str, String)> = vec![
         ("--kind", bench.kind.name().to_string()),
         ("--bytes", bench.bytes.to_string()),
         ("--chunk-kib", bench.chunk_kib.to_string()),
         ("--depth", bench.depth.to_string()),
         ("--batch-size", bench.batch_size.to_string()),
         ("--steps", bench.steps.to_string()),
-    ]
-    .into_iter()
-    .flat_map(|(k, v)| [k.to_string(), v])
-    .collect()
+    ];
+    if let Some(config) = &bench.config {
+        if let Some(file) = &config.file {
+            args.push(("--config", file.to_string_lossy().into_owned()));
+        }
+        args.extend(config.set.iter().map(|s| ("--set", s.clone())));
+        args.push(("--shape", join_shape(&config.shape)));
+    }
+    args.into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
 }
 
 /// Starts `world` ranks with `extra` arguments and returns each rank's JSON result line.
@@ -204,6 +216,7 @@ pub fn allreduce(args: &AllreduceBench) -> Result<AllreduceReport> {
         depth: args.depth,
         batch_size: 0,
         steps: 0,
+        config: None,
     };
     let results = run_ranks(&args.exe, args.world, &rank_args(&bench))?;
     let seconds = results
@@ -228,14 +241,14 @@ pub fn allreduce(args: &AllreduceBench) -> Result<AllreduceReport> {
 
 /// `elbo bench train`: full training steps on a fixed random binary batch, in one process or
 /// data-parallel over `workers` rank processes.
-pub fn train_bench(args: &TrainBench) -> Result<TrainBenchReport> {
+pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchReport> {
     if args.batch_size == 0 || args.steps == 0 || !(1..=64).contains(&args.workers) {
         return Err(EngineError::Invalid(
             "--batch-size and --steps must be positive, --workers 1 to 64".into(),
         ));
     }
     if args.workers == 1 {
-        return train_here(args);
+        return train_here(engine, args);
     }
     if args.batch_size < args.workers as usize {
         return Err(EngineError::Invalid(format!(
@@ -252,6 +265,18 @@ pub fn train_bench(args: &TrainBench) -> Result<TrainBenchReport> {
         depth: 1,
         batch_size: args.batch_size,
         steps: args.steps,
+        config: args.config.clone(),
+    };
+    let model = match &args.config {
+        Some(config) => {
+            let cfg = engine.load_config(&Layers {
+                file: config.file.clone(),
+                flags: config.set.clone(),
+                ..Default::default()
+            })?;
+            bench_name(&cfg, &config.shape)
+        }
+        None => MODEL.to_string(),
     };
     let times = run_ranks(&args.exe, args.workers, &rank_args(&bench))?
         .iter()
@@ -261,7 +286,7 @@ pub fn train_bench(args: &TrainBench) -> Result<TrainBenchReport> {
     let slowest = |f: fn(&StepTimes) -> f64| times.iter().map(f).fold(0.0, f64::max);
     let seconds = slowest(|t| t.seconds);
     Ok(TrainBenchReport {
-        model: MODEL,
+        model,
         workers: args.workers,
         batch_size: args.batch_size,
         steps: args.steps,
@@ -308,7 +333,7 @@ fn join_ring(rank: u32, world: u32, settings: RingSettings) -> Result<(BoundPeer
 
 /// `elbo bench rank`: one rank of a benchmark (talks to its parent on stdin and stdout);
 /// returns its result as one JSON line for the parent.
-pub fn rank(args: &RankBench) -> Result<String> {
+pub fn rank(engine: &Engine, args: &RankBench) -> Result<String> {
     let settings = RingSettings {
         chunk_len: (args.chunk_kib as usize * 1024 / 4).max(1),
         depth: args.depth as usize,
@@ -331,9 +356,11 @@ pub fn rank(args: &RankBench) -> Result<String> {
         }
         RankKind::Train => {
             let device = candle_core::Device::Cpu;
-            let mut trainer = reference_trainer(&device)?;
-            let (lo, hi) = elbo_datasets::share(args.batch_size as u64, args.world, args.rank);
-            let batch = fixed_batch((hi - lo) as usize, args.batch_size, lo);
+            let (mut trainer, _, dim, labels) =
+                bench_trainer(engine, args.config.as_ref(), args.steps, &device)?;
+            let global = args.batch_size as u64;
+            let (lo, hi) = elbo_datasets::share(global, args.world, args.rank);
+            let batch = fixed_batch(lo, hi, global, dim, labels);
             let times = time_steps(&mut trainer, &batch, &mut ring, args.steps, &device)?;
             serde_json::to_string(&times).map_err(|e| EngineError::Failed(e.to_string()))
         }

@@ -32,7 +32,9 @@ mod summary;
 mod train;
 pub mod worker;
 
-pub use bench::{data_bench, DataBench, DataBenchReport, TrainBench, TrainBenchReport, MODEL};
+pub use bench::{
+    data_bench, BenchConfig, DataBench, DataBenchReport, TrainBench, TrainBenchReport, MODEL,
+};
 pub use bench_ring::{
     allreduce, rank, train_bench, AllreduceBench, AllreduceReport, RankBench, RankKind,
 };

@@ -1,8 +1,11 @@
 //! `elbo bench …`: throughput measurements (the engine runs them; this prints them).
 
+use std::path::PathBuf;
+
 use clap::Subcommand;
+use elbo_datasets::parse_shape;
 use elbo_engine::{
-    AllreduceBench, DataBench, RankBench, RankKind, TrainBench, MODEL as REFERENCE_MODEL,
+    AllreduceBench, BenchConfig, DataBench, Engine, RankBench, RankKind, TrainBench,
 };
 use serde::Serialize;
 
@@ -12,7 +15,8 @@ use super::args::cache_root;
 pub enum BenchCommand {
     /// Stream a uint8 Parquet dataset through the reader into shuffled f32 batches.
     Data(DataBenchArgs),
-    /// Time full training steps (forward, backward, optimiser) of the MLP VAE 784-400-20.
+    /// Time full training steps (forward, backward, optimiser) of the MLP VAE 784-400-20, or of
+    /// the model a config describes (--config / --set) on synthetic examples of --shape.
     Train(TrainBenchArgs),
     /// Ring all-reduce bus bandwidth between worker processes on loopback.
     Allreduce(AllreduceArgs),
@@ -21,8 +25,43 @@ pub enum BenchCommand {
     Rank(RankArgs),
 }
 
+/// The model a benchmark times: the reference MLP VAE, or a configured one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchModelArgs {
+    /// Time the model of this config file (default: the reference MLP VAE 784-400-20).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override a key of the benchmark's config, e.g. `--set model.kind=m2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Shape of the synthetic examples of a configured model, e.g. 1,28,28.
+    #[arg(long, value_name = "C,H,W")]
+    shape: Option<String>,
+}
+
+impl BenchModelArgs {
+    fn resolve(self) -> anyhow::Result<Option<BenchConfig>> {
+        if self.config.is_none() && self.set.is_empty() {
+            if self.shape.is_some() {
+                anyhow::bail!("--shape applies to a configured model (--config or --set)");
+            }
+            return Ok(None);
+        }
+        let text = self.shape.as_deref().unwrap_or("1,28,28");
+        let shape = parse_shape(text)
+            .ok_or_else(|| anyhow::anyhow!("--shape {text:?}: expected sizes like 1,28,28"))?;
+        Ok(Some(BenchConfig {
+            file: self.config,
+            set: self.set,
+            shape,
+        }))
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct TrainBenchArgs {
+    #[command(flatten)]
+    model: BenchModelArgs,
     /// Worker processes, each training its share of the batch, joined by the ring all-reduce.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
@@ -103,9 +142,11 @@ pub struct RankArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 200)]
     steps: u64,
+    #[command(flatten)]
+    model: BenchModelArgs,
 }
 
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     match cmd {
         BenchCommand::Data(a) => {
@@ -134,16 +175,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             show(&report, a.json, text)
         }
         BenchCommand::Train(a) => {
-            let r = elbo_engine::train_bench(&TrainBench {
-                workers: a.workers,
-                batch_size: a.batch_size,
-                steps: a.steps,
-                device: a.device,
-                exe,
-            })?;
+            let r = elbo_engine::train_bench(
+                engine,
+                &TrainBench {
+                    config: a.model.resolve()?,
+                    workers: a.workers,
+                    batch_size: a.batch_size,
+                    steps: a.steps,
+                    device: a.device,
+                    exe,
+                },
+            )?;
             let text = format!(
-                "{REFERENCE_MODEL}: {} workers, global batch {} — {:.0} samples/s, {:.3} ms/step (compute {:.3}, all-reduce {:.3}, update {:.3}; slowest rank each), loss {:.3}",
-                r.workers, r.batch_size, r.samples_per_s, r.ms_per_step, r.ms_compute, r.ms_reduce, r.ms_update, r.final_loss
+                "{}: {} workers, global batch {} — {:.0} samples/s, {:.3} ms/step (compute {:.3}, all-reduce {:.3}, update {:.3}; slowest rank each), loss {:.3}",
+                r.model, r.workers, r.batch_size, r.samples_per_s, r.ms_per_step, r.ms_compute, r.ms_reduce, r.ms_update, r.final_loss
             );
             show(&r, a.json, text)
         }
@@ -170,16 +215,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             show(&r, false, text)
         }
         BenchCommand::Rank(a) => {
-            let line = elbo_engine::rank(&RankBench {
-                kind: a.kind,
-                rank: a.rank,
-                world: a.world,
-                bytes: a.bytes,
-                chunk_kib: a.chunk_kib,
-                depth: a.depth,
-                batch_size: a.batch_size,
-                steps: a.steps,
-            })?;
+            let line = elbo_engine::rank(
+                engine,
+                &RankBench {
+                    config: a.model.resolve()?,
+                    kind: a.kind,
+                    rank: a.rank,
+                    world: a.world,
+                    bytes: a.bytes,
+                    chunk_kib: a.chunk_kib,
+                    depth: a.depth,
+                    batch_size: a.batch_size,
+                    steps: a.steps,
+                },
+            )?;
             println!("{line}");
             Ok(())
         }

@@ -54,6 +54,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(a) => eval::sample(&engine, a),
         Command::Config(cmd) => config_cmd::run(&engine, cmd),
         Command::Data(cmd) => data::run(cmd),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench::run(&engine, cmd),
     }
 }
