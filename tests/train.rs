@@ -344,46 +344,31 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
     ));
     let spec = data.to_str().unwrap();
     let (train_key, test_key) = (format!("data.train={spec}"), format!("data.test={spec}"));
-    let out = train(
-        &tmp.path().join("unlabeled"),
-        &cache,
-        &[
-            "--set",
+    for (kind, expect) in [
+        (
             "model.kind=cvae",
-            "--set",
-            &train_key,
-            "--set",
-            &test_key,
-            "--set",
-            "train.batch_size=4",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("needs a label on every row, but data.train has 20 unlabeled rows of 20"),
-        "{err}"
-    );
-    let out = train(
-        &tmp.path().join("unlabeled-m2"),
-        &cache,
-        &[
-            "--set",
+            "needs a label on every row, but data.train has 20 unlabeled rows of 20",
+        ),
+        (
             "model.kind=m2",
+            "needs labeled rows, but data.train has none",
+        ),
+    ] {
+        let args = [
+            "--set",
+            kind,
             "--set",
             &train_key,
             "--set",
             &test_key,
             "--set",
             "train.batch_size=4",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("needs labeled rows, but data.train has none"),
-        "{err}"
-    );
+        ];
+        let out = train(&tmp.path().join("unlabeled"), &cache, &args);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{kind}: {err}");
+    }
 
     // A model that reads no labels takes no --label.
     let vae = tmp.path().join("vae");
