@@ -64,6 +64,17 @@ class M2(nn.Module):
         return rec + kl + math.log(K)
 
 
+def m2_loss(m, xl, yl, xu, alpha):
+    """The recipe's loss: mean over labeled of (−ELBO(x,y) + alpha·CE) + mean over unlabeled of
+    Σ_y q(y|x)(−ELBO(x,y)) − H(q(y|x)), every class enumerated in one pass."""
+    eye = torch.eye(K)
+    labeled = m.neg_elbo(xl, eye[yl]) + alpha * F.cross_entropy(m.logits(xl), yl, reduction="none")
+    bounds = m.neg_elbo(xu.repeat_interleave(K, 0), eye.repeat(len(xu), 1)).view(-1, K)
+    logits = m.logits(xu)
+    unlabeled = (F.softmax(logits, 1) * (bounds + F.log_softmax(logits, 1))).sum(1)
+    return labeled.mean() + unlabeled.mean()
+
+
 def accuracy(classify, x, y):
     with torch.no_grad():
         return (classify(x).argmax(1) == y).float().mean().item()
@@ -115,18 +126,12 @@ def main():
 
     m = M2()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    eye = torch.eye(K)
     started = time.time()
     for epoch in range(epochs):
         order = torch.randperm(len(gray))
         for s in range(steps_per_epoch):
             xu = torch.bernoulli(gray[order[s * 100:(s + 1) * 100]])
-            xlb = torch.bernoulli(xl)
-            labeled = m.neg_elbo(xlb, eye[yl]) + alpha * F.cross_entropy(m.logits(xlb), yl, reduction="none")
-            bounds = m.neg_elbo(xu.repeat_interleave(K, 0), eye.repeat(len(xu), 1)).view(-1, K)
-            logits = m.logits(xu)
-            unlabeled = (F.softmax(logits, 1) * (bounds + F.log_softmax(logits, 1))).sum(1)
-            loss = labeled.mean() + unlabeled.mean()
+            loss = m2_loss(m, torch.bernoulli(xl), yl, xu, alpha)
             opt.zero_grad()
             loss.backward()
             opt.step()

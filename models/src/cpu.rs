@@ -1,6 +1,6 @@
 //! Helpers of the hand-written CPU kernels.
 
-use candle_core::{CpuStorage, Layout, Shape};
+use candle_core::{CpuStorage, Layout, Shape, Storage, StorageRef, Tensor};
 
 /// The f32 values of a contiguous CPU tensor; an error naming `what` otherwise.
 pub(crate) fn contiguous_f32<'a>(
@@ -58,4 +58,24 @@ pub(crate) fn map3(
         .map(|((a, b), c)| f(*a, *b, *c))
         .collect();
     Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
+/// The storage of a contiguous 2-D CPU tensor (read it with [`as_f32`]) and its (rows, cols).
+pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<(StorageRef<'_>, (usize, usize))> {
+    let (storage, layout) = t.storage_and_layout();
+    if !matches!(&*storage, Storage::Cpu(_))
+        || layout.contiguous_offsets() != Some((0, t.elem_count()))
+    {
+        candle_core::bail!("expected a contiguous CPU tensor, got {:?}", t.layout());
+    }
+    let dims = layout.shape().dims2()?;
+    Ok((storage, dims))
+}
+
+/// The f32 values of a CPU storage.
+pub(crate) fn as_f32(storage: &Storage) -> candle_core::Result<&[f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
+        _ => candle_core::bail!("expected a CPU tensor"),
+    }
 }

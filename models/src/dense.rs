@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
-use crate::cpu::{contiguous_f32 as contiguous, map2};
+use crate::cpu::{as_f32, contiguous_f32 as contiguous, cpu_values, map2};
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
@@ -108,24 +108,6 @@ impl SinkSlots {
             weight: format!("{layer}.weight").into(),
             bias: format!("{layer}.bias").into(),
         }
-    }
-}
-
-fn cpu_values(t: &Tensor) -> candle_core::Result<(candle_core::StorageRef<'_>, (usize, usize))> {
-    let (storage, layout) = t.storage_and_layout();
-    if !matches!(&*storage, Storage::Cpu(_))
-        || layout.contiguous_offsets() != Some((0, t.elem_count()))
-    {
-        candle_core::bail!("dense: expected a contiguous CPU tensor");
-    }
-    let dims = layout.shape().dims2()?;
-    Ok((storage, dims))
-}
-
-fn as_f32(storage: &Storage) -> candle_core::Result<&[f32]> {
-    match storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
-        _ => candle_core::bail!("dense: expected a CPU tensor"),
     }
 }
 

@@ -4,6 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
+use crate::class_rows::class_rows;
 use crate::dense::{dense_with_sink, SinkSlots};
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +67,18 @@ impl Linear {
 
 /// A new dense layer named `name`, initialised uniform ±1/√inputs like PyTorch's default.
 pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) -> Result<Linear> {
-    let bound = 1.0 / (inputs as f32).sqrt();
+    linear_with_fan_in(params, name, inputs, outputs, inputs)
+}
+
+/// [`linear`] initialised uniform ±1/√fan_in.
+fn linear_with_fan_in(
+    params: &mut Params,
+    name: &str,
+    inputs: usize,
+    outputs: usize,
+    fan_in: usize,
+) -> Result<Linear> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
     let weight = params.uniform(&format!("{name}.weight"), &[outputs, inputs], bound)?;
     let bias = params.uniform(&format!("{name}.bias"), &[outputs], bound)?;
     Ok(Linear {
@@ -76,11 +88,15 @@ pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) ->
     })
 }
 
-/// Dense layers with an activation between them (and none after the last).
+/// Dense layers with an activation between them (and none after the last), the first
+/// optionally reading a class beside its input.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     layers: Vec<Linear>,
     activation: Activation,
+    /// The first layer's class embedding `(classes, outputs)`: the weight columns that a
+    /// one-hot class code appended to the input would multiply, looked up instead.
+    class_embedding: Option<Tensor>,
 }
 
 impl Mlp {
@@ -91,24 +107,93 @@ impl Mlp {
         sizes: &[usize],
         activation: Activation,
     ) -> Result<Self> {
-        let layers = sizes
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| linear(params, &format!("{name}.{i}"), w[0], w[1]))
-            .collect::<Result<_>>()?;
-        Ok(Mlp { layers, activation })
+        Mlp::conditional(params, name, sizes, 0, activation)
+    }
+
+    /// [`Mlp::new`] whose first layer also reads a class of `classes` (0: none), as if its
+    /// one-hot code were appended to the input: parameter `{name}.0.class_embedding`
+    /// `(classes, sizes[1])`, the layer initialised like one of `sizes[0] + classes` inputs.
+    pub fn conditional(
+        params: &mut Params,
+        name: &str,
+        sizes: &[usize],
+        classes: usize,
+        activation: Activation,
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(sizes.len().saturating_sub(1));
+        let mut class_embedding = None;
+        for (i, w) in sizes.windows(2).enumerate() {
+            let layer = format!("{name}.{i}");
+            if i == 0 && classes > 0 {
+                let fan_in = w[0] + classes;
+                layers.push(linear_with_fan_in(params, &layer, w[0], w[1], fan_in)?);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let name = format!("{layer}.class_embedding");
+                class_embedding = Some(params.uniform(&name, &[classes, w[1]], bound)?);
+            } else {
+                layers.push(linear(params, &layer, w[0], w[1])?);
+            }
+        }
+        Ok(Mlp {
+            layers,
+            activation,
+            class_embedding,
+        })
     }
 
     /// Applies the layers; the activation follows every layer but the last unless
     /// `activate_last`.
     pub fn forward(&self, x: &Tensor, activate_last: bool) -> Result<Tensor> {
+        self.forward_rows(x, None, None, activate_last)
+    }
+
+    /// [`Mlp::forward`] for output rows that each read row `rows[i]` of `x` (all of them, in
+    /// order, without `rows`) and, for a conditional MLP, class `classes[i]` (u32). The first
+    /// layer's product runs once per row of `x`, however many output rows read it.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        classes: Option<&Tensor>,
+        activate_last: bool,
+    ) -> Result<Tensor> {
+        match (&self.class_embedding, classes) {
+            (Some(_), None) => {
+                return Err(ModelError::Input(
+                    "a conditional network needs the class of every row".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ModelError::Input(
+                    "an unconditional network was given classes".into(),
+                ))
+            }
+            _ => {}
+        }
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let activate = activate_last || i + 1 < self.layers.len();
-            h = match (activate, self.activation) {
-                (true, Activation::Relu) => layer.forward_relu(&h)?,
-                (true, act) => act.apply(&layer.forward(&h)?)?,
-                (false, _) => layer.forward(&h)?,
+            let first = i == 0 && (rows.is_some() || classes.is_some());
+            h = match (first, activate, self.activation) {
+                (true, _, act) => {
+                    let y = layer.forward(&h)?;
+                    let relu = activate && act == Activation::Relu;
+                    let y = match (&self.class_embedding, classes) {
+                        (Some(e), Some(c)) => class_rows(&y, e, rows, c, relu)?,
+                        _ => match rows {
+                            Some(rows) => y.index_select(rows, 0)?,
+                            None => y,
+                        },
+                    };
+                    if activate && !relu {
+                        act.apply(&y)?
+                    } else {
+                        y
+                    }
+                }
+                (false, true, Activation::Relu) => layer.forward_relu(&h)?,
+                (false, true, act) => act.apply(&layer.forward(&h)?)?,
+                (false, false, _) => layer.forward(&h)?,
             };
         }
         Ok(h)

@@ -5,10 +5,12 @@
 mod bernoulli;
 mod buffers;
 mod builtin;
+mod class_rows;
 mod cpu;
 mod cvae;
 mod dense;
 mod error;
+mod fastmath;
 mod gaussian;
 mod grad_sink;
 mod iwae;

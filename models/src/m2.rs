@@ -226,7 +226,9 @@ impl M2 {
             labels: &labels,
             ids: &ids,
         };
-        let (rec, kl_dims) = self.vae.terms(&expanded, noise, purpose, counter)?;
+        let (rec, kl_dims) =
+            self.vae
+                .terms_rows(input.x, Some(&index), &expanded, noise, purpose, counter)?;
         let kl = kl_dims.sum(D::Minus1)?;
         let log_k = (k as f64).ln();
         let bound = ((&rec + &kl)? + log_k)?;
@@ -297,12 +299,12 @@ impl Model for M2 {
         let mut loss = zero()?;
         let mut terms = BTreeMap::new();
         if nl > 0 {
-            let one_hot = self
+            let classes = self
                 .vae
                 .condition(&split.labels, &vec![0; nl], device)?
                 .expect("m2's VAE is conditional");
             let log_q = log_softmax(&Self::rows(&logits, &split.labeled)?, D::Minus1)?;
-            let ce = (&log_q * &one_hot)?.sum(D::Minus1)?.neg()?;
+            let ce = log_q.gather(&classes.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
             let labeled = (trained.narrow(0, 0, nl)? + (&ce * self.alpha)?)?;
             loss = (loss + (labeled.sum_all()? / f64::from(*n_labeled))?)?;
             let guesses = log_q.argmax(D::Minus1)?.to_vec1::<u32>()?;
@@ -429,13 +431,13 @@ impl Model for M2 {
             .broadcast_as((rows, k, d))?
             .reshape((rows * k, d))?;
         let classes: Vec<Option<i64>> = (0..rows * k).map(|i| Some((i % k) as i64)).collect();
-        let codes = self
+        let ys = self
             .vae
             .condition(&classes, &vec![0; rows * k], device)?
             .expect("m2's VAE is conditional");
         let values = self
             .vae
-            .decode_mean(&z, Some(&codes))?
+            .decode_mean(&z, Some(&ys))?
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;

@@ -1,7 +1,8 @@
 //! The VAE (and β-VAE through the objective): diagonal Gaussian posterior, MLP or
 //! convolutional encoder/decoder, any likelihood — optionally conditioned on a class label
-//! (the conditional VAE): the label's one-hot code is appended to the encoder's input features
-//! and to the latent the decoder reads.
+//! (the conditional VAE): the encoder's input features and the latent the decoder reads meet
+//! the label as if its one-hot code were appended to them (a class embedding added after their
+//! first layer's product, which is the same function without the product's K extra columns).
 
 use std::ops::Range;
 
@@ -86,10 +87,10 @@ impl Vae {
 
 impl VaeNet {
     /// The networks of a VAE conditioned on a label of `classes` classes (0: unconditional),
-    /// their parameters drawn into `params`. With a label, encoder and decoder read its one-hot
-    /// code beside their input: for convolutions it joins the flattened features after the
-    /// convolutional stack (K more inputs to a dense layer instead of K constant planes
-    /// convolved at every position).
+    /// their parameters drawn into `params`. With a label, encoder and decoder read it beside
+    /// their input (a class embedding in their first dense layer): for convolutions it joins
+    /// the flattened features after the convolutional stack (the equivalent of K more inputs to
+    /// a dense layer instead of K constant planes convolved at every position).
     pub fn new(params: &mut Params, spec: ModelSpec, classes: usize) -> Result<Self> {
         spec.objective.validate()?;
         let dim: usize = spec.input_shape.iter().product();
@@ -108,13 +109,13 @@ impl VaeNet {
         let p = params;
         let (trunk, head_in) = match spec.architecture {
             Architecture::Mlp => {
-                let mut sizes = vec![dim + classes];
+                let mut sizes = vec![dim];
                 sizes.extend(&spec.hidden);
-                let enc = Mlp::new(p, "encoder", &sizes, spec.activation)?;
-                let mut dec_sizes = vec![spec.latent_dim + classes];
+                let enc = Mlp::conditional(p, "encoder", &sizes, classes, spec.activation)?;
+                let mut dec_sizes = vec![spec.latent_dim];
                 dec_sizes.extend(spec.hidden.iter().rev());
                 dec_sizes.push(dim);
-                let dec = Mlp::new(p, "decoder", &dec_sizes, spec.activation)?;
+                let dec = Mlp::conditional(p, "decoder", &dec_sizes, classes, spec.activation)?;
                 (Trunk::Mlp { enc, dec }, *sizes.last().expect("non-empty"))
             }
             Architecture::Conv => {
@@ -129,14 +130,14 @@ impl VaeNet {
                     }
                 };
                 let enc = ConvEncoder::new(p, "encoder", c, s, spec.activation)?;
-                let mut fc = vec![enc.features + classes];
+                let mut fc = vec![enc.features];
                 fc.extend(&spec.hidden);
-                let enc_fc = Mlp::new(p, "encoder.fc", &fc, spec.activation)?;
+                let enc_fc = Mlp::conditional(p, "encoder.fc", &fc, classes, spec.activation)?;
                 let (dec, features) = ConvDecoder::new(p, "decoder", c, s, spec.activation)?;
-                let mut dfc = vec![spec.latent_dim + classes];
+                let mut dfc = vec![spec.latent_dim];
                 dfc.extend(spec.hidden.iter().rev());
                 dfc.push(features);
-                let dec_fc = Mlp::new(p, "decoder.fc", &dfc, spec.activation)?;
+                let dec_fc = Mlp::conditional(p, "decoder.fc", &dfc, classes, spec.activation)?;
                 let head_in = *fc.last().expect("non-empty");
                 (
                     Trunk::Conv {
@@ -184,7 +185,7 @@ impl VaeNet {
         }
     }
 
-    /// The one-hot codes (B, classes) of the labels a conditional VAE reads (`None` when it is
+    /// The classes (B,) (u32) of the labels a conditional VAE reads (`None` when it is
     /// unconditional); a missing or out-of-range label is an error naming the row.
     pub fn condition(
         &self,
@@ -196,10 +197,10 @@ impl VaeNet {
             return Ok(None);
         }
         let k = self.classes;
-        let mut code = vec![0f32; labels.len() * k];
-        for (i, (label, id)) in labels.iter().zip(ids).enumerate() {
+        let mut classes = Vec::with_capacity(labels.len());
+        for (label, id) in labels.iter().zip(ids) {
             match label {
-                Some(y) if (0..k as i64).contains(y) => code[i * k + *y as usize] = 1.0,
+                Some(y) if (0..k as i64).contains(y) => classes.push(*y as u32),
                 Some(y) => {
                     return Err(ModelError::Input(format!(
                         "row {id} has label {y}, but the model has {k} classes (0 to {})",
@@ -213,14 +214,25 @@ impl VaeNet {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(code, (labels.len(), k), device)?))
+        Ok(Some(Tensor::from_vec(classes, labels.len(), device)?))
     }
 
-    /// q(z|x[, y]): (μ, log σ²), each (B, d); `y` the one-hot codes of a conditional VAE.
+    /// q(z|x[, y]): (μ, log σ²), each (B, d); `y` the classes of a conditional VAE (u32, (B,)).
     pub fn encode(&self, x: &Tensor, y: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        self.encode_rows(x, None, y)
+    }
+
+    /// [`VaeNet::encode`] of rows that each read row `rows[i]` of `x` (with class `y[i]`): the
+    /// networks before the label meets the features run once per row of `x`.
+    fn encode_rows(
+        &self,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         self.check(x)?;
         let h = match &self.trunk {
-            Trunk::Mlp { enc, .. } => enc.forward(&joined(x, y)?, true)?,
+            Trunk::Mlp { enc, .. } => enc.forward_rows(x, rows, y, true)?,
             Trunk::Conv {
                 enc,
                 enc_fc,
@@ -228,7 +240,7 @@ impl VaeNet {
                 ..
             } => {
                 let h = enc.forward(&x.reshape((x.dim(0)?, *c, *s, *s))?)?;
-                enc_fc.forward(&joined(&h, y)?, true)?
+                enc_fc.forward_rows(&h, rows, y, true)?
             }
         };
         let clamp = self.spec.log_var_clamp;
@@ -238,25 +250,16 @@ impl VaeNet {
         ))
     }
 
-    /// The decoder's output (logits or means) for latents (N, d) [and one-hot codes]: (N, D).
+    /// The decoder's output (logits or means) for latents (N, d) [and classes (N,)]: (N, D).
     pub fn decode(&self, z: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
-        let z = joined(z, y)?;
         Ok(match &self.trunk {
-            Trunk::Mlp { dec, .. } => dec.forward(&z, false)?,
+            Trunk::Mlp { dec, .. } => dec.forward_rows(z, None, y, false)?,
             Trunk::Conv { dec_fc, dec, .. } => {
-                let h = dec_fc.forward(&z, true)?;
+                let h = dec_fc.forward_rows(z, None, y, true)?;
                 dec.forward(&h)?.flatten_from(1)?
             }
         })
     }
-}
-
-/// `h` with the one-hot codes appended to its features, if any.
-fn joined(h: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match y {
-        Some(y) => Tensor::cat(&[h, y], 1)?,
-        None => h.clone(),
-    })
 }
 
 impl VaeNet {
@@ -278,11 +281,7 @@ impl VaeNet {
         let std = log_var.affine(0.5, 0.0)?.exp()?;
         let z = eps.broadcast_mul(&std)?.broadcast_add(&mu)?; // (S, B, d)
         let ys = match &y {
-            Some(y) => Some(
-                y.unsqueeze(0)?
-                    .broadcast_as((s, b, self.classes))?
-                    .reshape((s * b, self.classes))?,
-            ),
+            Some(y) => Some(y.unsqueeze(0)?.broadcast_as((s, b))?.reshape(s * b)?),
             None => None,
         };
         let out = self.decode(&z.reshape((s * b, d))?, ys.as_ref())?;
@@ -316,8 +315,23 @@ impl VaeNet {
         purpose: Purpose,
         counter: u64,
     ) -> Result<(Tensor, Tensor)> {
+        self.terms_rows(input.x, None, input, noise, purpose, counter)
+    }
+
+    /// [`VaeNet::terms`] of `input`'s rows when row `i` of `input.x` is row `rows[i]` of
+    /// `source` (u32 indices): the encoder reads `source`, so rows read many times (under
+    /// different labels) pass the layers before the label once.
+    pub(crate) fn terms_rows(
+        &self,
+        source: &Tensor,
+        rows: Option<&Tensor>,
+        input: &Input<'_>,
+        noise: &Noise,
+        purpose: Purpose,
+        counter: u64,
+    ) -> Result<(Tensor, Tensor)> {
         let y = self.condition(input.labels, input.ids, input.x.device())?;
-        let (mu, log_var) = self.encode(input.x, y.as_ref())?;
+        let (mu, log_var) = self.encode_rows(source, rows, y.as_ref())?;
         let eps = noise.rows(
             purpose,
             counter,
@@ -388,7 +402,7 @@ impl VaeNet {
         }
         let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
         let ys = match &y {
-            Some(y) => Some(y.broadcast_as((dims * steps, self.classes))?.contiguous()?),
+            Some(y) => Some(y.broadcast_as(dims * steps)?.contiguous()?),
             None => None,
         };
         self.decode_mean(&z, ys.as_ref())

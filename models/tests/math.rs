@@ -58,6 +58,18 @@ fn data(rows: usize, dim: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (rows, dim), &Device::Cpu).unwrap()
 }
 
+/// The largest absolute difference between two tensors of one shape.
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn kl_matches_monte_carlo() {
     let mu = Tensor::new(&[[0.3f32, -1.2, 2.0]], &Device::Cpu).unwrap();
@@ -118,6 +130,59 @@ fn bernoulli_nll_matches_hand_computed_and_is_finite_at_100() {
         .to_vec1::<f32>()
         .unwrap()[0];
     assert!(got.is_finite());
+}
+
+/// The vectorized kernels on batches small (one thread) and large (split by rows), rows whose
+/// length is and is not a multiple of the lanes: values and gradients against f64.
+#[test]
+fn bernoulli_nll_and_its_gradient_match_f64_on_small_and_large_batches() {
+    let sig = |l: f64| 1.0 / (1.0 + (-l).exp());
+    for (rows, dim) in [(3, 5), (7, 37), (300, 784), (2000, 33)] {
+        let mut rng = ChaCha8Rng::seed_from_u64((rows * dim) as u64);
+        let l: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.random_range(-30.0..30.0))
+            .collect();
+        let x: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let w: Vec<f32> = (0..rows).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let logits = candle_core::Var::from_vec(l.clone(), (rows, dim), &Device::Cpu).unwrap();
+        let targets = Tensor::from_vec(x.clone(), (rows, dim), &Device::Cpu).unwrap();
+        let weights = Tensor::from_vec(w.clone(), rows, &Device::Cpu).unwrap();
+        let nll = bernoulli_nll(logits.as_tensor(), &targets).unwrap();
+        let grads = (&nll * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = nll.to_vec1::<f32>().unwrap();
+        let grad = grads.get(&logits).unwrap().flatten_all().unwrap();
+        let grad = grad.to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            let row = r * dim..(r + 1) * dim;
+            let want: f64 = row
+                .clone()
+                .map(|i| {
+                    let (l, x) = (f64::from(l[i]), f64::from(x[i]));
+                    l.max(0.0) - x * l + (1.0 + (-l.abs()).exp()).ln()
+                })
+                .sum();
+            let got = f64::from(got[r]);
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{rows}×{dim} row {r}: {got} vs {want}"
+            );
+            for i in row {
+                let want = f64::from(w[r]) * (sig(f64::from(l[i])) - f64::from(x[i]));
+                let got = f64::from(grad[i]);
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{rows}×{dim} [{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -613,14 +678,7 @@ fn fused_dense_matches_the_unfused_chain_with_its_gradients() {
             .unwrap();
         let chain = if relu { chain.relu().unwrap() } else { chain };
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_difference(a, b);
             assert!(d < 1e-5, "{what} (relu {relu}): max difference {d}");
         };
         close(&fused, &chain, "forward");
@@ -655,6 +713,90 @@ fn fused_dense_matches_the_unfused_chain_with_its_gradients() {
         .backward()
         .unwrap();
     assert!(g.get(&x).is_none() && g.get(w.as_tensor()).is_some());
+}
+
+/// A conditional MLP's class embedding is the one-hot code appended to the input: the same
+/// outputs and gradients as the joined layer `[W | Eᵀ]` on `[x[rows], onehot(y)]`, with rows of
+/// `x` read several times.
+#[test]
+fn a_class_embedding_equals_a_one_hot_code_beside_the_input() {
+    for activation in [Activation::Relu, Activation::Tanh] {
+        for shared in [true, false] {
+            class_embedding_case(activation, shared);
+        }
+    }
+}
+
+/// `shared`: 2 rows of x read by 5 outputs; otherwise 5 rows, one each.
+fn class_embedding_case(activation: Activation, shared: bool) {
+    let mut params = Params::new(&Device::Cpu, 3);
+    let mlp = elbo_models::Mlp::conditional(&mut params, "net", &[5, 4, 3], 3, activation).unwrap();
+    let var = |name: &str| params.vars()[name].as_tensor().clone();
+    let (x, rows) = if shared {
+        (data(2, 5, 9), [0u32, 1, 1, 0, 1])
+    } else {
+        (data(5, 5, 9), [0u32, 1, 2, 3, 4])
+    };
+    let rows = Tensor::new(&rows, &Device::Cpu).unwrap();
+    let classes = Tensor::new(&[2u32, 0, 1, 1, 2], &Device::Cpu).unwrap();
+    let up = data(5, 3, 10); // a fixed upstream gradient: loss = Σ out ⊙ up
+    let out = mlp
+        .forward_rows(&x, shared.then_some(&rows), Some(&classes), false)
+        .unwrap();
+
+    let (w0, e, b0) = (
+        var("net.0.weight"),
+        var("net.0.class_embedding"),
+        var("net.0.bias"),
+    );
+    let (w1, b1) = (var("net.1.weight"), var("net.1.bias"));
+    let joined_w = Tensor::cat(&[&w0, &e.t().unwrap()], 1).unwrap();
+    let one_hot = Tensor::new(
+        &[
+            [0f32, 0., 1.],
+            [1., 0., 0.],
+            [0., 1., 0.],
+            [0., 1., 0.],
+            [0., 0., 1.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let joined_x = Tensor::cat(&[&x.index_select(&rows, 0).unwrap(), &one_hot], 1).unwrap();
+    let h = joined_x
+        .matmul(&joined_w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b0)
+        .unwrap();
+    let h = activation.apply(&h).unwrap();
+    let want = h
+        .matmul(&w1.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b1)
+        .unwrap();
+    let grads = |y: &Tensor| (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let (g_out, g_want) = (grads(&out), grads(&want));
+    assert!(
+        max_difference(&out, &want) < 1e-6,
+        "{activation:?}: outputs differ"
+    );
+    for name in [
+        "net.0.weight",
+        "net.0.class_embedding",
+        "net.0.bias",
+        "net.1.weight",
+    ] {
+        let v = var(name);
+        let d = max_difference(g_out.get(&v).unwrap(), g_want.get(&v).unwrap());
+        assert!(
+            d < 1e-5,
+            "{activation:?}: gradient of {name} differs by {d}"
+        );
+    }
+    // Classes are required by a conditional MLP and refused by an unconditional one.
+    assert!(mlp.forward(&x, false).is_err());
+    let plain = elbo_models::Mlp::new(&mut params, "plain", &[5, 3], Activation::Relu).unwrap();
+    assert!(plain.forward_rows(&x, None, Some(&classes), false).is_err());
 }
 
 #[test]

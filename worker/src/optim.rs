@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use elbo_settings::{LrSchedule, OptimizerKind};
@@ -199,10 +200,37 @@ fn adam_body(
     }
 }
 
-/// The Adam update, compiled for AVX2 when the CPU has it. Rust never contracts `a·b + c` into
-/// an FMA, and add, multiply, divide and square root are correctly rounded at every vector
-/// width, so both paths give bit-identical results (replicas on different CPUs stay equal).
+/// Values below which the Adam update runs on the calling thread (waking the pool costs more).
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// The Adam update, compiled for AVX2 when the CPU has it, split across the thread pool in
+/// blocks when there are many parameters. Each element's update reads only its own values,
+/// Rust never contracts `a·b + c` into an FMA, and add, multiply, divide and square root are
+/// correctly rounded at every vector width, so every path and split gives bit-identical
+/// results (replicas on different CPUs stay equal).
 fn adam(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamCoefficients) {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && params.len() >= PARALLEL_MIN {
+        let block = params.len().div_ceil(threads * 4);
+        params
+            .par_chunks_mut(block)
+            .zip(grads.par_chunks(block))
+            .zip(m.par_chunks_mut(block))
+            .zip(v.par_chunks_mut(block))
+            .for_each(|(((p, g), m), v)| adam_block(p, g, m, v, k));
+    } else {
+        adam_block(params, grads, m, v, k);
+    }
+}
+
+/// [`adam_body`] compiled for AVX2 when the CPU has it.
+fn adam_block(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &AdamCoefficients,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]

@@ -143,3 +143,45 @@ fn clipping_and_schedules() {
     assert!((cos.lr(1.0, 60) - 0.5).abs() < 1e-12);
     assert!(cos.lr(1.0, 110).abs() < 1e-12 && cos.lr(1.0, 1000).abs() < 1e-12);
 }
+
+/// A buffer large enough to be split across threads gets bit for bit the update of the same
+/// values updated in pieces too small to be split.
+#[test]
+fn adam_on_a_split_buffer_is_bit_identical_to_pieces() {
+    let n = 300_001;
+    let p0: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+        .collect();
+    let grad = |t: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + 7 * t) * 13 % 29) as f32 - 14.0) / 9.0)
+            .collect()
+    };
+    for kind in [OptimizerKind::Adam, OptimizerKind::Adamw] {
+        let config = OptimizerConfig {
+            weight_decay: 0.01,
+            ..OptimizerConfig::defaults(kind)
+        };
+        let mut whole = Optimizer::new(config, n).unwrap();
+        let cut = n / 2;
+        let mut halves = [
+            Optimizer::new(config, cut).unwrap(),
+            Optimizer::new(config, n - cut).unwrap(),
+        ];
+        let mut p = p0.clone();
+        let mut q = p0.clone();
+        for t in 0..3 {
+            let g = grad(t);
+            whole.step(&mut p, &g, 0.01);
+            let (q1, q2) = q.split_at_mut(cut);
+            halves[0].step(q1, &g[..cut], 0.01);
+            halves[1].step(q2, &g[cut..], 0.01);
+        }
+        let differ = p
+            .iter()
+            .zip(&q)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{kind:?}: {differ} values differ");
+    }
+}
