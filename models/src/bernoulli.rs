@@ -52,19 +52,34 @@ fn nll_rows(logits: &[f32], x: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
-/// The gradient for logits: `out[r·d + j] = g[r]·(σ(logits[r·d + j]) − x[r·d + j])`.
+/// The gradient for logits, over them: `l[r·d + j] ← g[r]·(σ(l[r·d + j]) − x[r·d + j])`.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn grad_rows(logits: &[f32], x: &[f32], g: &[f32], d: usize, out: &mut [f32]) {
-    for (((o, l), x), g) in out
-        .chunks_exact_mut(d)
-        .zip(logits.chunks_exact(d))
-        .zip(x.chunks_exact(d))
-        .zip(g)
-    {
-        for ((o, l), x) in o.iter_mut().zip(l).zip(x) {
-            *o = g * (1.0 / (1.0 + exp(-*l)) - *x);
+fn grad_rows(l: &mut [f32], x: &[f32], g: &[f32], d: usize) {
+    for ((l, x), g) in l.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(g) {
+        for (l, x) in l.iter_mut().zip(x) {
+            *l = g * (1.0 / (1.0 + exp(-*l)) - *x);
         }
     }
+}
+
+/// Each row's NLL of targets `x` under `logits`, rows of `d` values.
+pub(crate) fn nll(logits: &[f32], x: &[f32], d: usize) -> Vec<f32> {
+    let d = d.max(1);
+    let mut out = vec![0f32; logits.len() / d];
+    over_rows(&mut out, 1, d, |rows, out| {
+        let at = rows.start * d..rows.end * d;
+        nll_rows(&logits[at.clone()], &x[at], d, out)
+    });
+    out
+}
+
+/// Turns `logits` into their gradient `g[r]·(σ(l) − x)` in place, rows of `d` values.
+pub(crate) fn grad_in_place(logits: &mut [f32], x: &[f32], g: &[f32], d: usize) {
+    let d = d.max(1);
+    over_rows(logits, d, d, |rows, l| {
+        let at = rows.start * d..rows.end * d;
+        grad_rows(l, &x[at], &g[rows], d)
+    });
 }
 
 /// Runs `kernel(rows, out)` over the rows of `out` (`width` values a row, `cost` elements of
@@ -116,12 +131,7 @@ impl CustomOp2 for BernoulliNll {
                 l2.shape()
             );
         }
-        let d = dim.max(1);
-        let mut out = vec![0f32; rows];
-        over_rows(&mut out, 1, d, |rows, out| {
-            let at = rows.start * d..rows.end * d;
-            nll_rows(&logits[at.clone()], &x[at], d, out)
-        });
+        let out = nll(logits, x, dim);
         debug_assert_eq!(out.len(), rows);
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
@@ -168,12 +178,8 @@ impl CustomOp3 for BernoulliNllGrad {
                 l3.shape()
             );
         }
-        let d = dim.max(1);
-        let mut out = vec![0f32; logits.len()];
-        over_rows(&mut out, d, d, |rows, out| {
-            let at = rows.start * d..rows.end * d;
-            grad_rows(&logits[at.clone()], &x[at], &g[rows], d, out)
-        });
+        let mut out = logits.to_vec();
+        grad_in_place(&mut out, x, g, dim);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

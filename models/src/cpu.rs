@@ -60,6 +60,15 @@ pub(crate) fn map3(
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
+/// `t` itself if its values are contiguous from the start of its storage (what
+/// [`cpu_values`] reads), otherwise a copy that is.
+pub(crate) fn from_start(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.layout().contiguous_offsets() {
+        Some((0, _)) => Ok(t.clone()),
+        _ => t.force_contiguous(),
+    }
+}
+
 /// The storage of a contiguous 2-D CPU tensor (read it with [`as_f32`]) and its (rows, cols).
 pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<(StorageRef<'_>, (usize, usize))> {
     let (storage, layout) = t.storage_and_layout();

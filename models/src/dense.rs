@@ -4,13 +4,19 @@
 //! gradient — never for data), `dW = gᵀ·x` and `db = Σ g`, with `g = dY·[y > 0]` fused. This
 //! replaces candle's chain of transpose, matmul, broadcast-add and ReLU (and their backward
 //! passes, which always compute the gradient of the input too). Other devices use that chain.
+//!
+//! A decoder's last layer can also end in the Bernoulli likelihood: the op then returns each
+//! row's NLL, and its backward starts from `g = dNLL·(σ(y) − x)` computed in place over the
+//! logits it kept, so the logits never become a tensor of the graph (candle would zero-fill and
+//! add a gradient buffer for them, and allocate the likelihood's gradient beside it).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
-use crate::cpu::{as_f32, contiguous_f32 as contiguous, cpu_values, map2};
+use crate::bernoulli::{self, bernoulli_nll};
+use crate::cpu::{as_f32, contiguous_f32 as contiguous, cpu_values, from_start, map2};
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
@@ -85,8 +91,20 @@ fn matmul_into(
     Ok(())
 }
 
+/// What the op applies to the product `y = x·Wᵀ + b`.
+enum Epilogue {
+    None,
+    Relu,
+    /// Each row's Bernoulli NLL of `target` under `y` as logits; the logits are kept for the
+    /// backward pass.
+    BernoulliNll {
+        target: Tensor,
+        logits: Mutex<Option<Vec<f32>>>,
+    },
+}
+
 struct DenseOp {
-    relu: bool,
+    epilogue: Epilogue,
     /// Where the weight and bias gradients go when the sink is enabled.
     sink: Option<SinkSlots>,
 }
@@ -143,10 +161,10 @@ impl DenseOp {
 
 impl CustomOp3 for DenseOp {
     fn name(&self) -> &'static str {
-        if self.relu {
-            "dense-relu"
-        } else {
-            "dense"
+        match self.epilogue {
+            Epilogue::None => "dense",
+            Epilogue::Relu => "dense-relu",
+            Epilogue::BernoulliNll { .. } => "dense-bernoulli-nll",
         }
     }
 
@@ -174,18 +192,19 @@ impl CustomOp3 for DenseOp {
             contiguous(sw, lw, "W")?,
             contiguous(sb, lb, "b")?,
         );
-        let mut y: Vec<f32> = Vec::with_capacity(rows * outputs);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        matmul_into(
-            &mut y,
-            true,
-            Operand(x, rows, inputs, false),
-            Operand(w, outputs, inputs, true),
-        )?;
-        if self.relu {
-            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        let mut y = product(x, w, b, rows, inputs, outputs)?;
+        match &self.epilogue {
+            Epilogue::None => {}
+            Epilogue::Relu => y.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Epilogue::BernoulliNll { target, logits } => {
+                let (ts, dims) = cpu_values(target)?;
+                if dims != (rows, outputs) {
+                    candle_core::bail!("dense: targets {dims:?} for {rows}×{outputs} logits");
+                }
+                let nll = bernoulli::nll(&y, as_f32(&ts)?, outputs);
+                *logits.lock().expect("dense logits") = Some(y);
+                return Ok((CpuStorage::F32(nll), Shape::from(rows)));
+            }
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, outputs))))
     }
@@ -194,14 +213,24 @@ impl CustomOp3 for DenseOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = if self.relu {
-            dy.contiguous()?.apply_op2_no_bwd(y, &ReluMask)?
-        } else {
-            dy.contiguous()?
+        let g = match &self.epilogue {
+            Epilogue::None => dy.contiguous()?,
+            Epilogue::Relu => dy.contiguous()?.apply_op2_no_bwd(y, &ReluMask)?,
+            Epilogue::BernoulliNll { target, logits } => {
+                let kept = logits.lock().expect("dense logits").take();
+                let mut g = match kept {
+                    Some(logits) => logits,
+                    None => self.logits_again(x, w, b)?,
+                };
+                let (ts, (rows, outputs)) = cpu_values(target)?;
+                let dy = dy.contiguous()?.to_vec1::<f32>()?;
+                bernoulli::grad_in_place(&mut g, as_f32(&ts)?, &dy, outputs);
+                Tensor::from_vec(g, (rows, outputs), x.device())?
+            }
         };
         let dx = if x.track_op() {
             Some(g.apply_op2_no_bwd(
@@ -228,6 +257,38 @@ impl CustomOp3 for DenseOp {
         let db = g.apply_op1_no_bwd(&ColumnSum)?;
         Ok((dx, Some(dw), Some(db)))
     }
+}
+
+impl DenseOp {
+    /// The logits again, for a backward pass that finds them gone (a second one).
+    fn logits_again(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let (x, w) = (from_start(x)?, from_start(w)?);
+        let ((xs, (rows, inputs)), (ws, (outputs, _))) = (cpu_values(&x)?, cpu_values(&w)?);
+        let b = b.to_vec1::<f32>()?;
+        product(as_f32(&xs)?, as_f32(&ws)?, &b, rows, inputs, outputs)
+    }
+}
+
+/// `x·Wᵀ + b` (rows × outputs): the bias broadcast, the product added over it.
+fn product(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let mut y: Vec<f32> = Vec::with_capacity(rows * outputs);
+    for _ in 0..rows {
+        y.extend_from_slice(b);
+    }
+    matmul_into(
+        &mut y,
+        true,
+        Operand(x, rows, inputs, false),
+        Operand(w, outputs, inputs, true),
+    )?;
+    Ok(y)
 }
 
 /// `op(a) · op(b)` for row-major contiguous matrices, through [`matmul_into`].
@@ -316,6 +377,35 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     dense_with_sink(x, w, b, relu, None)
 }
 
+/// Each row's Bernoulli NLL of `target` (N, out) under the logits `x·Wᵀ + b`, the product and
+/// the likelihood fused on CPU (see the module's documentation): (N,).
+pub fn dense_bernoulli_nll(x: &Tensor, w: &Tensor, b: &Tensor, target: &Tensor) -> Result<Tensor> {
+    dense_bernoulli_nll_with_sink(x, w, b, target, None)
+}
+
+/// [`dense_bernoulli_nll`] whose weight and bias gradients go to a gradient sink when it is
+/// enabled.
+pub(crate) fn dense_bernoulli_nll_with_sink(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    target: &Tensor,
+    sink: Option<SinkSlots>,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let op = DenseOp {
+            epilogue: Epilogue::BernoulliNll {
+                target: from_start(target)?,
+                logits: Mutex::new(None),
+            },
+            sink,
+        };
+        Ok(x.contiguous()?.apply_op3(w, b, op)?)
+    } else {
+        bernoulli_nll(&dense_with_sink(x, w, b, false, sink)?, target)
+    }
+}
+
 /// [`dense`] whose weight and bias gradients go to a gradient sink when it is enabled.
 pub(crate) fn dense_with_sink(
     x: &Tensor,
@@ -325,7 +415,9 @@ pub(crate) fn dense_with_sink(
     sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        Ok(x.contiguous()?.apply_op3(w, b, DenseOp { relu, sink })?)
+        let epilogue = if relu { Epilogue::Relu } else { Epilogue::None };
+        Ok(x.contiguous()?
+            .apply_op3(w, b, DenseOp { epilogue, sink })?)
     } else {
         let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
         Ok(if relu { y.relu()? } else { y })

@@ -5,7 +5,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
 use crate::class_rows::class_rows;
-use crate::dense::{dense_with_sink, SinkSlots};
+use crate::dense::{dense_bernoulli_nll_with_sink, dense_with_sink, SinkSlots};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -157,6 +157,44 @@ impl Mlp {
         classes: Option<&Tensor>,
         activate_last: bool,
     ) -> Result<Tensor> {
+        self.layers_upto(self.layers.len(), x, rows, classes, activate_last)
+    }
+
+    /// Each row's Bernoulli NLL of `target` under the MLP's outputs as logits (rows of `x`, a
+    /// class each if conditional), the last layer's product fused with the likelihood (see
+    /// [`crate::dense_bernoulli_nll`]); `None` for a single conditional layer, which has no
+    /// fused form.
+    pub fn bernoulli_nll(
+        &self,
+        x: &Tensor,
+        classes: Option<&Tensor>,
+        target: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let n = self.layers.len();
+        if n == 0 || (n == 1 && self.class_embedding.is_some()) {
+            return Ok(None);
+        }
+        let h = self.layers_upto(n - 1, x, None, classes, true)?;
+        let last = &self.layers[n - 1];
+        Ok(Some(dense_bernoulli_nll_with_sink(
+            &h,
+            &last.weight,
+            &last.bias,
+            target,
+            Some(last.sink_slots.clone()),
+        )?))
+    }
+
+    /// The first `upto` layers (see [`Mlp::forward_rows`]), the activation after the last of
+    /// them only if `activate_last` or it is not the MLP's last layer.
+    fn layers_upto(
+        &self,
+        upto: usize,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        classes: Option<&Tensor>,
+        activate_last: bool,
+    ) -> Result<Tensor> {
         match (&self.class_embedding, classes) {
             (Some(_), None) => {
                 return Err(ModelError::Input(
@@ -171,7 +209,7 @@ impl Mlp {
             _ => {}
         }
         let mut h = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers[..upto].iter().enumerate() {
             let activate = activate_last || i + 1 < self.layers.len();
             let first = i == 0 && (rows.is_some() || classes.is_some());
             h = match (first, activate, self.activation) {

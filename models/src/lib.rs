@@ -28,7 +28,7 @@ mod vae;
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
 pub use cvae::{Cvae, CvaeConfig};
-pub use dense::dense;
+pub use dense::{dense, dense_bernoulli_nll};
 pub use error::{ModelError, Result};
 pub use gaussian::reparameterise;
 pub use grad_sink::GradSink;

@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::gaussian::reparameterise;
 use crate::iwae::{iw_bound, ActiveUnits};
 use crate::layers::{linear, ConvDecoder, ConvEncoder, Linear, Mlp};
-use crate::likelihood::Likelihood;
+use crate::likelihood::{Likelihood, LikelihoodKind};
 use crate::model::{
     EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Statistics,
     StepContext,
@@ -340,9 +340,18 @@ impl VaeNet {
             input.x.device(),
         )?;
         let z = reparameterise(&mu, &log_var, &eps)?;
-        let rec = self
-            .likelihood
-            .nll(&self.decode(&z, y.as_ref())?, input.x)?;
+        let fused = match (&self.trunk, self.spec.likelihood) {
+            (Trunk::Mlp { dec, .. }, LikelihoodKind::Bernoulli) => {
+                dec.bernoulli_nll(&z, y.as_ref(), input.x)?
+            }
+            _ => None,
+        };
+        let rec = match fused {
+            Some(rec) => rec,
+            None => self
+                .likelihood
+                .nll(&self.decode(&z, y.as_ref())?, input.x)?,
+        };
         Ok((rec, gaussian_kl(&mu, &log_var)?))
     }
 }

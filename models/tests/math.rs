@@ -1,6 +1,6 @@
 //! The math against closed forms, hand-computed values and finite differences.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use std::collections::BTreeMap;
 
 use elbo_models::{
@@ -797,6 +797,41 @@ fn class_embedding_case(activation: Activation, shared: bool) {
     assert!(mlp.forward(&x, false).is_err());
     let plain = elbo_models::Mlp::new(&mut params, "plain", &[5, 3], Activation::Relu).unwrap();
     assert!(plain.forward_rows(&x, None, Some(&classes), false).is_err());
+}
+
+/// The last layer fused with the Bernoulli likelihood: the NLL and the gradients of x, W and
+/// b equal those of the dense layer followed by the likelihood, on a first backward pass (which
+/// reuses the kept logits) and a second one (which computes them again).
+#[test]
+fn dense_fused_with_the_bernoulli_nll_matches_the_chain() {
+    use candle_core::Var;
+    let x = Var::from_tensor(&data(300, 13, 21)).unwrap();
+    let w = Var::from_tensor(&(data(37, 13, 22) * 3.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&data(1, 37, 23).flatten_all().unwrap()).unwrap();
+    let target = data(300, 37, 24)
+        .ge(0.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let up = data(1, 300, 25).flatten_all().unwrap(); // loss = Σ nll ⊙ up
+    let fused =
+        elbo_models::dense_bernoulli_nll(x.as_tensor(), w.as_tensor(), b.as_tensor(), &target)
+            .unwrap();
+    let logits = elbo_models::dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), false).unwrap();
+    let chain = bernoulli_nll(&logits, &target).unwrap();
+    assert!(max_difference(&fused, &chain) < 1e-4, "values differ");
+    let loss = |t: &Tensor| (t * &up).unwrap().sum_all().unwrap();
+    let want = loss(&chain).backward().unwrap();
+    for pass in ["first", "second"] {
+        let got = loss(&fused).backward().unwrap();
+        for (v, name) in [(&x, "dx"), (&w, "dW"), (&b, "db")] {
+            let d = max_difference(
+                got.get(v.as_tensor()).unwrap(),
+                want.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-5, "{pass} backward pass: {name} differs by {d}");
+        }
+    }
 }
 
 #[test]
