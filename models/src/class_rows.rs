@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::cpu::{as_f32, contiguous_f32, cpu_values};
+use crate::cpu::{contiguous_f32, cpu_values};
 use crate::error::Result;
 
 struct ClassRows {
@@ -85,9 +85,9 @@ impl CustomOp2 for ClassRows {
         let (sources, w) = y.dims2()?;
         let classes = e.dim(0)?;
         let grad = grad.contiguous()?;
-        let (gs, (n, gw)) = cpu_values(&grad)?;
-        let (rs, _) = cpu_values(res)?;
-        let (g, out) = (as_f32(&gs)?, as_f32(&rs)?);
+        let (gv, rv) = (cpu_values(&grad)?, cpu_values(res)?);
+        let (n, gw) = gv.dims;
+        let (g, out) = (gv.values()?, rv.values()?);
         if n != self.classes.len() || gw != w || out.len() != g.len() {
             candle_core::bail!(
                 "class rows: gradient {:?} for {n} rows of {w}",

@@ -1,5 +1,7 @@
 //! Helpers of the hand-written CPU kernels.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, Layout, Shape, Storage, StorageRef, Tensor};
 
 /// The f32 values of a contiguous CPU tensor; an error naming `what` otherwise.
@@ -60,31 +62,36 @@ pub(crate) fn map3(
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
-/// `t` itself if its values are contiguous from the start of its storage (what
-/// [`cpu_values`] reads), otherwise a copy that is.
-pub(crate) fn from_start(t: &Tensor) -> candle_core::Result<Tensor> {
-    match t.layout().contiguous_offsets() {
-        Some((0, _)) => Ok(t.clone()),
-        _ => t.force_contiguous(),
+/// The values of a contiguous 2-D f32 CPU tensor, wherever in its storage they start: the
+/// storage held for reading ([`CpuValues::values`]) and the (rows, cols).
+pub(crate) struct CpuValues<'a> {
+    storage: StorageRef<'a>,
+    range: Range<usize>,
+    pub(crate) dims: (usize, usize),
+}
+
+impl CpuValues<'_> {
+    /// The tensor's values, in row-major order.
+    pub(crate) fn values(&self) -> candle_core::Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.range.clone()]),
+            _ => candle_core::bail!("expected a CPU tensor"),
+        }
     }
 }
 
-/// The storage of a contiguous 2-D CPU tensor (read it with [`as_f32`]) and its (rows, cols).
-pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<(StorageRef<'_>, (usize, usize))> {
+/// Reads a contiguous 2-D CPU tensor's values; an error for any other tensor.
+pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<CpuValues<'_>> {
     let (storage, layout) = t.storage_and_layout();
-    if !matches!(&*storage, Storage::Cpu(_))
-        || layout.contiguous_offsets() != Some((0, t.elem_count()))
-    {
-        candle_core::bail!("expected a contiguous CPU tensor, got {:?}", t.layout());
-    }
-    let dims = layout.shape().dims2()?;
-    Ok((storage, dims))
-}
-
-/// The f32 values of a CPU storage.
-pub(crate) fn as_f32(storage: &Storage) -> candle_core::Result<&[f32]> {
-    match storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
-        _ => candle_core::bail!("expected a CPU tensor"),
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(_), Some((start, end))) => {
+            let dims = layout.shape().dims2()?;
+            Ok(CpuValues {
+                storage,
+                range: start..end,
+                dims,
+            })
+        }
+        _ => candle_core::bail!("expected a contiguous CPU tensor, got {:?}", t.layout()),
     }
 }

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use gemm::{gemm, Parallelism};
 
 use crate::bernoulli::{self, bernoulli_nll};
-use crate::cpu::{as_f32, contiguous_f32 as contiguous, cpu_values, from_start, map2};
+use crate::cpu::{contiguous_f32 as contiguous, cpu_values, map2};
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
@@ -140,9 +140,9 @@ impl DenseOp {
         else {
             return Ok(false);
         };
-        let (gs, (rows, outputs)) = cpu_values(g)?;
-        let (xs, (_, inputs)) = cpu_values(x)?;
-        let (g, x) = (as_f32(&gs)?, as_f32(&xs)?);
+        let (gv, xv) = (cpu_values(g)?, cpu_values(x)?);
+        let ((rows, outputs), (_, inputs)) = (gv.dims, xv.dims);
+        let (g, x) = (gv.values()?, xv.values()?);
         let w = sink.deposit(w_name, |dst, acc| {
             matmul_into(
                 dst,
@@ -197,11 +197,14 @@ impl CustomOp3 for DenseOp {
             Epilogue::None => {}
             Epilogue::Relu => y.iter_mut().for_each(|v| *v = v.max(0.0)),
             Epilogue::BernoulliNll { target, logits } => {
-                let (ts, dims) = cpu_values(target)?;
-                if dims != (rows, outputs) {
-                    candle_core::bail!("dense: targets {dims:?} for {rows}×{outputs} logits");
+                let targets = cpu_values(target)?;
+                if targets.dims != (rows, outputs) {
+                    candle_core::bail!(
+                        "dense: targets {:?} for {rows}×{outputs} logits",
+                        targets.dims
+                    );
                 }
-                let nll = bernoulli::nll(&y, as_f32(&ts)?, outputs);
+                let nll = bernoulli::nll(&y, targets.values()?, outputs);
                 *logits.lock().expect("dense logits") = Some(y);
                 return Ok((CpuStorage::F32(nll), Shape::from(rows)));
             }
@@ -226,9 +229,10 @@ impl CustomOp3 for DenseOp {
                     Some(logits) => logits,
                     None => self.logits_again(x, w, b)?,
                 };
-                let (ts, (rows, outputs)) = cpu_values(target)?;
+                let targets = cpu_values(target)?;
+                let (rows, outputs) = targets.dims;
                 let dy = dy.contiguous()?.to_vec1::<f32>()?;
-                bernoulli::grad_in_place(&mut g, as_f32(&ts)?, &dy, outputs);
+                bernoulli::grad_in_place(&mut g, targets.values()?, &dy, outputs);
                 Tensor::from_vec(g, (rows, outputs), x.device())?
             }
         };
@@ -262,10 +266,11 @@ impl CustomOp3 for DenseOp {
 impl DenseOp {
     /// The logits again, for a backward pass that finds them gone (a second one).
     fn logits_again(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Vec<f32>> {
-        let (x, w) = (from_start(x)?, from_start(w)?);
-        let ((xs, (rows, inputs)), (ws, (outputs, _))) = (cpu_values(&x)?, cpu_values(&w)?);
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (xv, wv) = (cpu_values(&x)?, cpu_values(&w)?);
+        let ((rows, inputs), (outputs, _)) = (xv.dims, wv.dims);
         let b = b.to_vec1::<f32>()?;
-        product(as_f32(&xs)?, as_f32(&ws)?, &b, rows, inputs, outputs)
+        product(xv.values()?, wv.values()?, &b, rows, inputs, outputs)
     }
 }
 
@@ -395,7 +400,7 @@ pub(crate) fn dense_bernoulli_nll_with_sink(
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         let op = DenseOp {
             epilogue: Epilogue::BernoulliNll {
-                target: from_start(target)?,
+                target: target.contiguous()?,
                 logits: Mutex::new(None),
             },
             sink,
