@@ -398,6 +398,8 @@ pub(crate) fn time_steps(
         t.update += r.timings.update.as_secs_f64();
         t.loss = r.terms["loss"];
     }
+    // A GPU may still be running the last step's update.
+    device.synchronize()?;
     let n = steps as f64;
     t.seconds = start.elapsed().as_secs_f64() / n;
     t.compute /= n;

@@ -19,7 +19,7 @@ use crate::bench::{
     bench_name, bench_trainer, fixed_batch, time_steps, train_here, BenchConfig, StepTimes,
     TrainBench, TrainBenchReport, MODEL,
 };
-use crate::build::Engine;
+use crate::build::{device, Engine};
 use crate::error::{io, EngineError, Result};
 use crate::procs::{threads_each, Children};
 use elbo_datasets::join_shape;
@@ -73,6 +73,8 @@ pub struct RankBench {
     pub steps: u64,
     /// The model a config describes (train benchmarks; `None`: the reference MLP VAE).
     pub config: Option<BenchConfig>,
+    /// Device of a train benchmark's rank: `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// Ring all-reduce bus bandwidth, as nccl-tests defines it.
@@ -124,6 +126,7 @@ fn rank_args(bench: &RankBench) -> Vec<String> {
         ("--depth", bench.depth.to_string()),
         ("--batch-size", bench.batch_size.to_string()),
         ("--steps", bench.steps.to_string()),
+        ("--device", bench.device.clone()),
     ];
     if let Some(config) = &bench.config {
         if let Some(file) = &config.file {
@@ -217,6 +220,7 @@ pub fn allreduce(args: &AllreduceBench) -> Result<AllreduceReport> {
         batch_size: 0,
         steps: 0,
         config: None,
+        device: "cpu".into(),
     };
     let results = run_ranks(&args.exe, args.world, &rank_args(&bench))?;
     let seconds = results
@@ -266,6 +270,7 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
         batch_size: args.batch_size,
         steps: args.steps,
         config: args.config.clone(),
+        device: args.device.clone(),
     };
     let model = match &args.config {
         Some(config) => {
@@ -355,7 +360,7 @@ pub fn rank(engine: &Engine, args: &RankBench) -> Result<String> {
             Ok((start.elapsed().as_secs_f64() / f64::from(reps)).to_string())
         }
         RankKind::Train => {
-            let device = candle_core::Device::Cpu;
+            let device = device(&args.device)?;
             let (mut trainer, _, dim, labels) =
                 bench_trainer(engine, args.config.as_ref(), args.steps, &device)?;
             let global = args.batch_size as u64;

@@ -142,6 +142,8 @@ pub struct RankArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 200)]
     steps: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     model: BenchModelArgs,
 }
@@ -227,6 +229,7 @@ pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
                     depth: a.depth,
                     batch_size: a.batch_size,
                     steps: a.steps,
+                    device: a.device,
                 },
             )?;
             println!("{line}");

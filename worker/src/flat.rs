@@ -2,7 +2,7 @@
 //! optimiser updates and what one all-reduce carries.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
 use elbo_models::GradSink;
 
 use crate::error::{Result, WorkerError};
@@ -86,6 +86,52 @@ impl FlatLayout {
                 Some(g) => copy_out(g, dst)?,
                 None => dst.fill(0.0),
             }
+        }
+        Ok(())
+    }
+
+    /// The current parameter values as one flat tensor on their device.
+    pub fn read_tensor(&self, device: &Device) -> Result<Tensor> {
+        if self.slots.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F32, device)?);
+        }
+        let parts = self
+            .slots
+            .iter()
+            .map(|s| s.var.as_tensor().flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The gradients, one flat tensor per variable in layout order, like
+    /// [`FlatLayout::read_grads`] but without leaving the device where candle's gradients live.
+    pub fn grad_parts(
+        &self,
+        sink: &GradSink,
+        grads: &GradStore,
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let deposited = sink
+                    .with_gradient(&s.name, |g| Tensor::from_slice(g, s.len, device))
+                    .transpose()?;
+                Ok(match (deposited, grads.get(s.var.as_tensor())) {
+                    (Some(g), _) => g,
+                    (None, Some(g)) => g.flatten_all()?,
+                    (None, None) => Tensor::zeros(s.len, DType::F32, device)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the flat tensor `values` (on the variables' device) back into the variables:
+    /// one device copy per variable, nothing through the host.
+    pub fn write_tensor(&self, values: &Tensor) -> Result<()> {
+        for s in &self.slots {
+            let part = values.narrow(0, s.offset, s.len)?.reshape(s.var.shape())?;
+            s.var.set(&part)?;
         }
         Ok(())
     }

@@ -17,6 +17,6 @@ mod trainer;
 pub use error::{Result, WorkerError};
 pub use flat::{FlatLayout, Slot};
 pub use optim::{
-    clip_grad_norm, global_norm, Optimizer, OptimizerConfig, OptimizerState, Schedule,
+    clip_grad_norm, clip_scale, global_norm, Optimizer, OptimizerConfig, OptimizerState, Schedule,
 };
 pub use trainer::{LocalReduce, Reduce, StepConfig, StepReport, Timings, Trainer};

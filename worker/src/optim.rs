@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,9 @@ pub struct OptimizerState {
 pub struct Optimizer {
     config: OptimizerConfig,
     state: OptimizerState,
+    /// The moment buffers as flat tensors on a device, when the update runs there
+    /// ([`Optimizer::place_on`]); `state.buffers` is then stale until [`Optimizer::state`].
+    resident: Option<BTreeMap<String, Tensor>>,
 }
 
 impl Optimizer {
@@ -84,6 +88,7 @@ impl Optimizer {
         Ok(Optimizer {
             config,
             state: OptimizerState { step: 0, buffers },
+            resident: None,
         })
     }
 
@@ -92,9 +97,31 @@ impl Optimizer {
         &self.config
     }
 
-    /// The state, for checkpoints.
-    pub fn state(&self) -> &OptimizerState {
-        &self.state
+    /// Keeps the moment buffers on `device` from now on, for [`Optimizer::step_tensors`].
+    pub fn place_on(&mut self, device: &Device) -> Result<()> {
+        let resident = self
+            .state
+            .buffers
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), Tensor::from_slice(v, v.len(), device)?)))
+            .collect::<Result<_>>()?;
+        self.resident = Some(resident);
+        Ok(())
+    }
+
+    /// The state, for checkpoints (copied from the device when the moments live there).
+    pub fn state(&self) -> Result<OptimizerState> {
+        let Some(resident) = &self.resident else {
+            return Ok(self.state.clone());
+        };
+        let buffers = resident
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_vec1::<f32>()?)))
+            .collect::<Result<_>>()?;
+        Ok(OptimizerState {
+            step: self.state.step,
+            buffers,
+        })
     }
 
     /// Restores a checkpointed state; it must have this optimiser's buffers and sizes.
@@ -122,6 +149,12 @@ impl Optimizer {
             )));
         }
         self.state = state;
+        if let Some(resident) = &self.resident {
+            let device = resident.values().next().map(|t| t.device().clone());
+            if let Some(device) = device {
+                self.place_on(&device)?;
+            }
+        }
         Ok(())
     }
 
@@ -132,21 +165,7 @@ impl Optimizer {
         let wd = c.weight_decay as f32;
         match c.kind {
             OptimizerKind::Adam | OptimizerKind::Adamw => {
-                let t = self.state.step as i32;
-                let decoupled = c.kind == OptimizerKind::Adamw;
-                let k = AdamCoefficients {
-                    b1: c.beta1 as f32,
-                    b2: c.beta2 as f32,
-                    step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
-                    inv_bc2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
-                    eps: c.eps as f32,
-                    l2: if decoupled { 0.0 } else { wd },
-                    decay: if decoupled {
-                        1.0 - (lr as f32) * wd
-                    } else {
-                        1.0
-                    },
-                };
+                let k = adam_coefficients(&c, self.state.step, lr);
                 let mut bufs = self.state.buffers.values_mut();
                 let m = bufs.next().expect("m");
                 let v = bufs.next().expect("v");
@@ -161,6 +180,83 @@ impl Optimizer {
                     *b = if first { g } else { mu * *b + g };
                     *p -= lr as f32 * *b;
                 }
+            }
+        }
+    }
+}
+
+/// Adam's constants for (1-based) update `step`.
+fn adam_coefficients(c: &OptimizerConfig, step: u64, lr: f64) -> AdamCoefficients {
+    let wd = c.weight_decay as f32;
+    let t = step as i32;
+    let decoupled = c.kind == OptimizerKind::Adamw;
+    AdamCoefficients {
+        b1: c.beta1 as f32,
+        b2: c.beta2 as f32,
+        step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+        inv_bc2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+        eps: c.eps as f32,
+        l2: if decoupled { 0.0 } else { wd },
+        decay: if decoupled {
+            1.0 - (lr as f32) * wd
+        } else {
+            1.0
+        },
+    }
+}
+
+impl Optimizer {
+    /// The update of [`Optimizer::step`] on flat tensors on the device where the moments live
+    /// ([`Optimizer::place_on`]), composed from candle's element-wise ops — device kernels on a
+    /// GPU, no value crossing to the host. Each element sees the same f32 operations in the
+    /// same order as the host loop. Returns the new parameters.
+    pub fn step_tensors(&mut self, params: &Tensor, grads: &Tensor, lr: f64) -> Result<Tensor> {
+        let Some(resident) = self.resident.as_mut() else {
+            return Err(WorkerError::Internal(
+                "a tensor step on an optimiser whose moments are on the host".into(),
+            ));
+        };
+        self.state.step += 1;
+        let c = self.config;
+        let wd = c.weight_decay as f32;
+        // `affine` multiplies in f32: pass each factor as the f32 the host loop uses.
+        let scale = |t: &Tensor, k: f32| t.affine(f64::from(k), 0.0);
+        match c.kind {
+            OptimizerKind::Adam | OptimizerKind::Adamw => {
+                let k = adam_coefficients(&c, self.state.step, lr);
+                let g = if k.l2 != 0.0 {
+                    (grads + scale(params, k.l2)?)?
+                } else {
+                    grads.clone()
+                };
+                let p = if k.decay != 1.0 {
+                    scale(params, k.decay)?
+                } else {
+                    params.clone()
+                };
+                let m = resident.get_mut("m").expect("m");
+                *m = (scale(m, k.b1)? + scale(&g, 1.0 - k.b1)?)?;
+                let v = resident.get_mut("v").expect("v");
+                *v = (scale(v, k.b2)? + (scale(&g, 1.0 - k.b2)? * &g)?)?;
+                let denom = v
+                    .sqrt()?
+                    .affine(f64::from(k.inv_bc2_sqrt), f64::from(k.eps))?;
+                let m = &resident["m"];
+                Ok((p - (scale(m, k.step_size)? / denom)?)?)
+            }
+            OptimizerKind::Sgd => {
+                let g = if wd != 0.0 {
+                    (grads + scale(params, wd)?)?
+                } else {
+                    grads.clone()
+                };
+                let b = resident.get_mut("momentum").expect("momentum");
+                *b = if self.state.step == 1 {
+                    g
+                } else {
+                    (scale(b, c.momentum as f32)? + g)?
+                };
+                Ok((params - scale(b, lr as f32)?)?)
             }
         }
     }
@@ -272,10 +368,14 @@ pub fn global_norm(values: &[f32]) -> f64 {
 /// Scales `grads` so their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`), given their `norm`.
 pub fn clip_grad_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = (max_norm / (norm + 1e-6)) as f32;
+    if let Some(scale) = clip_scale(norm, max_norm) {
         grads.iter_mut().for_each(|g| *g *= scale);
     }
+}
+
+/// The factor [`clip_grad_norm`] scales gradients of global norm `norm` by, if any.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f32> {
+    (max_norm > 0.0 && norm > max_norm).then(|| (max_norm / (norm + 1e-6)) as f32)
 }
 
 /// A learning-rate schedule: its shape, the warm-up and the run's length.

@@ -9,6 +9,13 @@
 //! non-linear function of them happens after it, so a step at world N equals a step at world 1
 //! up to summation order. A model that needs global batch statistics before its loss gets them
 //! from a small all-reduce of their own first.
+//!
+//! A model on a GPU keeps the step there: the gradients are packed into one flat device
+//! tensor, the optimiser's master parameters and moments are flat device tensors, the update
+//! runs as device kernels and is copied into the variables on the device. The packed buffer
+//! crosses to the host once and back once per step when the all-reduce spans processes, not at
+//! all in one process; the host reads only the reported terms, the update statistics and the
+//! gradient norm (one small copy).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,7 +27,7 @@ use elbo_models::{Input, Model, Noise, Statistics, StepContext};
 use crate::checkpoint::{self, Checkpoint, Files, ModelTensors, TrainState};
 use crate::error::{Result, WorkerError};
 use crate::flat::FlatLayout;
-use crate::optim::{clip_grad_norm, global_norm, Optimizer, OptimizerConfig, Schedule};
+use crate::optim::{clip_scale, global_norm, Optimizer, OptimizerConfig, Schedule};
 
 /// How gradients (and the statistics appended to them) are combined across workers.
 pub trait Reduce {
@@ -91,14 +98,25 @@ pub struct StepReport {
     pub timings: Timings,
 }
 
+/// Where the optimiser's master copy of the parameters lives.
+enum Master {
+    /// A host buffer, updated in place (a model on the CPU).
+    Host(Vec<f32>),
+    /// One flat tensor on the model's device (a model on a GPU).
+    Device(Tensor),
+}
+
 /// A model with its flat parameters, state and optimiser.
 pub struct Trainer {
     model: Box<dyn Model>,
     stats: Statistics,
     layout: FlatLayout,
     buffers: FlatLayout,
-    params: Vec<f32>,
-    /// Gradients, then `(sum, count)` per term, then update statistics.
+    /// The device the model's parameters live on.
+    device: Device,
+    master: Master,
+    /// Gradients, then `(sum, count)` per term, then update statistics. With the master on a
+    /// device, the gradients here are current only when the all-reduce went through the host.
     buf: Vec<f32>,
     /// Batch statistics of the step.
     batch_stats: Vec<f32>,
@@ -147,21 +165,41 @@ impl Trainer {
         let mut params = vec![0.0; layout.len()];
         layout.read_params(&mut params)?;
         let optimizer = Optimizer::new(config.optimizer, layout.len())?;
-        Ok(Trainer {
+        let device = layout
+            .slots()
+            .first()
+            .map_or(Device::Cpu, |s| s.var.device().clone());
+        let trainer = Trainer {
             buf: vec![0.0; layout.len() + 2 * stats.terms.len() + stats.update],
             batch_stats: vec![0.0; stats.batch],
             stats,
             model,
             layout,
             buffers,
-            params,
+            master: Master::Host(params),
+            device,
             optimizer,
             noise: Noise::new(config.seed),
             config,
             step: 0,
             nonfinite_in_row: 0,
             nonfinite_total: 0,
-        })
+        };
+        if trainer.device.is_cpu() {
+            Ok(trainer)
+        } else {
+            trainer.keep_on_device()
+        }
+    }
+
+    /// Keeps the master parameters, the packed gradients and the optimiser's moments as flat
+    /// tensors on the model's device and runs the update there. What a model on a GPU gets
+    /// from [`Trainer::new`]; on the CPU (where the host loop is faster) it checks that path.
+    pub fn keep_on_device(mut self) -> Result<Self> {
+        let params = self.layout.read_tensor(&self.device)?;
+        self.optimizer.place_on(&self.device)?;
+        self.master = Master::Device(params);
+        Ok(self)
     }
 
     /// The model.
@@ -179,9 +217,13 @@ impl Trainer {
         &self.layout
     }
 
-    /// The flat parameters (the optimiser's master copy).
-    pub fn params(&self) -> &[f32] {
-        &self.params
+    /// The flat parameters (the optimiser's master copy; copied from the device when it lives
+    /// there).
+    pub fn params(&self) -> Result<Vec<f32>> {
+        match &self.master {
+            Master::Host(p) => Ok(p.clone()),
+            Master::Device(t) => Ok(t.to_vec1::<f32>()?),
+        }
     }
 
     /// The model's non-gradient state, flat in name order.
@@ -210,7 +252,7 @@ impl Trainer {
     /// replica of a healthy run (the replica check).
     pub fn checksum(&self) -> Result<u64> {
         let fold = |h: u64, v: &f32| (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3);
-        let h = self.params.iter().fold(0xcbf2_9ce4_8422_2325_u64, fold);
+        let h = self.params()?.iter().fold(0xcbf2_9ce4_8422_2325_u64, fold);
         Ok(self.buffer_values()?.iter().fold(h, fold))
     }
 
@@ -221,23 +263,25 @@ impl Trainer {
         seed: u64,
         config_sha256: &str,
     ) -> Result<Files> {
+        let optimizer = self.optimizer.state()?;
         let state = TrainState {
             format: checkpoint::FORMAT,
             step: self.step,
             cursor,
             nonfinite_total: self.nonfinite_total,
-            optimizer_step: self.optimizer.state().step,
+            optimizer_step: optimizer.step,
             seed,
             config_sha256: config_sha256.to_string(),
         };
         let buffer_values = self.buffer_values()?;
+        let param_values = self.params()?;
         let tensors = ModelTensors {
             params: &self.layout,
-            param_values: &self.params,
+            param_values: &param_values,
             buffers: &self.buffers,
             buffer_values: &buffer_values,
         };
-        checkpoint::encode(&tensors, self.optimizer.state(), &state)
+        checkpoint::encode(&tensors, &optimizer, &state)
     }
 
     /// Decodes checkpoint files (read from `origin`, named in errors) for this trainer's model.
@@ -264,7 +308,10 @@ impl Trainer {
         self.optimizer.restore(ck.optimizer)?;
         self.layout.write_params(&ck.params)?;
         self.buffers.write_params(&ck.buffers)?;
-        self.params = ck.params;
+        self.master = match self.master {
+            Master::Host(_) => Master::Host(ck.params),
+            Master::Device(_) => Master::Device(self.layout.read_tensor(&self.device)?),
+        };
         self.step = ck.state.step;
         self.nonfinite_total = ck.state.nonfinite_total;
         self.nonfinite_in_row = 0;
@@ -306,14 +353,15 @@ impl Trainer {
             reduce.all_reduce_sum(&mut self.batch_stats)?;
             stats_reduce = t.elapsed();
         }
-        if batch.rows() > 0 {
-            self.compute(&input, batch.global_rows)?;
+        let packed = if batch.rows() > 0 {
+            self.compute(&input, batch.global_rows)?
         } else {
             // A rank with no rows in this (short, final) batch contributes nothing to the sums.
             self.buf.fill(0.0);
-        }
+            None
+        };
         let computed = Instant::now();
-        reduce.all_reduce_sum(&mut self.buf)?;
+        let (grad_norm, device_grads) = self.reduce(packed, reduce)?;
         let reduced = Instant::now();
         let t = self.stats.terms.len();
         let terms: BTreeMap<String, f64> = self
@@ -327,11 +375,14 @@ impl Trainer {
         let step = self.step;
         self.step += 1;
         let lr = self.config.schedule.lr(self.config.lr, step);
-        let grad_norm = global_norm(&self.buf[..n]);
         let (compute, reducing) = (
             computed - start - stats_reduce,
             reduced - computed + stats_reduce,
         );
+        if let (false, Some(g)) = (grad_norm.is_finite(), &device_grads) {
+            // Naming the parameter with a bad gradient needs the gradients on the host.
+            self.buf[..n].copy_from_slice(&g.to_vec1::<f32>()?);
+        }
         if let Some(what) = self.non_finite(&terms, grad_norm) {
             self.nonfinite_in_row += 1;
             self.nonfinite_total += 1;
@@ -357,9 +408,29 @@ impl Trainer {
             });
         }
         self.nonfinite_in_row = 0;
-        clip_grad_norm(&mut self.buf[..n], grad_norm, self.config.clip_norm);
-        self.optimizer.step(&mut self.params, &self.buf[..n], lr);
-        self.layout.write_params(&self.params)?;
+        let clip = clip_scale(grad_norm, self.config.clip_norm);
+        match (&mut self.master, device_grads) {
+            (Master::Host(params), _) => {
+                if let Some(scale) = clip {
+                    self.buf[..n].iter_mut().for_each(|g| *g *= scale);
+                }
+                self.optimizer.step(params, &self.buf[..n], lr);
+                self.layout.write_params(params)?;
+            }
+            (Master::Device(params), Some(grads)) => {
+                let grads = match clip {
+                    Some(scale) => grads.affine(f64::from(scale), 0.0)?,
+                    None => grads,
+                };
+                *params = self.optimizer.step_tensors(params, &grads, lr)?;
+                self.layout.write_tensor(params)?;
+            }
+            (Master::Device(_), None) => {
+                return Err(WorkerError::Internal(
+                    "the device step lost its gradients".into(),
+                ))
+            }
+        }
         if self.stats.update > 0 {
             self.model.update_state(&self.buf[n + 2 * t..], step)?;
         }
@@ -375,6 +446,39 @@ impl Trainer {
                 update: reduced.elapsed(),
             },
         })
+    }
+
+    /// Sums the packed buffer over the ranks; returns the global gradient norm and, when the
+    /// master lives on a device, the summed gradients there. `packed` is the device's packed
+    /// buffer (None: the host buffer holds it, or this rank had no rows).
+    fn reduce(
+        &mut self,
+        packed: Option<Tensor>,
+        reduce: &mut dyn Reduce,
+    ) -> Result<(f64, Option<Tensor>)> {
+        let n = self.layout.len();
+        if let Master::Host(_) = self.master {
+            reduce.all_reduce_sum(&mut self.buf)?;
+            return Ok((global_norm(&self.buf[..n]), None));
+        }
+        let local = match packed {
+            Some(p) => p,
+            None => Tensor::zeros(self.buf.len(), candle_core::DType::F32, &self.device)?,
+        };
+        if reduce.world() > 1 {
+            // One copy to the host for the all-reduce, one back.
+            self.buf = local.to_vec1::<f32>()?;
+            reduce.all_reduce_sum(&mut self.buf)?;
+            let grads = Tensor::from_slice(&self.buf[..n], n, &self.device)?;
+            return Ok((global_norm(&self.buf[..n]), Some(grads)));
+        }
+        // One process: only the terms, the update statistics and the norm leave the device.
+        let grads = local.narrow(0, 0, n)?;
+        let rest = self.buf.len() - n;
+        let norm_sq = grads.sqr()?.sum_all()?.reshape(1)?;
+        let tail = Tensor::cat(&[&local.narrow(0, n, rest)?, &norm_sq], 0)?.to_vec1::<f32>()?;
+        self.buf[n..].copy_from_slice(&tail[..rest]);
+        Ok((f64::from(tail[rest]).sqrt(), Some(grads)))
     }
 
     fn context<'a>(&'a self, global_rows: u64, batch_stats: &'a [f32]) -> StepContext<'a> {
@@ -397,18 +501,14 @@ impl Trainer {
     }
 
     /// Forward and backward on this rank's rows: gradients, term sums and counts, and update
-    /// statistics into the buffer.
-    fn compute(&mut self, input: &Input<'_>, global_rows: u64) -> Result<()> {
+    /// statistics packed into the host buffer, or (master on a device) into one flat tensor
+    /// there, returned.
+    fn compute(&mut self, input: &Input<'_>, global_rows: u64) -> Result<Option<Tensor>> {
         self.model.params().grad_sink().begin_step();
         let ctx = self.context(global_rows, &self.batch_stats);
         let out = self.model.loss(input, &ctx)?;
         let grads = out.loss.backward()?;
-        let n = self.layout.len();
-        let (head, tail) = self.buf.split_at_mut(n);
-        let sink = self.model.params().grad_sink();
-        self.layout.read_grads(sink, &grads, head)?;
         let t = self.stats.terms.len();
-        let (term_slots, update_slots) = tail.split_at_mut(2 * t);
         if out.terms.len() != t {
             return Err(WorkerError::Internal(format!(
                 "the model reported terms {:?} but declared {:?}",
@@ -416,37 +516,58 @@ impl Trainer {
                 self.stats.terms
             )));
         }
-        for (slot, name) in term_slots.chunks_exact_mut(2).zip(&self.stats.terms) {
+        let mut sums = Vec::with_capacity(t);
+        let mut counts = Vec::with_capacity(t);
+        for name in &self.stats.terms {
             let term = out.terms.get(name).ok_or_else(|| {
                 WorkerError::Internal(format!("the model did not report term {name}"))
             })?;
-            slot[0] = term
-                .sum
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?;
-            slot[1] = term.count as f32;
+            sums.push(term.sum.to_dtype(candle_core::DType::F32)?.reshape(1)?);
+            counts.push(term.count as f32);
         }
-        match out.update_stats {
-            Some(u) => {
-                let values = u.detach().flatten_all()?.to_vec1::<f32>()?;
-                if values.len() != update_slots.len() {
-                    return Err(WorkerError::Internal(format!(
-                        "the model computed {} update statistics but declared {}",
-                        values.len(),
-                        update_slots.len()
-                    )));
-                }
-                update_slots.copy_from_slice(&values);
-            }
-            None if update_slots.is_empty() => {}
-            None => {
+        let update = out
+            .update_stats
+            .map(|u| u.detach().to_dtype(candle_core::DType::F32)?.flatten_all())
+            .transpose()?;
+        let declared = self.stats.update;
+        match &update {
+            Some(u) if u.elem_count() != declared => {
                 return Err(WorkerError::Internal(format!(
-                    "the model declared {} update statistics but computed none",
-                    update_slots.len()
+                    "the model computed {} update statistics but declared {declared}",
+                    u.elem_count()
                 )))
             }
+            None if declared > 0 => {
+                return Err(WorkerError::Internal(format!(
+                    "the model declared {declared} update statistics but computed none"
+                )))
+            }
+            _ => {}
         }
-        Ok(())
+        let sink = self.model.params().grad_sink();
+        if let Master::Device(_) = self.master {
+            let mut parts = self.layout.grad_parts(sink, &grads, &self.device)?;
+            let counts = Tensor::from_vec(counts, t, &self.device)?;
+            let pairs = Tensor::stack(&[Tensor::cat(&sums, 0)?, counts], 1)?;
+            parts.push(pairs.flatten_all()?);
+            parts.extend(update);
+            let packed = Tensor::cat(&parts, 0)?;
+            // Wait for the device here, so that its work counts as compute, not reduction.
+            self.device.synchronize()?;
+            return Ok(Some(packed));
+        }
+        let n = self.layout.len();
+        let (head, tail) = self.buf.split_at_mut(n);
+        self.layout.read_grads(sink, &grads, head)?;
+        let (term_slots, update_slots) = tail.split_at_mut(2 * t);
+        for ((slot, sum), count) in term_slots.chunks_exact_mut(2).zip(&sums).zip(counts) {
+            slot[0] = sum.to_vec1::<f32>()?[0];
+            slot[1] = count;
+        }
+        if let Some(u) = update {
+            update_slots.copy_from_slice(&u.to_vec1::<f32>()?);
+        }
+        Ok(None)
     }
 
     /// Names what is non-finite: loss terms first, then the first parameter with a bad gradient

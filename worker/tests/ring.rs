@@ -309,7 +309,7 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
                             t.train_step(&part(step, lo..hi), &mut reduce, &Device::Cpu)
                                 .unwrap();
                         }
-                        t.params().to_vec()
+                        t.params().unwrap()
                     })
                 })
                 .collect();
@@ -317,7 +317,7 @@ fn data_parallel_training_over_the_ring_equals_one_process() {
             for p in &params[1..] {
                 assert_eq!(p, &params[0], "world {world}: replicas identical");
             }
-            for (a, b) in params[0].iter().zip(single.params()) {
+            for (a, b) in params[0].iter().zip(single.params().unwrap()) {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "world {world}, {objective:?}: {a} vs single-process {b}"

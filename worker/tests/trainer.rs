@@ -5,10 +5,18 @@ use elbo_datasets::{Batch, Cursor};
 use elbo_models::{Activation, Architecture, LikelihoodKind, ModelSpec, Objective, Vae};
 use elbo_settings::OptimizerKind;
 use elbo_worker::checkpoint::{self, TrainState};
-use elbo_worker::{LocalReduce, OptimizerConfig, Schedule, StepConfig, Trainer, WorkerError};
+use elbo_worker::{
+    LocalReduce, OptimizerConfig, Reduce, Schedule, StepConfig, Trainer, WorkerError,
+};
 
 /// A small MLP VAE on 8-value examples with Adam at 1e-2.
 fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
+    let optimizer = OptimizerConfig::defaults(OptimizerKind::Adam);
+    trainer_from(latent_dim, seed, optimizer, 0.0)
+}
+
+/// The small MLP VAE with the given optimiser and clipping.
+fn trainer_from(latent_dim: usize, seed: u64, optimizer: OptimizerConfig, clip: f64) -> Trainer {
     let spec = ModelSpec {
         input_shape: vec![8],
         latent_dim,
@@ -22,10 +30,10 @@ fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
     };
     let model = Vae::new(spec, &Device::Cpu, seed).unwrap();
     let config = StepConfig {
-        optimizer: OptimizerConfig::defaults(OptimizerKind::Adam),
+        optimizer,
         lr: 1e-2,
         schedule: Schedule::constant(),
-        clip_norm: 0.0,
+        clip_norm: clip,
         max_nonfinite: 3,
         seed,
     };
@@ -34,6 +42,21 @@ fn trainer_with(latent_dim: usize, seed: u64) -> Trainer {
 
 fn trainer(seed: u64) -> Trainer {
     trainer_with(2, seed)
+}
+
+/// A two-rank all-reduce whose ranks hold the same buffer (the sum doubles it): the buffer goes
+/// through the host as in a real multi-process step.
+struct Mirrored;
+
+impl Reduce for Mirrored {
+    fn world(&self) -> u32 {
+        2
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut Vec<f32>) -> elbo_worker::Result<()> {
+        buf.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
 }
 
 fn batch(step: u64, poison: bool) -> Batch {
@@ -83,12 +106,16 @@ fn training_lowers_the_loss() {
 #[test]
 fn non_finite_steps_are_skipped_then_stop_the_run() {
     let mut t = trainer(2);
-    let before = t.params().to_vec();
+    let before = t.params().unwrap();
     let r = t
         .train_step(&batch(0, true), &mut LocalReduce, &Device::Cpu)
         .unwrap();
     assert!(!r.applied);
-    assert_eq!(t.params(), &before[..], "a skipped step changes nothing");
+    assert_eq!(
+        t.params().unwrap(),
+        before,
+        "a skipped step changes nothing"
+    );
     assert!(
         t.train_step(&batch(1, false), &mut LocalReduce, &Device::Cpu)
             .unwrap()
@@ -122,7 +149,7 @@ fn state(t: &Trainer) -> TrainState {
         step: t.step(),
         cursor: cursor(t),
         nonfinite_total: t.nonfinite_total(),
-        optimizer_step: t.optimizer().state().step,
+        optimizer_step: t.optimizer().state().unwrap().step,
         seed: 1,
         config_sha256: "abc".into(),
     }
@@ -167,8 +194,8 @@ fn checkpoints_round_trip_deterministically_and_keep_the_newest() {
         );
     }
     let ck = load(&saved[4], &t).unwrap();
-    assert_eq!(ck.params, t.params());
-    assert_eq!(&ck.optimizer, t.optimizer().state());
+    assert_eq!(ck.params, t.params().unwrap());
+    assert_eq!(ck.optimizer, t.optimizer().state().unwrap());
     assert_eq!(ck.state, state(&t));
 
     // Resuming continues exactly like the uninterrupted trainer.
@@ -183,7 +210,109 @@ fn checkpoints_round_trip_deterministically_and_keep_the_newest() {
             .unwrap();
         assert_eq!(x.terms, y.terms);
     }
-    assert_eq!(t.params(), resumed.params());
+    assert_eq!(t.params().unwrap(), resumed.params().unwrap());
+}
+
+/// The step a GPU model takes — flat device tensors, the update composed of tensor ops, the
+/// packed buffer through the host only for a multi-process all-reduce — run on the CPU against
+/// the host loop: same terms, same parameters, same optimiser state, in one process and two,
+/// for every optimiser, with clipping and weight decay; and its checkpoints resume on the host.
+#[test]
+fn the_device_step_matches_the_host_step() {
+    let optimizers = [
+        (OptimizerKind::Adam, 0.0, 0.0),
+        (OptimizerKind::Adam, 1e-2, 0.5),
+        (OptimizerKind::Adamw, 1e-2, 0.0),
+        (OptimizerKind::Sgd, 1e-2, 0.5),
+    ];
+    for (kind, weight_decay, clip) in optimizers {
+        for world in [1u64, 2] {
+            let optimizer = OptimizerConfig {
+                weight_decay,
+                ..OptimizerConfig::defaults(kind)
+            };
+            let mut host = trainer_from(2, 5, optimizer, clip);
+            let mut device = trainer_from(2, 5, optimizer, clip)
+                .keep_on_device()
+                .unwrap();
+            let case = format!("{kind:?}, decay {weight_decay}, clip {clip}, world {world}");
+            for s in 0..12 {
+                let mut b = batch(s % 4, s == 6);
+                b.global_rows *= world;
+                let (x, y) = if world == 1 {
+                    (
+                        host.train_step(&b, &mut LocalReduce, &Device::Cpu),
+                        device.train_step(&b, &mut LocalReduce, &Device::Cpu),
+                    )
+                } else {
+                    (
+                        host.train_step(&b, &mut Mirrored, &Device::Cpu),
+                        device.train_step(&b, &mut Mirrored, &Device::Cpu),
+                    )
+                };
+                let (x, y) = (x.unwrap(), y.unwrap());
+                assert_eq!(x.applied, y.applied, "{case}, step {s}");
+                assert_eq!(
+                    x.terms.keys().collect::<Vec<_>>(),
+                    y.terms.keys().collect::<Vec<_>>()
+                );
+                for (k, v) in &x.terms {
+                    let w = y.terms[k];
+                    assert!(
+                        (v - w).abs() <= 1e-5 * (1.0 + v.abs()) || (v.is_nan() && w.is_nan()),
+                        "{case}, step {s}, {k}: host {v} vs device {w}"
+                    );
+                }
+            }
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len());
+                for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "{case}: {what}[{i}] host {a} vs device {b}"
+                    );
+                }
+            };
+            close(
+                &host.params().unwrap(),
+                &device.params().unwrap(),
+                "parameters",
+            );
+            let (ho, dv) = (
+                host.optimizer().state().unwrap(),
+                device.optimizer().state().unwrap(),
+            );
+            assert_eq!(ho.step, dv.step, "{case}");
+            for (name, values) in &ho.buffers {
+                close(values, &dv.buffers[name], name);
+            }
+            // The device trainer's checkpoint resumes on the host trainer and vice versa.
+            let files = device.checkpoint_files(cursor(&device), 1, "abc").unwrap();
+            let ck = device.decode(&files, std::path::Path::new("mem")).unwrap();
+            let mut resumed = trainer_from(2, 5, optimizer, clip);
+            resumed.restore(ck).unwrap();
+            let mut back = trainer_from(2, 5, optimizer, clip)
+                .keep_on_device()
+                .unwrap();
+            let files = host.checkpoint_files(cursor(&host), 1, "abc").unwrap();
+            back.restore(host.decode(&files, std::path::Path::new("mem")).unwrap())
+                .unwrap();
+            let b = batch(1, false);
+            for t in [&mut host, &mut device, &mut resumed, &mut back] {
+                t.train_step(&b, &mut LocalReduce, &Device::Cpu).unwrap();
+            }
+            close(
+                &device.params().unwrap(),
+                &resumed.params().unwrap(),
+                "resumed on host",
+            );
+            close(
+                &host.params().unwrap(),
+                &back.params().unwrap(),
+                "resumed on device",
+            );
+        }
+    }
 }
 
 #[test]
