@@ -80,6 +80,20 @@ impl CpuValues<'_> {
     }
 }
 
+/// Reads a contiguous CPU tensor of any shape as one row of all its values; an error for any
+/// other tensor.
+pub(crate) fn cpu_flat(t: &Tensor) -> candle_core::Result<CpuValues<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(_), Some((start, end))) => Ok(CpuValues {
+            storage,
+            range: start..end,
+            dims: (1, end - start),
+        }),
+        _ => candle_core::bail!("expected a contiguous CPU tensor, got {:?}", t.layout()),
+    }
+}
+
 /// Reads a contiguous 2-D CPU tensor's values; an error for any other tensor.
 pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<CpuValues<'_>> {
     let (storage, layout) = t.storage_and_layout();

@@ -34,7 +34,12 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 }
 
 /// A row-major matrix, possibly used transposed: (data, rows, cols, transposed).
-struct Operand<'a>(&'a [f32], usize, usize, bool);
+pub(crate) struct Operand<'a>(
+    pub(crate) &'a [f32],
+    pub(crate) usize,
+    pub(crate) usize,
+    pub(crate) bool,
+);
 
 impl Operand<'_> {
     /// (rows, cols) of the operand as used, and its (row, column) strides as used.
@@ -48,18 +53,41 @@ impl Operand<'_> {
     }
 }
 
-/// `dst (m × n) = [dst +] op(a) · op(b)`, with `dst` row-major.
+/// `dst (m × n) = [dst +] op(a) · op(b)`, with `dst` row-major; split across the pool when the
+/// product is large.
 fn matmul_into(
     dst: &mut [f32],
     accumulate: bool,
     a: Operand<'_>,
     b: Operand<'_>,
 ) -> candle_core::Result<()> {
+    let (m, k) = a.dims_strides().0;
+    let n = b.dims_strides().0 .1;
+    matmul_on(dst, accumulate, a, b, parallelism(m, n, k))
+}
+
+/// [`matmul_into`] on the calling thread only (for products already split across the pool).
+pub(crate) fn matmul_here(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Operand<'_>,
+    b: Operand<'_>,
+) -> candle_core::Result<()> {
+    matmul_on(dst, accumulate, a, b, Parallelism::None)
+}
+
+fn matmul_on(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    parallelism: Parallelism,
+) -> candle_core::Result<()> {
     let ((m, k), (a_rs, a_cs)) = a.dims_strides();
     let ((k2, n), (b_rs, b_cs)) = b.dims_strides();
     if k != k2 || dst.len() != m * n || a.0.len() != a.1 * a.2 || b.0.len() != b.1 * b.2 {
         candle_core::bail!(
-            "dense: a {m}×{k} by {k2}×{n} product into {} values",
+            "matmul: a {m}×{k} by {k2}×{n} product into {} values",
             dst.len()
         );
     }
@@ -85,7 +113,7 @@ fn matmul_into(
             false,
             false,
             false,
-            parallelism(m, n, k),
+            parallelism,
         );
     }
     Ok(())
@@ -125,6 +153,38 @@ impl SinkSlots {
             sink,
             weight: format!("{layer}.weight").into(),
             bias: format!("{layer}.bias").into(),
+        }
+    }
+
+    /// Adds computed weight and bias gradients into their slots (or writes them, the first
+    /// time in a step); false when the sink is off.
+    pub(crate) fn deposit(&self, dw: &[f32], db: &[f32]) -> candle_core::Result<bool> {
+        if !self.sink.enabled() {
+            return Ok(false);
+        }
+        fn put(src: &[f32]) -> impl FnOnce(&mut [f32], bool) -> bool + '_ {
+            move |dst, accumulate| {
+                if dst.len() != src.len() {
+                    return false;
+                }
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+                true
+            }
+        }
+        match (
+            self.sink.deposit(&self.weight, put(dw)),
+            self.sink.deposit(&self.bias, put(db)),
+        ) {
+            (Some(true), Some(true)) => Ok(true),
+            _ => candle_core::bail!(
+                "{} or {} has no slot of its size in the gradient sink",
+                self.weight,
+                self.bias
+            ),
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Building blocks: activations, MLPs and convolutional encoders/decoders for 28, 32 and 64
 //! pixel images, initialised like PyTorch's defaults (uniform ±1/√fan_in).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use candle_core::Tensor;
 
 use crate::class_rows::class_rows;
+use crate::conv::{conv2d_with_sink, ConvSpec};
 use crate::dense::{dense_bernoulli_nll_with_sink, dense_with_sink, SinkSlots};
 use serde::{Deserialize, Serialize};
 
@@ -253,10 +253,69 @@ fn conv_depth(side: usize) -> Result<(usize, usize)> {
     }
 }
 
+/// One convolution of a stack: its parameters, how it moves, its gradient-sink slots.
+#[derive(Debug, Clone)]
+struct ConvLayer {
+    weight: Tensor,
+    bias: Tensor,
+    spec: ConvSpec,
+    sink: SinkSlots,
+}
+
+impl ConvLayer {
+    /// A 4×4, stride-2, padding-1 (transposed) convolution `{layer}.weight`/`.bias`, initialised
+    /// like PyTorch's (uniform ±1/√fan_in; a transposed convolution's fan-in is its output
+    /// channels × 16, PyTorch's convention).
+    fn halving(
+        params: &mut Params,
+        layer: &str,
+        cin: usize,
+        cout: usize,
+        transposed: bool,
+    ) -> Result<Self> {
+        let (shape, fan_in) = if transposed {
+            ([cin, cout, 4, 4], cout * 16)
+        } else {
+            ([cout, cin, 4, 4], cin * 16)
+        };
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let weight = params.uniform(&format!("{layer}.weight"), &shape, bound)?;
+        let bias = params.uniform(&format!("{layer}.bias"), &[cout], bound)?;
+        Ok(ConvLayer {
+            weight,
+            bias,
+            spec: ConvSpec {
+                stride: 2,
+                padding: 1,
+                output_padding: 0,
+                transposed,
+            },
+            sink: SinkSlots::new(params.grad_sink().clone(), layer),
+        })
+    }
+
+    /// The convolution, then `activation` if any (ReLU fused into it on CPU).
+    fn forward(&self, x: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+        let fused = activation == Some(Activation::Relu);
+        let y = conv2d_with_sink(
+            x,
+            &self.weight,
+            &self.bias,
+            self.spec,
+            fused,
+            Some(self.sink.clone()),
+        )?;
+        match activation {
+            Some(act) if !fused => act.apply(&y),
+            _ => Ok(y),
+        }
+    }
+}
+
 /// Stride-2, 4×4 convolutions halving the image, then flattening: `(B, C, S, S) → (B, F)`.
 #[derive(Debug, Clone)]
 pub struct ConvEncoder {
-    convs: Vec<Conv2d>,
+    convs: Vec<ConvLayer>,
     activation: Activation,
     /// Features after flattening.
     pub features: usize,
@@ -272,18 +331,11 @@ impl ConvEncoder {
         activation: Activation,
     ) -> Result<Self> {
         let (depth, last) = conv_depth(side)?;
-        let cfg = Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         let mut convs = Vec::new();
         let mut cin = channels;
         for (i, &cout) in CONV_CHANNELS.iter().take(depth).enumerate() {
-            let bound = 1.0 / ((cin * 16) as f32).sqrt();
-            let w = params.uniform(&format!("{name}.conv{i}.weight"), &[cout, cin, 4, 4], bound)?;
-            let b = params.uniform(&format!("{name}.conv{i}.bias"), &[cout], bound)?;
-            convs.push(Conv2d::new(w, Some(b), cfg));
+            let layer = format!("{name}.conv{i}");
+            convs.push(ConvLayer::halving(params, &layer, cin, cout, false)?);
             cin = cout;
         }
         Ok(ConvEncoder {
@@ -297,7 +349,7 @@ impl ConvEncoder {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for conv in &self.convs {
-            h = self.activation.apply(&conv.forward(&h)?)?;
+            h = conv.forward(&h, Some(self.activation))?;
         }
         Ok(h.flatten_from(1)?)
     }
@@ -307,7 +359,7 @@ impl ConvEncoder {
 /// transposed convolutions.
 #[derive(Debug, Clone)]
 pub struct ConvDecoder {
-    deconvs: Vec<ConvTranspose2d>,
+    deconvs: Vec<ConvLayer>,
     activation: Activation,
     start: (usize, usize),
 }
@@ -322,11 +374,6 @@ impl ConvDecoder {
         activation: Activation,
     ) -> Result<(Self, usize)> {
         let (depth, last) = conv_depth(side)?;
-        let cfg = ConvTranspose2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         let chans: Vec<usize> = CONV_CHANNELS
             .iter()
             .take(depth)
@@ -336,15 +383,8 @@ impl ConvDecoder {
             .collect();
         let mut deconvs = Vec::new();
         for (i, pair) in chans.windows(2).enumerate() {
-            let (cin, cout) = (pair[0], pair[1]);
-            let bound = 1.0 / ((cout * 16) as f32).sqrt();
-            let w = params.uniform(
-                &format!("{name}.deconv{i}.weight"),
-                &[cin, cout, 4, 4],
-                bound,
-            )?;
-            let b = params.uniform(&format!("{name}.deconv{i}.bias"), &[cout], bound)?;
-            deconvs.push(ConvTranspose2d::new(w, Some(b), cfg));
+            let layer = format!("{name}.deconv{i}");
+            deconvs.push(ConvLayer::halving(params, &layer, pair[0], pair[1], true)?);
         }
         let features = chans[0] * last * last;
         Ok((
@@ -361,11 +401,9 @@ impl ConvDecoder {
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (c, s) = self.start;
         let mut h = h.reshape((h.dim(0)?, c, s, s))?;
+        let last = self.deconvs.len() - 1;
         for (i, deconv) in self.deconvs.iter().enumerate() {
-            h = deconv.forward(&h)?;
-            if i + 1 < self.deconvs.len() {
-                h = self.activation.apply(&h)?;
-            }
+            h = deconv.forward(&h, (i < last).then_some(self.activation))?;
         }
         Ok(h)
     }

@@ -6,6 +6,7 @@ mod bernoulli;
 mod buffers;
 mod builtin;
 mod class_rows;
+mod conv;
 mod cpu;
 mod cvae;
 mod dense;
@@ -27,6 +28,7 @@ mod vae;
 
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
+pub use conv::{conv2d, ConvSpec};
 pub use cvae::{Cvae, CvaeConfig};
 pub use dense::{dense, dense_bernoulli_nll};
 pub use error::{ModelError, Result};

@@ -1,0 +1,599 @@
+//! Fused 2-D convolutions, `Conv2d` and `ConvTranspose2d` with their bias and an optional ReLU,
+//! as candle ops with hand-written backward passes (NCHW, square kernels, any stride, padding
+//! and, for the transposed one, output padding).
+//!
+//! On CPU both are im2col/col2im around one gemm per image, the images of a batch split across
+//! the pool (each thread with its own column buffer, reused across its images): a convolution
+//! is `y_b = W·cols(x_b) + b`, and a transposed convolution is its data gradient,
+//! `y_b = col2im(Wᵀ·x_b) + b`. The backward passes are the same pieces the other way round —
+//! `dW = Σ_b g_b·cols(x_b)ᵀ`, `dx_b = col2im(Wᵀ·g_b)` for a convolution, `dx_b = W·cols(g_b)`
+//! and `dW = Σ_b x_b·cols(g_b)ᵀ` for a transposed one, `db = Σ g` — with `g = dY·[y > 0]` when
+//! the ReLU is fused, the input's gradient only when the input needs one (never for data), and
+//! the weight and bias gradients written into the gradient sink when it is on. Each thread sums
+//! its images' weight gradients into its own buffer; the buffers are added in thread order, so
+//! a result depends on the thread count only through that order. Other devices use candle's
+//! `conv2d` / `conv_transpose2d`, a broadcast add and `relu`.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use crate::cpu::{contiguous_f32 as contiguous, cpu_flat};
+use crate::dense::{matmul_here, Operand, SinkSlots};
+use crate::error::Result;
+
+/// How a convolution moves over its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Step between windows.
+    pub stride: usize,
+    /// Zeros around the image (each side).
+    pub padding: usize,
+    /// Extra rows and columns at the end of a transposed convolution's output (< stride).
+    pub output_padding: usize,
+    /// Whether this is a transposed convolution.
+    pub transposed: bool,
+}
+
+/// The geometry of one im2col: an image of `channels × height × width` read by
+/// `kernel × kernel` windows at `stride` with `padding`, giving `out_h × out_w` windows. For a
+/// convolution the image is its input; for a transposed convolution, its output.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    channels: usize,
+    height: usize,
+    width: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// Where kernel offset `k` reads in the polyphase planes: the phase `r` (`(k − padding) mod
+/// stride`) and the shift `a` of the plane row or column (`⌊(k − padding) / stride⌋`).
+fn phase_of(k: usize, padding: usize, stride: usize) -> (usize, isize) {
+    let q = k as isize - padding as isize;
+    let s = stride as isize;
+    (q.rem_euclid(s) as usize, q.div_euclid(s))
+}
+
+/// One side of the polyphase planes: the margin before the data, the plane's length.
+fn phase_side(
+    size: usize,
+    out: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+) -> (usize, usize) {
+    let (_, first) = phase_of(0, padding, stride);
+    let (_, last) = phase_of(kernel - 1, padding, stride);
+    let margin = (-first).max(0) as usize;
+    let data = size.div_ceil(stride) as isize;
+    (
+        margin,
+        margin + data.max(out as isize + last).max(0) as usize,
+    )
+}
+
+impl Geometry {
+    fn windows(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn rows(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+
+    /// The polyphase layout: (top margin, rows, left margin, columns) of each plane.
+    fn planes(&self) -> (usize, usize, usize, usize) {
+        let (s, k, p) = (self.stride, self.kernel, self.padding);
+        let (mt, rows) = phase_side(self.height, self.out_h, k, p, s);
+        let (ml, cols) = phase_side(self.width, self.out_w, k, p, s);
+        (mt, rows, ml, cols)
+    }
+
+    /// Values in the polyphase planes of one image.
+    fn phases_len(&self) -> usize {
+        let (_, rows, _, cols) = self.planes();
+        self.channels * self.stride * self.stride * rows * cols
+    }
+
+    /// `cols (rows × windows)`: each window's values, zero outside the image. `phases` is
+    /// scratch space.
+    fn im2col(&self, image: &[f32], phases: &mut Vec<f32>, cols: &mut [f32]) {
+        phases.clear();
+        phases.resize(self.phases_len(), 0.0);
+        split(self, image, phases);
+        windows_from_phases(self, phases, cols);
+    }
+
+    /// Adds `cols (rows × windows)` back into the image positions they were read from.
+    /// `phases` is scratch space.
+    fn col2im(&self, cols: &[f32], phases: &mut Vec<f32>, image: &mut [f32]) {
+        phases.clear();
+        phases.resize(self.phases_len(), 0.0);
+        windows_into_phases(self, cols, phases);
+        merge(self, phases, image);
+    }
+}
+
+// A stride-s convolution reads pixel (s·oh + ki − p, s·ow + kj − p). Splitting the image into
+// s × s polyphase planes — plane (r, t) holds the pixels (s·i + r, s·j + t), with zero margins —
+// turns every window row into a contiguous run of one plane: kernel offset k reads phase
+// (k − p) mod s, shifted by ⌊(k − p)/s⌋. So im2col is one pass to split the image and plain
+// copies after it (no per-element index arithmetic, no bounds tests: the margins are the
+// padding), and col2im is plain additions and one pass to merge back.
+
+/// The planes of `image` (zeroed before): plane `(c, r, t)` at
+/// `((c·s + r)·s + t)·rows·cols`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn split(g: &Geometry, image: &[f32], phases: &mut [f32]) {
+    let s = g.stride;
+    let (mt, rows, ml, cols) = g.planes();
+    for c in 0..g.channels {
+        let plane = &image[c * g.height * g.width..][..g.height * g.width];
+        for (ih, line) in plane.chunks_exact(g.width).enumerate() {
+            let (r, i) = (ih % s, ih / s);
+            let at = |t: usize| ((c * s + r) * s + t) * rows * cols + (i + mt) * cols + ml;
+            if s == 2 && g.width % 2 == 0 {
+                // Both phases of the row in one pass over it.
+                let (even, odd) = phases.split_at_mut(at(1));
+                let (even, odd) = (&mut even[at(0)..], &mut odd[..g.width / 2]);
+                for ((e, o), pair) in even.iter_mut().zip(odd).zip(line.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                continue;
+            }
+            for t in 0..s.min(g.width) {
+                let dst = &mut phases[at(t)..];
+                for (d, v) in dst.iter_mut().zip(line[t..].iter().step_by(s)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+}
+
+/// Adds the planes back into `image`: the adjoint of [`split`].
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn merge(g: &Geometry, phases: &[f32], image: &mut [f32]) {
+    let s = g.stride;
+    let (mt, rows, ml, cols) = g.planes();
+    for c in 0..g.channels {
+        let plane = &mut image[c * g.height * g.width..][..g.height * g.width];
+        for (ih, line) in plane.chunks_exact_mut(g.width).enumerate() {
+            let (r, i) = (ih % s, ih / s);
+            let at = |t: usize| ((c * s + r) * s + t) * rows * cols + (i + mt) * cols + ml;
+            if s == 2 && g.width % 2 == 0 {
+                let (even, odd) = (&phases[at(0)..], &phases[at(1)..][..g.width / 2]);
+                for ((e, o), pair) in even.iter().zip(odd).zip(line.chunks_exact_mut(2)) {
+                    pair[0] += e;
+                    pair[1] += o;
+                }
+                continue;
+            }
+            for t in 0..s.min(g.width) {
+                let src = &phases[at(t)..];
+                for (d, v) in line[t..].iter_mut().step_by(s).zip(src) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+/// The window rows of [`Geometry::im2col`], copied out of the planes.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn windows_from_phases(g: &Geometry, phases: &[f32], out: &mut [f32]) {
+    let (k, s, l) = (g.kernel, g.stride, g.windows());
+    let (mt, rows, ml, cols) = g.planes();
+    for c in 0..g.channels {
+        for ki in 0..k {
+            let (r, a) = phase_of(ki, g.padding, s);
+            for kj in 0..k {
+                let (t, b) = phase_of(kj, g.padding, s);
+                let plane = &phases[((c * s + r) * s + t) * rows * cols..][..rows * cols];
+                let row = &mut out[((c * k + ki) * k + kj) * l..][..l];
+                let top = (mt as isize + a) as usize;
+                let left = (ml as isize + b) as usize;
+                for (oh, dst) in row.chunks_exact_mut(g.out_w).enumerate() {
+                    dst.copy_from_slice(&plane[(top + oh) * cols + left..][..g.out_w]);
+                }
+            }
+        }
+    }
+}
+
+/// Adds the window rows of `cols` into the planes: the adjoint of [`windows_from_phases`].
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn windows_into_phases(g: &Geometry, windows: &[f32], phases: &mut [f32]) {
+    let (k, s, l) = (g.kernel, g.stride, g.windows());
+    let (mt, rows, ml, cols) = g.planes();
+    for c in 0..g.channels {
+        for ki in 0..k {
+            let (r, a) = phase_of(ki, g.padding, s);
+            for kj in 0..k {
+                let (t, b) = phase_of(kj, g.padding, s);
+                let plane = &mut phases[((c * s + r) * s + t) * rows * cols..][..rows * cols];
+                let row = &windows[((c * k + ki) * k + kj) * l..][..l];
+                let top = (mt as isize + a) as usize;
+                let left = (ml as isize + b) as usize;
+                for (oh, src) in row.chunks_exact(g.out_w).enumerate() {
+                    let dst = &mut plane[(top + oh) * cols + left..][..g.out_w];
+                    dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                }
+            }
+        }
+    }
+}
+
+/// The sizes of one op: batch, input and output channels and sides, kernel.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    /// Input (channels, height, width).
+    input: (usize, usize, usize),
+    /// Output (channels, height, width).
+    output: (usize, usize, usize),
+    kernel: usize,
+}
+
+impl Dims {
+    fn in_len(&self) -> usize {
+        self.input.0 * self.input.1 * self.input.2
+    }
+
+    fn out_len(&self) -> usize {
+        self.output.0 * self.output.1 * self.output.2
+    }
+}
+
+/// A fused convolution (see the module's documentation).
+struct ConvOp {
+    spec: ConvSpec,
+    relu: bool,
+    sink: Option<SinkSlots>,
+}
+
+impl ConvOp {
+    /// Checks the shapes of x (B, C, H, W), W and b; the op's sizes.
+    fn dims(&self, x: &Shape, w: &Shape, b: &Shape) -> candle_core::Result<Dims> {
+        let (batch, c, h, wd) = x.dims4()?;
+        let (w0, w1, k, k2) = w.dims4()?;
+        let s = self.spec;
+        let (cin, cout) = if s.transposed { (w0, w1) } else { (w1, w0) };
+        let output = if s.transposed {
+            let side = |n: usize| (n.max(1) - 1) * s.stride + k + s.output_padding;
+            (
+                side(h).checked_sub(2 * s.padding),
+                side(wd).checked_sub(2 * s.padding),
+            )
+        } else {
+            let side = |n: usize| {
+                (n + 2 * s.padding)
+                    .checked_sub(k)
+                    .and_then(|v| v.checked_div(s.stride))
+                    .map(|v| v + 1)
+            };
+            (side(h), side(wd))
+        };
+        let fits = k == k2
+            && k > 0
+            && s.stride > 0
+            && cin == c
+            && h > 0
+            && wd > 0
+            && b.dims1()? == cout
+            && (!s.transposed || s.output_padding < s.stride)
+            && (s.transposed || s.output_padding == 0);
+        match (fits, output) {
+            (true, (Some(oh), Some(ow))) if oh > 0 && ow > 0 => Ok(Dims {
+                batch,
+                input: (c, h, wd),
+                output: (cout, oh, ow),
+                kernel: k,
+            }),
+            _ => candle_core::bail!(
+                "conv: x {x:?}, W {w:?}, b {b:?} with {s:?} do not fit (W is (out, in, k, k) for a \
+                 convolution, (in, out, k, k) transposed)"
+            ),
+        }
+    }
+
+    /// The im2col geometry: over the input for a convolution, the output when transposed.
+    fn geometry(&self, d: &Dims) -> Geometry {
+        let ((c, h, w), (oh, ow)) = if self.spec.transposed {
+            (d.output, (d.input.1, d.input.2))
+        } else {
+            (d.input, (d.output.1, d.output.2))
+        };
+        Geometry {
+            channels: c,
+            height: h,
+            width: w,
+            kernel: d.kernel,
+            stride: self.spec.stride,
+            padding: self.spec.padding,
+            out_h: oh,
+            out_w: ow,
+        }
+    }
+}
+
+/// Images per task: the batch split evenly over the pool's threads.
+fn per_task(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        match (self.spec.transposed, self.relu) {
+            (false, false) => "conv2d",
+            (false, true) => "conv2d-relu",
+            (true, false) => "conv-transpose2d",
+            (true, true) => "conv-transpose2d-relu",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(lx.shape(), lw.shape(), lb.shape())?;
+        let (x, w, b) = (
+            contiguous(sx, lx, "x")?,
+            contiguous(sw, lw, "W")?,
+            contiguous(sb, lb, "b")?,
+        );
+        let g = self.geometry(&d);
+        let (in_len, out_len) = (d.in_len(), d.out_len());
+        let plane = d.output.1 * d.output.2;
+        let mut y = vec![0.0f32; d.batch * out_len];
+        let per = per_task(d.batch);
+        y.par_chunks_mut(per * out_len)
+            .zip(x.par_chunks(per * in_len))
+            .try_for_each(|(ys, xs)| -> candle_core::Result<()> {
+                let mut cols = vec![0.0f32; g.rows() * g.windows()];
+                let mut phases = Vec::new();
+                for (y, x) in ys.chunks_exact_mut(out_len).zip(xs.chunks_exact(in_len)) {
+                    for (o, bias) in y.chunks_exact_mut(plane).zip(b) {
+                        o.fill(*bias);
+                    }
+                    if self.spec.transposed {
+                        // cols (O·k·k × H·W) = Wᵀ·x, W being (C × O·k·k).
+                        let (c, l) = (d.input.0, d.input.1 * d.input.2);
+                        matmul_here(
+                            &mut cols,
+                            false,
+                            Operand(w, c, g.rows(), true),
+                            Operand(x, c, l, false),
+                        )?;
+                        g.col2im(&cols, &mut phases, y);
+                    } else {
+                        g.im2col(x, &mut phases, &mut cols);
+                        matmul_here(
+                            y,
+                            true,
+                            Operand(w, d.output.0, g.rows(), false),
+                            Operand(&cols, g.rows(), g.windows(), false),
+                        )?;
+                    }
+                    if self.relu {
+                        y.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+                Ok(())
+            })?;
+        let shape = Shape::from((d.batch, d.output.0, d.output.1, d.output.2));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+        let d = self.dims(x.shape(), w.shape(), b.shape())?;
+        let geo = self.geometry(&d);
+        let need_dx = x.track_op();
+        let (xv, wv, dyv, yv) = (cpu_flat(&x)?, cpu_flat(&w)?, cpu_flat(&dy)?, cpu_flat(y)?);
+        let grads = Backward {
+            op: self,
+            d,
+            geo,
+            x: xv.values()?,
+            w: wv.values()?,
+            dy: dyv.values()?,
+            y: if self.relu { Some(yv.values()?) } else { None },
+        }
+        .run(need_dx)?;
+        let dx = match grads.dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None => None,
+        };
+        if let Some(sink) = &self.sink {
+            if sink.deposit(&grads.dw, &grads.db)? {
+                return Ok((dx, None, None));
+            }
+        }
+        Ok((
+            dx,
+            Some(Tensor::from_vec(grads.dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(grads.db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// One backward pass's inputs.
+struct Backward<'a> {
+    op: &'a ConvOp,
+    d: Dims,
+    geo: Geometry,
+    x: &'a [f32],
+    w: &'a [f32],
+    /// The output's gradient.
+    dy: &'a [f32],
+    /// The output, when a ReLU is fused: the gradient passes where it is positive.
+    y: Option<&'a [f32]>,
+}
+
+/// The gradients of a backward pass.
+struct Grads {
+    dx: Option<Vec<f32>>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
+}
+
+impl Backward<'_> {
+    fn run(&self, need_dx: bool) -> candle_core::Result<Grads> {
+        let d = self.d;
+        let (in_len, out_len) = (d.in_len(), d.out_len());
+        let per = per_task(d.batch);
+        let mut dx = if need_dx {
+            vec![0.0f32; d.batch * in_len]
+        } else {
+            Vec::new()
+        };
+        let tasks = d.batch.div_ceil(per);
+        let parts: Vec<Option<&mut [f32]>> = if need_dx {
+            dx.chunks_mut(per * in_len).map(Some).collect()
+        } else {
+            (0..tasks).map(|_| None).collect()
+        };
+        let partials = parts
+            .into_par_iter()
+            .enumerate()
+            .map(|(t, dx)| {
+                let images = t * per..((t + 1) * per).min(d.batch);
+                self.task(images, dx, in_len, out_len)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut partials = partials.into_iter();
+        let (mut dw, mut db) = partials.next().unwrap_or_default();
+        for (w, b) in partials {
+            dw.iter_mut().zip(&w).for_each(|(a, v)| *a += v);
+            db.iter_mut().zip(&b).for_each(|(a, v)| *a += v);
+        }
+        Ok(Grads {
+            dx: need_dx.then_some(dx),
+            dw,
+            db,
+        })
+    }
+
+    /// The weight and bias gradients of `images`, and their input gradients into `dx`.
+    fn task(
+        &self,
+        images: std::ops::Range<usize>,
+        mut dx: Option<&mut [f32]>,
+        in_len: usize,
+        out_len: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (d, geo) = (self.d, self.geo);
+        let (cout, plane) = (d.output.0, d.output.1 * d.output.2);
+        let mut dw = vec![0.0f32; self.w.len()];
+        let mut db = vec![0.0f32; cout];
+        let mut cols = vec![0.0f32; geo.rows() * geo.windows()];
+        let mut phases = Vec::new();
+        let mut masked = Vec::new();
+        for (i, image) in images.enumerate() {
+            let x = &self.x[image * in_len..][..in_len];
+            let dy = &self.dy[image * out_len..][..out_len];
+            let g = match self.y {
+                Some(y) => {
+                    let y = &y[image * out_len..][..out_len];
+                    masked.clear();
+                    masked.extend(
+                        dy.iter()
+                            .zip(y)
+                            .map(|(d, y)| if *y > 0.0 { *d } else { 0.0 }),
+                    );
+                    &masked[..]
+                }
+                None => dy,
+            };
+            for (s, o) in db.iter_mut().zip(g.chunks_exact(plane)) {
+                *s += o.iter().sum::<f32>();
+            }
+            let dx = dx.as_deref_mut().map(|dx| &mut dx[i * in_len..][..in_len]);
+            if self.op.spec.transposed {
+                // cols(g) (O·k·k × H·W); dx = W·cols(g), dW += x·cols(g)ᵀ, W being (C × O·k·k).
+                let (c, l) = (d.input.0, d.input.1 * d.input.2);
+                geo.im2col(g, &mut phases, &mut cols);
+                if let Some(dx) = dx {
+                    matmul_here(
+                        dx,
+                        false,
+                        Operand(self.w, c, geo.rows(), false),
+                        Operand(&cols, geo.rows(), l, false),
+                    )?;
+                }
+                matmul_here(
+                    &mut dw,
+                    true,
+                    Operand(x, c, l, false),
+                    Operand(&cols, geo.rows(), l, true),
+                )?;
+            } else {
+                // dW += g·cols(x)ᵀ; dx = col2im(Wᵀ·g), W being (O × C·k·k).
+                geo.im2col(x, &mut phases, &mut cols);
+                matmul_here(
+                    &mut dw,
+                    true,
+                    Operand(g, cout, plane, false),
+                    Operand(&cols, geo.rows(), geo.windows(), true),
+                )?;
+                if let Some(dx) = dx {
+                    matmul_here(
+                        &mut cols,
+                        false,
+                        Operand(self.w, cout, geo.rows(), true),
+                        Operand(g, cout, plane, false),
+                    )?;
+                    geo.col2im(&cols, &mut phases, dx);
+                }
+            }
+        }
+        Ok((dw, db))
+    }
+}
+
+/// A fused convolution of `x` (B, C, H, W) with `w` and bias `b`, then ReLU if `relu`:
+/// `w` is (out, in, k, k) for a convolution, (in, out, k, k) for a transposed one (candle's and
+/// PyTorch's layouts).
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, spec: ConvSpec, relu: bool) -> Result<Tensor> {
+    conv2d_with_sink(x, w, b, spec, relu, None)
+}
+
+/// [`conv2d`] whose weight and bias gradients go to a gradient sink when it is enabled.
+pub(crate) fn conv2d_with_sink(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: ConvSpec,
+    relu: bool,
+    sink: Option<SinkSlots>,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let op = ConvOp { spec, relu, sink };
+        return Ok(x.contiguous()?.apply_op3(w, b, op)?);
+    }
+    let y = if spec.transposed {
+        x.conv_transpose2d(w, spec.padding, spec.output_padding, spec.stride, 1)?
+    } else {
+        x.conv2d(w, spec.padding, spec.stride, 1, 1)?
+    };
+    let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+    Ok(if relu { y.relu()? } else { y })
+}

@@ -1,0 +1,195 @@
+//! The fused convolutions against candle's composed ops (values and every gradient) and against
+//! central differences, across strides, kernels, paddings, output paddings, odd sizes and
+//! batch 1.
+
+use candle_core::{Device, Tensor, Var};
+use elbo_models::{conv2d, ConvSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// candle's ops for the same convolution.
+fn composed(x: &Tensor, w: &Tensor, b: &Tensor, s: ConvSpec, relu: bool) -> Tensor {
+    let y = if s.transposed {
+        x.conv_transpose2d(w, s.padding, s.output_padding, s.stride, 1)
+            .unwrap()
+    } else {
+        x.conv2d(w, s.padding, s.stride, 1, 1).unwrap()
+    };
+    let y = y
+        .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+        .unwrap();
+    if relu {
+        y.relu().unwrap()
+    } else {
+        y
+    }
+}
+
+/// (batch, in channels, out channels, height, width, kernel, spec)
+fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
+    let spec = |stride, padding, output_padding, transposed| ConvSpec {
+        stride,
+        padding,
+        output_padding,
+        transposed,
+    };
+    vec![
+        (3, 2, 4, 9, 7, spec(1, 1, 0, false), 3),
+        (2, 3, 5, 8, 8, spec(2, 1, 0, false), 4),
+        (1, 1, 2, 7, 5, spec(2, 0, 0, false), 3),
+        (2, 4, 3, 6, 6, spec(1, 0, 0, false), 1),
+        (3, 2, 2, 11, 9, spec(2, 2, 0, false), 4),
+        (3, 3, 2, 4, 4, spec(2, 1, 0, true), 4),
+        (1, 2, 3, 5, 3, spec(2, 1, 1, true), 3),
+        (2, 4, 2, 3, 5, spec(1, 1, 0, true), 3),
+        (2, 3, 3, 4, 4, spec(1, 0, 0, true), 1),
+        (1, 2, 1, 3, 3, spec(3, 0, 2, true), 4),
+        (1, 2, 2, 1, 1, spec(2, 2, 1, true), 4),
+    ]
+    .into_iter()
+    .map(|(n, cin, cout, h, w, s, k)| (n, cin, cout, h, w, k, s))
+    .collect()
+}
+
+fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fused_convolutions_match_candles_ops_and_their_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for (n, cin, cout, h, w, k, spec) in cases() {
+        for relu in [false, true] {
+            let case = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}, relu {relu}");
+            let wshape = if spec.transposed {
+                [cin, cout, k, k]
+            } else {
+                [cout, cin, k, k]
+            };
+            let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+            let wt = Var::from_tensor(&random(&wshape, &mut rng)).unwrap();
+            let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+            let fused = conv2d(&x, &wt, &b, spec, relu).unwrap();
+            let reference = composed(&x, &wt, &b, spec, relu);
+            assert!(max_gap(&reference, &fused) < 1e-5, "{case}: values");
+            let r = random(fused.dims(), &mut rng);
+            let gf = (&fused * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (&reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("W", &wt), ("b", &b)] {
+                let (a, c) = (gr.get(v).unwrap(), gf.get(v).unwrap());
+                assert!(max_gap(a, c) < 1e-4, "{case}: gradient of {name}");
+            }
+        }
+    }
+}
+
+/// Σ y·r is linear in each of x, W and b, so central differences are exact up to rounding.
+#[test]
+fn fused_convolution_gradients_match_central_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for (n, cin, cout, h, w, k, spec) in cases() {
+        let case = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}");
+        let wshape = if spec.transposed {
+            [cin, cout, k, k]
+        } else {
+            [cout, cin, k, k]
+        };
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+        let wt = Var::from_tensor(&random(&wshape, &mut rng)).unwrap();
+        let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let y = conv2d(&x, &wt, &b, spec, false).unwrap();
+        let r = random(y.dims(), &mut rng);
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> f64 {
+            let y = conv2d(x, w, b, spec, false).unwrap();
+            f64::from(
+                (&y * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            )
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for which in 0..3 {
+            let var = [&x, &wt, &b][which];
+            let g = grads.get(var).unwrap().flatten_all().unwrap();
+            let g = g.to_vec1::<f32>().unwrap();
+            let base = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in (0..base.len()).step_by((base.len() / 7).max(1)) {
+                let eps = 0.05f32;
+                let probe = |d: f32| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap();
+                    match which {
+                        0 => loss(&t, &wt, &b),
+                        1 => loss(&x, &t, &b),
+                        _ => loss(&x, &wt, &t),
+                    }
+                };
+                let fd = (probe(eps) - probe(-eps)) / (2.0 * f64::from(eps));
+                assert!(
+                    (fd - f64::from(g[i])).abs() <= 2e-3 * (1.0 + fd.abs()),
+                    "{case}: input {which}, index {i}: analytic {} vs central difference {fd}",
+                    g[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn shapes_that_do_not_fit_are_refused() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let spec = ConvSpec {
+        stride: 1,
+        padding: 0,
+        output_padding: 0,
+        transposed: false,
+    };
+    let x = random(&[1, 2, 3, 3], &mut rng);
+    let b = random(&[4], &mut rng);
+    for (w, s) in [
+        (random(&[4, 3, 3, 3], &mut rng), spec),
+        (random(&[4, 2, 5, 5], &mut rng), spec),
+        (random(&[4, 2, 3, 2], &mut rng), spec),
+        (
+            random(&[4, 2, 3, 3], &mut rng),
+            ConvSpec { stride: 0, ..spec },
+        ),
+        (
+            random(&[2, 4, 3, 3], &mut rng),
+            ConvSpec {
+                transposed: true,
+                output_padding: 1,
+                ..spec
+            },
+        ),
+    ] {
+        let err = conv2d(&x, &w, &b, s, false).unwrap_err().to_string();
+        assert!(err.contains("do not fit"), "{w:?} {s:?}: {err}");
+    }
+}
