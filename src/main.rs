@@ -19,6 +19,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -27,6 +28,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether log lines carry ANSI colours: only on a terminal, and not with `NO_COLOR` set
+/// (no-color.org); a file or a pipe gets plain text.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// mimalloc's `purge_delay` option (its index in mimalloc's `mi_option_e`; the crate exports

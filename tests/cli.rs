@@ -388,3 +388,48 @@ fn every_shipped_config_loads() {
     }
     assert!(seen >= 2, "configs/ holds {seen} files");
 }
+
+#[test]
+fn workers_is_given_once_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let both = elbo(
+        &["train", "--workers", "2", "--set", "cluster.workers=3"],
+        &[],
+        tmp.path(),
+    );
+    let err = fails(&both);
+    assert!(
+        err.contains("--workers 2") && err.contains("cluster.workers"),
+        "{err}"
+    );
+    let zero = fails(&elbo(&["train", "--workers", "0"], &[], tmp.path()));
+    assert!(zero.contains("cluster.workers"), "{zero}");
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = elbo(
+        &[
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--set",
+            "data.sprites.n=300",
+            "--set",
+            "model.hidden=16",
+        ],
+        &[("ELBO_LOG", "info")],
+        tmp.path(),
+    );
+    ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("training"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+}

@@ -17,18 +17,19 @@ const ELBO: &str = env!("CARGO_BIN_EXE_elbo");
 fn a_distributed_run_resumes_exactly_at_another_world_size() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let train = |dir: &Path, world: &str, extra: &[&str]| {
-        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap(), "--set", world];
+    let train = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap()];
         args.extend(SMALL);
         args.extend(extra);
         ok(elbo(&args, &cache))
     };
     let whole = tmp.path().join("whole");
-    train(&whole, "cluster.workers=2", &[]);
+    let all = train(&whole, &["--workers", "2"]);
+    assert!(all.contains("trained 26 steps on 2 workers"), "{all}");
     let split = tmp.path().join("split");
-    let first = train(&split, "cluster.workers=3", &["--max-steps", "11"]);
+    let first = train(&split, &["--set", "cluster.workers=3", "--max-steps", "11"]);
     assert!(first.contains("trained 11 steps on 3 workers"), "{first}");
-    let rest = train(&split, "cluster.workers=2", &[]);
+    let rest = train(&split, &["--set", "cluster.workers=2"]);
     assert!(rest.contains("trained 15 steps on 2 workers"), "{rest}");
     let (a, b) = (
         params(&whole.join("checkpoints/step-000000026")),

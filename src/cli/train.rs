@@ -22,6 +22,9 @@ pub struct TrainArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Worker processes on this machine (`cluster.workers`; 1 trains in this process).
+    #[arg(long, value_name = "N")]
+    workers: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,7 +104,14 @@ fn executable() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("cannot find the elbo executable")
 }
 
-pub fn train(engine: &Engine, args: TrainArgs) -> anyhow::Result<()> {
+pub fn train(engine: &Engine, mut args: TrainArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.workers {
+        let set = |s: &String| s.split('=').next().map(str::trim) == Some("cluster.workers");
+        if args.config.set.iter().any(set) {
+            bail!("--workers {n} and --set cluster.workers=…: give the number of workers once");
+        }
+        args.config.set.push(format!("cluster.workers={n}"));
+    }
     let cfg = args.run.apply(args.config.load(engine)?);
     let options = TrainOptions {
         device: args.device,
