@@ -184,49 +184,47 @@ fn merge(g: &Geometry, phases: &[f32], image: &mut [f32]) {
     }
 }
 
-/// The window rows of [`Geometry::im2col`], copied out of the planes.
-#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn windows_from_phases(g: &Geometry, phases: &[f32], out: &mut [f32]) {
+/// Calls `f(plane_at, window_at)` for every window row of `g`: where its `out_w` values lie,
+/// contiguous, in the polyphase planes, and where they go in the columns (`rows × windows`).
+#[inline(always)]
+fn window_rows(g: &Geometry, mut f: impl FnMut(usize, usize)) {
     let (k, s, l) = (g.kernel, g.stride, g.windows());
     let (mt, rows, ml, cols) = g.planes();
     for c in 0..g.channels {
         for ki in 0..k {
             let (r, a) = phase_of(ki, g.padding, s);
+            let top = (mt as isize + a) as usize;
             for kj in 0..k {
                 let (t, b) = phase_of(kj, g.padding, s);
-                let plane = &phases[((c * s + r) * s + t) * rows * cols..][..rows * cols];
-                let row = &mut out[((c * k + ki) * k + kj) * l..][..l];
-                let top = (mt as isize + a) as usize;
+                let plane = ((c * s + r) * s + t) * rows * cols;
                 let left = (ml as isize + b) as usize;
-                for (oh, dst) in row.chunks_exact_mut(g.out_w).enumerate() {
-                    dst.copy_from_slice(&plane[(top + oh) * cols + left..][..g.out_w]);
+                let row = ((c * k + ki) * k + kj) * l;
+                for oh in 0..g.out_h {
+                    f(plane + (top + oh) * cols + left, row + oh * g.out_w);
                 }
             }
         }
     }
 }
 
+/// The window rows of [`Geometry::im2col`], copied out of the planes.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn windows_from_phases(g: &Geometry, phases: &[f32], out: &mut [f32]) {
+    let n = g.out_w;
+    window_rows(g, |p, w| out[w..w + n].copy_from_slice(&phases[p..p + n]));
+}
+
 /// Adds the window rows of `cols` into the planes: the adjoint of [`windows_from_phases`].
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 fn windows_into_phases(g: &Geometry, windows: &[f32], phases: &mut [f32]) {
-    let (k, s, l) = (g.kernel, g.stride, g.windows());
-    let (mt, rows, ml, cols) = g.planes();
-    for c in 0..g.channels {
-        for ki in 0..k {
-            let (r, a) = phase_of(ki, g.padding, s);
-            for kj in 0..k {
-                let (t, b) = phase_of(kj, g.padding, s);
-                let plane = &mut phases[((c * s + r) * s + t) * rows * cols..][..rows * cols];
-                let row = &windows[((c * k + ki) * k + kj) * l..][..l];
-                let top = (mt as isize + a) as usize;
-                let left = (ml as isize + b) as usize;
-                for (oh, src) in row.chunks_exact(g.out_w).enumerate() {
-                    let dst = &mut plane[(top + oh) * cols + left..][..g.out_w];
-                    dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
-                }
-            }
-        }
-    }
+    let n = g.out_w;
+    window_rows(g, |p, w| {
+        let src = &windows[w..w + n];
+        phases[p..p + n]
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, v)| *d += v);
+    });
 }
 
 /// The sizes of one op: batch, input and output channels and sides, kernel.

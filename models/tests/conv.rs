@@ -57,6 +57,28 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
     .collect()
 }
 
+/// Random x, W and b for a case, as variables.
+fn operands(
+    (n, cin, cout, h, w, k, spec): (usize, usize, usize, usize, usize, usize, ConvSpec),
+    rng: &mut ChaCha8Rng,
+) -> (Var, Var, Var) {
+    let wshape = if spec.transposed {
+        [cin, cout, k, k]
+    } else {
+        [cout, cin, k, k]
+    };
+    (
+        Var::from_tensor(&random(&[n, cin, h, w], rng)).unwrap(),
+        Var::from_tensor(&random(&wshape, rng)).unwrap(),
+        Var::from_tensor(&random(&[cout], rng)).unwrap(),
+    )
+}
+
+/// The gradients of Σ y·r.
+fn grads_of(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
 fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -70,36 +92,19 @@ fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn fused_convolutions_match_candles_ops_and_their_gradients() {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    for (n, cin, cout, h, w, k, spec) in cases() {
+    for case in cases() {
+        let (n, cin, cout, h, w, k, spec) = case;
         for relu in [false, true] {
-            let case = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}, relu {relu}");
-            let wshape = if spec.transposed {
-                [cin, cout, k, k]
-            } else {
-                [cout, cin, k, k]
-            };
-            let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
-            let wt = Var::from_tensor(&random(&wshape, &mut rng)).unwrap();
-            let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+            let what = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}, relu {relu}");
+            let (x, wt, b) = operands(case, &mut rng);
             let fused = conv2d(&x, &wt, &b, spec, relu).unwrap();
             let reference = composed(&x, &wt, &b, spec, relu);
-            assert!(max_gap(&reference, &fused) < 1e-5, "{case}: values");
+            assert!(max_gap(&reference, &fused) < 1e-5, "{what}: values");
             let r = random(fused.dims(), &mut rng);
-            let gf = (&fused * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (&reference * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gr) = (grads_of(&fused, &r), grads_of(&reference, &r));
             for (name, v) in [("x", &x), ("W", &wt), ("b", &b)] {
                 let (a, c) = (gr.get(v).unwrap(), gf.get(v).unwrap());
-                assert!(max_gap(a, c) < 1e-4, "{case}: gradient of {name}");
+                assert!(max_gap(a, c) < 1e-4, "{what}: gradient of {name}");
             }
         }
     }
@@ -109,16 +114,10 @@ fn fused_convolutions_match_candles_ops_and_their_gradients() {
 #[test]
 fn fused_convolution_gradients_match_central_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    for (n, cin, cout, h, w, k, spec) in cases() {
-        let case = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}");
-        let wshape = if spec.transposed {
-            [cin, cout, k, k]
-        } else {
-            [cout, cin, k, k]
-        };
-        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
-        let wt = Var::from_tensor(&random(&wshape, &mut rng)).unwrap();
-        let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+    for case in cases() {
+        let (n, cin, cout, h, w, k, spec) = case;
+        let what = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}");
+        let (x, wt, b) = operands(case, &mut rng);
         let y = conv2d(&x, &wt, &b, spec, false).unwrap();
         let r = random(y.dims(), &mut rng);
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> f64 {
@@ -132,7 +131,7 @@ fn fused_convolution_gradients_match_central_differences() {
                     .unwrap(),
             )
         };
-        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = grads_of(&y, &r);
         for which in 0..3 {
             let var = [&x, &wt, &b][which];
             let g = grads.get(var).unwrap().flatten_all().unwrap();
@@ -153,7 +152,7 @@ fn fused_convolution_gradients_match_central_differences() {
                 let fd = (probe(eps) - probe(-eps)) / (2.0 * f64::from(eps));
                 assert!(
                     (fd - f64::from(g[i])).abs() <= 2e-3 * (1.0 + fd.abs()),
-                    "{case}: input {which}, index {i}: analytic {} vs central difference {fd}",
+                    "{what}: input {which}, index {i}: analytic {} vs central difference {fd}",
                     g[i]
                 );
             }
