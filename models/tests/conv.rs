@@ -51,6 +51,10 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
         (2, 3, 3, 4, 4, spec(1, 0, 0, true), 1),
         (1, 2, 1, 3, 3, spec(3, 0, 2, true), 4),
         (1, 2, 2, 1, 1, spec(2, 2, 1, true), 4),
+        // Window rows 8, 14 and 16 wide (copied as fixed-size arrays).
+        (1, 2, 3, 16, 16, spec(2, 1, 0, false), 4),
+        (1, 2, 2, 14, 14, spec(2, 1, 0, true), 4),
+        (1, 1, 2, 16, 16, spec(1, 1, 0, false), 3),
     ]
     .into_iter()
     .map(|(n, cin, cout, h, w, s, k)| (n, cin, cout, h, w, k, s))
