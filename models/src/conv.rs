@@ -312,6 +312,8 @@ impl ConvOp {
             && k > 0
             && s.stride > 0
             && cin == c
+            && c > 0
+            && cout > 0
             && h > 0
             && wd > 0
             && b.dims1()? == cout
@@ -509,7 +511,9 @@ impl Backward<'_> {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut partials = partials.into_iter();
-        let (mut dw, mut db) = partials.next().unwrap_or_default();
+        let (mut dw, mut db) = partials
+            .next()
+            .unwrap_or_else(|| (vec![0.0; self.w.len()], vec![0.0; d.output.0]));
         for (w, b) in partials {
             dw.iter_mut().zip(&w).for_each(|(a, v)| *a += v);
             db.iter_mut().zip(&b).for_each(|(a, v)| *a += v);

@@ -96,16 +96,9 @@ pub(crate) fn cpu_flat(t: &Tensor) -> candle_core::Result<CpuValues<'_>> {
 
 /// Reads a contiguous 2-D CPU tensor's values; an error for any other tensor.
 pub(crate) fn cpu_values(t: &Tensor) -> candle_core::Result<CpuValues<'_>> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(_), Some((start, end))) => {
-            let dims = layout.shape().dims2()?;
-            Ok(CpuValues {
-                storage,
-                range: start..end,
-                dims,
-            })
-        }
-        _ => candle_core::bail!("expected a contiguous CPU tensor, got {:?}", t.layout()),
-    }
+    let dims = t.dims2()?;
+    Ok(CpuValues {
+        dims,
+        ..cpu_flat(t)?
+    })
 }

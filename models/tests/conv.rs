@@ -195,4 +195,15 @@ fn shapes_that_do_not_fit_are_refused() {
         let err = conv2d(&x, &w, &b, s, false).unwrap_err().to_string();
         assert!(err.contains("do not fit"), "{w:?} {s:?}: {err}");
     }
+    // No channels in or out: refused, not a panic.
+    let none = random(&[0], &mut rng);
+    let err = conv2d(&x, &random(&[0, 2, 3, 3], &mut rng), &none, spec, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not fit"), "{err}");
+    let empty = random(&[1, 0, 3, 3], &mut rng);
+    let err = conv2d(&empty, &random(&[4, 0, 3, 3], &mut rng), &b, spec, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not fit"), "{err}");
 }

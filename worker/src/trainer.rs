@@ -27,7 +27,7 @@ use elbo_models::{Input, Model, Noise, Statistics, StepContext};
 use crate::checkpoint::{self, Checkpoint, Files, ModelTensors, TrainState};
 use crate::error::{Result, WorkerError};
 use crate::flat::FlatLayout;
-use crate::optim::{clip_scale, global_norm, Optimizer, OptimizerConfig, Schedule};
+use crate::optim::{clip_grad_norm, clip_scale, global_norm, Optimizer, OptimizerConfig, Schedule};
 
 /// How gradients (and the statistics appended to them) are combined across workers.
 pub trait Reduce {
@@ -408,17 +408,15 @@ impl Trainer {
             });
         }
         self.nonfinite_in_row = 0;
-        let clip = clip_scale(grad_norm, self.config.clip_norm);
+        let clip_norm = self.config.clip_norm;
         match (&mut self.master, device_grads) {
             (Master::Host(params), _) => {
-                if let Some(scale) = clip {
-                    self.buf[..n].iter_mut().for_each(|g| *g *= scale);
-                }
+                clip_grad_norm(&mut self.buf[..n], grad_norm, clip_norm);
                 self.optimizer.step(params, &self.buf[..n], lr);
                 self.layout.write_params(params)?;
             }
             (Master::Device(params), Some(grads)) => {
-                let grads = match clip {
+                let grads = match clip_scale(grad_norm, clip_norm) {
                     Some(scale) => grads.affine(f64::from(scale), 0.0)?,
                     None => grads,
                 };
@@ -522,7 +520,7 @@ impl Trainer {
             let term = out.terms.get(name).ok_or_else(|| {
                 WorkerError::Internal(format!("the model did not report term {name}"))
             })?;
-            sums.push(term.sum.to_dtype(candle_core::DType::F32)?.reshape(1)?);
+            sums.push(term.sum.to_dtype(candle_core::DType::F32)?);
             counts.push(term.count as f32);
         }
         let update = out
@@ -548,7 +546,8 @@ impl Trainer {
         if let Master::Device(_) = self.master {
             let mut parts = self.layout.grad_parts(sink, &grads, &self.device)?;
             let counts = Tensor::from_vec(counts, t, &self.device)?;
-            let pairs = Tensor::stack(&[Tensor::cat(&sums, 0)?, counts], 1)?;
+            let sums = Tensor::stack(&sums, 0)?;
+            let pairs = Tensor::stack(&[sums, counts], 1)?;
             parts.push(pairs.flatten_all()?);
             parts.extend(update);
             let packed = Tensor::cat(&parts, 0)?;
@@ -561,7 +560,7 @@ impl Trainer {
         self.layout.read_grads(sink, &grads, head)?;
         let (term_slots, update_slots) = tail.split_at_mut(2 * t);
         for ((slot, sum), count) in term_slots.chunks_exact_mut(2).zip(&sums).zip(counts) {
-            slot[0] = sum.to_vec1::<f32>()?[0];
+            slot[0] = sum.to_scalar::<f32>()?;
             slot[1] = count;
         }
         if let Some(u) = update {
