@@ -11,8 +11,8 @@
 //! the ReLU is fused, the input's gradient only when the input needs one (never for data), and
 //! the weight and bias gradients written into the gradient sink when it is on. Each thread sums
 //! its images' weight gradients into its own buffer; the buffers are added in thread order, so
-//! a result depends on the thread count only through that order. Other devices use candle's
-//! `conv2d` / `conv_transpose2d`, a broadcast add and `relu`.
+//! a result depends on the thread count only through that order. Other devices, and other
+//! dtypes, compose candle's `conv2d` ([`crate::conv_gemm`]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
@@ -260,12 +260,12 @@ fn add_fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
 
 /// The sizes of one op: batch, input and output channels and sides, kernel.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     batch: usize,
     /// Input (channels, height, width).
-    input: (usize, usize, usize),
+    pub(crate) input: (usize, usize, usize),
     /// Output (channels, height, width).
-    output: (usize, usize, usize),
+    pub(crate) output: (usize, usize, usize),
     kernel: usize,
 }
 
@@ -286,12 +286,12 @@ struct ConvOp {
     sink: Option<SinkSlots>,
 }
 
-impl ConvOp {
+impl ConvSpec {
     /// Checks the shapes of x (B, C, H, W), W and b; the op's sizes.
-    fn dims(&self, x: &Shape, w: &Shape, b: &Shape) -> candle_core::Result<Dims> {
+    pub(crate) fn dims(&self, x: &Shape, w: &Shape, b: &Shape) -> candle_core::Result<Dims> {
         let (batch, c, h, wd) = x.dims4()?;
         let (w0, w1, k, k2) = w.dims4()?;
-        let s = self.spec;
+        let s = *self;
         let (cin, cout) = if s.transposed { (w0, w1) } else { (w1, w0) };
         let output = if s.transposed {
             let side = |n: usize| (n.max(1) - 1) * s.stride + k + s.output_padding;
@@ -332,7 +332,9 @@ impl ConvOp {
             ),
         }
     }
+}
 
+impl ConvOp {
     /// The im2col geometry: over the input for a convolution, the output when transposed.
     fn geometry(&self, d: &Dims) -> Geometry {
         let ((c, h, w), (oh, ow)) = if self.spec.transposed {
@@ -377,7 +379,7 @@ impl CustomOp3 for ConvOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.dims(lx.shape(), lw.shape(), lb.shape())?;
+        let d = self.spec.dims(lx.shape(), lw.shape(), lb.shape())?;
         let (x, w, b) = (
             contiguous(sx, lx, "x")?,
             contiguous(sw, lw, "W")?,
@@ -435,7 +437,7 @@ impl CustomOp3 for ConvOp {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
-        let d = self.dims(x.shape(), w.shape(), b.shape())?;
+        let d = self.spec.dims(x.shape(), w.shape(), b.shape())?;
         let geo = self.geometry(&d);
         let need_dx = x.track_op();
         let (xv, wv, dyv, yv) = (cpu_flat(&x)?, cpu_flat(&w)?, cpu_flat(&dy)?, cpu_flat(y)?);
@@ -622,11 +624,5 @@ pub(crate) fn conv2d_with_sink(
         let op = ConvOp { spec, relu, sink };
         return Ok(x.contiguous()?.apply_op3(w, b, op)?);
     }
-    let y = if spec.transposed {
-        x.conv_transpose2d(w, spec.padding, spec.output_padding, spec.stride, 1)?
-    } else {
-        x.conv2d(w, spec.padding, spec.stride, 1, 1)?
-    };
-    let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-    Ok(if relu { y.relu()? } else { y })
+    crate::conv_gemm::conv2d(x, w, b, spec, relu)
 }

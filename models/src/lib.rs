@@ -7,6 +7,7 @@ mod buffers;
 mod builtin;
 mod class_rows;
 mod conv;
+mod conv_gemm;
 mod cpu;
 mod cvae;
 mod dense;

@@ -2,7 +2,7 @@
 //! central differences, across strides, kernels, paddings, output paddings, odd sizes and
 //! batch 1.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use elbo_models::{conv2d, ConvSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +55,10 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
         (1, 2, 3, 16, 16, spec(2, 1, 0, false), 4),
         (1, 2, 2, 14, 14, spec(2, 1, 0, true), 4),
         (1, 1, 2, 16, 16, spec(1, 1, 0, false), 3),
+        // The last input row and column are read by no window.
+        (2, 2, 3, 8, 6, spec(2, 0, 0, false), 3),
+        // The output padding reaches past the last phase row.
+        (1, 2, 2, 3, 4, spec(2, 0, 1, true), 4),
     ]
     .into_iter()
     .map(|(n, cin, cout, h, w, s, k)| (n, cin, cout, h, w, k, s))
@@ -84,6 +88,10 @@ fn grads_of(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
 }
 
 fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (
+        a.to_dtype(DType::F32).unwrap(),
+        b.to_dtype(DType::F32).unwrap(),
+    );
     assert_eq!(a.dims(), b.dims());
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -109,6 +117,52 @@ fn fused_convolutions_match_candles_ops_and_their_gradients() {
             for (name, v) in [("x", &x), ("W", &wt), ("b", &b)] {
                 let (a, c) = (gr.get(v).unwrap(), gf.get(v).unwrap());
                 assert!(max_gap(a, c) < 1e-4, "{what}: gradient of {name}");
+            }
+        }
+    }
+}
+
+/// Off the fused path (here: in f64 on the CPU; on a GPU in any dtype) a convolution is composed
+/// of candle's `conv2d` with hand-written gradients, transposed convolutions by phases: the same
+/// values and gradients as candle's `conv2d` / `conv_transpose2d` and their own backward passes.
+#[test]
+fn gemm_convolutions_match_candles_ops_and_their_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let f64_var = |v: &Var| Var::from_tensor(&v.to_dtype(DType::F64).unwrap()).unwrap();
+    let gap64 = |a: &Tensor, b: &Tensor| -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f64>().unwrap()
+    };
+    for case in cases() {
+        let (n, cin, cout, h, w, k, spec) = case;
+        for (relu, data) in [(false, false), (true, false), (true, true)] {
+            let what = format!("{n}×{cin}×{h}×{w}, {cout} out, k {k}, {spec:?}, relu {relu}");
+            let (x, wt, b) = operands(case, &mut rng);
+            let (x, wt, b) = (f64_var(&x), f64_var(&wt), f64_var(&b));
+            // As data, x gets no gradient.
+            let input = if data {
+                x.as_tensor().detach()
+            } else {
+                x.as_tensor().clone()
+            };
+            let gemm = conv2d(&input, &wt, &b, spec, relu).unwrap();
+            let reference = composed(&input, &wt, &b, spec, relu);
+            assert_eq!(gemm.dtype(), DType::F64);
+            assert!(gap64(&reference, &gemm) < 1e-12, "{what}: values");
+            let r = random(gemm.dims(), &mut rng).to_dtype(DType::F64).unwrap();
+            let (gg, gr) = (grads_of(&gemm, &r), grads_of(&reference, &r));
+            for (name, v) in [("W", &wt), ("b", &b)] {
+                let (a, c) = (gr.get(v).unwrap(), gg.get(v).unwrap());
+                assert!(gap64(a, c) < 1e-10, "{what}: gradient of {name}");
+            }
+            match (data, gg.get(&x)) {
+                (true, None) => {}
+                (false, Some(dx)) => assert!(
+                    gap64(gr.get(&x).unwrap(), dx) < 1e-10,
+                    "{what}: gradient of x"
+                ),
+                (_, got) => panic!("{what}: data {data}, gradient of x {}", got.is_some()),
             }
         }
     }
