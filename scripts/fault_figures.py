@@ -98,7 +98,7 @@ def fault(sig, heartbeat):
                              start_new_session=True)
         metrics = os.path.join(tmp, "run", "metrics.jsonl")
         at = RNG.randrange(60, 240)
-        while not os.path.exists(metrics) or sum(1 for _ in open(metrics)) < at:
+        while not os.path.exists(metrics) or sum('"loss"' in l for l in open(metrics)) < at:
             time.sleep(0.005)
         victim = worker_pid(p.pid, "worker-1")
         t_fault = time.time()
@@ -158,7 +158,8 @@ def cut(heartbeat):
 
             def worlds():
                 try:
-                    return [json.loads(l)["world"] for l in open(metrics) if l.endswith("\n")]
+                    rows = [json.loads(l) for l in open(metrics) if l.endswith("\n")]
+                    return [r["world"] for r in rows if "world" in r]
                 except FileNotFoundError:
                     return []
 

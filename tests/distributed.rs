@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{coordinator_cmd, curve, distance, elbo, ok, params, worker_cmd, Procs, SMALL};
+use common::{
+    coordinator_cmd, curve, distance, elbo, ok, params, test_records, worker_cmd, Procs, SMALL,
+};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -83,6 +85,23 @@ fn one_two_and_four_workers_train_the_same_model() {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs(),
                 "world {world}, step {s1}: −ELBO {b} vs {a}"
+            );
+        }
+        // Test figures at the end of epoch 1 (rank 0's) and of the run, as one process has them.
+        let (want, got) = (test_records(&one), test_records(&dir));
+        let steps = |r: &[serde_json::Value]| -> Vec<u64> {
+            r.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+        };
+        assert_eq!(steps(&want), [13, 26]);
+        assert_eq!(steps(&got), [13, 26], "world {world}");
+        for (a, b) in want.iter().zip(&got) {
+            let (a, b) = (
+                a["test_neg_elbo"].as_f64().unwrap(),
+                b["test_neg_elbo"].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "world {world}: test −ELBO {b} vs {a}"
             );
         }
         assert!(

@@ -60,9 +60,9 @@ fn finished(procs: &mut Procs, i: usize) -> String {
     out
 }
 
-/// Steps committed so far (lines of metrics.jsonl; `train.log_every` is 1).
+/// Steps committed so far (step records of metrics.jsonl; `train.log_every` is 1).
 fn committed(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |s| s.lines().count())
+    records(run).len()
 }
 
 /// The newest checkpoint directory of a run.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{elbo, ok};
+use common::{elbo, ok, records, test_records};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -92,7 +92,17 @@ fn resume_is_exact(tmp: &Path, cache: &Path, extra: &[&str]) -> (PathBuf, PathBu
 #[test]
 fn resuming_reproduces_the_uninterrupted_run_byte_for_byte() {
     let tmp = tempfile::tempdir().unwrap();
-    let (whole, _) = resume_is_exact(tmp.path(), &tmp.path().join("cache"), &[]);
+    let (whole, _) = resume_is_exact(
+        tmp.path(),
+        &tmp.path().join("cache"),
+        &["--set", "eval.every=5"],
+    );
+    // Test figures every 5 steps, and at the end (36 steps), identical across the resume.
+    let tests: Vec<u64> = test_records(&whole)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tests, [5, 10, 15, 20, 25, 30, 35, 36]);
     for png in [
         "samples.png",
         "reconstructions.png",
@@ -241,6 +251,21 @@ fn a_short_sprites_run_learns() {
         neg_elbo < 130.0,
         "test −ELBO {neg_elbo} nats is above the bar of 130"
     );
+    // The test figures at each epoch's end (eval.every = 0), the last one the run's result.
+    let tests = test_records(&run);
+    let epochs: Vec<u64> = tests.iter().map(|r| r["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, [1, 2, 3, 4, 5, 6]);
+    let last_step = records(&run).last().unwrap()["step"].as_u64();
+    assert_eq!(tests[5]["step"].as_u64(), last_step);
+    let curve: Vec<f64> = tests
+        .iter()
+        .map(|r| r["test_neg_elbo"].as_f64().unwrap())
+        .collect();
+    assert!(
+        (curve[5] - neg_elbo).abs() < 0.1,
+        "the last test record is the run's result: {curve:?} vs {neg_elbo}"
+    );
+    assert!(curve[5] < curve[0], "the test −ELBO falls: {curve:?}");
 }
 
 #[test]

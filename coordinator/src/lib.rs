@@ -93,6 +93,8 @@ pub struct CommittedStep {
     pub world: u32,
     /// The slowest rank's time per part.
     pub timings: StepTimings,
+    /// Test-set figures of the model after the step (rank 0's, on evaluation steps).
+    pub test: BTreeMap<String, f64>,
 }
 
 /// Where a run's committed steps and checkpoints go (the run directory, in the CLI).

@@ -684,14 +684,15 @@ impl Run {
                 self.committed
             )));
         }
-        if report.terms.len() > MAX_TERMS
-            || report
-                .terms
-                .iter()
-                .any(|t| t.name.is_empty() || t.name.len() > MAX_NAME)
-        {
+        let fits = |terms: &[pb::Term]| {
+            terms.len() <= MAX_TERMS
+                && terms
+                    .iter()
+                    .all(|t| !t.name.is_empty() && t.name.len() <= MAX_NAME)
+        };
+        if !fits(&report.terms) || !fits(&report.test) {
             return Err(Status::invalid_argument(format!(
-                "at most {MAX_TERMS} loss terms with names of 1–{MAX_NAME} bytes"
+                "at most {MAX_TERMS} loss terms and {MAX_TERMS} test figures, with names of 1–{MAX_NAME} bytes"
             )));
         }
         let world = self.ranks.len();
@@ -799,6 +800,11 @@ impl Run {
                 reduce: slowest(|r| r.reduce_s),
                 update: slowest(|r| r.update_s),
             },
+            test: first
+                .test
+                .iter()
+                .map(|t| (t.name.clone(), t.value))
+                .collect(),
         })
     }
 

@@ -1,12 +1,13 @@
 //! Evaluation of a model on test data, and loading a run's newest model for `elbo eval` and
 //! `elbo sample`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use elbo_datasets::sprites::Split;
-use elbo_datasets::{BatchStream, Dataset};
+use elbo_datasets::{BatchStream, Cursor, Dataset};
 use elbo_models::{EvalOptions, Input, Metric, Metrics, Model, Noise};
 use elbo_settings::Config;
 use elbo_worker::checkpoint;
@@ -61,6 +62,59 @@ pub fn evaluate(
     figures.insert("rows".into(), Metric::Count(rows));
     Ok(figures)
 }
+
+/// Whether a run logs its test figures after global step `step`, its data cursor then at
+/// `cursor`: every `eval.every` steps, or at each epoch's end when that is 0 — but not after the
+/// run's last step, whose figures come with its end ([`crate::summary`]).
+pub(crate) fn test_due(cfg: &Config, step: u64, cursor: Cursor, total_steps: u64) -> bool {
+    let every = cfg.eval.every;
+    step > 0
+        && step < total_steps
+        && if every > 0 {
+            step % every == 0
+        } else {
+            cursor.step == 0
+        }
+}
+
+/// The figures logged during training: `model`'s scalar figures on the whole of `test` (no IW
+/// bound), by name.
+pub(crate) fn test_figures(
+    model: &dyn Model,
+    test: &Arc<Dataset>,
+    cfg: &Config,
+) -> Result<BTreeMap<String, f64>> {
+    let device = model.params().device().clone();
+    Ok(scalars(&evaluate(model, test, cfg, &device, None)?))
+}
+
+/// The scalar figures (values and counts) of an evaluation.
+pub(crate) fn scalars(figures: &Metrics) -> BTreeMap<String, f64> {
+    figures
+        .iter()
+        .filter_map(|(name, m)| match m {
+            Metric::Value(v) => Some((name.clone(), *v)),
+            Metric::Count(n) => Some((name.clone(), *n as f64)),
+            Metric::List(_) => None,
+        })
+        .collect()
+}
+
+/// The metrics record of test figures after global step `step`: `test_<name>` keys.
+pub(crate) fn test_record(
+    step: u64,
+    epoch: u64,
+    figures: &BTreeMap<String, f64>,
+) -> serde_json::Value {
+    let mut rec = serde_json::json!({"step": step, "epoch": epoch});
+    for (name, v) in figures {
+        rec[format!("{TEST_PREFIX}{name}")] = serde_json::json!(v);
+    }
+    rec
+}
+
+/// What test figures' keys start with in metrics.jsonl.
+pub const TEST_PREFIX: &str = "test_";
 
 /// A trained run's config, its newest model and its test data.
 pub struct TrainedRun {

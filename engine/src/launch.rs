@@ -21,6 +21,7 @@ use serde_json::json;
 
 use crate::build::Engine;
 use crate::error::{io, EngineError, Result};
+use crate::eval::test_record;
 use crate::job::Job;
 use crate::procs::{threads_each, Children};
 use crate::progress::{self, StepLine, Window};
@@ -58,15 +59,9 @@ struct StoreState {
     window: Window,
 }
 
-impl RunStore for RunDirStore {
-    fn committed(&self, c: &CommittedStep) -> Result<(), String> {
-        let mut st = self.state.lock().map_err(|e| e.to_string())?;
-        st.window.add(c.rows, c.applied);
-        let step = c.step + 1;
-        self.bar.set_position(step);
-        if step % self.log_every != 0 && step != self.total_steps {
-            return Ok(());
-        }
+impl RunDirStore {
+    /// Logs a committed step's record (and shows it).
+    fn log_step(&self, st: &mut StoreState, c: &CommittedStep, step: u64) -> Result<(), String> {
         let mut rec = st.window.record(&StepLine {
             step,
             epoch: c.epoch,
@@ -82,6 +77,23 @@ impl RunStore for RunDirStore {
         rec["update_s"] = json!(t.update.as_secs_f64());
         progress::show(&self.bar, &rec, &format!("  {} workers", c.world));
         st.metrics.log(&rec).map_err(|e| e.to_string())
+    }
+}
+
+impl RunStore for RunDirStore {
+    fn committed(&self, c: &CommittedStep) -> Result<(), String> {
+        let mut st = self.state.lock().map_err(|e| e.to_string())?;
+        st.window.add(c.rows, c.applied);
+        let step = c.step + 1;
+        self.bar.set_position(step);
+        if step % self.log_every == 0 || step == self.total_steps {
+            self.log_step(&mut st, c, step)?;
+        }
+        if !c.test.is_empty() {
+            let rec = test_record(step, c.epoch, &c.test);
+            st.metrics.log(&rec).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn save_checkpoint(&self, step: u64, files: &Files) -> Result<(), String> {
@@ -353,7 +365,11 @@ pub(crate) fn train(
     let mut summary = summarise(outcome?, started, job, start_step, stop)?;
     if summary.step >= job.total_steps {
         let run = crate::eval::load_run(&job.engine, Path::new(&job.cfg.run.dir), device)?;
-        summary.test = Some(finish(job, run.model.as_ref(), device)?);
+        let mut state = store
+            .state
+            .lock()
+            .map_err(|_| EngineError::Failed("the run store's lock is poisoned".into()))?;
+        summary.test = Some(finish(job, run.model.as_ref(), device, &mut state.metrics)?);
     }
     Ok(summary)
 }

@@ -11,6 +11,7 @@ use elbo_worker::checkpoint::{self, Files};
 use elbo_worker::{LocalReduce, StepReport, Trainer};
 
 use crate::error::{EngineError, Result};
+use crate::eval::{test_due, test_figures, test_record};
 use crate::job::Job;
 use crate::progress::{self, StepLine, Window};
 use crate::run_dir::{self, Metrics};
@@ -71,7 +72,7 @@ pub(crate) fn train(
     let seconds = started.elapsed().as_secs_f64();
     let steps = trainer.step() - start_step;
     let test = if trainer.step() >= job.total_steps {
-        Some(finish(job, trainer.model(), device)?)
+        Some(finish(job, trainer.model(), device, &mut driver.metrics)?)
     } else {
         None
     };
@@ -139,6 +140,11 @@ impl Driver for Local<'_> {
             });
             progress::show(&self.bar, &rec, "");
             self.metrics.log(&rec)?;
+        }
+        if test_due(cfg, step, cursor, self.job.total_steps) {
+            let figures = test_figures(trainer.model(), &self.job.test, cfg)?;
+            self.metrics
+                .log(&test_record(step, cursor.epoch, &figures))?;
         }
         self.bar.set_position(step);
         if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {

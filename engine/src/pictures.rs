@@ -1,6 +1,7 @@
 //! PNG pictures of a model: sample grids, reconstructions, latent traversals, the model's own
 //! pictures, loss curves.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,10 +10,13 @@ use elbo_datasets::{BatchStream, Dataset};
 use elbo_models::{Input, Model};
 use elbo_settings::Config;
 use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::build::binarizer;
 use crate::error::{data, io, EngineError, Result};
+use crate::eval::TEST_PREFIX;
 use crate::run_dir::Metrics;
 
 /// How examples are drawn: channels and side lengths.
@@ -144,41 +148,193 @@ pub fn write_pictures(
         let path = dir.join(format!("{}.png", picture.name));
         grid(&picture.values, shape, picture.cols, &path)?;
     }
-    curve(&Metrics::series(run_dir, "loss"), &dir.join("loss.png"))
+    loss_curves(run_dir, &dir.join("loss.png"))
 }
 
-/// A line plot of `(step, value)` points (no text: the numbers are in metrics.jsonl).
-pub fn curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
-    if points.len() < 2 {
+/// One curve of loss.png.
+struct Curve {
+    label: String,
+    color: RGBAColor,
+    points: Vec<(f64, f64)>,
+    /// Test-set points (thick, with markers) rather than training steps.
+    test: bool,
+}
+
+/// loss.png: the training objective per logged step beside the test set's, and, in a second
+/// panel, every other term the model reports on both (same colour, training thin, test thick
+/// with markers). Axes are `step` and nats (or the term's unit) per example; the y axis is
+/// logarithmic when the values are positive and span more than a factor of 20, and a linear
+/// axis leaves out the first 5% of the steps' peaks (the untrained model's loss would flatten
+/// the rest).
+pub fn loss_curves(run_dir: &Path, path: &Path) -> Result<()> {
+    let records = Metrics::records(run_dir);
+    let (train, test): (Vec<_>, Vec<_>) = records.iter().partition(|r| r.get("loss").is_some());
+    let keys = |r: &serde_json::Value| -> Vec<String> {
+        r.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let tested: BTreeSet<String> = test
+        .iter()
+        .flat_map(|r| keys(r))
+        .filter_map(|k| k.strip_prefix(TEST_PREFIX).map(str::to_string))
+        .collect();
+    let series = |rows: &[&serde_json::Value], key: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+            .filter(|p| p.1.is_finite())
+            .collect()
+    };
+    let pair = |term: &str, i: usize| -> [Curve; 2] {
+        let color = Palette99::pick(i).to_rgba();
+        [
+            Curve {
+                label: format!("{term} (train)"),
+                color,
+                points: series(&train, term),
+                test: false,
+            },
+            Curve {
+                label: format!("{term} (test)"),
+                color,
+                points: series(&test, &format!("{TEST_PREFIX}{term}")),
+                test: true,
+            },
+        ]
+    };
+    let objective: Vec<Curve> = pair("loss", 0).into_iter().collect();
+    if objective[0].points.len() < 2 {
         return Ok(());
     }
-    let (x0, x1) = (
-        points[0].0,
-        points[points.len() - 1].0.max(points[0].0 + 1.0),
-    );
-    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let hi = points
+    let terms: Vec<Curve> = tested
         .iter()
-        .map(|p| p.1)
-        .fold(f64::NEG_INFINITY, f64::max)
-        .max(lo + 1e-9);
-    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
-    let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+        .filter(|t| *t != "loss" && train.iter().any(|r| r.get(t.as_str()).is_some()))
+        .enumerate()
+        .flat_map(|(i, t)| pair(t, i + 1))
+        .collect();
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(20)
-            .build_cartesian_2d(x0..x1, lo..hi)?;
-        chart
-            .plotting_area()
-            .draw(&Rectangle::new([(x0, lo), (x1, hi)], BLACK.stroke_width(1)))?;
-        chart.draw_series(LineSeries::new(
-            points.iter().copied(),
-            BLUE.stroke_width(2),
-        ))?;
+        let panels = if terms.is_empty() {
+            vec![root.clone()]
+        } else {
+            root.split_evenly((1, 2))
+        };
+        panel(&panels[0], "objective", &objective)?;
+        if let Some(area) = panels.get(1) {
+            panel(area, "terms", &terms)?;
+        }
         root.present()?;
         Ok(())
     };
+    fonts();
     draw().map_err(|e| EngineError::Failed(format!("cannot draw {}: {e}", path.display())))
+}
+
+/// Registers the font the plots' text is set in (once; it is compiled in).
+fn fonts() {
+    static FONTS: std::sync::Once = std::sync::Once::new();
+    FONTS.call_once(|| {
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .is_err()
+        {
+            tracing::warn!("the plots' font cannot be loaded: their text is left out");
+        }
+    });
+}
+
+/// One panel of curves: linear or logarithmic y (see [`loss_curves`]).
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    curves: &[Curve],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let all = || curves.iter().flat_map(|c| c.points.iter().copied());
+    let x0 = all().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let x1 = all()
+        .map(|p| p.0)
+        .fold(f64::NEG_INFINITY, f64::max)
+        .max(x0 + 1.0);
+    let lo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let settled = all()
+        .filter(|p| p.0 >= x0 + 0.05 * (x1 - x0))
+        .map(|p| p.1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let x = x0..x1;
+    if lo > 0.0 && hi / lo > 20.0 {
+        draw_panel(area, title, x, (lo * 0.9..hi * 1.1).log_scale(), curves)
+    } else {
+        let top = if settled.is_finite() { settled } else { hi };
+        let pad = 0.05 * (top - lo).abs().max(1e-6);
+        draw_panel(area, title, x, lo - pad..top + pad, curves)
+    }
+}
+
+/// A tick label: three significant digits, no trailing zeros.
+fn tick(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
+    let text = format!("{v:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
+}
+
+/// Draws one panel's axes, curves and legend on `y`, linear or logarithmic.
+fn draw_panel<Y>(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: Y,
+    curves: &[Curve],
+) -> std::result::Result<(), Box<dyn std::error::Error>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("per example")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| tick(*v))
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.12))
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for c in curves.iter().filter(|c| !c.points.is_empty()) {
+        let color = c.color;
+        let style = color.stroke_width(if c.test { 2 } else { 1 });
+        let points = c.points.iter().copied();
+        let series = if c.test {
+            LineSeries::new(points, style).point_size(3)
+        } else {
+            LineSeries::new(points, style)
+        };
+        chart
+            .draw_series(series)?
+            .label(c.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    Ok(())
 }
 
 /// Most samples one picture holds.
@@ -241,4 +397,56 @@ pub fn write_samples(
     let (samples, cols) = draw(run.model.as_ref(), n, seed, label, device)?;
     grid(&samples, shape, cols, path)?;
     Ok(samples.len() / run.test.schema().dim.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_labels_keep_three_significant_digits() {
+        for (v, want) in [
+            (0.0, "0"),
+            (120.0, "120"),
+            (1234.7, "1235"),
+            (98.27, "98.3"),
+            (1.5, "1.5"),
+            (2.0, "2"),
+            (0.01234, "0.0123"),
+            (-45.67, "-45.7"),
+        ] {
+            assert_eq!(tick(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn loss_curves_draw_train_and_test_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        loss_curves(dir.path(), &path).unwrap();
+        assert!(!path.exists(), "no metrics, no picture");
+        let mut lines = String::new();
+        for step in 1..=20u64 {
+            let loss = 200.0 / step as f64;
+            lines += &format!(
+                "{{\"step\":{step},\"epoch\":0,\"loss\":{loss},\"kl\":{},\"rec\":{}}}\n",
+                loss / 10.0,
+                loss * 0.9
+            );
+            if step % 5 == 0 {
+                lines += &format!(
+                    "{{\"step\":{step},\"epoch\":1,\"test_kl\":{},\"test_rec\":{}}}\n",
+                    loss / 9.0,
+                    loss
+                );
+            }
+        }
+        std::fs::write(dir.path().join("metrics.jsonl"), lines).unwrap();
+        loss_curves(dir.path(), &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1200, 480));
+        // Text and curves: far more than a white page with a frame.
+        let inked = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        assert!(inked > 10_000, "{inked} non-white pixels");
+    }
 }

@@ -134,8 +134,8 @@ impl Metrics {
         writeln!(self.file, "{record}").map_err(io(format!("cannot write {}", self.path.display())))
     }
 
-    /// `(step, value)` of a key over the records of a metrics file.
-    pub fn series(run_dir: &Path, key: &str) -> Vec<(f64, f64)> {
+    /// Every record of a run's metrics file, in file order (none if it cannot be read).
+    pub fn records(run_dir: &Path) -> Vec<serde_json::Value> {
         let Ok(f) = File::open(run_dir.join("metrics.jsonl")) else {
             return Vec::new();
         };
@@ -143,7 +143,6 @@ impl Metrics {
             .lines()
             .map_while(Result::ok)
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-            .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
             .collect()
     }
 }

@@ -7,9 +7,10 @@ use candle_core::Device;
 use elbo_models::{Metrics as Figures, Model};
 
 use crate::error::Result;
-use crate::eval::evaluate;
+use crate::eval::{evaluate, scalars, test_record};
 use crate::job::Job;
 use crate::pictures::write_pictures;
+use crate::run_dir::Metrics;
 
 /// How to run `elbo train`.
 #[derive(Debug, Clone)]
@@ -51,9 +52,19 @@ pub struct TrainSummary {
     pub test: Option<Figures>,
 }
 
-/// The end of a finished run: its test figures and its pictures.
-pub(crate) fn finish(job: &Job, model: &dyn Model, device: &Device) -> Result<Figures> {
+/// The end of a finished run: its test figures (logged as the last step's) and its pictures.
+pub(crate) fn finish(
+    job: &Job,
+    model: &dyn Model,
+    device: &Device,
+    metrics: &mut Metrics,
+) -> Result<Figures> {
     let figures = evaluate(model, &job.test, &job.cfg, device, None)?;
+    metrics.log(&test_record(
+        job.total_steps,
+        job.cfg.train.epochs,
+        &scalars(&figures),
+    ))?;
     write_pictures(
         model,
         &job.test,

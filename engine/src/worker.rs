@@ -6,6 +6,7 @@
 //! backoff (`cluster.reconnect_timeout_s`) and goes on from whatever state the coordinator gives
 //! it. What to do at each turn is decided in `generation.rs`.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use elbo_worker::{StepReport, Trainer, WorkerError};
 
 use crate::build::{device, Engine};
 use crate::error::{io, EngineError, Result};
+use crate::eval::{test_due, test_figures};
 use crate::generation::{self, Adopt, Fate, Idle, Standing, Training};
 use crate::job::Job;
 use crate::run_dir;
@@ -411,7 +413,15 @@ impl Driver for InRing<'_> {
         } else {
             None
         };
+        let test = if self.start.rank == 0
+            && test_due(&self.job.cfg, step, cursor, self.job.total_steps)
+        {
+            test_figures(trainer.model(), &self.job.test, &self.job.cfg)?
+        } else {
+            BTreeMap::new()
+        };
         self.session.report(&Report {
+            test: &test,
             generation: self.start.generation,
             step: report,
             rows: batch.rows() as u64,

@@ -326,7 +326,8 @@ fn train_threads(
 
 fn wait_for_steps(metrics: &Path, steps: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(metrics).map_or(0, |t| t.lines().count() as u64) < steps {
+    let logged = |t: String| t.lines().filter(|l| l.contains("\"loss\"")).count() as u64;
+    while std::fs::read_to_string(metrics).map_or(0, logged) < steps {
         assert!(
             std::time::Instant::now() < deadline,
             "no step {steps} in time"

@@ -182,6 +182,10 @@ pub struct EvalConfig {
     pub iw_samples: u32,
     /// Examples per evaluation batch.
     pub batch_size: u64,
+    /// Global steps between the test-set figures logged during training (`test_*` keys in
+    /// metrics.jsonl, and the test curve of loss.png); 0: at the end of each epoch. A finished
+    /// run's last step always gets them.
+    pub every: u64,
 }
 
 /// `[cluster]`: distributed execution.
@@ -283,6 +287,7 @@ impl Default for Config {
             eval: EvalConfig {
                 iw_samples: 100,
                 batch_size: 100,
+                every: 0,
             },
         }
     }

@@ -159,6 +159,21 @@ pub fn distance(a: &Path, b: &Path) -> f64 {
 /// The records of a run's metrics.jsonl; a last line still being written (no newline yet) is
 /// left out, so a running run can be read.
 pub fn records(run: &Path) -> Vec<serde_json::Value> {
+    all_records(run)
+        .into_iter()
+        .filter(|v| v.get("loss").is_some())
+        .collect()
+}
+
+/// The test-figure records of a run's metrics (`test_*` keys), in file order.
+pub fn test_records(run: &Path) -> Vec<serde_json::Value> {
+    all_records(run)
+        .into_iter()
+        .filter(|v| v.get("test_neg_elbo").is_some())
+        .collect()
+}
+
+fn all_records(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap_or_default()
         .split_inclusive('\n')

@@ -3,6 +3,7 @@
 //! uploads. Each generation's `Start` carries its own abort flag, raised the moment a `Halt` or
 //! `Stop` arrives or the session breaks, so a ring wait gives up at once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -109,6 +110,19 @@ pub struct Report<'a> {
     pub cursor: (u64, u64),
     /// Rows of the global batch.
     pub global_rows: u64,
+    /// Test-set figures of the model after the step (rank 0, on evaluation steps).
+    pub test: &'a BTreeMap<String, f64>,
+}
+
+/// Named figures as they go on the wire.
+fn wire_terms(terms: &BTreeMap<String, f64>) -> Vec<pb::Term> {
+    terms
+        .iter()
+        .map(|(name, value)| pb::Term {
+            name: name.clone(),
+            value: *value,
+        })
+        .collect()
 }
 
 /// What goes to the coordinator in order on the report queue.
@@ -428,14 +442,7 @@ impl Session {
             session: self.session,
             generation: report.generation,
             step: r.step,
-            terms: r
-                .terms
-                .iter()
-                .map(|(name, value)| pb::Term {
-                    name: name.clone(),
-                    value: *value,
-                })
-                .collect(),
+            terms: wire_terms(&r.terms),
             grad_norm: r.grad_norm,
             lr: r.lr,
             applied: r.applied,
@@ -448,6 +455,7 @@ impl Session {
             epoch: report.cursor.0,
             step_in_epoch: report.cursor.1,
             global_rows: report.global_rows,
+            test: wire_terms(report.test),
         };
         self.reports
             .send(Outbound::Report(message))
