@@ -2,9 +2,11 @@
 
 mod common;
 
-use common::{elbo, ok, records, test_records};
+use common::{elbo, ok, records, test_records, Procs};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// A small, fast run: 600 sprites of 32×32, batch 50 (12 steps per epoch), 3 epochs.
 const SMALL: [&str; 14] = [
@@ -467,4 +469,85 @@ fn semi_supervised_runs_refuse_data_they_cannot_use() {
         !tmp.path().join("r/metrics.jsonl").exists(),
         "nothing trained"
     );
+}
+
+/// One scrape of `http://addr/metrics`, parsed (`None` while nothing answers).
+fn scrape(addr: &str) -> Option<prometheus_parse::Scrape> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: elbo\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let body = response.split_once("\r\n\r\n")?.1;
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()
+}
+
+fn gauge(scrape: &prometheus_parse::Scrape, name: &str) -> Option<f64> {
+    scrape.samples.iter().find_map(|s| match s.value {
+        prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Untyped(v)
+            if s.metric == name =>
+        {
+            Some(v)
+        }
+        _ => None,
+    })
+}
+
+/// `--metrics-addr`: scraped mid-run, a two-worker run's coordinator reports its committed
+/// step, world size, throughput and loss terms in the Prometheus text format.
+#[test]
+fn a_running_job_serves_prometheus_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let run = tmp.path().join("run");
+    let mut procs = Procs::default();
+    procs.spawn(
+        Command::new(env!("CARGO_BIN_EXE_elbo"))
+            .args([
+                "train",
+                "--workers",
+                "2",
+                "--metrics-addr",
+                &addr,
+                "--run-dir",
+            ])
+            .arg(&run)
+            .args(["--set", "data.sprites.n=20000", "--set", "train.epochs=50"])
+            .env("ELBO_CACHE_DIR", tmp.path().join("cache"))
+            .env("ELBO_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let scraped = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no committed step scraped from {addr}"
+        );
+        if let Some(s) = scrape(&addr).filter(|s| gauge(s, "elbo_step").unwrap_or(0.0) >= 3.0) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(gauge(&scraped, "elbo_world_size"), Some(2.0));
+    assert_eq!(
+        gauge(&scraped, "elbo_total_steps"),
+        Some(7850.0),
+        "157 steps per epoch, 50 epochs"
+    );
+    assert!(gauge(&scraped, "elbo_samples_total").unwrap() >= 3.0 * 128.0);
+    let loss = scraped
+        .samples
+        .iter()
+        .find(|s| s.metric == "elbo_loss" && s.labels.get("term") == Some("neg_elbo"))
+        .expect("the −ELBO term");
+    assert!(matches!(loss.value, prometheus_parse::Value::Gauge(v) if v > 0.0 && v.is_finite()));
 }

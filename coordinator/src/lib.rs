@@ -91,6 +91,8 @@ pub struct CommittedStep {
     pub rows: u64,
     /// Ranks that took part.
     pub world: u32,
+    /// The ring generation it was trained in.
+    pub generation: u64,
     /// The slowest rank's time per part.
     pub timings: StepTimings,
     /// Test-set figures of the model after the step (rank 0's, on evaluation steps).

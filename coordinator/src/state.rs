@@ -794,6 +794,7 @@ impl Run {
             applied: first.applied,
             rows: first.global_rows,
             world,
+            generation: first.generation,
             timings: StepTimings {
                 data: slowest(|r| r.data_s),
                 compute: slowest(|r| r.compute_s),

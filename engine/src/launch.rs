@@ -28,6 +28,7 @@ use crate::progress::{self, StepLine, Window};
 use crate::run_dir::{self, Metrics};
 use crate::signal::StopSignal;
 use crate::summary::{finish, TrainOptions, TrainSummary};
+use crate::telemetry::{self, MetricsServer, StepFigures, Telemetry};
 
 /// How to run `elbo coordinator`.
 #[derive(Debug, Clone)]
@@ -40,10 +41,13 @@ pub struct CoordinatorOptions {
     pub force: bool,
     /// Stop after this many global steps (with a checkpoint).
     pub max_steps: Option<u64>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The run directory as the coordinator's store: metrics.jsonl, the progress bar, checkpoints.
 struct RunDirStore {
+    telemetry: Arc<Telemetry>,
     run_dir: PathBuf,
     /// Steps already taken when this run started (from the checkpoint it resumes).
     start_step: u64,
@@ -86,10 +90,23 @@ impl RunStore for RunDirStore {
         st.window.add(c.rows, c.applied);
         let step = c.step + 1;
         self.bar.set_position(step);
+        let t = c.timings;
+        self.telemetry.step(&StepFigures {
+            step,
+            rows: c.rows,
+            applied: c.applied,
+            terms: &c.terms,
+            grad_norm: c.grad_norm,
+            lr: c.lr,
+            world: c.world,
+            generation: c.generation,
+            parts: [t.data, t.compute, t.reduce, t.update],
+        });
         if step % self.log_every == 0 || step == self.total_steps {
             self.log_step(&mut st, c, step)?;
         }
         if !c.test.is_empty() {
+            self.telemetry.test(&c.test);
             let rec = test_record(step, c.epoch, &c.test);
             st.metrics.log(&rec).map_err(|e| e.to_string())?;
         }
@@ -105,7 +122,9 @@ impl RunStore for RunDirStore {
                 state.step
             ));
         }
+        let started = Instant::now();
         let dir = checkpoint::write(&self.run_dir, files, self.keep).map_err(|e| e.to_string())?;
+        self.telemetry.checkpoint(started.elapsed());
         tracing::debug!(checkpoint = %dir.display(), "checkpoint saved");
         Ok(())
     }
@@ -118,7 +137,8 @@ fn coordinator(
     token: String,
     force: bool,
     max_steps: Option<u64>,
-) -> Result<(Coordinator, Arc<RunDirStore>)> {
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(Coordinator, Arc<RunDirStore>, Option<MetricsServer>)> {
     let cfg = &job.cfg;
     let run_dir = PathBuf::from(&cfg.run.dir);
     let (start_step, files) = match checkpoint::newest(&run_dir)? {
@@ -159,7 +179,13 @@ fn coordinator(
         checkpoint: files,
         max_message_bytes: elbo_worker::session::MAX_MESSAGE_BYTES,
     };
+    let telemetry = Telemetry::new();
+    telemetry.run(job.total_steps, start_step);
+    let server = metrics_addr
+        .map(|addr| telemetry::serve(addr, telemetry.clone()))
+        .transpose()?;
     let store = Arc::new(RunDirStore {
+        telemetry,
         keep: cfg.train.keep_checkpoints as usize,
         log_every: cfg.train.log_every,
         total_steps: job.total_steps,
@@ -172,7 +198,7 @@ fn coordinator(
         run_dir,
     });
     let coordinator = Coordinator::bind(listen, settings, store.clone())?;
-    Ok((coordinator, store))
+    Ok((coordinator, store, server))
 }
 
 /// `elbo coordinator`: serves the run of `cfg` until it ends.
@@ -184,12 +210,13 @@ pub fn serve(
     listening: impl FnOnce(SocketAddr),
 ) -> Result<TrainSummary> {
     let job = Job::prepare(engine, cfg)?;
-    let (coordinator, store) = coordinator(
+    let (coordinator, store, _server) = coordinator(
         &job,
         options.listen,
         options.token.clone(),
         options.force,
         options.max_steps,
+        options.metrics_addr,
     )?;
     listening(coordinator.local_addr());
     stop.attach(coordinator.aborter());
@@ -319,12 +346,13 @@ pub(crate) fn train(
 ) -> Result<TrainSummary> {
     let token = random_token();
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let (coordinator, store) = coordinator(
+    let (coordinator, store, _server) = coordinator(
         job,
         loopback,
         token.clone(),
         options.force,
         options.max_steps,
+        options.metrics_addr,
     )?;
     let url = format!("http://{}", coordinator.local_addr());
     let aborter = coordinator.aborter();

@@ -9,7 +9,7 @@
 //!   rank of world N); [`train`] runs it here or launches local workers, [`worker::run`] runs a
 //!   worker's generations against a coordinator, [`launch::serve`] runs a coordinator.
 //! - The run directory (`config.toml`, `metrics.jsonl`, checkpoints, pictures), evaluation and
-//!   pictures, and the benchmarks.
+//!   pictures, Prometheus metrics ([`telemetry`]), and the benchmarks.
 //!
 //! Everything returns typed errors ([`EngineError`]); the CLI only parses, wires and reports.
 
@@ -29,6 +29,7 @@ mod run_dir;
 mod signal;
 mod steps;
 mod summary;
+pub mod telemetry;
 mod train;
 pub mod worker;
 

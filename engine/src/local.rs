@@ -2,6 +2,7 @@
 //! checkpoint, evaluated and drawn when it is finished.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use crate::run_dir::{self, Metrics};
 use crate::signal::StopSignal;
 use crate::steps::{self, Driver, Share};
 use crate::summary::{finish, TrainOptions, TrainSummary};
+use crate::telemetry::{self, StepFigures, Telemetry};
 
 /// Trains `job` here, resuming its directory's newest checkpoint.
 pub(crate) fn train(
@@ -40,7 +42,14 @@ pub(crate) fn train(
     run_dir::write_config(&run_dir, cfg)?;
     let stop_at = options.max_steps.unwrap_or(u64::MAX).min(job.total_steps);
     tracing::info!(run_dir = %run_dir.display(), rows = job.train.rows(), steps = job.total_steps, params = trainer.layout().len(), "training");
+    let telemetry = Telemetry::new();
+    telemetry.run(job.total_steps, trainer.step());
+    let _server = options
+        .metrics_addr
+        .map(|addr| telemetry::serve(addr, telemetry.clone()))
+        .transpose()?;
     let mut driver = Local {
+        telemetry,
         job,
         metrics: Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?,
         bar: progress::bar(job.total_steps, trainer.step()),
@@ -68,7 +77,9 @@ pub(crate) fn train(
         written(previous)?;
     }
     let keep = cfg.train.keep_checkpoints as usize;
+    let writing = Instant::now();
     let dir = checkpoint::write(&run_dir, &job.checkpoint_files(&trainer, cursor)?, keep)?;
+    driver.telemetry.checkpoint(writing.elapsed());
     let seconds = started.elapsed().as_secs_f64();
     let steps = trainer.step() - start_step;
     let test = if trainer.step() >= job.total_steps {
@@ -104,6 +115,7 @@ fn written(writing: Writing) -> Result<PathBuf> {
 /// (SIGTERM, what Kubernetes sends before eviction, or Ctrl-C): finish the step, checkpoint,
 /// exit 0; the same command resumes.
 struct Local<'a> {
+    telemetry: Arc<Telemetry>,
     job: &'a Job,
     metrics: Metrics,
     bar: indicatif::ProgressBar,
@@ -125,11 +137,23 @@ impl Driver for Local<'_> {
         report: &StepReport,
         batch: &Batch,
         cursor: Cursor,
-        _: Duration,
+        data: Duration,
     ) -> Result<Option<()>> {
         let cfg = &self.job.cfg;
         self.window.add(batch.rows() as u64, report.applied);
         let step = trainer.step();
+        let t = report.timings;
+        self.telemetry.step(&StepFigures {
+            step,
+            rows: batch.rows() as u64,
+            applied: report.applied,
+            terms: &report.terms,
+            grad_norm: report.grad_norm,
+            lr: report.lr,
+            world: 1,
+            generation: 0,
+            parts: [data, t.compute, t.reduce, t.update],
+        });
         if step % cfg.train.log_every == 0 || step == self.job.total_steps {
             let rec = self.window.record(&StepLine {
                 step,
@@ -143,6 +167,7 @@ impl Driver for Local<'_> {
         }
         if test_due(cfg, step, cursor, self.job.total_steps) {
             let figures = test_figures(trainer.model(), &self.job.test, cfg)?;
+            self.telemetry.test(&figures);
             self.metrics
                 .log(&test_record(step, cursor.epoch, &figures))?;
         }
@@ -156,8 +181,12 @@ impl Driver for Local<'_> {
                 PathBuf::from(&cfg.run.dir),
                 cfg.train.keep_checkpoints as usize,
             );
+            let telemetry = self.telemetry.clone();
             self.writing = Some(std::thread::spawn(move || {
-                Ok(checkpoint::write(&dir, &files, keep)?)
+                let started = Instant::now();
+                let written = checkpoint::write(&dir, &files, keep)?;
+                telemetry.checkpoint(started.elapsed());
+                Ok(written)
             }));
         }
         Ok(self.stop.raised().then_some(()))

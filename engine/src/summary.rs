@@ -1,6 +1,7 @@
 //! What `elbo train` is asked and what it reports, and the end of a finished run, shared by
 //! the run in this process and the run with local workers.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -23,6 +24,8 @@ pub struct TrainOptions {
     pub max_steps: Option<u64>,
     /// The `elbo` executable, started as `elbo worker` for local workers.
     pub exe: PathBuf,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// What a training run did.

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elbo_datasets::{Batch, Cursor};
@@ -27,6 +28,7 @@ use crate::generation::{self, Adopt, Fate, Idle, Standing, Training};
 use crate::job::Job;
 use crate::run_dir;
 use crate::steps::{self, Driver, Ended, Share};
+use crate::telemetry::{self, StepFigures, Telemetry};
 
 /// The largest ring chunk any config allows (cluster.ring_chunk_kib ≤ 16 MiB), in f32s.
 const MAX_CHUNK_VALUES: usize = (16 << 20) / 4;
@@ -56,6 +58,8 @@ pub struct WorkerOptions {
     pub audit_rows: Option<PathBuf>,
     /// Sleep this long before each step (fault-injection tests and demos).
     pub throttle: Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// `elbo worker`: returns when the coordinator says the run is over (an error if it failed).
@@ -82,6 +86,11 @@ pub fn run(engine: &Engine, options: &WorkerOptions) -> Result<()> {
         }
         None => None,
     };
+    let telemetry = Telemetry::new();
+    let _server = options
+        .metrics_addr
+        .map(|addr| telemetry::serve(addr, telemetry.clone()))
+        .transpose()?;
     let peer = BoundPeer::bind(options.listen, MAX_CHUNK_VALUES)?;
     let advertise = match options.advertise {
         Some(a) => a,
@@ -130,7 +139,9 @@ pub fn run(engine: &Engine, options: &WorkerOptions) -> Result<()> {
     tracing::info!(worker = %id, peer = %advertise, "joined the run");
     let job = Job::prepare(engine, cfg)?;
     let trainer = job.trainer(&device)?;
+    telemetry.run(job.total_steps, 0);
     let mut worker = Worker {
+        telemetry,
         job,
         trainer,
         cursor: Cursor::start(0),
@@ -191,6 +202,7 @@ fn stopped(reason: &str, failed: bool) -> Result<()> {
 
 /// A worker's training state, kept across generations and reconnections.
 struct Worker {
+    telemetry: Arc<Telemetry>,
     job: Job,
     trainer: Trainer,
     /// Data cursor after the last step taken.
@@ -322,6 +334,7 @@ impl Worker {
             stop_at: start.stop_step,
         };
         let mut driver = InRing {
+            telemetry: &self.telemetry,
             job: &self.job,
             session,
             start,
@@ -365,6 +378,7 @@ enum Stop {
 /// generation at the step boundary), the row audit, step reports with the replica checksum, and
 /// rank 0's checkpoints (one in flight at a time; it travels while training goes on).
 struct InRing<'a> {
+    telemetry: &'a Telemetry,
     job: &'a Job,
     session: &'a Session,
     start: &'a StartCommand,
@@ -408,6 +422,18 @@ impl Driver for InRing<'_> {
     ) -> Result<Option<Stop>> {
         let every = |n: u64, step: u64| n > 0 && step % n == 0;
         let step = trainer.step();
+        let t = report.timings;
+        self.telemetry.step(&StepFigures {
+            step,
+            rows: batch.rows() as u64,
+            applied: report.applied,
+            terms: &report.terms,
+            grad_norm: report.grad_norm,
+            lr: report.lr,
+            world: self.start.world,
+            generation: self.start.generation,
+            parts: [data, t.compute, t.reduce, t.update],
+        });
         let checksum = if every(self.start.checksum_every, step) {
             Some(trainer.checksum()?)
         } else {
@@ -416,7 +442,9 @@ impl Driver for InRing<'_> {
         let test = if self.start.rank == 0
             && test_due(&self.job.cfg, step, cursor, self.job.total_steps)
         {
-            test_figures(trainer.model(), &self.job.test, &self.job.cfg)?
+            let figures = test_figures(trainer.model(), &self.job.test, &self.job.cfg)?;
+            self.telemetry.test(&figures);
+            figures
         } else {
             BTreeMap::new()
         };

@@ -257,6 +257,7 @@ fn train_here(engine: &Engine, cfg: Config, max_steps: Option<u64>) -> elbo_engi
         force: false,
         max_steps,
         exe: PathBuf::from("elbo-is-not-started-here"),
+        metrics_addr: None,
     };
     elbo_engine::train(engine, cfg, &options, &StopSignal::default()).unwrap()
 }
@@ -282,6 +283,7 @@ fn train_threads(
             token: "t".into(),
             force: false,
             max_steps: None,
+            metrics_addr: None,
         };
         elbo_engine::launch::serve(
             &coordinator_engine,
@@ -309,6 +311,7 @@ fn train_threads(
                 connect_timeout: Duration::from_secs(30),
                 audit_rows: None,
                 throttle: Duration::from_millis(if i < on_time { 50 } else { 0 }),
+                metrics_addr: None,
             };
             let metrics = run_dir.join("metrics.jsonl");
             std::thread::spawn(move || {
