@@ -263,20 +263,21 @@ struct ConvLayer {
 }
 
 impl ConvLayer {
-    /// A 4×4, stride-2, padding-1 (transposed) convolution `{layer}.weight`/`.bias`, initialised
-    /// like PyTorch's (uniform ±1/√fan_in; a transposed convolution's fan-in is its output
-    /// channels × 16, PyTorch's convention).
-    fn halving(
+    /// A `kernel`×`kernel` (transposed) convolution `{layer}.weight`/`.bias` moving as `spec`
+    /// says, initialised like PyTorch's (uniform ±1/√fan_in; a transposed convolution's fan-in
+    /// is its output channels × k², PyTorch's convention).
+    fn new(
         params: &mut Params,
         layer: &str,
-        cin: usize,
-        cout: usize,
-        transposed: bool,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        spec: ConvSpec,
     ) -> Result<Self> {
-        let (shape, fan_in) = if transposed {
-            ([cin, cout, 4, 4], cout * 16)
+        let k2 = kernel * kernel;
+        let (shape, fan_in) = if spec.transposed {
+            ([cin, cout, kernel, kernel], cout * k2)
         } else {
-            ([cout, cin, 4, 4], cin * 16)
+            ([cout, cin, kernel, kernel], cin * k2)
         };
         let bound = 1.0 / (fan_in as f32).sqrt();
         let weight = params.uniform(&format!("{layer}.weight"), &shape, bound)?;
@@ -284,14 +285,42 @@ impl ConvLayer {
         Ok(ConvLayer {
             weight,
             bias,
-            spec: ConvSpec {
-                stride: 2,
-                padding: 1,
-                output_padding: 0,
-                transposed,
-            },
+            spec,
             sink: SinkSlots::new(params.grad_sink().clone(), layer),
         })
+    }
+
+    /// A 4×4, stride-2, padding-1 (transposed) convolution: halves (doubles) the image.
+    fn halving(
+        params: &mut Params,
+        layer: &str,
+        cin: usize,
+        cout: usize,
+        transposed: bool,
+    ) -> Result<Self> {
+        let spec = ConvSpec {
+            stride: 2,
+            padding: 1,
+            output_padding: 0,
+            transposed,
+        };
+        ConvLayer::new(params, layer, (cin, cout), 4, spec)
+    }
+
+    /// A `kernel`×`kernel`, stride-1 convolution that keeps the image's size (odd `kernel`).
+    fn same(
+        params: &mut Params,
+        layer: &str,
+        channels: (usize, usize),
+        kernel: usize,
+    ) -> Result<Self> {
+        let spec = ConvSpec {
+            stride: 1,
+            padding: kernel / 2,
+            output_padding: 0,
+            transposed: false,
+        };
+        ConvLayer::new(params, layer, channels, kernel, spec)
     }
 
     /// The convolution, then `activation` if any (ReLU fused into it on CPU).
@@ -309,6 +338,37 @@ impl ConvLayer {
             Some(act) if !fused => act.apply(&y),
             _ => Ok(y),
         }
+    }
+}
+
+/// A residual block of the VQ-VAE recipe (van den Oord et al. 2017; sonnet's and Keras'
+/// examples): `x + conv₁ₓ₁(ReLU(conv₃ₓ₃(ReLU(x))))`, the 3×3 convolution from `channels` to
+/// `hidden` channels and the 1×1 back, parameters `{name}.conv3` and `{name}.conv1`. Both
+/// convolutions are the fused ones (ReLU fused into the 3×3).
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    conv3: ConvLayer,
+    conv1: ConvLayer,
+}
+
+impl ResidualBlock {
+    /// A block over `channels` channels with `hidden` channels inside.
+    pub fn new(params: &mut Params, name: &str, channels: usize, hidden: usize) -> Result<Self> {
+        if channels == 0 || hidden == 0 {
+            return Err(ModelError::Spec(format!(
+                "{name}: a residual block needs channels and hidden channels, not {channels} and {hidden}"
+            )));
+        }
+        Ok(ResidualBlock {
+            conv3: ConvLayer::same(params, &format!("{name}.conv3"), (channels, hidden), 3)?,
+            conv1: ConvLayer::same(params, &format!("{name}.conv1"), (hidden, channels), 1)?,
+        })
+    }
+
+    /// `(B, C, H, W) → (B, C, H, W)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv3.forward(&x.relu()?, Some(Activation::Relu))?;
+        Ok((x + self.conv1.forward(&h, None)?)?)
     }
 }
 

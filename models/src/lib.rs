@@ -36,7 +36,7 @@ pub use error::{ModelError, Result};
 pub use gaussian::reparameterise;
 pub use grad_sink::GradSink;
 pub use iwae::{iw_bound, ActiveUnits};
-pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp};
+pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp, ResidualBlock};
 pub use likelihood::{Likelihood, LikelihoodKind};
 pub use m2::{M2Config, M2Kind, M2};
 pub use model::{

@@ -261,3 +261,55 @@ fn shapes_that_do_not_fit_are_refused() {
         .to_string();
     assert!(err.contains("do not fit"), "{err}");
 }
+
+/// The VQ-VAE residual block, `x + conv₁ₓ₁(ReLU(conv₃ₓ₃(ReLU(x))))`, against candle's ops with
+/// the same parameters: values and the gradients of x and every parameter, odd sizes and batch 1.
+#[test]
+fn residual_blocks_match_candles_ops_and_their_gradients() {
+    use elbo_models::{Params, ResidualBlock};
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (n, c, hidden, h, w) in [(2, 4, 5, 7, 6), (1, 3, 8, 8, 8), (3, 2, 2, 5, 9)] {
+        let what = format!("{n}×{c}×{h}×{w}, hidden {hidden}");
+        let mut params = Params::new(&Device::Cpu, 7);
+        let block = ResidualBlock::new(&mut params, "res", c, hidden).unwrap();
+        let vars = params.vars();
+        assert_eq!(
+            vars.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "res.conv1.bias",
+                "res.conv1.weight",
+                "res.conv3.bias",
+                "res.conv3.weight"
+            ]
+        );
+        let x = Var::from_tensor(&random(&[n, c, h, w], &mut rng)).unwrap();
+        let y = block.forward(&x).unwrap();
+        let conv = |x: &Tensor, layer: &str, pad: usize| {
+            let b = &vars[&format!("{layer}.bias")];
+            x.conv2d(&vars[&format!("{layer}.weight")], pad, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                .unwrap()
+        };
+        let inner = conv(&x.relu().unwrap(), "res.conv3", 1).relu().unwrap();
+        let reference = (x.as_tensor() + conv(&inner, "res.conv1", 0)).unwrap();
+        assert_eq!(y.dims(), [n, c, h, w], "{what}");
+        assert!(max_gap(&reference, &y) < 1e-5, "{what}: values");
+        let r = random(y.dims(), &mut rng);
+        let (gy, gr) = (grads_of(&y, &r), grads_of(&reference, &r));
+        for (name, v) in vars.iter().map(|(k, v)| (k.as_str(), v)).chain([("x", &x)]) {
+            let (a, b) = (gr.get(v).unwrap(), gy.get(v).unwrap());
+            assert!(max_gap(a, b) < 1e-4, "{what}: gradient of {name}");
+        }
+    }
+}
+
+#[test]
+fn residual_blocks_need_channels() {
+    use elbo_models::{Params, ResidualBlock};
+    let mut params = Params::new(&Device::Cpu, 0);
+    for (c, hidden) in [(0, 4), (4, 0)] {
+        let err = ResidualBlock::new(&mut params, "res", c, hidden).unwrap_err();
+        assert!(err.to_string().contains("residual block"), "{err}");
+    }
+}
