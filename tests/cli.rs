@@ -23,17 +23,27 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-/// Asserts a clean failure (exit 1, no panic) and returns stderr.
-fn fails(out: &Output) -> String {
+/// Asserts a clean failure with exit `code` (no panic) and returns stderr.
+fn exits(out: &Output, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "expected exit 1; stderr: {stderr}"
+        Some(code),
+        "expected exit {code}; stderr: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "panicked: {stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
+}
+
+/// A failure while working (bad data, I/O): exit 1.
+fn fails(out: &Output) -> String {
+    exits(out, 1)
+}
+
+/// A command line or config that cannot work as given: exit 2.
+fn refused(out: &Output) -> String {
+    exits(out, 2)
 }
 
 #[test]
@@ -85,7 +95,7 @@ fn config_show_layers_file_env_and_flags() {
 #[test]
 fn config_typos_are_errors_naming_key_and_source() {
     let dir = tempfile::tempdir().unwrap();
-    let err = fails(&elbo(
+    let err = refused(&elbo(
         &["config", "show", "--set", "train.batchsize=3"],
         &[],
         dir.path(),
@@ -96,7 +106,7 @@ fn config_typos_are_errors_naming_key_and_source() {
             && err.contains("train.batch_size"),
         "{err}"
     );
-    let err = fails(&elbo(
+    let err = refused(&elbo(
         &["config", "show"],
         &[("ELBO__MODEL__LATENT", "3")],
         dir.path(),
@@ -107,7 +117,7 @@ fn config_typos_are_errors_naming_key_and_source() {
     );
     let file = dir.path().join("c.toml");
     std::fs::write(&file, "[Train]\nlr = 0.1\n").unwrap();
-    let err = fails(&elbo(
+    let err = refused(&elbo(
         &["config", "show", "--config", file.to_str().unwrap()],
         &[],
         dir.path(),
@@ -128,7 +138,7 @@ fn config_models_lists_the_registered_kinds() {
     for kind in ["beta_vae", "cvae", "m2", "vae"] {
         assert!(kinds.contains(&kind), "{kind}");
     }
-    let err = fails(&elbo(
+    let err = refused(&elbo(
         &["config", "show", "--set", "model.kind=gan"],
         &[],
         dir.path(),
@@ -272,7 +282,7 @@ fn bad_input_fails_cleanly_naming_the_file_and_writes_nothing() {
         .collect();
     assert_eq!(left.len(), 2, "only the inputs remain: {left:?}");
 
-    let err = fails(&elbo(
+    let err = refused(&elbo(
         &[
             "data",
             "convert",
@@ -359,14 +369,14 @@ fn bench_train_times_the_model_a_config_describes() {
         assert!(v["samples_per_s"].as_f64().unwrap() > 0.0, "{args:?}");
         assert!(v["final_loss"].as_f64().unwrap().is_finite(), "{args:?}");
     }
-    let err = fails(&bench(&["--shape", "1,8,8"]));
+    let err = refused(&bench(&["--shape", "1,8,8"]));
     assert!(
         err.contains("--shape applies to a configured model"),
         "{err}"
     );
-    let err = fails(&bench(&["--set", "model.kind=gan"]));
+    let err = refused(&bench(&["--set", "model.kind=gan"]));
     assert!(err.contains("model.kind"), "{err}");
-    let err = fails(&bench(&["--set", "model.kind=m2", "--shape", "1,x"]));
+    let err = refused(&bench(&["--set", "model.kind=m2", "--shape", "1,x"]));
     assert!(err.contains("--shape"), "{err}");
 }
 
@@ -397,12 +407,12 @@ fn workers_is_given_once_and_checked() {
         &[],
         tmp.path(),
     );
-    let err = fails(&both);
+    let err = refused(&both);
     assert!(
         err.contains("--workers 2") && err.contains("cluster.workers"),
         "{err}"
     );
-    let zero = fails(&elbo(&["train", "--workers", "0"], &[], tmp.path()));
+    let zero = refused(&elbo(&["train", "--workers", "0"], &[], tmp.path()));
     assert!(zero.contains("cluster.workers"), "{zero}");
 }
 

@@ -345,10 +345,12 @@ fn bad_workers_are_refused_and_the_run_goes_on() {
 fn worker_flags_are_checked_before_anything_waits() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 6] = [
+    // Exit 2: flags that cannot work; exit 1: what failed while trying (elbo's convention).
+    let cases: [(&[&str], &str, i32); 6] = [
         (
             &["--coordinator", "localhost:1"],
             "expected http://HOST:PORT",
+            2,
         ),
         (
             &[
@@ -358,6 +360,7 @@ fn worker_flags_are_checked_before_anything_waits() {
                 "0.3",
             ],
             "cannot reach the coordinator",
+            1,
         ),
         (
             &[
@@ -366,6 +369,7 @@ fn worker_flags_are_checked_before_anything_waits() {
                 "--connect-timeout-s=-1",
             ],
             "--connect-timeout-s",
+            2,
         ),
         (
             &[
@@ -375,10 +379,12 @@ fn worker_flags_are_checked_before_anything_waits() {
                 "0.0.0.0:0",
             ],
             "--advertise",
+            2,
         ),
         (
             &["--coordinator", "http://127.0.0.1:1", "--device", "tpu"],
             "expected cpu or cuda:N",
+            2,
         ),
         (
             &[
@@ -388,14 +394,15 @@ fn worker_flags_are_checked_before_anything_waits() {
                 "/nonexistent/dir/rows",
             ],
             "cannot open --audit-rows",
+            1,
         ),
     ];
-    for (flags, expect) in cases {
+    for (flags, expect, code) in cases {
         let mut args = vec!["worker", "--run-id", "r"];
         args.extend(flags);
         let out = elbo(&args, &cache);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
         assert!(err.contains(expect), "{flags:?}: {err}");
     }
 }

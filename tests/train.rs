@@ -131,7 +131,7 @@ fn resuming_with_a_changed_config_is_refused_unless_forced() {
         &cache,
         &["--set", "train.lr=0.01", "--set", "model.beta=2"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("train.lr: 0.001 → 0.01")
@@ -200,7 +200,7 @@ fn eval_and_sample_a_trained_run() {
         ],
         &cache,
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no config.toml"));
 }
 
@@ -213,7 +213,7 @@ fn unavailable_choices_are_refused_clearly() {
         ("cluster.min_workers=9", "cluster.min_workers"),
     ] {
         let out = train(&tmp.path().join("r"), &cache, &["--set", set]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(expect));
     }
     let out = train(&tmp.path().join("r"), &cache, &["--device", "tpu"]);
@@ -311,7 +311,7 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
     };
     assert!(ok(sample("2")).contains("wrote 9 samples"));
     let out = sample("3");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--label 3: expected a class in 0..3"));
     let rows = ok(elbo(
         &[
@@ -336,7 +336,7 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
         &cache,
         &["--set", "model.kind=cvae", "--set", "model.cvae.classes=2"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("has 2 classes, but data.train holds label 2"),
@@ -392,7 +392,7 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
             "train.batch_size=4",
         ];
         let out = train(&tmp.path().join("unlabeled"), &cache, &args);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{kind}: {err}");
     }
@@ -412,7 +412,7 @@ fn a_conditional_vae_samples_by_class_and_refuses_data_it_cannot_use() {
         ],
         &cache,
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("this model does not read labels"));
 }
 
@@ -443,24 +443,25 @@ fn conditional_and_semi_supervised_runs_resume_byte_for_byte() {
 fn semi_supervised_runs_refuse_data_they_cannot_use() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let m2 = |extra: &[&str]| {
+    // Exit 2 for a config that cannot work, 1 for data that does not fit it (elbo's convention).
+    let m2 = |extra: &[&str], code: i32| {
         let mut args = vec!["--set", "model.kind=m2", "--set", "model.m2.classes=3"];
         args.extend(extra);
         let out = train(&tmp.path().join("r"), &cache, &args);
-        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        assert_eq!(out.status.code(), Some(code), "{extra:?}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let err = m2(&["--set", "data.labeled_per_class=1000"]);
+    let err = m2(&["--set", "data.labeled_per_class=1000"], 1);
     assert!(
         err.contains("1000 labeled rows per class asked for, but class"),
         "{err}"
     );
-    let err = m2(&["--set", "data.labeled_per_batch=50"]);
+    let err = m2(&["--set", "data.labeled_per_batch=50"], 2);
     assert!(
         err.contains("data.labeled_per_batch") && err.contains("fewer than train.batch_size = 50"),
         "{err}"
     );
-    let err = m2(&["--set", "model.m2.classes=2"]);
+    let err = m2(&["--set", "model.m2.classes=2"], 2);
     assert!(
         err.contains("has 2 classes, but data.train holds label 2"),
         "{err}"

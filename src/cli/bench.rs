@@ -43,13 +43,14 @@ impl BenchModelArgs {
     fn resolve(self) -> anyhow::Result<Option<BenchConfig>> {
         if self.config.is_none() && self.set.is_empty() {
             if self.shape.is_some() {
-                anyhow::bail!("--shape applies to a configured model (--config or --set)");
+                bad!("--shape applies to a configured model (--config or --set)");
             }
             return Ok(None);
         }
         let text = self.shape.as_deref().unwrap_or("1,28,28");
-        let shape = parse_shape(text)
-            .ok_or_else(|| anyhow::anyhow!("--shape {text:?}: expected sizes like 1,28,28"))?;
+        let shape = parse_shape(text).ok_or_else(|| {
+            super::BadInput(format!("--shape {text:?}: expected sizes like 1,28,28"))
+        })?;
         Ok(Some(BenchConfig {
             file: self.config,
             set: self.set,

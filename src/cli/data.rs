@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use elbo_datasets::convert::{
     convert_csv, convert_idx, convert_npy, ConvertSummary, CsvHeader, CsvOptions,
@@ -102,7 +102,7 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
         DataCommand::Convert(args) => convert(args),
         DataCommand::MakeSprites(args) => {
             if args.row_group_size == 0 {
-                bail!("--row-group-size must be at least 1");
+                bad!("--row-group-size must be at least 1");
             }
             let start = Instant::now();
             let params = SpritesParams {
@@ -162,13 +162,13 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     if args.row_group_size == 0 {
-        bail!("--row-group-size must be at least 1");
+        bad!("--row-group-size must be at least 1");
     }
     let csv_only = args.label_column.is_some()
         || !matches!(args.header, Header::Auto)
         || !matches!(args.pixel_type, PixelArg::Uint8);
     if csv_only && !matches!(args.format, Format::Csv) {
-        bail!("--label-column, --header and --pixel-type apply to --format csv only");
+        bad!("--label-column, --header and --pixel-type apply to --format csv only");
     }
     let shape = match &args.shape {
         None => None,
@@ -182,7 +182,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let summary: ConvertSummary = match args.format {
         Format::Idx => {
             if shape.is_some() {
-                bail!("--shape does not apply to --format idx: IDX files carry their own shape");
+                bad!("--shape does not apply to --format idx: IDX files carry their own shape");
             }
             convert_idx(
                 &args.images,
@@ -193,7 +193,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         }
         Format::Csv => {
             if args.labels.is_some() {
-                bail!("--labels does not apply to --format csv: name the label column with --label-column");
+                bad!("--labels does not apply to --format csv: name the label column with --label-column");
             }
             let opts = CsvOptions {
                 header: match args.header {

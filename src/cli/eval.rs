@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use elbo_datasets::Dataset;
 use elbo_engine::{device, evaluate, load_run, write_samples, Engine, MAX_IW_SAMPLES};
 use elbo_models::Metric;
@@ -36,7 +36,7 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> anyhow::Result<()> {
                 Dataset::open(spec).with_context(|| format!("cannot open --data {spec}"))?,
             );
             if ds.schema().shape != run.test.schema().shape {
-                bail!(
+                bad!(
                     "--data holds examples of shape {:?}, the model takes {:?}",
                     ds.schema().shape,
                     run.test.schema().shape
@@ -48,7 +48,7 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> anyhow::Result<()> {
     };
     let k = args.iw_samples.unwrap_or(run.cfg.eval.iw_samples);
     if !(1..=MAX_IW_SAMPLES).contains(&k) {
-        bail!("--iw-samples {k}: expected 1 to {MAX_IW_SAMPLES}");
+        bad!("--iw-samples {k}: expected 1 to {MAX_IW_SAMPLES}");
     }
     let figures = evaluate(run.model.as_ref(), &test, &run.cfg, &device, Some(k))?;
     if args.json {

@@ -1,5 +1,12 @@
 //! Subcommands of `elbo`: each parses its flags, calls the engine (or a library) and reports.
 
+/// Returns a [`BadInput`] error: the command line cannot work as given.
+macro_rules! bad {
+    ($($arg:tt)*) => {
+        return Err(crate::cli::BadInput(format!($($arg)*)).into())
+    };
+}
+
 mod args;
 mod bench;
 mod config_cmd;
@@ -8,8 +15,9 @@ mod eval;
 mod train;
 
 use clap::{Parser, Subcommand};
-use elbo_engine::Engine;
-use elbo_models::Registry;
+use elbo_engine::{Engine, EngineError};
+use elbo_models::{ModelError, Registry};
+use elbo_worker::WorkerError;
 
 /// Distributed data-parallel training of variational autoencoders.
 #[derive(Debug, Parser)]
@@ -55,5 +63,47 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(&engine, cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Bench(cmd) => bench::run(&engine, cmd),
+    }
+}
+
+/// A command line that cannot work as given (a flag out of range, flags that exclude each
+/// other): exits 2 like clap's own usage errors.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// elbo's exit codes, for schedulers (a Kubernetes `podFailurePolicy` fails the job on 2 rather
+/// than retrying it):
+///
+/// - 0: done, or stopped at a step boundary with a checkpoint (SIGTERM, Ctrl-C): the same
+///   command resumes;
+/// - 2: the command line, the config, a model it describes or a request cannot work as given —
+///   running it again changes nothing (clap's usage errors exit 2 as well);
+/// - 1: anything else: the run failed while it ran (a lost coordinator, I/O, non-finite
+///   steps), and a retry may succeed.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let permanent = err.chain().any(|e| {
+        e.is::<BadInput>()
+            || matches!(
+                e.downcast_ref::<EngineError>(),
+                Some(
+                    EngineError::Settings(_)
+                        | EngineError::Invalid(_)
+                        | EngineError::Worker(WorkerError::Invalid(_))
+                        | EngineError::Model(ModelError::Spec(_))
+                )
+            )
+    });
+    if permanent {
+        2
+    } else {
+        1
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use elbo_engine::launch::CoordinatorOptions;
 use elbo_engine::worker::WorkerOptions;
 use elbo_engine::{Engine, StopSignal, TrainOptions, TrainSummary};
@@ -117,7 +117,7 @@ pub fn train(engine: &Engine, mut args: TrainArgs) -> anyhow::Result<()> {
     if let Some(n) = args.workers {
         let set = |s: &String| s.split('=').next().map(str::trim) == Some("cluster.workers");
         if args.config.set.iter().any(set) {
-            bail!("--workers {n} and --set cluster.workers=…: give the number of workers once");
+            bad!("--workers {n} and --set cluster.workers=…: give the number of workers once");
         }
         args.config.set.push(format!("cluster.workers={n}"));
     }
@@ -152,13 +152,13 @@ pub fn coordinator(engine: &Engine, args: CoordinatorArgs) -> anyhow::Result<()>
 
 pub fn worker(engine: &Engine, args: WorkerArgs) -> anyhow::Result<()> {
     if !(args.connect_timeout_s.is_finite() && args.connect_timeout_s > 0.0) {
-        bail!(
+        bad!(
             "--connect-timeout-s {}: expected a positive number of seconds",
             args.connect_timeout_s
         );
     }
     if args.throttle_ms > 60_000 {
-        bail!("--throttle-ms {}: expected at most 60000", args.throttle_ms);
+        bad!("--throttle-ms {}: expected at most 60000", args.throttle_ms);
     }
     if args.exit_with_parent {
         exit_with_parent();
