@@ -23,6 +23,8 @@ fn main() -> ExitCode {
         .init();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        // What was done is reported; the exit code says it is not finished.
+        Err(err) if err.is::<cli::Interrupted>() => ExitCode::from(cli::exit_code(&err)),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(cli::exit_code(&err))

@@ -430,7 +430,13 @@ fn sigterm_checkpoints_and_the_rerun_ends_byte_identical() {
     let workers = common::children_of(pid);
     assert_eq!(workers.len(), 2);
     Procs::signal(pid, "TERM");
-    let out = finished(&mut procs, l);
+    let mut stdout = procs.0[l].stdout.take().unwrap();
+    let (status, err) = procs.status(l, LIMIT);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    // 128 + SIGTERM: stopped with a checkpoint, not finished (a Kubernetes Job must not count
+    // the pod as done).
+    assert_eq!(status.code(), Some(143), "{err}\n{out}");
     assert!(out.contains("the same command resumes"), "{out}");
     for w in workers {
         assert!(

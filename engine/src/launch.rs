@@ -3,7 +3,8 @@
 //! processes on loopback, every child stopped on exit and on error). Like a Kubernetes
 //! controller, the launcher restarts a worker that is killed (`cluster.restart_workers`); the
 //! run survives the loss either way. SIGTERM or Ctrl-C stops the run at the next step boundary
-//! with a checkpoint and exits 0 (a second signal stops it at once); both commands do this.
+//! with a checkpoint (the CLI then exits 143: not finished; a second signal stops it at once);
+//! both commands do this.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

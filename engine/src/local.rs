@@ -113,7 +113,7 @@ fn written(writing: Writing) -> Result<PathBuf> {
 /// The single process around each step: the progress bar and metrics, checkpoints written (and
 /// fsynced) on a thread of their own while training goes on, one at a time, and the stop signal
 /// (SIGTERM, what Kubernetes sends before eviction, or Ctrl-C): finish the step, checkpoint,
-/// exit 0; the same command resumes.
+/// return (the CLI exits 143: not finished); the same command resumes.
 struct Local<'a> {
     telemetry: Arc<Telemetry>,
     job: &'a Job,

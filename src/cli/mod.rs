@@ -79,16 +79,32 @@ impl std::fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+/// A run stopped by a signal (SIGTERM, Ctrl-C) before its end, with a checkpoint: exits 143.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted before the end of the run (the same command resumes it)")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// elbo's exit codes, for schedulers (a Kubernetes `podFailurePolicy` fails the job on 2 rather
 /// than retrying it):
 ///
-/// - 0: done, or stopped at a step boundary with a checkpoint (SIGTERM, Ctrl-C): the same
-///   command resumes;
+/// - 0: done;
+/// - 143 (128 + SIGTERM): stopped by SIGTERM or Ctrl-C at a step boundary with a checkpoint,
+///   before the run's end: the same command resumes (a Job must not count the pod as done);
 /// - 2: the command line, the config, a model it describes or a request cannot work as given —
 ///   running it again changes nothing (clap's usage errors exit 2 as well);
 /// - 1: anything else: the run failed while it ran (a lost coordinator, I/O, non-finite
 ///   steps), and a retry may succeed.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.is::<Interrupted>() {
+        return 143;
+    }
     let permanent = err.chain().any(|e| {
         e.is::<BadInput>()
             || matches!(

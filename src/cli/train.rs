@@ -100,7 +100,7 @@ pub struct WorkerArgs {
 }
 
 /// SIGTERM (what Kubernetes sends before eviction) or Ctrl-C: the run stops at the next step
-/// boundary with a checkpoint and exits 0; a second one stops it at once.
+/// boundary with a checkpoint and exits 143 (not finished); a second one stops it at once.
 fn on_signals() -> anyhow::Result<StopSignal> {
     let stop = StopSignal::default();
     let raise = stop.clone();
@@ -131,7 +131,7 @@ pub fn train(engine: &Engine, mut args: TrainArgs) -> anyhow::Result<()> {
     };
     let summary = elbo_engine::train(engine, cfg, &options, &on_signals()?)?;
     report(&summary);
-    Ok(())
+    unfinished(&summary)
 }
 
 pub fn coordinator(engine: &Engine, args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -147,7 +147,7 @@ pub fn coordinator(engine: &Engine, args: CoordinatorArgs) -> anyhow::Result<()>
         println!("coordinator listening on {addr}")
     })?;
     report(&summary);
-    Ok(())
+    unfinished(&summary)
 }
 
 pub fn worker(engine: &Engine, args: WorkerArgs) -> anyhow::Result<()> {
@@ -200,6 +200,14 @@ fn default_worker_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// A run a signal stopped before its end is not done: [`super::Interrupted`] (exit 143).
+fn unfinished(s: &TrainSummary) -> anyhow::Result<()> {
+    if s.interrupted && s.step < s.total_steps {
+        return Err(super::Interrupted.into());
+    }
+    Ok(())
 }
 
 /// What a training run did, in a few lines.

@@ -96,6 +96,12 @@ impl Procs {
 
     /// Waits (at most `limit`) for process `i`; returns whether it succeeded, and its stderr.
     pub fn wait(&mut self, i: usize, limit: Duration) -> (bool, String) {
+        let (status, err) = self.status(i, limit);
+        (status.success(), err)
+    }
+
+    /// Waits (at most `limit`) for process `i`; returns its exit status and its stderr.
+    pub fn status(&mut self, i: usize, limit: Duration) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + limit;
         let child = &mut self.0[i];
         loop {
@@ -104,7 +110,7 @@ impl Procs {
                 if let Some(mut e) = child.stderr.take() {
                     std::io::Read::read_to_string(&mut e, &mut err).unwrap();
                 }
-                return (status.success(), err);
+                return (status, err);
             }
             assert!(
                 Instant::now() < deadline,
