@@ -100,11 +100,12 @@ const MAX_NAME: usize = 64;
 /// lagging report stream puts them apart; the bound keeps uncommitted reports finite.
 const MAX_AHEAD: u64 = 4096;
 
-fn stop(reason: &str, failed: bool) -> pb::Command {
+fn stop(reason: &str, failed: bool, resumable: bool) -> pb::Command {
     pb::Command {
         kind: Some(pb::command::Kind::Stop(pb::Stop {
             reason: reason.to_string(),
             failed,
+            resumable,
         })),
     }
 }
@@ -311,7 +312,7 @@ impl Run {
         fx.extend(
             self.sessions
                 .keys()
-                .map(|id| Effect::Send(*id, stop(&reason, true))),
+                .map(|id| Effect::Send(*id, stop(&reason, true, false))),
         );
         self.phase = Phase::Failed(reason);
     }
@@ -897,12 +898,15 @@ impl Run {
         }
     }
 
+    /// Ends the run here. Stopped by a signal before the run's end, it is resumable: the
+    /// workers wait for a restarted coordinator rather than leave.
     fn finish(&mut self, reason: &str, fx: &mut Effects) {
         self.phase = Phase::Finished;
+        let resumable = self.draining && self.committed < self.settings.stop_step;
         fx.extend(
             self.sessions
                 .keys()
-                .map(|id| Effect::Send(*id, stop(reason, false))),
+                .map(|id| Effect::Send(*id, stop(reason, false, resumable))),
         );
     }
 
@@ -998,7 +1002,8 @@ mod tests {
                         format!("send-state {} persist={}", who(id), s.persist)
                     }
                     pb::command::Kind::Stop(s) => {
-                        format!("stop {} failed={}", who(id), s.failed)
+                        let resumable = if s.resumable { " resumable" } else { "" };
+                        format!("stop {} failed={}{resumable}", who(id), s.failed)
                     }
                 },
                 Effect::Commit(c) => format!("commit {}", c.step),
@@ -1320,7 +1325,14 @@ mod tests {
         let fx = run.saved(3);
         assert!(fx.is_empty(), "not finished before the hand-over completes");
         let fx = run.handed_over(3, Files::new(), t0);
-        assert_eq!(said(&fx), ["stop a failed=false", "stop b failed=false"]);
+        assert_eq!(
+            said(&fx),
+            [
+                "stop a failed=false resumable",
+                "stop b failed=false resumable"
+            ],
+            "stopped before the run's end: the workers wait for a restarted coordinator"
+        );
         assert_eq!(run.phase, Phase::Finished);
     }
 

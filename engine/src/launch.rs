@@ -384,7 +384,10 @@ pub(crate) fn train(
         .join()
         .map_err(|_| EngineError::Failed("the coordinator thread panicked".into()))?;
     store.bar.finish_and_clear();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Workers leave by themselves when the run ends; stopped by a signal, they would wait for
+    // the coordinator to come back (what a Kubernetes replacement does), so they are stopped.
+    let wait = if stop.raised() { 0 } else { 10 };
+    let deadline = Instant::now() + Duration::from_secs(wait);
     for (_, child) in &mut local.children.0 {
         while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

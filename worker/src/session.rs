@@ -335,6 +335,12 @@ impl Session {
                     }),
                     Some(Ok(pb::Command {
                         kind: Some(pb::command::Kind::Stop(s)),
+                    })) if s.resumable => Err(lost(format!(
+                        "the coordinator stopped before the run's end ({}); a restarted coordinator resumes it",
+                        s.reason
+                    ))),
+                    Some(Ok(pb::Command {
+                        kind: Some(pb::command::Kind::Stop(s)),
                     })) => Ok(Command::Stop {
                         reason: s.reason,
                         failed: s.failed,
