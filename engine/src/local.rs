@@ -142,18 +142,13 @@ impl Driver for Local<'_> {
         let cfg = &self.job.cfg;
         self.window.add(batch.rows() as u64, report.applied);
         let step = trainer.step();
-        let t = report.timings;
-        self.telemetry.step(&StepFigures {
+        self.telemetry.step(&StepFigures::trained(
+            report,
             step,
-            rows: batch.rows() as u64,
-            applied: report.applied,
-            terms: &report.terms,
-            grad_norm: report.grad_norm,
-            lr: report.lr,
-            world: 1,
-            generation: 0,
-            parts: [data, t.compute, t.reduce, t.update],
-        });
+            batch.rows() as u64,
+            data,
+            (1, 0),
+        ));
         if step % cfg.train.log_every == 0 || step == self.job.total_steps {
             let rec = self.window.record(&StepLine {
                 step,

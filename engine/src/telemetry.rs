@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use elbo_worker::StepReport;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,6 +59,31 @@ pub struct StepFigures<'a> {
     pub generation: u64,
     /// Waiting for data, forward and backward, all-reduce, optimizer update.
     pub parts: [Duration; 4],
+}
+
+impl<'a> StepFigures<'a> {
+    /// A step this process trained: the trainer's `report` of it, after `step` global steps,
+    /// `rows` rows here, `data` spent waiting for them, in ring `(world, generation)`.
+    pub fn trained(
+        report: &'a StepReport,
+        step: u64,
+        rows: u64,
+        data: Duration,
+        (world, generation): (u32, u64),
+    ) -> Self {
+        let t = report.timings;
+        StepFigures {
+            step,
+            rows,
+            applied: report.applied,
+            terms: &report.terms,
+            grad_norm: report.grad_norm,
+            lr: report.lr,
+            world,
+            generation,
+            parts: [data, t.compute, t.reduce, t.update],
+        }
+    }
 }
 
 /// The run's metrics (see the module's documentation).

@@ -422,18 +422,13 @@ impl Driver for InRing<'_> {
     ) -> Result<Option<Stop>> {
         let every = |n: u64, step: u64| n > 0 && step % n == 0;
         let step = trainer.step();
-        let t = report.timings;
-        self.telemetry.step(&StepFigures {
+        self.telemetry.step(&StepFigures::trained(
+            report,
             step,
-            rows: batch.rows() as u64,
-            applied: report.applied,
-            terms: &report.terms,
-            grad_norm: report.grad_norm,
-            lr: report.lr,
-            world: self.start.world,
-            generation: self.start.generation,
-            parts: [data, t.compute, t.reduce, t.update],
-        });
+            batch.rows() as u64,
+            data,
+            (self.start.world, self.start.generation),
+        ));
         let checksum = if every(self.start.checksum_every, step) {
             Some(trainer.checksum()?)
         } else {
