@@ -63,29 +63,29 @@ pub fn evaluate(
     Ok(figures)
 }
 
-/// Whether a run logs its test figures after global step `step`, its data cursor then at
-/// `cursor`: every `eval.every` steps, or at each epoch's end when that is 0 — but not after the
-/// run's last step, whose figures come with its end ([`crate::summary`]).
+/// Whether a run evaluates its test figures after global step `step`, its data cursor then at
+/// `cursor`: every `eval.every` steps, or at each epoch's end when that is 0, and after the run's
+/// last step (whose figures are the run's result).
 pub(crate) fn test_due(cfg: &Config, step: u64, cursor: Cursor, total_steps: u64) -> bool {
     let every = cfg.eval.every;
     step > 0
-        && step < total_steps
-        && if every > 0 {
-            step % every == 0
-        } else {
-            cursor.step == 0
-        }
+        && (step >= total_steps
+            || if every > 0 {
+                step % every == 0
+            } else {
+                cursor.step == 0
+            })
 }
 
-/// The figures logged during training: `model`'s scalar figures on the whole of `test` (no IW
-/// bound), by name.
+/// The figures of an evaluation during training: `model`'s on the whole of `test`, on the
+/// model's device, without the IW bound.
 pub(crate) fn test_figures(
     model: &dyn Model,
     test: &Arc<Dataset>,
     cfg: &Config,
-) -> Result<BTreeMap<String, f64>> {
+) -> Result<Metrics> {
     let device = model.params().device().clone();
-    Ok(scalars(&evaluate(model, test, cfg, &device, None)?))
+    evaluate(model, test, cfg, &device, None)
 }
 
 /// The scalar figures (values and counts) of an evaluation.

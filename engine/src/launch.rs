@@ -397,11 +397,7 @@ pub(crate) fn train(
     let mut summary = summarise(outcome?, started, job, start_step, stop)?;
     if summary.step >= job.total_steps {
         let run = crate::eval::load_run(&job.engine, Path::new(&job.cfg.run.dir), device)?;
-        let mut state = store
-            .state
-            .lock()
-            .map_err(|_| EngineError::Failed("the run store's lock is poisoned".into()))?;
-        summary.test = Some(finish(job, run.model.as_ref(), device, &mut state.metrics)?);
+        summary.test = Some(finish(job, run.model.as_ref(), device, None)?);
     }
     Ok(summary)
 }

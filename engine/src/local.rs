@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use elbo_datasets::{Batch, Cursor};
+use elbo_models::Metrics as Figures;
 use elbo_worker::checkpoint::{self, Files};
 use elbo_worker::{LocalReduce, StepReport, Trainer};
 
 use crate::error::{EngineError, Result};
-use crate::eval::{test_due, test_figures, test_record};
+use crate::eval::{scalars, test_due, test_figures, test_record};
 use crate::job::Job;
 use crate::progress::{self, StepLine, Window};
 use crate::run_dir::{self, Metrics};
@@ -50,6 +51,7 @@ pub(crate) fn train(
         .transpose()?;
     let mut driver = Local {
         telemetry,
+        evaluated: None,
         job,
         metrics: Metrics::open(&run_dir, newest.as_ref().map(|_| trainer.step()))?,
         bar: progress::bar(job.total_steps, trainer.step()),
@@ -83,7 +85,12 @@ pub(crate) fn train(
     let seconds = started.elapsed().as_secs_f64();
     let steps = trainer.step() - start_step;
     let test = if trainer.step() >= job.total_steps {
-        Some(finish(job, trainer.model(), device, &mut driver.metrics)?)
+        let last = driver
+            .evaluated
+            .take()
+            .filter(|(step, _)| *step == trainer.step())
+            .map(|(_, figures)| figures);
+        Some(finish(job, trainer.model(), device, last)?)
     } else {
         None
     };
@@ -116,6 +123,8 @@ fn written(writing: Writing) -> Result<PathBuf> {
 /// return (the CLI exits 143: not finished); the same command resumes.
 struct Local<'a> {
     telemetry: Arc<Telemetry>,
+    /// The newest test figures and the step they were evaluated after.
+    evaluated: Option<(u64, Figures)>,
     job: &'a Job,
     metrics: Metrics,
     bar: indicatif::ProgressBar,
@@ -162,9 +171,11 @@ impl Driver for Local<'_> {
         }
         if test_due(cfg, step, cursor, self.job.total_steps) {
             let figures = test_figures(trainer.model(), &self.job.test, cfg)?;
-            self.telemetry.test(&figures);
+            let values = scalars(&figures);
+            self.telemetry.test(&values);
             self.metrics
-                .log(&test_record(step, cursor.epoch, &figures))?;
+                .log(&test_record(step, cursor.epoch, &values))?;
+            self.evaluated = Some((step, figures));
         }
         self.bar.set_position(step);
         if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {

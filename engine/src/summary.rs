@@ -8,10 +8,9 @@ use candle_core::Device;
 use elbo_models::{Metrics as Figures, Model};
 
 use crate::error::Result;
-use crate::eval::{evaluate, scalars, test_record};
+use crate::eval::evaluate;
 use crate::job::Job;
 use crate::pictures::write_pictures;
-use crate::run_dir::Metrics;
 
 /// How to run `elbo train`.
 #[derive(Debug, Clone)]
@@ -55,19 +54,18 @@ pub struct TrainSummary {
     pub test: Option<Figures>,
 }
 
-/// The end of a finished run: its test figures (logged as the last step's) and its pictures.
+/// The end of a finished run: its test figures (`evaluated` after its last step, or evaluated
+/// here) and its pictures.
 pub(crate) fn finish(
     job: &Job,
     model: &dyn Model,
     device: &Device,
-    metrics: &mut Metrics,
+    evaluated: Option<Figures>,
 ) -> Result<Figures> {
-    let figures = evaluate(model, &job.test, &job.cfg, device, None)?;
-    metrics.log(&test_record(
-        job.total_steps,
-        job.cfg.train.epochs,
-        &scalars(&figures),
-    ))?;
+    let figures = match evaluated {
+        Some(figures) => figures,
+        None => evaluate(model, &job.test, &job.cfg, device, None)?,
+    };
     write_pictures(
         model,
         &job.test,

@@ -101,7 +101,8 @@ pub struct Telemetry {
     generation: Gauge,
     reforms: Counter,
     skipped: Counter,
-    step_seconds: Family<Part, Histogram>,
+    /// `elbo_step_seconds` of each of [`PARTS`].
+    parts: [Histogram; 4],
     checkpoint_seconds: Histogram,
     /// (when, rows) of the last steps, for `elbo_samples_per_second`.
     recent: Mutex<VecDeque<(Instant, u64)>>,
@@ -112,8 +113,18 @@ const PARTS: [&str; 4] = ["data", "compute", "reduce", "update"];
 impl Telemetry {
     /// Metrics of a run, every figure at 0.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("elbo");
-        let t = Telemetry {
+        // The parts' histograms, made once (a step only observes them), under one name.
+        let step_seconds = Family::<Part, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1e-4, 2.0, 20))
+        });
+        let parts = PARTS.map(|part| {
+            let label = Part {
+                part: part.to_string(),
+            };
+            step_seconds.get_or_create(&label).clone()
+        });
+        let mut t = Telemetry {
+            registry: Registry::with_prefix("elbo"),
             step: Gauge::default(),
             total_steps: Gauge::default(),
             samples: Counter::default(),
@@ -126,14 +137,11 @@ impl Telemetry {
             generation: Gauge::default(),
             reforms: Counter::default(),
             skipped: Counter::default(),
-            step_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(1e-4, 2.0, 20))
-            }),
+            parts,
             checkpoint_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 16)),
             recent: Mutex::new(VecDeque::with_capacity(THROUGHPUT_WINDOW + 1)),
-            registry: Registry::default(),
         };
-        let r = &mut registry;
+        let r = &mut t.registry;
         r.register("step", "Global steps taken", t.step.clone());
         r.register(
             "total_steps",
@@ -186,7 +194,7 @@ impl Telemetry {
             "step",
             "A step's time by part (the slowest rank's, on a coordinator)",
             Unit::Seconds,
-            t.step_seconds.clone(),
+            step_seconds,
         );
         r.register_with_unit(
             "checkpoint",
@@ -194,7 +202,7 @@ impl Telemetry {
             Unit::Seconds,
             t.checkpoint_seconds.clone(),
         );
-        Arc::new(Telemetry { registry, ..t })
+        Arc::new(t)
     }
 
     /// The run's length and where it stands (known once the config is).
@@ -224,12 +232,8 @@ impl Telemetry {
             }
             self.generation.set(s.generation as i64);
         }
-        for (part, d) in PARTS.iter().zip(s.parts) {
-            self.step_seconds
-                .get_or_create(&Part {
-                    part: (*part).to_string(),
-                })
-                .observe(d.as_secs_f64());
+        for (histogram, d) in self.parts.iter().zip(s.parts) {
+            histogram.observe(d.as_secs_f64());
         }
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_back((Instant::now(), s.rows));

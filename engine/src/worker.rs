@@ -23,7 +23,7 @@ use elbo_worker::{StepReport, Trainer, WorkerError};
 
 use crate::build::{device, Engine};
 use crate::error::{io, EngineError, Result};
-use crate::eval::{test_due, test_figures};
+use crate::eval::{scalars, test_due, test_figures};
 use crate::generation::{self, Adopt, Fate, Idle, Standing, Training};
 use crate::job::Job;
 use crate::run_dir;
@@ -437,7 +437,11 @@ impl Driver for InRing<'_> {
         let test = if self.start.rank == 0
             && test_due(&self.job.cfg, step, cursor, self.job.total_steps)
         {
-            let figures = test_figures(trainer.model(), &self.job.test, &self.job.cfg)?;
+            let figures = scalars(&test_figures(
+                trainer.model(),
+                &self.job.test,
+                &self.job.cfg,
+            )?);
             self.telemetry.test(&figures);
             figures
         } else {

@@ -1,6 +1,7 @@
-//! Flags shared by the subcommands: the config layers, where a run lives, and the device; the
+//! Flags shared by the subcommands: the config layers, where a run lives, the metrics endpoint; the
 //! data cache location from the environment.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -27,6 +28,14 @@ impl ConfigArgs {
             flags: self.set.clone(),
         })
     }
+}
+
+/// `--metrics-addr ADDR` (`elbo train`, `elbo coordinator`, `elbo worker`).
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Where a run lives and how far it goes (`elbo train` and `elbo coordinator`).

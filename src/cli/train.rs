@@ -11,7 +11,7 @@ use elbo_engine::worker::WorkerOptions;
 use elbo_engine::{Engine, StopSignal, TrainOptions, TrainSummary};
 use elbo_models::{Metric, Metrics};
 
-use super::args::{ConfigArgs, RunArgs};
+use super::args::{ConfigArgs, MetricsArgs, RunArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -25,9 +25,8 @@ pub struct TrainArgs {
     /// Worker processes on this machine (`cluster.workers`; 1 trains in this process).
     #[arg(long, value_name = "N")]
     workers: Option<u32>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,9 +41,8 @@ pub struct CoordinatorArgs {
     token: String,
     #[command(flatten)]
     run: RunArgs,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,9 +92,8 @@ pub struct WorkerArgs {
     /// outlives a launcher that was killed outright).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// SIGTERM (what Kubernetes sends before eviction) or Ctrl-C: the run stops at the next step
@@ -127,7 +124,7 @@ pub fn train(engine: &Engine, mut args: TrainArgs) -> anyhow::Result<()> {
         force: args.run.force,
         max_steps: args.run.max_steps,
         exe: executable()?,
-        metrics_addr: args.metrics_addr,
+        metrics_addr: args.metrics.metrics_addr,
     };
     let summary = elbo_engine::train(engine, cfg, &options, &on_signals()?)?;
     report(&summary);
@@ -141,7 +138,7 @@ pub fn coordinator(engine: &Engine, args: CoordinatorArgs) -> anyhow::Result<()>
         token: args.token,
         force: args.run.force,
         max_steps: args.run.max_steps,
-        metrics_addr: args.metrics_addr,
+        metrics_addr: args.metrics.metrics_addr,
     };
     let summary = elbo_engine::launch::serve(engine, cfg, &options, &on_signals()?, |addr| {
         println!("coordinator listening on {addr}")
@@ -175,7 +172,7 @@ pub fn worker(engine: &Engine, args: WorkerArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs_f64(args.connect_timeout_s),
         audit_rows: args.audit_rows,
         throttle: Duration::from_millis(args.throttle_ms),
-        metrics_addr: args.metrics_addr,
+        metrics_addr: args.metrics.metrics_addr,
     };
     Ok(elbo_engine::worker::run(engine, &options)?)
 }
