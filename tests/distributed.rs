@@ -182,6 +182,27 @@ fn a_conditional_vae_trains_the_same_model_at_one_two_and_four_workers() {
     same_model_at_every_world_size(&["--set", "model.kind=cvae", "--set", "model.cvae.classes=3"]);
 }
 
+/// The VQ-VAE: each step's code counts, sums and restart candidates ride in the all-reduce
+/// with the gradients, and every replica applies the same EMA step and restarts, so the
+/// codebook (a buffer, in the checkpoint) and the parameters agree at any world size.
+#[test]
+fn a_vq_vae_trains_the_same_model_and_codebook_at_one_two_and_four_workers() {
+    same_model_at_every_world_size(&[
+        "--set",
+        "model.kind=vqvae",
+        "--set",
+        "model.architecture=conv",
+        "--set",
+        "model.latent_dim=4",
+        "--set",
+        "model.vqvae.codes=16",
+        "--set",
+        "model.vqvae.channels=[8, 16]",
+        "--set",
+        "model.vqvae.restart_threshold=2",
+    ]);
+}
+
 /// Starts `elbo coordinator` on a free loopback port; returns its index and URL.
 fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (usize, String) {
     let i = procs.spawn(&mut coordinator_cmd("127.0.0.1:0", run, cache, extra));

@@ -439,6 +439,76 @@ fn conditional_and_semi_supervised_runs_resume_byte_for_byte() {
     );
 }
 
+/// A small VQ-VAE's settings: every code dies quickly (threshold 2), so restarts happen on
+/// most steps of the run.
+const VQVAE: [&str; 12] = [
+    "--set",
+    "model.kind=vqvae",
+    "--set",
+    "model.architecture=conv",
+    "--set",
+    "model.latent_dim=4",
+    "--set",
+    "model.vqvae.codes=16",
+    "--set",
+    "model.vqvae.channels=[8, 16]",
+    "--set",
+    "model.vqvae.restart_threshold=2",
+];
+
+/// A VQ-VAE stopped mid-run resumes byte for byte — its EMA codebook, counts and sums are in
+/// the checkpoint — draws its codes and their usage, and `elbo eval` reports reconstruction
+/// and code usage over the test set.
+#[test]
+fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let (whole, _) = resume_is_exact(tmp.path(), &cache, &VQVAE);
+    for picture in ["codes", "code_usage", "samples", "reconstructions"] {
+        let png = whole.join(format!("samples/{picture}.png"));
+        assert!(png.is_file(), "{}", png.display());
+    }
+    let tensors = elbo_worker::checkpoint::model_tensors(
+        &std::fs::read_dir(whole.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap(),
+    )
+    .unwrap();
+    for buffer in [
+        "quantiser.codebook",
+        "quantiser.ema_count",
+        "quantiser.ema_sum",
+    ] {
+        assert!(tensors.contains_key(buffer), "{buffer} is checkpointed");
+    }
+    let json = ok(elbo(
+        &["eval", "--run-dir", whole.to_str().unwrap(), "--json"],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let used = v["codes_used"].as_u64().unwrap();
+    assert!((2..=16).contains(&used), "codes used {used}");
+    assert_eq!(v["codes"], 16);
+    let (mse, perplexity) = (
+        v["mse"].as_f64().unwrap(),
+        v["perplexity"].as_f64().unwrap(),
+    );
+    assert!(mse > 0.0 && mse < 0.25, "mse {mse}");
+    assert!(
+        perplexity >= 1.0 && perplexity <= used as f64,
+        "perplexity {perplexity}"
+    );
+    let records = records(&whole);
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.get("loss").is_some())
+        .unwrap();
+    assert!(last["codes_alive"].as_f64().unwrap() >= 1.0, "{last}");
+}
+
 #[test]
 fn semi_supervised_runs_refuse_data_they_cannot_use() {
     let tmp = tempfile::tempdir().unwrap();

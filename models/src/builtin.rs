@@ -4,6 +4,7 @@ use crate::cvae::Cvae;
 use crate::m2::M2Kind;
 use crate::registry::Registry;
 use crate::vae::{BetaVae, Vae};
+use crate::vqvae::VqVae;
 
 impl Registry {
     /// A registry of the built-in variants.
@@ -13,6 +14,7 @@ impl Registry {
         r.register::<BetaVae>();
         r.register::<Cvae>();
         r.register::<M2Kind>();
+        r.register::<VqVae>();
         r
     }
 }

@@ -255,7 +255,7 @@ fn conv_depth(side: usize) -> Result<(usize, usize)> {
 
 /// One convolution of a stack: its parameters, how it moves, its gradient-sink slots.
 #[derive(Debug, Clone)]
-struct ConvLayer {
+pub(crate) struct ConvLayer {
     weight: Tensor,
     bias: Tensor,
     spec: ConvSpec,
@@ -291,7 +291,7 @@ impl ConvLayer {
     }
 
     /// A 4×4, stride-2, padding-1 (transposed) convolution: halves (doubles) the image.
-    fn halving(
+    pub(crate) fn halving(
         params: &mut Params,
         layer: &str,
         cin: usize,
@@ -308,7 +308,7 @@ impl ConvLayer {
     }
 
     /// A `kernel`×`kernel`, stride-1 convolution that keeps the image's size (odd `kernel`).
-    fn same(
+    pub(crate) fn same(
         params: &mut Params,
         layer: &str,
         channels: (usize, usize),
@@ -324,7 +324,7 @@ impl ConvLayer {
     }
 
     /// The convolution, then `activation` if any (ReLU fused into it on CPU).
-    fn forward(&self, x: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
         let fused = activation == Some(Activation::Relu);
         let y = conv2d_with_sink(
             x,

@@ -26,6 +26,7 @@ mod params;
 mod registry;
 mod spec;
 mod vae;
+mod vqvae;
 
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
@@ -49,3 +50,7 @@ pub use params::Params;
 pub use registry::{NoSection, Registry, Section, SectionError, Variant};
 pub use spec::{Architecture, BuildContext, ModelSpec};
 pub use vae::{BetaVae, Vae, VaeNet};
+pub use vqvae::{
+    ema_step, nearest_codes, CodebookLearning, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM,
+    RESTART_SLOTS,
+};

@@ -24,6 +24,8 @@ pub enum Purpose {
     Eval = 2,
     /// Prior samples for pictures.
     Sample = 3,
+    /// Choices of a model's state update (which encoder output restarts a dead code).
+    Choice = 4,
 }
 
 /// A source of reproducible standard-normal noise.
@@ -50,12 +52,24 @@ impl Noise {
     ) -> Result<Tensor> {
         let mut values = Vec::with_capacity(ids.len() * dim);
         for id in ids {
-            let stream =
-                mix(mix(mix(self.seed ^ 0x5851_f42d_4c95_7f2d) ^ purpose as u64) ^ mix(counter))
-                    ^ mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            let stream = self.stream(purpose, counter, *id);
             let mut rng = ChaCha8Rng::seed_from_u64(stream);
             values.extend((0..dim).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
         }
         Ok(Tensor::from_vec(values, (ids.len(), dim), device)?)
+    }
+
+    /// The seed of the stream of (purpose, counter, key).
+    fn stream(&self, purpose: Purpose, counter: u64, key: u64) -> u64 {
+        mix(mix(mix(self.seed ^ 0x5851_f42d_4c95_7f2d) ^ purpose as u64) ^ mix(counter))
+            ^ mix(key.wrapping_add(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// A uniform draw in [0, 1) keyed by (purpose, counter, key, sub): the same value on every
+    /// rank and at any world size for the same keys (e.g. counter = the step, key = a row id,
+    /// sub = a position in it).
+    pub fn uniform(&self, purpose: Purpose, counter: u64, key: u64, sub: u64) -> f64 {
+        let bits = mix(self.stream(purpose, counter, key) ^ mix(sub ^ 0xd1b5_4a32_d192_ed03));
+        (bits >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -76,6 +76,12 @@ impl Params {
         )
     }
 
+    /// A new parameter holding `values` (laid out as `shape`).
+    pub fn with_values(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<Tensor> {
+        checked_len(name, shape)?;
+        self.insert(name, Tensor::from_vec(values, shape, &self.device)?)
+    }
+
     fn insert(&mut self, name: &str, init: Tensor) -> Result<Tensor> {
         assert!(
             !self.vars.contains_key(name),
