@@ -29,7 +29,9 @@ run() {
   ELBO_LOG=warn $elbo train --config configs/vqvae-mnist.toml --run-dir "$work/$name" \
     --set data.train="$work/train.parquet" --set data.test="$work/t10k.parquet" \
     --set run.seed="$seed" --set train.checkpoint_every=0 --max-steps "$steps" "$@" >/dev/null
-  echo "{\"seconds\": $(( $(date +%s) - start )), \"eval\": $($elbo eval --run-dir "$work/$name" --json)}"
+  local seconds=$(( $(date +%s) - start ))
+  $elbo eval --run-dir "$work/$name" --json |
+    "$py" -c "import json, sys; print(json.dumps({'seconds': $seconds, 'eval': json.load(sys.stdin)}))"
 }
 
 {
@@ -40,7 +42,7 @@ run() {
     --set model.vqvae.restart_threshold=0)}"
   echo "{\"twin\": \"far, restart\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 500 "$seed" --offset 10)}"
   echo "{\"twin\": \"far, no restart\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 500 "$seed" --offset 10 --no-restart)}"
-} > "$work/results.jsonl"
+} | tee "$work/results.jsonl"
 
 "$py" - "$work/results.jsonl" <<'PY'
 import json, sys

@@ -456,14 +456,26 @@ const VQVAE: [&str; 12] = [
     "model.vqvae.restart_threshold=2",
 ];
 
-/// A VQ-VAE stopped mid-run resumes byte for byte — its EMA codebook, counts and sums are in
-/// the checkpoint — draws its codes and their usage, and `elbo eval` reports reconstruction
+/// A VQ-VAE (and a VQ-VAE-2) stopped mid-run resumes byte for byte — its EMA codebooks, counts
+/// and sums are in the checkpoint — draws its codes and their usage, and `elbo eval` reports reconstruction
 /// and code usage over the test set.
 #[test]
 fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let (whole, _) = resume_is_exact(tmp.path(), &cache, &VQVAE);
+    let two: Vec<String> = VQVAE
+        .iter()
+        .map(|s| {
+            s.replace("=vqvae", "=vqvae2")
+                .replace(".vqvae.", ".vqvae2.")
+        })
+        .collect();
+    let two: Vec<&str> = two.iter().map(String::as_str).collect();
+    let (levels, _) = resume_is_exact(&tmp.path().join("two"), &cache, &two);
+    for picture in ["code_usage_bottom", "code_usage_top"] {
+        assert!(levels.join(format!("samples/{picture}.png")).is_file());
+    }
+    let (whole, _) = resume_is_exact(&tmp.path().join("one"), &cache, &VQVAE);
     for picture in ["codes", "code_usage", "samples", "reconstructions"] {
         let png = whole.join(format!("samples/{picture}.png"));
         assert!(png.is_file(), "{}", png.display());

@@ -4,7 +4,7 @@ use crate::cvae::Cvae;
 use crate::m2::M2Kind;
 use crate::registry::Registry;
 use crate::vae::{BetaVae, Vae};
-use crate::vqvae::VqVae;
+use crate::vqvae::{VqVae, VqVae2};
 
 impl Registry {
     /// A registry of the built-in variants.
@@ -15,6 +15,7 @@ impl Registry {
         r.register::<Cvae>();
         r.register::<M2Kind>();
         r.register::<VqVae>();
+        r.register::<VqVae2>();
         r
     }
 }

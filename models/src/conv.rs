@@ -77,6 +77,11 @@ fn phase_side(
 }
 
 impl Geometry {
+    /// A 1×1, stride-1, unpadded window: the columns are the image itself.
+    fn pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
     fn windows(&self) -> usize {
         self.out_h * self.out_w
     }
@@ -102,6 +107,10 @@ impl Geometry {
     /// `cols (rows × windows)`: each window's values, zero outside the image. `phases` is
     /// scratch space.
     fn im2col(&self, image: &[f32], phases: &mut Vec<f32>, cols: &mut [f32]) {
+        if self.pointwise() {
+            cols.copy_from_slice(image);
+            return;
+        }
         phases.clear();
         phases.resize(self.phases_len(), 0.0);
         split(self, image, phases);
@@ -111,6 +120,10 @@ impl Geometry {
     /// Adds `cols (rows × windows)` back into the image positions they were read from.
     /// `phases` is scratch space.
     fn col2im(&self, cols: &[f32], phases: &mut Vec<f32>, image: &mut [f32]) {
+        if self.pointwise() {
+            image.iter_mut().zip(cols).for_each(|(v, c)| *v += c);
+            return;
+        }
         phases.clear();
         phases.resize(self.phases_len(), 0.0);
         windows_into_phases(self, cols, phases);

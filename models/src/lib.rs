@@ -23,6 +23,7 @@ mod model;
 mod noise;
 mod objective;
 mod params;
+mod quantiser;
 mod registry;
 mod spec;
 mod vae;
@@ -47,10 +48,8 @@ pub use model::{
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};
 pub use params::Params;
+pub use quantiser::{ema_step, nearest_codes, CodebookLearning, RESTART_SLOTS};
 pub use registry::{NoSection, Registry, Section, SectionError, Variant};
 pub use spec::{Architecture, BuildContext, ModelSpec};
 pub use vae::{BetaVae, Vae, VaeNet};
-pub use vqvae::{
-    ema_step, nearest_codes, CodebookLearning, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM,
-    RESTART_SLOTS,
-};
+pub use vqvae::{VqVae, VqVae2, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM};

@@ -38,7 +38,7 @@ fn config() -> VqVaeConfig {
 }
 
 fn model(config: VqVaeConfig) -> VqVae {
-    VqVae::new(&spec(LikelihoodKind::Bernoulli), config, &Device::Cpu, 3).unwrap()
+    VqVae::new(&spec(LikelihoodKind::Bernoulli), config, 1, &Device::Cpu, 3).unwrap()
 }
 
 fn data(rows: usize, seed: u64) -> Tensor {
@@ -178,41 +178,165 @@ fn three_ema_updates_match_a_plain_reference() {
 }
 
 /// Rows split across two ranks give the update statistics and gradients of the whole batch
-/// (summed, as the all-reduce sums them) — restart candidates included, with every code dead.
+/// (summed, as the all-reduce sums them) — restart candidates included, with every code dead —
+/// for one level of codes and for two.
 #[test]
 fn a_batch_split_across_ranks_sums_to_the_whole_batch() {
-    let m = model(VqVaeConfig {
+    let cfg = VqVaeConfig {
         restart_threshold: 2.0,
         ..config()
-    });
-    let x = data(10, 4);
-    let ids: Vec<u64> = (100..110).collect();
-    let (whole, loss) = step(&m, &x, &ids, 10, 5);
-    let (a, loss_a) = step(&m, &x.narrow(0, 0, 3).unwrap(), &ids[..3], 10, 5);
-    let (b, loss_b) = step(&m, &x.narrow(0, 3, 7).unwrap(), &ids[3..], 10, 5);
-    let k = 8;
-    let candidates = &whole[k + k * DIM..][..k * RESTART_SLOTS];
-    assert!(
-        candidates.iter().filter(|c| **c == 1.0).count() >= k,
-        "most slots find one candidate: {candidates:?}"
-    );
-    for (i, ((w, a), b)) in whole.iter().zip(&a).zip(&b).enumerate() {
-        assert!(
-            (w - (a + b)).abs() <= 1e-5 * (1.0 + w.abs()),
-            "[{i}] {w} vs {a} + {b}"
-        );
-    }
-    let grads = loss.backward().unwrap();
-    let (ga, gb) = (loss_a.backward().unwrap(), loss_b.backward().unwrap());
-    for (name, var) in m.params().vars() {
-        let g = |gs: &candle_core::backprop::GradStore| values(gs.get(var.as_tensor()).unwrap());
-        for ((w, a), b) in g(&grads).iter().zip(g(&ga)).zip(g(&gb)) {
+    };
+    for levels in [1, 2] {
+        let m = VqVae::new(
+            &spec(LikelihoodKind::Bernoulli),
+            cfg.clone(),
+            levels,
+            &Device::Cpu,
+            3,
+        )
+        .unwrap();
+        let x = data(10, 4);
+        let ids: Vec<u64> = (100..110).collect();
+        let (whole, loss) = step(&m, &x, &ids, 10, 5);
+        let (a, loss_a) = step(&m, &x.narrow(0, 0, 3).unwrap(), &ids[..3], 10, 5);
+        let (b, loss_b) = step(&m, &x.narrow(0, 3, 7).unwrap(), &ids[3..], 10, 5);
+        let k = 8;
+        let per_level = k + k * DIM + k * RESTART_SLOTS * (1 + DIM);
+        assert_eq!(whole.len(), levels * per_level);
+        for level in 0..levels {
+            let candidates = &whole[level * per_level + k + k * DIM..][..k * RESTART_SLOTS];
             assert!(
-                (w - (a + b)).abs() <= 1e-5 + 1e-4 * w.abs(),
-                "{name}: {w} vs {a} + {b}"
+                candidates.iter().filter(|c| **c == 1.0).count() >= 6,
+                "level {level}: many slots find one candidate: {candidates:?}"
             );
         }
+        for (i, ((w, a), b)) in whole.iter().zip(&a).zip(&b).enumerate() {
+            assert!(
+                (w - (a + b)).abs() <= 1e-5 * (1.0 + w.abs()),
+                "[{i}] {w} vs {a} + {b}"
+            );
+        }
+        let grads = loss.backward().unwrap();
+        let (ga, gb) = (loss_a.backward().unwrap(), loss_b.backward().unwrap());
+        for (name, var) in m.params().vars() {
+            let g =
+                |gs: &candle_core::backprop::GradStore| values(gs.get(var.as_tensor()).unwrap());
+            for ((w, a), b) in g(&grads).iter().zip(g(&ga)).zip(g(&gb)) {
+                assert!(
+                    (w - (a + b)).abs() <= 1e-5 + 1e-4 * w.abs(),
+                    "{name}: {w} vs {a} + {b}"
+                );
+            }
+        }
     }
+}
+
+/// VQ-VAE-2: a top grid at half the bottom's resolution, a codebook and statistics per level,
+/// figures per level, and sides that must allow one more halving.
+#[test]
+fn a_two_level_vq_vae_has_a_codebook_and_figures_per_level() {
+    let mut m = VqVae::new(
+        &spec(LikelihoodKind::Bernoulli),
+        config(),
+        2,
+        &Device::Cpu,
+        3,
+    )
+    .unwrap();
+    let names: Vec<&String> = m.buffers().unwrap().vars().keys().collect();
+    assert_eq!(
+        names,
+        [
+            "quantiser.bottom.codebook",
+            "quantiser.bottom.ema_count",
+            "quantiser.bottom.ema_sum",
+            "quantiser.top.codebook",
+            "quantiser.top.ema_count",
+            "quantiser.top.ema_sum",
+        ]
+    );
+    assert_eq!(
+        m.statistics().terms,
+        [
+            "codes_alive_bottom",
+            "codes_alive_top",
+            "commitment_bottom",
+            "commitment_top",
+            "loss",
+            "mse",
+            "perplexity_bottom",
+            "perplexity_top",
+            "rec",
+        ]
+    );
+    assert!(
+        m.encode(&data(1, 0)).is_err(),
+        "no bottom encoding without the top codes"
+    );
+    let x = data(5, 1);
+    let ids: Vec<u64> = (0..5).collect();
+    let (stats, _) = step(&m, &x, &ids, 5, 0);
+    let per_level = 8 + 8 * DIM + 8 * RESTART_SLOTS * (1 + DIM);
+    let bottom: f32 = stats[..8].iter().sum();
+    let top: f32 = stats[per_level..per_level + 8].iter().sum();
+    assert_eq!(
+        (bottom, top),
+        (5.0 * 4.0, 5.0),
+        "a 2×2 bottom grid, a 1×1 top grid"
+    );
+    let before = m
+        .buffers()
+        .unwrap()
+        .values("quantiser.top.ema_count")
+        .unwrap();
+    m.update_state(&stats, 0).unwrap();
+    let after = m
+        .buffers()
+        .unwrap()
+        .values("quantiser.top.ema_count")
+        .unwrap();
+    assert_ne!(
+        before, after,
+        "the top level's state is updated from its own statistics"
+    );
+    let labels = vec![None; 5];
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let noise = Noise::new(0);
+    let options = elbo_models::EvalOptions {
+        noise: &noise,
+        iw_samples: None,
+        max_rows: 100,
+    };
+    let mut eval = m.evaluator(options).unwrap();
+    eval.add(&input).unwrap();
+    let figures = eval.finish();
+    for key in [
+        "codes_used_bottom",
+        "codes_used_top",
+        "perplexity_top",
+        "mse",
+        "loss",
+    ] {
+        assert!(figures.contains_key(key), "{key} in {figures:?}");
+    }
+    let e = VqVae::new(
+        &ModelSpec {
+            input_shape: vec![1, 12, 12],
+            ..spec(LikelihoodKind::Bernoulli)
+        },
+        config(),
+        2,
+        &Device::Cpu,
+        0,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("multiples of 8"), "{e}");
 }
 
 /// A codebook far from the data: every output picks the same code, the other codes die after
@@ -276,7 +400,7 @@ fn dead_codes_restart_at_encoder_outputs_of_the_batch() {
 #[test]
 fn decoder_gradients_match_finite_differences() {
     for likelihood in [LikelihoodKind::Bernoulli, LikelihoodKind::GaussianFixed] {
-        let m = VqVae::new(&spec(likelihood), config(), &Device::Cpu, 3).unwrap();
+        let m = VqVae::new(&spec(likelihood), config(), 1, &Device::Cpu, 3).unwrap();
         let x = data(3, 9);
         let ids = [1u64, 2, 3];
         let loss_of = || step(&m, &x, &ids, 3, 0).1;
@@ -352,7 +476,7 @@ fn the_codebook_loss_trains_a_codebook_parameter() {
 #[test]
 fn bad_configs_are_refused_with_the_key() {
     let refused = |spec: ModelSpec, config: VqVaeConfig, what: &str| {
-        let e = VqVae::new(&spec, config, &Device::Cpu, 0)
+        let e = VqVae::new(&spec, config, 1, &Device::Cpu, 0)
             .err()
             .unwrap_or_else(|| panic!("{what}: accepted"))
             .to_string();

@@ -1,0 +1,454 @@
+//! A vector quantiser: a codebook of K codes of dimension D, the nearest code per grid position,
+//! the straight-through gradient, and the codebook's EMA state with dead-code restarts —
+//! updated from statistics that are sums over rows, so that the sums of N ranks are the sums of
+//! one process.
+//!
+//! **Quantiser.** Each position's nearest code by squared distance, computed row by row on the
+//! host (ties go to the lowest index; a row's code never depends on the rows beside it);
+//! straight-through: the decoder reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
+//!
+//! **EMA codebook** (non-gradient state in [`Buffers`]): each step's one-hot counts `n_i` and
+//! sums `s_i` of the encoder outputs assigned to code i are update statistics — summed across
+//! ranks in the all-reduce that carries the gradients — and every replica then updates
+//! `N_i ← γN_i + (1−γ)n_i`, `m_i ← γm_i + (1−γ)s_i` and `e_i = m_i / Ñ_i` with the
+//! Laplace-smoothed `Ñ_i = (N_i + ε)/(ΣN + Kε)·ΣN`. N starts at 1 and m at the initial codebook
+//! (Jukebox's start: an unused code keeps its place instead of jumping to m/ε). With the
+//! codebook loss instead, the codebook is a parameter and N only tracks usage.
+//!
+//! **Dead-code restart.** A code whose `N_i` is below the restart threshold before a step is
+//! replaced by one encoder output of that step's *global* batch, and its statistics reset
+//! (`N_i` = the threshold, `m_i = N_i·e_i`). The choice is a function of the run seed, the
+//! step and each output's (row id, position) only: every output holds a seeded draw for each
+//! of [`RESTART_SLOTS`] slots of each code, an output is a slot's candidate with probability
+//! 1/(outputs in the global batch), and a slot with exactly one candidate names it — counts
+//! and sums of the candidates ride in the same all-reduce, so every rank, at any world size,
+//! restarts the same codes with the same vectors. A code whose slots all miss (about 16% of
+//! steps) waits for the next step.
+
+use candle_core::{DType, Tensor};
+use rand::Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::buffers::Buffers;
+use crate::error::{ModelError, Result};
+use crate::model::StepContext;
+use crate::noise::Purpose;
+use crate::params::Params;
+
+/// Candidate slots per code for a restart (see the module docs).
+pub const RESTART_SLOTS: usize = 4;
+
+/// How a codebook learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodebookLearning {
+    /// Exponential moving averages of the assigned outputs (the paper's appendix; sonnet's
+    /// `VectorQuantizerEMA`).
+    Ema,
+    /// A codebook parameter trained by the codebook loss `‖sg(z_e) − e‖²`.
+    Loss,
+}
+
+/// How a quantiser's codebook learns and restarts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CodebookSettings {
+    pub learning: CodebookLearning,
+    pub decay: f64,
+    pub epsilon: f64,
+    /// 0: no restarts.
+    pub restart_threshold: f64,
+    /// Added to every initial code.
+    pub init_offset: f64,
+}
+
+/// Index of the nearest code of each `dim`-long row of `z` among the rows of `codebook`, by
+/// squared Euclidean distance; ties go to the lowest index. Each row is computed alone, so
+/// its code does not depend on the rows beside it (or on how a batch was split).
+pub fn nearest_codes(z: &[f32], codebook: &[f32], dim: usize) -> Vec<u32> {
+    z.par_chunks(dim.max(1) * 64)
+        .flat_map_iter(|rows| {
+            rows.chunks_exact(dim).map(|row| {
+                let mut best = (f32::INFINITY, 0u32);
+                for (k, code) in codebook.chunks_exact(dim).enumerate() {
+                    let d: f32 = row.iter().zip(code).map(|(a, b)| (a - b) * (a - b)).sum();
+                    if d < best.0 {
+                        best = (d, k as u32);
+                    }
+                }
+                best.1
+            })
+        })
+        .collect()
+}
+
+/// exp(entropy) of the distribution proportional to `counts` (0 when they are all 0).
+pub(crate) fn perplexity(counts: &[f64]) -> f64 {
+    let total: f64 = counts.iter().sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let h: f64 = counts
+        .iter()
+        .filter(|c| **c > 0.0)
+        .map(|c| {
+            let p = c / total;
+            -p * p.ln()
+        })
+        .sum();
+    h.exp()
+}
+
+/// One EMA step of a codebook from a step's global one-hot `counts` (K) and `sums` (K·D):
+/// updates `count` and `sum` in place and returns the codebook `m_i / Ñ_i` with
+/// Laplace-smoothed counts (see the module docs). Computed in f64.
+pub fn ema_step(
+    count: &mut [f32],
+    sum: &mut [f32],
+    counts: &[f32],
+    sums: &[f32],
+    decay: f64,
+    epsilon: f64,
+) -> Vec<f32> {
+    let k = count.len();
+    let dim = sum.len() / k.max(1);
+    for (n, c) in count.iter_mut().zip(counts) {
+        *n = (decay * f64::from(*n) + (1.0 - decay) * f64::from(*c)) as f32;
+    }
+    for (m, s) in sum.iter_mut().zip(sums) {
+        *m = (decay * f64::from(*m) + (1.0 - decay) * f64::from(*s)) as f32;
+    }
+    let total: f64 = count.iter().map(|n| f64::from(*n)).sum();
+    let mut codebook = vec![0f32; k * dim];
+    for i in 0..k {
+        let smoothed = (f64::from(count[i]) + epsilon) / (total + k as f64 * epsilon) * total;
+        for j in 0..dim {
+            codebook[i * dim + j] = (f64::from(sum[i * dim + j]) / smoothed) as f32;
+        }
+    }
+    codebook
+}
+
+/// The layout of a quantiser's update statistics: counts (K), then with the EMA codebook the
+/// sums (K·D), then with restarts each slot's candidate count (K·S) and sum (K·S·D).
+#[derive(Debug, Clone, Copy)]
+struct UpdateLayout {
+    codes: usize,
+    dim: usize,
+    sums: bool,
+    restart: bool,
+}
+
+impl UpdateLayout {
+    fn len(&self) -> usize {
+        let (k, d, s) = (self.codes, self.dim, RESTART_SLOTS);
+        k + usize::from(self.sums) * k * d + usize::from(self.restart) * (k * s + k * s * d)
+    }
+
+    /// Offsets of the sums, the candidate counts and the candidate sums.
+    fn offsets(&self) -> (usize, usize, usize) {
+        let (k, d, s) = (self.codes, self.dim, RESTART_SLOTS);
+        let sums = k;
+        let cand = sums + usize::from(self.sums) * k * d;
+        (sums, cand, cand + k * s)
+    }
+}
+
+/// A quantised batch.
+pub(crate) struct Quantised {
+    /// The code of each position, row-major over (row, y, x).
+    pub indices: Vec<u32>,
+    /// The encoder outputs, (positions, D) flattened.
+    pub z: Vec<f32>,
+    /// The decoder's input (B, D, h, w), straight-through.
+    pub zq: Tensor,
+    /// Each row's commitment `mean ‖z_e − sg(e)‖²` (B,).
+    pub commitment: Tensor,
+    /// Each row's codebook term `mean ‖sg(z_e) − e‖²` (B,), with the codebook loss.
+    pub codebook: Option<Tensor>,
+}
+
+/// A codebook of `codes` × `dim` over a grid of `positions`, its state named `{name}.codebook`,
+/// `{name}.ema_count` and (EMA) `{name}.ema_sum`.
+#[derive(Debug, Clone)]
+pub(crate) struct Quantiser {
+    name: String,
+    codes: usize,
+    dim: usize,
+    positions: usize,
+    /// Keeps the restart draws of two quantisers of one model apart.
+    salt: u64,
+    settings: CodebookSettings,
+    /// (K, D): a buffer (EMA) or a parameter (codebook loss).
+    codebook: Tensor,
+}
+
+impl Quantiser {
+    /// A codebook uniform ±√(3/D) (sonnet's variance-scaling init) plus the offset, drawn from
+    /// `rng`, declared in `params` or `buffers`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        params: &mut Params,
+        buffers: &mut Buffers,
+        rng: &mut impl Rng,
+        name: &str,
+        (codes, dim): (usize, usize),
+        positions: usize,
+        salt: u64,
+        settings: CodebookSettings,
+    ) -> Result<Self> {
+        let bound = (3.0 / dim as f64).sqrt() as f32;
+        let offset = settings.init_offset as f32;
+        let init: Vec<f32> = (0..codes * dim)
+            .map(|_| rng.random_range(-bound..=bound) + offset)
+            .collect();
+        let book = format!("{name}.codebook");
+        let codebook = match settings.learning {
+            CodebookLearning::Ema => {
+                buffers.declare(&format!("{name}.ema_sum"), &[codes, dim], init.clone())?;
+                buffers.declare(&book, &[codes, dim], init)?
+            }
+            CodebookLearning::Loss => params.with_values(&book, &[codes, dim], init)?,
+        };
+        buffers.declare(&format!("{name}.ema_count"), &[codes], vec![1.0; codes])?;
+        Ok(Quantiser {
+            name: name.to_string(),
+            codes,
+            dim,
+            positions,
+            salt,
+            settings,
+            codebook,
+        })
+    }
+
+    /// Codes in the codebook.
+    pub fn codes(&self) -> usize {
+        self.codes
+    }
+
+    fn layout(&self) -> UpdateLayout {
+        let ema = self.settings.learning == CodebookLearning::Ema;
+        UpdateLayout {
+            codes: self.codes,
+            dim: self.dim,
+            sums: ema,
+            restart: ema && self.settings.restart_threshold > 0.0,
+        }
+    }
+
+    /// Length of the update statistics.
+    pub fn update_len(&self) -> usize {
+        self.layout().len()
+    }
+
+    /// The codes' EMA counts.
+    pub fn usage(&self, buffers: &Buffers) -> Result<Vec<f32>> {
+        buffers.values(&format!("{}.ema_count", self.name))
+    }
+
+    /// Codes whose EMA count is at least the restart threshold (at least 1 without restarts).
+    pub fn alive(&self, buffers: &Buffers) -> Result<usize> {
+        let threshold = self.settings.restart_threshold.max(1.0) as f32;
+        Ok(self
+            .usage(buffers)?
+            .iter()
+            .filter(|n| **n >= threshold)
+            .count())
+    }
+
+    /// Nearest codes of `z_e` (B, D, h, w) and the straight-through decoder input.
+    pub fn quantise(&self, z_e: &Tensor) -> Result<Quantised> {
+        let (b, d, gh, gw) = z_e.dims4()?;
+        let rows = z_e
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((b * gh * gw, d))?;
+        let z = rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let codebook = self
+            .codebook
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let indices = nearest_codes(&z, &codebook, d);
+        let idx = Tensor::from_slice(&indices, indices.len(), z_e.device())?;
+        let e = self
+            .codebook
+            .index_select(&idx, 0)?
+            .to_dtype(rows.dtype())?;
+        let e_sg = e.detach();
+        let straight = (&rows + (&e_sg - rows.detach())?)?;
+        let per_row = gh * gw * d;
+        let commitment = (&rows - &e_sg)?.sqr()?.reshape((b, per_row))?.mean(1)?;
+        let codebook = match self.settings.learning {
+            CodebookLearning::Loss => Some(
+                (rows.detach() - &e)?
+                    .sqr()?
+                    .reshape((b, per_row))?
+                    .mean(1)?,
+            ),
+            CodebookLearning::Ema => None,
+        };
+        let zq = straight
+            .reshape((b, gh, gw, d))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        Ok(Quantised {
+            indices,
+            z,
+            zq,
+            commitment,
+            codebook,
+        })
+    }
+
+    /// The code vectors of `n` grids of codes (row-major): (n, D, h, w).
+    pub fn lookup(&self, codes: &[u32], n: usize, grid: (usize, usize)) -> Result<Tensor> {
+        let idx = Tensor::from_slice(codes, codes.len(), self.codebook.device())?;
+        Ok(self
+            .codebook
+            .index_select(&idx, 0)?
+            .reshape((n, grid.0, grid.1, self.dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+
+    /// This rank's update statistics for a quantised batch of the rows `ids`.
+    pub fn update_statistics(
+        &self,
+        buffers: &Buffers,
+        q: &Quantised,
+        ids: &[u64],
+        ctx: &StepContext<'_>,
+    ) -> Result<Vec<f32>> {
+        let layout = self.layout();
+        let (k, d) = (self.codes, self.dim);
+        let (sums_at, cand_at, cand_sums_at) = layout.offsets();
+        let mut stats = vec![0f32; layout.len()];
+        for (v, &i) in q.indices.iter().enumerate() {
+            let i = i as usize;
+            stats[i] += 1.0;
+            if layout.sums {
+                let row = &q.z[v * d..][..d];
+                for (s, z) in stats[sums_at + i * d..][..d].iter_mut().zip(row) {
+                    *s += z;
+                }
+            }
+        }
+        if !layout.restart {
+            return Ok(stats);
+        }
+        let threshold = self.settings.restart_threshold as f32;
+        let dead: Vec<bool> = self
+            .usage(buffers)?
+            .iter()
+            .map(|n| *n < threshold)
+            .collect();
+        if !dead.contains(&true) {
+            return Ok(stats);
+        }
+        // Each (slot, output) pair is a candidate with probability 1/outputs: the candidate
+        // slots of an output are found by geometric skips over the K·S slots.
+        let outputs = ctx.global_rows as f64 * self.positions as f64;
+        let log_miss = (-1.0 / outputs).ln_1p();
+        let slots = (k * RESTART_SLOTS) as u64;
+        for (row, &id) in ids.iter().enumerate() {
+            for p in 0..self.positions {
+                let v = row * self.positions + p;
+                let mut slot = 0u64;
+                for draw in 0u64.. {
+                    let key = (self.salt << 60) | ((p as u64) << 32) | draw;
+                    let u = ctx.noise.uniform(Purpose::Choice, ctx.step, id, key);
+                    slot += ((1.0 - u).ln() / log_miss).floor() as u64;
+                    if slot >= slots {
+                        break;
+                    }
+                    let code = slot as usize / RESTART_SLOTS;
+                    if dead[code] {
+                        let s = slot as usize;
+                        stats[cand_at + s] += 1.0;
+                        let row = &q.z[v * d..][..d];
+                        for (t, z) in stats[cand_sums_at + s * d..][..d].iter_mut().zip(row) {
+                            *t += z;
+                        }
+                    }
+                    slot += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Applies a step's all-reduced update statistics: the EMA step and the restarts (or, with
+    /// the codebook loss, the usage counts only).
+    pub fn update_state(&self, buffers: &Buffers, stats: &[f32]) -> Result<()> {
+        let layout = self.layout();
+        if stats.len() != layout.len() {
+            return Err(ModelError::Input(format!(
+                "{} update statistics of {} values, expected {}",
+                self.name,
+                stats.len(),
+                layout.len()
+            )));
+        }
+        let (k, d) = (self.codes, self.dim);
+        let (sums_at, cand_at, cand_sums_at) = layout.offsets();
+        let counts = &stats[..k];
+        let count_name = format!("{}.ema_count", self.name);
+        let mut count = buffers.values(&count_name)?;
+        if !layout.sums {
+            let g = self.settings.decay;
+            for (n, c) in count.iter_mut().zip(counts) {
+                *n = (g * f64::from(*n) + (1.0 - g) * f64::from(*c)) as f32;
+            }
+            return buffers.set(&count_name, &count);
+        }
+        let sum_name = format!("{}.ema_sum", self.name);
+        let mut sum = buffers.values(&sum_name)?;
+        let mut codebook = ema_step(
+            &mut count,
+            &mut sum,
+            counts,
+            &stats[sums_at..][..k * d],
+            self.settings.decay,
+            self.settings.epsilon,
+        );
+        if layout.restart {
+            let reset = self.settings.restart_threshold as f32;
+            for code in 0..k {
+                let slot = (0..RESTART_SLOTS)
+                    .map(|s| code * RESTART_SLOTS + s)
+                    .find(|s| stats[cand_at + s] == 1.0);
+                if let Some(s) = slot {
+                    let vector = &stats[cand_sums_at + s * d..][..d];
+                    codebook[code * d..][..d].copy_from_slice(vector);
+                    count[code] = reset;
+                    for (m, v) in sum[code * d..][..d].iter_mut().zip(vector) {
+                        *m = reset * v;
+                    }
+                }
+            }
+        }
+        buffers.set(&count_name, &count)?;
+        buffers.set(&sum_name, &sum)?;
+        buffers.set(&format!("{}.codebook", self.name), &codebook)
+    }
+
+    /// `n` grids of codes drawn independently per position from the EMA usage.
+    pub fn draw_codes(&self, buffers: &Buffers, n: usize, rng: &mut impl Rng) -> Result<Vec<u32>> {
+        let usage = self.usage(buffers)?;
+        let total: f64 = usage.iter().map(|u| f64::from(u.max(0.0))).sum();
+        Ok((0..n * self.positions)
+            .map(|_| {
+                let mut u = rng.random_range(0.0..total.max(f64::MIN_POSITIVE));
+                for (k, c) in usage.iter().enumerate() {
+                    u -= f64::from(c.max(0.0));
+                    if u < 0.0 {
+                        return k as u32;
+                    }
+                }
+                (self.codes - 1) as u32
+            })
+            .collect())
+    }
+}
