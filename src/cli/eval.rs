@@ -55,17 +55,18 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&figures)?);
         return Ok(());
     }
+    let width = figures.keys().map(|k| k.chars().count()).max().unwrap_or(0);
     for (name, value) in &figures {
         let shown = match value {
             Metric::Count(n) => n.to_string(),
-            Metric::Value(v) => format!("{v:.3}"),
+            Metric::Value(v) => figure(*v),
             Metric::List(values) => values
                 .iter()
-                .map(|v| format!("{v:.3}"))
+                .map(|v| figure(*v))
                 .collect::<Vec<_>>()
                 .join(" "),
         };
-        println!("{name:<14} {shown}");
+        println!("{name:<width$} {shown}");
     }
     Ok(())
 }
@@ -99,4 +100,14 @@ pub fn sample(engine: &Engine, args: SampleArgs) -> anyhow::Result<()> {
     let drawn = write_samples(&run, args.n, args.seed, args.label, &args.out, &device)?;
     println!("wrote {drawn} samples to {}", args.out.display());
     Ok(())
+}
+
+/// A figure with three decimals, or three significant digits when it is smaller than 0.01
+/// (a commitment or an MSE would read 0.000).
+fn figure(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.3}")
+    }
 }
