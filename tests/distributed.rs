@@ -224,6 +224,24 @@ fn vq_settings(kind: &str, codes: u32, threshold: u32) -> Vec<String> {
     .collect()
 }
 
+/// The ladder VAE with free bits (clamped per latent dimension of every layer on the global
+/// batch's mean KL) trains the same model at any world size.
+#[test]
+fn a_ladder_vae_with_free_bits_trains_the_same_model_at_one_two_and_four_workers() {
+    same_model_at_every_world_size(&[
+        "--set",
+        "model.kind=ladder",
+        "--set",
+        "model.latent_dim=4",
+        "--set",
+        "model.ladder.latent_dims=[8]",
+        "--set",
+        "model.ladder.hidden=[64, 32]",
+        "--set",
+        "model.free_bits=0.25",
+    ]);
+}
+
 /// Starts `elbo coordinator` on a free loopback port; returns its index and URL.
 fn coordinator(procs: &mut Procs, run: &Path, cache: &Path, extra: &[&str]) -> (usize, String) {
     let i = procs.spawn(&mut coordinator_cmd("127.0.0.1:0", run, cache, extra));

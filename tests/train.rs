@@ -521,6 +521,73 @@ fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
     assert!(last["codes_alive"].as_f64().unwrap() >= 1.0, "{last}");
 }
 
+/// A ladder VAE resumes byte for byte, writes a traversal picture per layer, and `elbo eval`
+/// reports the KL and active units of each layer beside the IW bound over all layers.
+#[test]
+fn a_ladder_vae_resumes_byte_for_byte_and_reports_each_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let ladder = [
+        "--set",
+        "model.kind=ladder",
+        "--set",
+        "model.latent_dim=4",
+        "--set",
+        "model.ladder.latent_dims=[8]",
+        "--set",
+        "model.ladder.hidden=[64, 32]",
+        "--set",
+        "model.kl_warmup_steps=10",
+    ];
+    let (whole, _) = resume_is_exact(tmp.path(), &cache, &ladder);
+    for picture in [
+        "traversals_layer1",
+        "traversals_layer2",
+        "traversals",
+        "samples",
+    ] {
+        assert!(
+            whole.join(format!("samples/{picture}.png")).is_file(),
+            "{picture}"
+        );
+    }
+    let json = ok(elbo(
+        &[
+            "eval",
+            "--run-dir",
+            whole.to_str().unwrap(),
+            "--iw-samples",
+            "20",
+            "--json",
+        ],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let kl: Vec<f64> = v["kl_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_f64().unwrap())
+        .collect();
+    assert_eq!(kl.len(), 2);
+    assert!((kl.iter().sum::<f64>() - v["kl"].as_f64().unwrap()).abs() < 1e-6);
+    assert_eq!(v["active_units_layers"].as_array().unwrap().len(), 2);
+    let (nll, neg_elbo) = (
+        v["nll_iw"].as_f64().unwrap(),
+        v["neg_elbo"].as_f64().unwrap(),
+    );
+    assert!(
+        nll < neg_elbo,
+        "the IW bound {nll} is tighter than the ELBO {neg_elbo}"
+    );
+    let last = records(&whole)
+        .into_iter()
+        .rev()
+        .find(|r| r.get("loss").is_some())
+        .unwrap();
+    assert!(last["kl_layer1"].as_f64().is_some() && last["kl_layer2"].as_f64().is_some());
+}
+
 #[test]
 fn semi_supervised_runs_refuse_data_they_cannot_use() {
     let tmp = tempfile::tempdir().unwrap();

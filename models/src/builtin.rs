@@ -1,6 +1,7 @@
 //! The built-in model variants: one line each.
 
 use crate::cvae::Cvae;
+use crate::ladder::Ladder;
 use crate::m2::M2Kind;
 use crate::registry::Registry;
 use crate::vae::{BetaVae, Vae};
@@ -16,6 +17,7 @@ impl Registry {
         r.register::<M2Kind>();
         r.register::<VqVae>();
         r.register::<VqVae2>();
+        r.register::<Ladder>();
         r
     }
 }

@@ -1,0 +1,354 @@
+//! The ladder VAE: the precision-weighted merge and the Gaussian KL against closed forms and
+//! Monte Carlo, the IW bound against the ELBO, gradients against finite differences, figures
+//! per layer, bad configs.
+
+use candle_core::{Device, Tensor};
+use elbo_models::{
+    gaussian_kl_between, precision_merge, Activation, Architecture, EvalOptions, Input, Ladder,
+    LadderConfig, LikelihoodKind, Metric, Model, ModelSpec, Noise, Objective, StepContext,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+fn t(v: &[f32]) -> Tensor {
+    Tensor::from_slice(v, (1, v.len()), &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn spec(objective: Objective) -> ModelSpec {
+    ModelSpec {
+        input_shape: vec![12],
+        latent_dim: 2,
+        architecture: Architecture::Mlp,
+        hidden: vec![8],
+        activation: Activation::Tanh,
+        likelihood: LikelihoodKind::Bernoulli,
+        variance: 1.0,
+        log_var_clamp: 8.0,
+        objective,
+    }
+}
+
+fn config() -> LadderConfig {
+    LadderConfig {
+        latent_dims: vec![3],
+        hidden: vec![10, 6],
+        depth: 1,
+    }
+}
+
+fn ladder() -> Ladder {
+    Ladder::new(spec(Objective::default()), &config(), &Device::Cpu, 4).unwrap()
+}
+
+fn data(rows: usize, seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..rows * 12)
+        .map(|_| f32::from(rng.random_bool(0.4)))
+        .collect();
+    Tensor::from_vec(v, (rows, 12), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_precision_weighted_merge_matches_its_closed_form() {
+    // N(1, 1) and N(3, 3): σ² = 1/(1 + 1/3) = 0.75, μ = (1·1 + 3·⅓)·0.75 = 1.5.
+    let (mu, log_var) = precision_merge(
+        &t(&[1.0, 0.0]),
+        &t(&[0.0, 2.0f32.ln()]),
+        &t(&[3.0, 4.0]),
+        &t(&[3.0f32.ln(), 2.0f32.ln()]),
+    )
+    .unwrap();
+    let (mu, var): (Vec<f32>, Vec<f32>) = (
+        values(&mu),
+        values(&log_var).iter().map(|l| l.exp()).collect(),
+    );
+    for (got, want) in mu.iter().zip([1.5, 2.0]).chain(var.iter().zip([0.75, 1.0])) {
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn the_kl_between_gaussians_matches_its_closed_form_and_monte_carlo() {
+    let (mq, vq, mp, vp) = (0.3f64, 0.5f64, -0.4f64, 2.0f64);
+    let closed = 0.5 * ((vp / vq).ln() + (vq + (mq - mp).powi(2)) / vp - 1.0);
+    let kl = values(
+        &gaussian_kl_between(
+            &t(&[mq as f32]),
+            &t(&[vq.ln() as f32]),
+            &t(&[mp as f32]),
+            &t(&[vp.ln() as f32]),
+        )
+        .unwrap(),
+    )[0];
+    assert!((f64::from(kl) - closed).abs() < 1e-6, "{kl} vs {closed}");
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = 200_000;
+    let samples: Vec<f64> = (0..n)
+        .map(|_| {
+            let e: f64 = StandardNormal.sample(&mut rng);
+            let z = mq + vq.sqrt() * e;
+            let log_q = -0.5 * (vq.ln() + e * e);
+            let log_p = -0.5 * (vp.ln() + (z - mp).powi(2) / vp);
+            log_q - log_p
+        })
+        .collect();
+    let mean = samples.iter().sum::<f64>() / n as f64;
+    let sd = (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+    let se = sd / (n as f64).sqrt();
+    assert!(
+        (mean - f64::from(kl)).abs() < 3.0 * se,
+        "Monte Carlo {mean} ± {se} vs analytic {kl}"
+    );
+    // Against N(0, 1) it is the VAE's KL.
+    let standard =
+        values(&gaussian_kl_between(&t(&[0.7]), &t(&[-0.3]), &t(&[0.0]), &t(&[0.0])).unwrap())[0];
+    let vae = 0.5 * ((-0.3f32).exp() + 0.49 - 1.0 + 0.3);
+    assert!((standard - vae).abs() < 1e-6);
+}
+
+fn evaluate(m: &Ladder, x: &Tensor, ids: &[u64], k: Option<usize>) -> elbo_models::Metrics {
+    let labels = vec![None; ids.len()];
+    let noise = Noise::new(9);
+    let mut e = m
+        .evaluator(EvalOptions {
+            noise: &noise,
+            iw_samples: k,
+            max_rows: 4096,
+        })
+        .unwrap();
+    e.add(&Input {
+        x,
+        labels: &labels,
+        ids,
+    })
+    .unwrap();
+    e.finish()
+}
+
+fn value(m: &elbo_models::Metrics, key: &str) -> f64 {
+    match &m[key] {
+        Metric::Value(v) => *v,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// One example seen by 4,000 rows of their own noise: the k = 1 bound (every layer sampled,
+/// log p − log q by Monte Carlo) averages to the ELBO (analytic KL per layer) within 3
+/// standard errors, and the bound tightens as k grows.
+#[test]
+fn the_k1_bound_is_the_elbo_in_expectation_and_grows_with_k() {
+    let m = ladder();
+    let one = data(1, 3);
+    let n = 4000;
+    let x = one.broadcast_as((n, 12)).unwrap().contiguous().unwrap();
+    let ids: Vec<u64> = (0..n as u64).collect();
+    let figures = evaluate(&m, &x, &ids, Some(1));
+    let (neg_elbo, nll1) = (value(&figures, "neg_elbo"), value(&figures, "nll_iw"));
+    // The per-row spread of −log w, for the standard error.
+    let per_row: Vec<f64> = (0..40)
+        .map(|i| {
+            let rows: Vec<u64> = (i * 100..(i + 1) * 100).collect();
+            let xs = one.broadcast_as((100, 12)).unwrap().contiguous().unwrap();
+            value(&evaluate(&m, &xs, &rows, Some(1)), "nll_iw")
+        })
+        .collect();
+    let mean = per_row.iter().sum::<f64>() / 40.0;
+    let sd = (per_row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 39.0).sqrt();
+    let se = sd / 40f64.sqrt();
+    assert!(
+        (nll1 - neg_elbo).abs() < 3.0 * se.max(1e-3),
+        "k = 1 bound {nll1} vs ELBO {neg_elbo} (standard error {se})"
+    );
+    let small = x.narrow(0, 0, 200).unwrap();
+    let bounds: Vec<f64> = [1, 10, 100]
+        .iter()
+        .map(|k| value(&evaluate(&m, &small, &ids[..200], Some(*k)), "nll_iw"))
+        .collect();
+    assert!(
+        bounds[0] > bounds[1] && bounds[1] > bounds[2],
+        "−log p(x) bounds for k = 1, 10, 100: {bounds:?}"
+    );
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for objective in [
+        Objective::default(),
+        Objective {
+            beta: 1.0,
+            warmup_steps: 10,
+            free_bits: 0.0,
+        },
+    ] {
+        let m = Ladder::new(spec(objective), &config(), &Device::Cpu, 4).unwrap();
+        let x = data(3, 9);
+        let ids = [1u64, 2, 3];
+        let labels = [None, None, None];
+        let noise = Noise::new(5);
+        let input = Input {
+            x: &x,
+            labels: &labels,
+            ids: &ids,
+        };
+        let ctx = StepContext {
+            step: 2,
+            noise: &noise,
+            global_rows: 3,
+            batch_stats: &[],
+        };
+        let loss_of = || m.loss(&input, &ctx).unwrap().loss;
+        let grads = loss_of().backward().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut checked = 0;
+        for (name, var) in m.params().vars() {
+            let analytic = values(grads.get(var.as_tensor()).unwrap());
+            let base = values(var.as_tensor());
+            for _ in 0..2 {
+                let i = rng.random_range(0..base.len());
+                let h = 1e-2f32;
+                let at = |delta: f32| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    f64::from(loss_of().to_scalar::<f32>().unwrap())
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * f64::from(h));
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let an = f64::from(analytic[i]);
+                assert!(
+                    (fd - an).abs() <= 5e-3 + 2e-2 * an.abs(),
+                    "{name}[{i}]: finite difference {fd} vs autograd {an}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 30, "{checked} values checked");
+    }
+}
+
+#[test]
+fn figures_and_terms_are_per_layer() {
+    let m = ladder();
+    assert_eq!(m.latent_dims(), [3, 2]);
+    let terms = m.statistics().terms;
+    assert!(terms.contains(&"kl_layer1") && terms.contains(&"kl_layer2"));
+    assert!(!terms.contains(&"kl_layer3"));
+    let x = data(6, 1);
+    let ids: Vec<u64> = (0..6).collect();
+    let labels = vec![None; 6];
+    let noise = Noise::new(2);
+    let out = m
+        .loss(
+            &Input {
+                x: &x,
+                labels: &labels,
+                ids: &ids,
+            },
+            &StepContext {
+                step: 0,
+                noise: &noise,
+                global_rows: 6,
+                batch_stats: &[],
+            },
+        )
+        .unwrap();
+    let sum = |name: &str| f64::from(out.terms[name].sum.to_scalar::<f32>().unwrap());
+    assert!(
+        (sum("kl_layer1") + sum("kl_layer2") - sum("kl")).abs() < 1e-4 * sum("kl").abs(),
+        "the layers' KL adds up to the KL"
+    );
+    let figures = evaluate(&m, &x, &ids, None);
+    match (&figures["kl_layers"], &figures["active_units_layers"]) {
+        (Metric::List(kl), Metric::List(active)) => {
+            assert_eq!((kl.len(), active.len()), (2, 2));
+            let total: f64 = kl.iter().sum();
+            assert!((total - value(&figures, "kl")).abs() < 1e-6);
+        }
+        other => panic!("{other:?}"),
+    }
+    let pictures = m
+        .pictures(&Input {
+            x: &x,
+            labels: &labels,
+            ids: &ids,
+        })
+        .unwrap();
+    let names: Vec<&str> = pictures.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["traversals_layer1", "traversals_layer2"]);
+    assert_eq!(
+        pictures[0].values.len(),
+        3 * 9 * 12,
+        "3 dims × 9 steps of layer 1"
+    );
+    let s = m.sample(5, 1, None, &Device::Cpu).unwrap();
+    assert_eq!(s.dims(), [5, 12]);
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_key() {
+    let refused = |spec: ModelSpec, config: LadderConfig, what: &str| {
+        let e = Ladder::new(spec, &config, &Device::Cpu, 0)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"))
+            .to_string();
+        assert!(e.contains(what), "{what}: {e}");
+    };
+    let s = || spec(Objective::default());
+    refused(
+        s(),
+        LadderConfig {
+            latent_dims: vec![],
+            hidden: vec![4],
+            depth: 1,
+        },
+        "latent_dims",
+    );
+    refused(
+        s(),
+        LadderConfig {
+            latent_dims: vec![3, 0],
+            hidden: vec![4, 4, 4],
+            depth: 1,
+        },
+        "latent_dims",
+    );
+    refused(
+        s(),
+        LadderConfig {
+            hidden: vec![4, 4, 4],
+            ..config()
+        },
+        "hidden",
+    );
+    refused(
+        s(),
+        LadderConfig {
+            depth: 0,
+            ..config()
+        },
+        "depth",
+    );
+    refused(
+        ModelSpec {
+            architecture: Architecture::Conv,
+            ..s()
+        },
+        config(),
+        "model.architecture",
+    );
+    refused(
+        ModelSpec {
+            latent_dim: 0,
+            ..s()
+        },
+        config(),
+        "latent_dim",
+    );
+}
