@@ -40,6 +40,7 @@ use crate::objective::{free_bits_statistics, gaussian_kl, vae_loss, VAE_TERMS};
 use crate::params::Params;
 use crate::registry::{Section, SectionError, Variant};
 use crate::spec::{Architecture, BuildContext, ModelSpec};
+use crate::vae::traversal_grid;
 
 /// Most stochastic layers.
 pub const MAX_LAYERS: usize = 5;
@@ -71,7 +72,7 @@ impl Default for LadderConfig {
         LadderConfig {
             latent_dims: vec![32],
             hidden: vec![512, 256],
-            depth: 2,
+            depth: 1,
         }
     }
 }
@@ -458,18 +459,9 @@ impl Ladder {
         max_dims: usize,
         steps: usize,
     ) -> Result<Tensor> {
-        let d = base.len();
-        let dims = d.min(max_dims);
-        let mut z = Vec::with_capacity(dims * steps * d);
-        for dim in 0..dims {
-            for s in 0..steps {
-                let mut v = base.to_vec();
-                v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
-                z.extend(v);
-            }
-        }
+        let (z, rows) = traversal_grid(base, max_dims, steps);
         let device = self.params.device();
-        self.decode_from(layer, &Tensor::from_vec(z, (dims * steps, d), device)?)
+        self.decode_from(layer, &Tensor::from_vec(z, (rows, base.len()), device)?)
     }
 }
 

@@ -399,23 +399,29 @@ impl VaeNet {
             .0
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let d = base.len();
-        let dims = d.min(max_dims);
-        let mut z = Vec::with_capacity(dims * steps * d);
-        for dim in 0..dims {
-            for s in 0..steps {
-                let mut v = base.clone();
-                v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
-                z.extend(v);
-            }
-        }
-        let z = Tensor::from_vec(z, (dims * steps, d), input.x.device())?;
+        let (z, rows) = traversal_grid(&base, max_dims, steps);
+        let z = Tensor::from_vec(z, (rows, base.len()), input.x.device())?;
         let ys = match &y {
-            Some(y) => Some(y.broadcast_as(dims * steps)?.contiguous()?),
+            Some(y) => Some(y.broadcast_as(rows)?.contiguous()?),
             None => None,
         };
         self.decode_mean(&z, ys.as_ref())
     }
+}
+
+/// Latent points around `base`: each of its first `max_dims` dimensions set in turn to `steps`
+/// values from −3 to 3, the others kept; returns the points (row-major) and their count.
+pub(crate) fn traversal_grid(base: &[f32], max_dims: usize, steps: usize) -> (Vec<f32>, usize) {
+    let dims = base.len().min(max_dims);
+    let mut z = Vec::with_capacity(dims * steps * base.len());
+    for dim in 0..dims {
+        for s in 0..steps {
+            let mut v = base.to_vec();
+            v[dim] = -3.0 + 6.0 * s as f32 / (steps - 1).max(1) as f32;
+            z.extend(v);
+        }
+    }
+    (z, dims * steps)
 }
 
 impl Model for Vae {

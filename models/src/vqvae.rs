@@ -821,6 +821,24 @@ impl Evaluator for VqEvaluator<'_> {
     }
 }
 
+impl VqVae {
+    /// A model of `levels` levels for the registry.
+    fn boxed(
+        spec: &ModelSpec,
+        config: &VqVaeConfig,
+        levels: usize,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Model>> {
+        Ok(Box::new(VqVae::new(
+            spec,
+            config.clone(),
+            levels,
+            &ctx.device,
+            ctx.seed,
+        )?))
+    }
+}
+
 impl Variant for VqVae {
     const KIND: &'static str = "vqvae";
     const ABOUT: &'static str = "VQ-VAE: nearest-code quantiser, straight-through gradient, EMA \
@@ -828,13 +846,7 @@ impl Variant for VqVae {
     type Config = VqVaeConfig;
 
     fn build(spec: &ModelSpec, config: &VqVaeConfig, ctx: &BuildContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(VqVae::new(
-            spec,
-            config.clone(),
-            1,
-            &ctx.device,
-            ctx.seed,
-        )?))
+        VqVae::boxed(spec, config, 1, ctx)
     }
 }
 
@@ -848,13 +860,7 @@ impl Variant for VqVae2 {
     type Config = VqVaeConfig;
 
     fn build(spec: &ModelSpec, config: &VqVaeConfig, ctx: &BuildContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(VqVae::new(
-            spec,
-            config.clone(),
-            2,
-            &ctx.device,
-            ctx.seed,
-        )?))
+        VqVae::boxed(spec, config, 2, ctx)
     }
 }
 

@@ -2,6 +2,8 @@
 //! Monte Carlo, the IW bound against the ELBO, gradients against finite differences, figures
 //! per layer, bad configs.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use elbo_models::{
     gaussian_kl_between, precision_merge, Activation, Architecture, EvalOptions, Input, Ladder,
@@ -202,33 +204,7 @@ fn gradients_match_finite_differences() {
             batch_stats: &[],
         };
         let loss_of = || m.loss(&input, &ctx).unwrap().loss;
-        let grads = loss_of().backward().unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut checked = 0;
-        for (name, var) in m.params().vars() {
-            let analytic = values(grads.get(var.as_tensor()).unwrap());
-            let base = values(var.as_tensor());
-            for _ in 0..2 {
-                let i = rng.random_range(0..base.len());
-                let h = 1e-2f32;
-                let at = |delta: f32| {
-                    let mut v = base.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    f64::from(loss_of().to_scalar::<f32>().unwrap())
-                };
-                let fd = (at(h) - at(-h)) / (2.0 * f64::from(h));
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let an = f64::from(analytic[i]);
-                assert!(
-                    (fd - an).abs() <= 5e-3 + 2e-2 * an.abs(),
-                    "{name}[{i}]: finite difference {fd} vs autograd {an}"
-                );
-                checked += 1;
-            }
-        }
+        let checked = common::check_gradients(m.params(), loss_of, |_| true, 2, (5e-3, 2e-2));
         assert!(checked >= 30, "{checked} values checked");
     }
 }

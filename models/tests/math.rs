@@ -1,5 +1,7 @@
 //! The math against closed forms, hand-computed values and finite differences.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::BTreeMap;
 
@@ -237,40 +239,7 @@ fn check_model_gradients(model: &dyn Model, x: &Tensor, ids: &[u64], labels: &[O
     let input = Input { x, labels, ids };
     let noise = Noise::new(5);
     let loss_of = || loss(model, &input, &noise, 7).loss;
-    let grads = loss_of().backward().unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut checked = 0;
-    for (name, var) in model.params().vars() {
-        let analytic = grads
-            .get(var.as_tensor())
-            .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for _ in 0..3 {
-            let i = rng.random_range(0..base.len());
-            let h = 1e-2f32;
-            let at = |delta: f32| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss_of().to_scalar::<f32>().unwrap() as f64
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let an = analytic.as_ref().map_or(0.0, |g| g[i] as f64);
-            assert!(
-                (fd - an).abs() <= 5e-3 + 2e-2 * an.abs(),
-                "{name}[{i}]: finite difference {fd} vs autograd {an}"
-            );
-            checked += 1;
-        }
-    }
+    let checked = common::check_gradients(model.params(), loss_of, |_| true, 3, (5e-3, 2e-2));
     assert!(checked >= 24);
 }
 

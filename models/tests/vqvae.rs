@@ -2,6 +2,8 @@
 //! reference, the update statistics and gradients of a batch split across ranks against the
 //! whole batch, dead-code restarts, decoder gradients against finite differences, bad configs.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use elbo_models::{
     nearest_codes, Activation, Architecture, CodebookLearning, Input, LikelihoodKind, Model,
@@ -404,36 +406,8 @@ fn decoder_gradients_match_finite_differences() {
         let x = data(3, 9);
         let ids = [1u64, 2, 3];
         let loss_of = || step(&m, &x, &ids, 3, 0).1;
-        let grads = loss_of().backward().unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut checked = 0;
-        for (name, var) in m.params().vars() {
-            if !name.starts_with("decoder.") {
-                continue;
-            }
-            let analytic = values(grads.get(var.as_tensor()).unwrap());
-            let base = values(var.as_tensor());
-            for _ in 0..3 {
-                let i = rng.random_range(0..base.len());
-                let h = 1e-2f32;
-                let at = |delta: f32| {
-                    let mut v = base.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    f64::from(loss_of().to_scalar::<f32>().unwrap())
-                };
-                let fd = (at(h) - at(-h)) / (2.0 * f64::from(h));
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let an = f64::from(analytic[i]);
-                assert!(
-                    (fd - an).abs() <= 2e-3 + 2e-2 * an.abs(),
-                    "{likelihood:?} {name}[{i}]: finite difference {fd} vs autograd {an}"
-                );
-                checked += 1;
-            }
-        }
+        let decoder = |name: &str| name.starts_with("decoder.");
+        let checked = common::check_gradients(m.params(), loss_of, decoder, 3, (2e-3, 2e-2));
         assert!(checked >= 18, "{checked} decoder values checked");
     }
 }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Quality check of the ladder VAE on full MNIST at an equal budget: configs/ladder-mnist.toml
+# beside the one-layer VAE of configs/vae-mnist.toml, both for EPOCHS epochs with the same
+# optimiser and batch, and the ladder's PyTorch twin (scripts/ladder_twin.py, the same recipe):
+# test IW bound (k = 1000, −log p(x) in nats), −ELBO, and the ladder's KL and active units per
+# layer. Needs a release build (cargo build --release) and a Python with torch and numpy
+# (PYTHON; ../shared/reference/setup.sh makes one); fetches MNIST with scripts/mnist.py.
+# Usage: scripts/ladder_quality.sh [EPOCHS [SEED]]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+epochs=${1:-10}
+seed=${2:-0}
+py=${PYTHON:-python3}
+elbo=./target/release/elbo
+data=${MNIST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/elbo/mnist}
+python3 scripts/mnist.py "$data"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+for split in train t10k; do
+  $elbo data convert --format idx --images "$data/$split-images-idx3-ubyte.gz" \
+    --labels "$data/$split-labels-idx1-ubyte.gz" --out "$work/$split.parquet" >/dev/null
+done
+
+# run NAME CONFIG: trains CONFIG for the budget, prints its `elbo eval --json` on one line.
+run() {
+  local start seconds
+  start=$(date +%s)
+  ELBO_LOG=warn $elbo train --config "$2" --run-dir "$work/$1" \
+    --set data.train="$work/train.parquet" --set data.test="$work/t10k.parquet" \
+    --set run.seed="$seed" --set train.epochs="$epochs" --set train.checkpoint_every=0 >/dev/null
+  seconds=$(( $(date +%s) - start ))
+  $elbo eval --run-dir "$work/$1" --iw-samples 1000 --json |
+    "$py" -c "import json, sys; print(json.dumps({'name': '$1', 'seconds': $seconds, **json.load(sys.stdin)}))"
+}
+
+{
+  run vae configs/vae-mnist.toml
+  run ladder configs/ladder-mnist.toml
+  "$py" scripts/ladder_twin.py train "$data" "$epochs" "$seed" | tail -1
+} | tee "$work/results.jsonl"
+
+"$py" - "$work/results.jsonl" "$epochs" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"MNIST, {sys.argv[2]} epochs, test set of 10,000 (nats)")
+print(f"{'':22} {'IW bound k=1000':>15} {'−ELBO':>8} {'KL per layer':>18} {'active units':>13}")
+for r in rows:
+    name = {"vae": "elbo VAE (1 layer)", "ladder": "elbo ladder"}.get(r.get("name"), "pytorch twin ladder")
+    kl = " / ".join(f"{k:.1f}" for k in r.get("kl_layers", [r.get("kl", float("nan"))]))
+    au = " / ".join(str(int(a)) for a in r.get("active_units_layers", [r.get("active_units", 0)])) if "active_units" in r or "active_units_layers" in r else "-"
+    print(f"{name:22} {r['nll_iw']:>15.2f} {r['neg_elbo']:>8.2f} {kl:>18} {au:>13}")
+PY
