@@ -209,7 +209,8 @@ fn unavailable_choices_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     for (set, expect) in [
-        ("model.kind=vqvae", "model.kind"),
+        ("model.kind=gan", "model.kind"),
+        ("model.kind=vqvae", "model.architecture"),
         ("cluster.min_workers=9", "cluster.min_workers"),
     ] {
         let out = train(&tmp.path().join("r"), &cache, &["--set", set]);
