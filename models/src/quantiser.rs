@@ -267,14 +267,10 @@ impl Quantiser {
         buffers.values(&format!("{}.ema_count", self.name))
     }
 
-    /// Codes whose EMA count is at least the restart threshold (at least 1 without restarts).
-    pub fn alive(&self, buffers: &Buffers) -> Result<usize> {
+    /// Codes whose EMA count (`usage`) is at least the restart threshold, and at least 1.
+    pub fn alive(&self, usage: &[f32]) -> usize {
         let threshold = self.settings.restart_threshold.max(1.0) as f32;
-        Ok(self
-            .usage(buffers)?
-            .iter()
-            .filter(|n| **n >= threshold)
-            .count())
+        usage.iter().filter(|n| **n >= threshold).count()
     }
 
     /// Nearest codes of `z_e` (B, D, h, w) and the straight-through decoder input.
@@ -333,10 +329,11 @@ impl Quantiser {
             .contiguous()?)
     }
 
-    /// This rank's update statistics for a quantised batch of the rows `ids`.
+    /// This rank's update statistics for a quantised batch of the rows `ids`, the codes' EMA
+    /// counts before the step being `usage`.
     pub fn update_statistics(
         &self,
-        buffers: &Buffers,
+        usage: &[f32],
         q: &Quantised,
         ids: &[u64],
         ctx: &StepContext<'_>,
@@ -359,11 +356,7 @@ impl Quantiser {
             return Ok(stats);
         }
         let threshold = self.settings.restart_threshold as f32;
-        let dead: Vec<bool> = self
-            .usage(buffers)?
-            .iter()
-            .map(|n| *n < threshold)
-            .collect();
+        let dead: Vec<bool> = usage.iter().map(|n| *n < threshold).collect();
         if !dead.contains(&true) {
             return Ok(stats);
         }

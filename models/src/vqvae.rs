@@ -334,9 +334,10 @@ impl VqVae {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|e| ModelError::Spec(format!("[model.vqvae] {e}")))?;
+        config.validate().map_err(|e| {
+            let kind = if levels == 2 { "vqvae2" } else { "vqvae" };
+            ModelError::Spec(format!("[model.{kind}] {e}"))
+        })?;
         if !(1..=2).contains(&levels) {
             return Err(ModelError::Spec(format!(
                 "a VQ-VAE has 1 or 2 levels of codes, not {levels}"
@@ -613,19 +614,16 @@ impl Model for VqVae {
                 per_row = (per_row + cb)?;
                 terms.insert(LEVEL_TERMS[0][col], Term::per_row(cb)?);
             }
-            let alive = quantiser.alive(&self.buffers)? as f64;
-            let usage: Vec<f64> = quantiser
-                .usage(&self.buffers)?
-                .iter()
-                .map(|n| f64::from(*n))
-                .collect();
+            let usage = quantiser.usage(&self.buffers)?;
+            let alive = quantiser.alive(&usage) as f64;
+            let counts: Vec<f64> = usage.iter().map(|n| f64::from(*n)).collect();
             terms.insert(LEVEL_TERMS[1][col], Term::constant(alive, rows, device)?);
             terms.insert(LEVEL_TERMS[2][col], Term::per_row(&q.commitment)?);
             terms.insert(
                 LEVEL_TERMS[3][col],
-                Term::constant(perplexity(&usage), rows, device)?,
+                Term::constant(perplexity(&counts), rows, device)?,
             );
-            stats.extend(quantiser.update_statistics(&self.buffers, q, input.ids, ctx)?);
+            stats.extend(quantiser.update_statistics(&usage, q, input.ids, ctx)?);
         }
         terms.insert("loss", Term::per_row(&per_row)?);
         let loss = (per_row.sum_all()? / ctx.global_rows as f64)?;
@@ -638,7 +636,7 @@ impl Model for VqVae {
     }
 
     fn update_state(&mut self, stats: &[f32], _step: u64) -> Result<()> {
-        let want = self.statistics().update;
+        let want: usize = self.levels().iter().map(|(_, q)| q.update_len()).sum();
         if stats.len() != want {
             return Err(ModelError::Input(format!(
                 "VQ-VAE update statistics of {} values, expected {want}",
@@ -695,7 +693,7 @@ impl Model for VqVae {
     /// One level: `codes.png`, what each code draws when it fills the grid (the first 128
     /// codes). Each level: `code_usage[_bottom|_top].png`, one tile per code filled from the
     /// bottom in proportion to its EMA usage (the fullest tile is the most used code).
-    fn pictures(&self, input: &Input<'_>) -> Result<Vec<Picture>> {
+    fn pictures(&self, _input: &Input<'_>) -> Result<Vec<Picture>> {
         let mut pictures = Vec::new();
         let cols = 16;
         if self.top.is_none() {
@@ -716,7 +714,6 @@ impl Model for VqVae {
                 cols,
             });
         }
-        let _ = input;
         let (c, h, w) = self.shape;
         for (col, quantiser) in self.levels() {
             let usage = quantiser.usage(&self.buffers)?;
