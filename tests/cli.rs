@@ -135,7 +135,16 @@ fn config_models_lists_the_registered_kinds() {
         .collect();
     let builtin = elbo_models::Registry::builtin().kinds();
     assert_eq!(kinds, builtin, "{out}");
-    for kind in ["beta_vae", "cvae", "ladder", "m2", "vae", "vqvae", "vqvae2"] {
+    for kind in [
+        "beta_vae",
+        "code_prior",
+        "cvae",
+        "ladder",
+        "m2",
+        "vae",
+        "vqvae",
+        "vqvae2",
+    ] {
         assert!(kinds.contains(&kind), "{kind}");
     }
     let err = refused(&elbo(

@@ -224,6 +224,31 @@ fn vq_settings(kind: &str, codes: u32, threshold: u32) -> Vec<String> {
     .collect()
 }
 
+/// A prior over a VQ run's codes: every worker loads the VQ run and encodes its rows with it,
+/// and N workers train the prior one process trains.
+#[test]
+fn a_code_prior_trains_the_same_model_at_one_two_and_four_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = tmp.path().join("vq");
+    let mut args = vec!["train", "--run-dir", vq.to_str().unwrap()];
+    args.extend(SMALL);
+    let settings = vq_settings("vqvae", 16, 2);
+    args.extend(settings.iter().map(String::as_str));
+    args.extend(["--max-steps", "20"]);
+    ok(elbo(&args, &tmp.path().join("cache")));
+    let base = format!("model.code_prior.vq_run={}", vq.display());
+    same_model_at_every_world_size(&[
+        "--set",
+        "model.kind=code_prior",
+        "--set",
+        &base,
+        "--set",
+        "model.code_prior.channels=8",
+        "--set",
+        "model.code_prior.layers=2",
+    ]);
+}
+
 /// The ladder VAE with free bits (clamped per latent dimension of every layer on the global
 /// batch's mean KL) trains the same model at any world size.
 #[test]

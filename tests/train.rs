@@ -524,6 +524,86 @@ fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
 
 /// A ladder VAE resumes byte for byte, writes a traversal picture per layer, and `elbo eval`
 /// reports the KL and active units of each layer beside the IW bound over all layers.
+/// A prior over a trained VQ-VAE's codes trains on the codes its encoder gives, resumes byte
+/// for byte (its checkpoint holds only its own parameters), reports bits per code position
+/// below the uniform prior's, samples through the VQ run, and refuses a base it cannot use.
+#[test]
+fn a_code_prior_trains_on_a_vq_run_and_samples_through_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let vq = tmp.path().join("vq");
+    ok(train(&vq, &cache, &VQVAE));
+    let base = format!("model.code_prior.vq_run={}", vq.display());
+    let prior = [
+        "--set",
+        "model.kind=code_prior",
+        "--set",
+        &base,
+        "--set",
+        "model.code_prior.channels=8",
+        "--set",
+        "model.code_prior.layers=3",
+    ];
+    let (whole, split) = resume_is_exact(&tmp.path().join("prior"), &cache, &prior);
+    let tensors = elbo_worker::checkpoint::model_tensors(
+        &std::fs::read_dir(whole.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        tensors.keys().all(|k| k.starts_with("prior.")),
+        "only the prior's parameters: {:?}",
+        tensors.keys().collect::<Vec<_>>()
+    );
+    let json = ok(elbo(
+        &["eval", "--run-dir", whole.to_str().unwrap(), "--json"],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let bits = v["bits_per_dim"].as_f64().unwrap();
+    assert!(
+        bits > 0.0 && bits < 4.0,
+        "bits per code {bits} (uniform over 16: 4)"
+    );
+    let positions = 8.0 * 8.0;
+    let nll = v["nll"].as_f64().unwrap();
+    assert!((nll - bits * positions * std::f64::consts::LN_2).abs() < 1e-6 * nll);
+    let png = tmp.path().join("grid.png");
+    let said = ok(elbo(
+        &[
+            "sample",
+            "--run-dir",
+            whole.to_str().unwrap(),
+            "--n",
+            "16",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &cache,
+    ));
+    assert!(said.contains("wrote 16 samples") && png.is_file(), "{said}");
+
+    let refused = |vq_run: &Path, expect: &str| {
+        let base = format!("model.code_prior.vq_run={}", vq_run.display());
+        let run = tmp.path().join("refused");
+        let out = train(
+            &run,
+            &cache,
+            &["--set", "model.kind=code_prior", "--set", &base],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expect), "{err}");
+    };
+    refused(&tmp.path().join("nowhere"), "not a run directory");
+    refused(&split, "builds on another run itself");
+    let vae = tmp.path().join("vae");
+    ok(train(&vae, &cache, &["--max-steps", "1"]));
+    refused(&vae, "no code grids");
+}
+
 #[test]
 fn a_ladder_vae_resumes_byte_for_byte_and_reports_each_layer() {
     let tmp = tempfile::tempdir().unwrap();

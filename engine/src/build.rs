@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use elbo_datasets::sprites::{resolve_builtin, Split, SpritesParams};
 use elbo_datasets::{Binarizer, DataSchema, Dataset};
-use elbo_models::{BuildContext, Model, ModelSpec, Objective, Registry};
+use elbo_models::{BaseModel, BuildContext, Model, ModelSpec, Objective, Registry};
 use elbo_settings::{self as settings, Config, Layers};
 use elbo_worker::{OptimizerConfig, Schedule, StepConfig};
 
@@ -76,14 +76,39 @@ impl Engine {
         schema: &DataSchema,
         device: &Device,
     ) -> Result<Box<dyn Model>> {
-        let ctx = BuildContext {
-            device: device.clone(),
-            seed: cfg.run.seed,
-        };
+        let section = cfg.model.section();
+        let mut ctx = BuildContext::new(device.clone(), cfg.run.seed);
+        if let Some(base) = self.registry.base_run(&cfg.model.kind, &section)? {
+            ctx.base =
+                BaseModel::new(self.base_model(&cfg.model.kind, Path::new(&base), device)?);
+        }
         let spec = model_spec(cfg, schema);
         Ok(self
             .registry
-            .build(&cfg.model.kind, &spec, &cfg.model.section(), &ctx)?)
+            .build(&cfg.model.kind, &spec, &section, &ctx)?)
+    }
+
+    /// The trained model of the run a `kind` model builds on, at its newest checkpoint.
+    fn base_model(&self, kind: &str, run_dir: &Path, device: &Device) -> Result<Box<dyn Model>> {
+        let base_cfg = self.run_config(run_dir)?;
+        let base_kind = &base_cfg.model.kind;
+        if self
+            .registry
+            .base_run(base_kind, &base_cfg.model.section())?
+            .is_some()
+        {
+            return Err(EngineError::Invalid(format!(
+                "model.{kind}: {} is a {base_kind} run, which builds on another run itself; expected a run that stands alone (a vqvae or vqvae2 run for a code prior)",
+                run_dir.display()
+            )));
+        }
+        let run = crate::eval::load_run(self, run_dir, device).map_err(|e| {
+            EngineError::Invalid(format!(
+                "model.{kind}: cannot load the run it builds on, {}: {e}",
+                run_dir.display()
+            ))
+        })?;
+        Ok(run.model)
     }
 }
 

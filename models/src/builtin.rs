@@ -1,5 +1,6 @@
 //! The built-in model variants: one line each.
 
+use crate::code_prior::CodePrior;
 use crate::cvae::Cvae;
 use crate::ladder::Ladder;
 use crate::m2::M2Kind;
@@ -18,6 +19,7 @@ impl Registry {
         r.register::<VqVae>();
         r.register::<VqVae2>();
         r.register::<Ladder>();
+        r.register::<CodePrior>();
         r
     }
 }

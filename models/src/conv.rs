@@ -41,6 +41,9 @@ pub struct ConvSpec {
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     channels: usize,
+    /// The kernel offsets read, bit `ki·kernel + kj` for offset (ki, kj) (`None`: all of
+    /// them); a masked convolution's other weights are taken as zero.
+    taps: Option<u128>,
     height: usize,
     width: usize,
     kernel: usize,
@@ -87,7 +90,18 @@ impl Geometry {
     }
 
     fn rows(&self) -> usize {
-        self.channels * self.kernel * self.kernel
+        self.channels * self.taps_read()
+    }
+
+    /// Kernel offsets read.
+    fn taps_read(&self) -> usize {
+        self.taps
+            .map_or(self.kernel * self.kernel, |t| t.count_ones() as usize)
+    }
+
+    /// Whether offset `t` (`ki·kernel + kj`) is read.
+    fn reads(&self, t: usize) -> bool {
+        self.taps.is_none_or(|m| m & (1 << t) != 0)
     }
 
     /// The polyphase layout: (top margin, rows, left margin, columns) of each plane.
@@ -203,15 +217,21 @@ fn merge(g: &Geometry, phases: &[f32], image: &mut [f32]) {
 fn window_rows(g: &Geometry, mut f: impl FnMut(usize, usize)) {
     let (k, s, l) = (g.kernel, g.stride, g.windows());
     let (mt, rows, ml, cols) = g.planes();
+    let taps = g.taps_read();
     for c in 0..g.channels {
+        let mut tap = 0;
         for ki in 0..k {
             let (r, a) = phase_of(ki, g.padding, s);
             let top = (mt as isize + a) as usize;
             for kj in 0..k {
+                if !g.reads(ki * k + kj) {
+                    continue;
+                }
                 let (t, b) = phase_of(kj, g.padding, s);
                 let plane = ((c * s + r) * s + t) * rows * cols;
                 let left = (ml as isize + b) as usize;
-                let row = ((c * k + ki) * k + kj) * l;
+                let row = (c * taps + tap) * l;
+                tap += 1;
                 for oh in 0..g.out_h {
                     f(plane + (top + oh) * cols + left, row + oh * g.out_w);
                 }
@@ -297,6 +317,38 @@ struct ConvOp {
     spec: ConvSpec,
     relu: bool,
     sink: Option<SinkSlots>,
+    /// The kernel offsets read, bit `ki·k + kj` (`None`: every one).
+    taps: Option<u128>,
+}
+
+/// The taps of `w` (out, in, k, k) that `taps` keeps, as the (out × in·taps) matrix the gemm
+/// reads (borrowed when every tap is kept).
+fn kept_taps<'a>(w: &'a [f32], g: &Geometry) -> std::borrow::Cow<'a, [f32]> {
+    let k2 = g.kernel * g.kernel;
+    if g.taps.is_none() {
+        return w.into();
+    }
+    let kept: Vec<usize> = (0..k2).filter(|t| g.reads(*t)).collect();
+    w.chunks_exact(k2)
+        .flat_map(|taps| kept.iter().map(|t| taps[*t]))
+        .collect::<Vec<f32>>()
+        .into()
+}
+
+/// The full (out, in, k, k) gradient of a weight from its kept taps' gradient, zero elsewhere.
+fn all_taps(dw: Vec<f32>, g: &Geometry) -> Vec<f32> {
+    let (k2, t) = (g.kernel * g.kernel, g.taps_read());
+    if g.taps.is_none() {
+        return dw;
+    }
+    let kept: Vec<usize> = (0..k2).filter(|i| g.reads(*i)).collect();
+    let mut full = vec![0.0f32; dw.len() / t * k2];
+    for (dst, src) in full.chunks_exact_mut(k2).zip(dw.chunks_exact(t)) {
+        for (i, v) in kept.iter().zip(src) {
+            dst[*i] = *v;
+        }
+    }
+    full
 }
 
 impl ConvSpec {
@@ -357,6 +409,7 @@ impl ConvOp {
         };
         Geometry {
             channels: c,
+            taps: self.taps,
             height: h,
             width: w,
             kernel: d.kernel,
@@ -399,6 +452,7 @@ impl CustomOp3 for ConvOp {
             contiguous(sb, lb, "b")?,
         );
         let g = self.geometry(&d);
+        let w = &*kept_taps(w, &g);
         let (in_len, out_len) = (d.in_len(), d.out_len());
         let plane = d.output.1 * d.output.2;
         let mut y = vec![0.0f32; d.batch * out_len];
@@ -454,16 +508,18 @@ impl CustomOp3 for ConvOp {
         let geo = self.geometry(&d);
         let need_dx = x.track_op();
         let (xv, wv, dyv, yv) = (cpu_flat(&x)?, cpu_flat(&w)?, cpu_flat(&dy)?, cpu_flat(y)?);
-        let grads = Backward {
+        let kept = kept_taps(wv.values()?, &geo);
+        let mut grads = Backward {
             op: self,
             d,
             geo,
             x: xv.values()?,
-            w: wv.values()?,
+            w: &kept,
             dy: dyv.values()?,
             y: if self.relu { Some(yv.values()?) } else { None },
         }
         .run(need_dx)?;
+        grads.dw = all_taps(grads.dw, &geo);
         let dx = match grads.dx {
             Some(dx) => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             None => None,
@@ -634,8 +690,46 @@ pub(crate) fn conv2d_with_sink(
     sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        let op = ConvOp { spec, relu, sink };
+        let op = ConvOp {
+            spec,
+            relu,
+            sink,
+            taps: None,
+        };
         return Ok(x.contiguous()?.apply_op3(w, b, op)?);
     }
     crate::conv_gemm::conv2d(x, w, b, spec, relu)
+}
+
+/// A convolution (not transposed, no ReLU) that reads only the kernel offsets of `taps` (bit
+/// `ki·k + kj` for offset (ki, kj), k ≤ 11): the weights of the others are taken as zero and get
+/// a zero gradient. On CPU the skipped offsets cost nothing (neither columns nor products);
+/// elsewhere the weight is multiplied by the mask.
+pub fn conv2d_masked(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: ConvSpec,
+    taps: u128,
+) -> Result<Tensor> {
+    let k = w.dim(3)?;
+    if spec.transposed || k * k > 128 {
+        return Err(crate::ModelError::Spec(format!(
+            "a masked convolution is not transposed and has at most 11×11 taps, not {k}×{k} ({spec:?})"
+        )));
+    }
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let op = ConvOp {
+            spec,
+            relu: false,
+            sink: None,
+            taps: Some(taps),
+        };
+        return Ok(x.contiguous()?.apply_op3(w, b, op)?);
+    }
+    let mask: Vec<f32> = (0..k * k)
+        .map(|t| f32::from(u8::from(taps & (1 << t) != 0)))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, k, k), w.device())?.to_dtype(w.dtype())?;
+    crate::conv_gemm::conv2d(x, &w.broadcast_mul(&mask)?, b, spec, false)
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::iwae::{iw_bound, ActiveUnits};
-use crate::layers::{linear, Linear, Mlp};
+use crate::layers::{linear, linear_weight_normed, Linear, Mlp};
 use crate::likelihood::Likelihood;
 use crate::model::{
     EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Picture, Statistics,
@@ -65,6 +65,8 @@ pub struct LadderConfig {
     pub hidden: Vec<u32>,
     /// Dense layers in each deterministic block (bottom-up, top-down and decoder).
     pub depth: u32,
+    /// Weight normalisation (Salimans & Kingma 2016) of every dense layer: `W = g·V/‖V‖`.
+    pub weight_norm: bool,
 }
 
 impl Default for LadderConfig {
@@ -73,6 +75,7 @@ impl Default for LadderConfig {
             latent_dims: vec![32],
             hidden: vec![512, 256],
             depth: 1,
+            weight_norm: false,
         }
     }
 }
@@ -215,14 +218,29 @@ impl Ladder {
         let depth = config.depth as usize;
         let act = spec.activation;
         let mut p = Params::new(device, seed);
+        let wn = config.weight_norm;
+        let mlp = |p: &mut Params, name: &str, sizes: &[usize]| {
+            if wn {
+                Mlp::weight_normed(p, name, sizes, act)
+            } else {
+                Mlp::new(p, name, sizes, act)
+            }
+        };
+        let dense = |p: &mut Params, name: &str, inputs: usize, outputs: usize| {
+            if wn {
+                linear_weight_normed(p, name, inputs, outputs)
+            } else {
+                linear(p, name, inputs, outputs)
+            }
+        };
         let (mut up, mut up_mu, mut up_log_var) = (Vec::new(), Vec::new(), Vec::new());
         let mut below = dim;
         for (i, (&h, &d)) in hidden.iter().zip(&dims).enumerate() {
             let mut sizes = vec![below];
             sizes.extend(std::iter::repeat_n(h, depth));
-            up.push(Mlp::new(&mut p, &format!("up{i}"), &sizes, act)?);
-            up_mu.push(linear(&mut p, &format!("up{i}.mu"), h, d)?);
-            up_log_var.push(linear(&mut p, &format!("up{i}.log_var"), h, d)?);
+            up.push(mlp(&mut p, &format!("up{i}"), &sizes)?);
+            up_mu.push(dense(&mut p, &format!("up{i}.mu"), h, d)?);
+            up_log_var.push(dense(&mut p, &format!("up{i}.log_var"), h, d)?);
             below = h;
         }
         let (mut down, mut down_mu, mut down_log_var) = (Vec::new(), Vec::new(), Vec::new());
@@ -230,14 +248,14 @@ impl Ladder {
             let h = hidden[i];
             let mut sizes = vec![dims[i + 1]];
             sizes.extend(std::iter::repeat_n(h, depth));
-            down.push(Mlp::new(&mut p, &format!("down{i}"), &sizes, act)?);
-            down_mu.push(linear(&mut p, &format!("down{i}.mu"), h, dims[i])?);
-            down_log_var.push(linear(&mut p, &format!("down{i}.log_var"), h, dims[i])?);
+            down.push(mlp(&mut p, &format!("down{i}"), &sizes)?);
+            down_mu.push(dense(&mut p, &format!("down{i}.mu"), h, dims[i])?);
+            down_log_var.push(dense(&mut p, &format!("down{i}.log_var"), h, dims[i])?);
         }
         let mut dec = vec![dims[0]];
         dec.extend(std::iter::repeat_n(hidden[0], depth));
         dec.push(dim);
-        let decoder = Mlp::new(&mut p, "decoder", &dec, act)?;
+        let decoder = mlp(&mut p, "decoder", &dec)?;
         let likelihood = Likelihood::new(&mut p, spec.likelihood, dim, spec.variance)?;
         Ok(Ladder {
             params: p,

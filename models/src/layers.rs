@@ -34,24 +34,39 @@ impl Activation {
     }
 }
 
-/// A dense layer `y = x Wᵀ + b` with parameters `{name}.weight` `(out, in)` and `{name}.bias`.
+/// A dense layer `y = x Wᵀ + b` with parameters `{name}.weight` `(out, in)` and `{name}.bias`;
+/// weight-normalised (Salimans & Kingma 2016), `W = g·V/‖V‖` row by row, with parameters
+/// `{name}.weight_v` `(out, in)`, `{name}.weight_g` `(out)` and `{name}.bias`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// W, or V when weight-normalised.
     weight: Tensor,
     bias: Tensor,
+    /// g, when weight-normalised.
+    scale: Option<Tensor>,
     /// Names of the weight and bias in the gradient sink (built once, shared by every call).
     sink_slots: SinkSlots,
 }
 
 impl Linear {
+    /// The weight W the product uses, and the sink slots its gradient goes to (none when it
+    /// is computed from V and g: their gradients flow through autograd).
+    fn weight(&self) -> Result<(Tensor, Option<SinkSlots>)> {
+        match &self.scale {
+            None => Ok((self.weight.clone(), Some(self.sink_slots.clone()))),
+            Some(g) => {
+                let norm = self.weight.sqr()?.sum_keepdim(1)?.sqrt()?;
+                let w = self
+                    .weight
+                    .broadcast_mul(&g.unsqueeze(1)?.broadcast_div(&norm)?)?;
+                Ok((w, None))
+            }
+        }
+    }
+
     fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        dense_with_sink(
-            x,
-            &self.weight,
-            &self.bias,
-            relu,
-            Some(self.sink_slots.clone()),
-        )
+        let (w, sink) = self.weight()?;
+        dense_with_sink(x, &w, &self.bias, relu, sink)
     }
 
     /// `x·Wᵀ + b`.
@@ -70,6 +85,27 @@ pub fn linear(params: &mut Params, name: &str, inputs: usize, outputs: usize) ->
     linear_with_fan_in(params, name, inputs, outputs, inputs)
 }
 
+/// A new weight-normalised dense layer named `name`: V drawn like [`linear`]'s W and g set to
+/// V's row norms, so that it starts as the same function (PyTorch's `weight_norm` start).
+pub fn linear_weight_normed(
+    params: &mut Params,
+    name: &str,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Linear> {
+    let bound = 1.0 / (inputs as f32).sqrt();
+    let v = params.uniform(&format!("{name}.weight_v"), &[outputs, inputs], bound)?;
+    let norms = v.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+    let scale = params.with_values(&format!("{name}.weight_g"), &[outputs], norms)?;
+    let bias = params.uniform(&format!("{name}.bias"), &[outputs], bound)?;
+    Ok(Linear {
+        weight: v,
+        bias,
+        scale: Some(scale),
+        sink_slots: SinkSlots::new(params.grad_sink().clone(), name),
+    })
+}
+
 /// [`linear`] initialised uniform ±1/√fan_in.
 fn linear_with_fan_in(
     params: &mut Params,
@@ -84,6 +120,7 @@ fn linear_with_fan_in(
     Ok(Linear {
         weight,
         bias,
+        scale: None,
         sink_slots: SinkSlots::new(params.grad_sink().clone(), name),
     })
 }
@@ -100,6 +137,25 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// [`Mlp::new`] of weight-normalised layers ([`linear_weight_normed`]).
+    pub fn weight_normed(
+        params: &mut Params,
+        name: &str,
+        sizes: &[usize],
+        activation: Activation,
+    ) -> Result<Self> {
+        let layers = sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear_weight_normed(params, &format!("{name}.{i}"), w[0], w[1]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Mlp {
+            layers,
+            activation,
+            class_embedding: None,
+        })
+    }
+
     /// Layers `sizes[0] → sizes[1] → …`, named `{name}.{i}`.
     pub fn new(
         params: &mut Params,
@@ -176,12 +232,9 @@ impl Mlp {
         }
         let h = self.layers_upto(n - 1, x, None, classes, true)?;
         let last = &self.layers[n - 1];
+        let (w, sink) = last.weight()?;
         Ok(Some(dense_bernoulli_nll_with_sink(
-            &h,
-            &last.weight,
-            &last.bias,
-            target,
-            Some(last.sink_slots.clone()),
+            &h, &w, &last.bias, target, sink,
         )?))
     }
 

@@ -6,6 +6,7 @@ mod bernoulli;
 mod buffers;
 mod builtin;
 mod class_rows;
+mod code_prior;
 mod conv;
 mod conv_gemm;
 mod cpu;
@@ -13,6 +14,7 @@ mod cvae;
 mod dense;
 mod error;
 mod fastmath;
+mod gate;
 mod gaussian;
 mod grad_sink;
 mod iwae;
@@ -32,26 +34,30 @@ mod vqvae;
 
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
-pub use conv::{conv2d, ConvSpec};
+pub use code_prior::{CodePrior, CodePriorConfig, PixelCnn};
+pub use conv::{conv2d, conv2d_masked, ConvSpec};
 pub use cvae::{Cvae, CvaeConfig};
 pub use dense::{dense, dense_bernoulli_nll};
 pub use error::{ModelError, Result};
+pub use gate::gated_tanh;
 pub use gaussian::reparameterise;
 pub use grad_sink::GradSink;
 pub use iwae::{iw_bound, ActiveUnits};
 pub use ladder::{gaussian_kl_between, precision_merge, Ladder, LadderConfig, MAX_LAYERS};
-pub use layers::{linear, Activation, ConvDecoder, ConvEncoder, Linear, Mlp, ResidualBlock};
+pub use layers::{
+    linear, linear_weight_normed, Activation, ConvDecoder, ConvEncoder, Linear, Mlp, ResidualBlock,
+};
 pub use likelihood::{Likelihood, LikelihoodKind};
 pub use m2::{M2Config, M2Kind, M2};
 pub use model::{
-    EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Picture,
-    Statistics, StepContext, Term,
+    CodeGrid, CodeModel, EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics,
+    Model, Picture, Statistics, StepContext, Term,
 };
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};
 pub use params::Params;
 pub use quantiser::{ema_step, nearest_codes, CodebookLearning, RESTART_SLOTS};
 pub use registry::{NoSection, Registry, Section, SectionError, Variant};
-pub use spec::{Architecture, BuildContext, ModelSpec};
+pub use spec::{Architecture, BaseModel, BuildContext, ModelSpec};
 pub use vae::{BetaVae, Vae, VaeNet};
 pub use vqvae::{VqVae, VqVae2, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM};

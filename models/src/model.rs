@@ -182,6 +182,38 @@ impl LabelUse {
     }
 }
 
+/// One grid of discrete codes of a [`CodeModel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeGrid {
+    /// Codes a position can hold (the codebook's size).
+    pub codes: usize,
+    /// Rows of the grid.
+    pub height: usize,
+    /// Columns of the grid.
+    pub width: usize,
+}
+
+impl CodeGrid {
+    /// Positions of the grid.
+    pub fn positions(&self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// A model whose latent is one or more grids of discrete codes (a VQ-VAE): what a prior over
+/// its codes reads and writes. Grids are listed bottom (finest) first; codes are row-major per
+/// example, one example after another.
+pub trait CodeModel {
+    /// The code grids, bottom first.
+    fn code_grids(&self) -> Vec<CodeGrid>;
+    /// Size of one example the encoder reads (C·H·W).
+    fn example_len(&self) -> usize;
+    /// The codes of each example of `x` (B, C·H·W), per grid: B·positions indices each.
+    fn encode_codes(&self, x: &Tensor) -> Result<Vec<Vec<u32>>>;
+    /// Decodes `n` examples' codes of every grid (bottom first) to means in data space: (n, D).
+    fn decode_codes(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor>;
+}
+
 /// A latent-variable model trained by a variational bound (or its relatives).
 pub trait Model: Send {
     /// The trainable parameters, by name.
@@ -253,5 +285,11 @@ pub trait Model: Send {
     fn pictures(&self, input: &Input<'_>) -> Result<Vec<Picture>> {
         let _ = input;
         Ok(Vec::new())
+    }
+
+    /// Its code grids, for a model whose latent is discrete codes (a prior can be trained
+    /// over them); `None` by default.
+    fn codes(&self) -> Option<&dyn CodeModel> {
+        None
     }
 }

@@ -53,6 +53,13 @@ pub trait Section: Serialize + DeserializeOwned + Default + 'static {
     fn validate(&self) -> Result<(), SectionError> {
         Ok(())
     }
+
+    /// The directory of a trained run this model builds on (a prior over a VQ-VAE's codes
+    /// names the VQ-VAE's run), loaded by the program into [`BuildContext::base`]; `None` by
+    /// default.
+    fn base_run(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The section of a variant without keys of its own.
@@ -79,6 +86,7 @@ struct Entry {
     about: &'static str,
     defaults: fn() -> toml::Table,
     check: fn(&toml::Table) -> Result<(), SectionError>,
+    base_run: fn(&toml::Table) -> Result<Option<String>, SectionError>,
     build: fn(&ModelSpec, &toml::Table, &BuildContext) -> Result<Box<dyn Model>>,
 }
 
@@ -99,6 +107,10 @@ fn parse<C: Section>(section: &toml::Table) -> Result<C, SectionError> {
 
 fn check<C: Section>(section: &toml::Table) -> Result<(), SectionError> {
     parse::<C>(section).map(|_| ())
+}
+
+fn base_run<C: Section>(section: &toml::Table) -> Result<Option<String>, SectionError> {
+    parse::<C>(section).map(|c| c.base_run().map(str::to_owned))
 }
 
 fn build<V: Variant>(
@@ -134,6 +146,7 @@ impl Registry {
                     about: V::ABOUT,
                     defaults: defaults::<V::Config>,
                     check: check::<V::Config>,
+                    base_run: base_run::<V::Config>,
                     build: build::<V>,
                 },
             )
@@ -168,6 +181,16 @@ impl Registry {
             Some(e) => (e.check)(section),
             None => Err(SectionError::new("", self.unknown(kind))),
         }
+    }
+
+    /// The trained run a model of `kind` with this section builds on, if any
+    /// ([`Section::base_run`]).
+    pub fn base_run(&self, kind: &str, section: &toml::Table) -> Result<Option<String>> {
+        let entry = self
+            .entries
+            .get(kind)
+            .ok_or_else(|| ModelError::Spec(self.unknown(kind)))?;
+        (entry.base_run)(section).map_err(|e| ModelError::Spec(format!("[model.{kind}] {e}")))
     }
 
     /// Builds a model of `kind` from the common spec and its section.

@@ -43,8 +43,8 @@ use crate::error::{ModelError, Result};
 use crate::layers::{Activation, ConvLayer, ResidualBlock};
 use crate::likelihood::LikelihoodKind;
 use crate::model::{
-    EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Picture, Statistics,
-    StepContext, Term,
+    CodeGrid, CodeModel, EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model,
+    Picture, Statistics, StepContext, Term,
 };
 use crate::params::Params;
 use crate::quantiser::{perplexity, CodebookLearning, CodebookSettings, Quantised, Quantiser};
@@ -497,20 +497,13 @@ impl VqVae {
             .forward(&self.encoder.forward(&self.image(x)?)?, None)
     }
 
-    /// Quantises every level (the top first) and decodes.
-    fn forward(&self, x: &Tensor) -> Result<Pass> {
+    /// Quantises every level (the top first; returned bottom first).
+    fn quantise_levels(&self, x: &Tensor) -> Result<Vec<Quantised>> {
         let features = self.encoder.forward(&self.image(x)?)?;
         match &self.top {
-            None => {
-                let bottom = self
-                    .quantiser
-                    .quantise(&self.pre_vq.forward(&features, None)?)?;
-                let out = self.decode(&bottom.zq, None)?;
-                Ok(Pass {
-                    levels: vec![bottom],
-                    out,
-                })
-            }
+            None => Ok(vec![self
+                .quantiser
+                .quantise(&self.pre_vq.forward(&features, None)?)?]),
             Some(top) => {
                 let z_top = top.pre_vq.forward(&top.encoder.forward(&features)?, None)?;
                 let q_top = top.quantiser.quantise(&z_top)?;
@@ -518,14 +511,16 @@ impl VqVae {
                 let z = self
                     .pre_vq
                     .forward(&Tensor::cat(&[&features, &condition], 1)?, None)?;
-                let bottom = self.quantiser.quantise(&z)?;
-                let out = self.decode(&bottom.zq, Some(&q_top.zq))?;
-                Ok(Pass {
-                    levels: vec![bottom, q_top],
-                    out,
-                })
+                Ok(vec![self.quantiser.quantise(&z)?, q_top])
             }
         }
+    }
+
+    /// Quantises every level and decodes.
+    fn forward(&self, x: &Tensor) -> Result<Pass> {
+        let levels = self.quantise_levels(x)?;
+        let out = self.decode(&levels[0].zq, levels.get(1).map(|q| &q.zq))?;
+        Ok(Pass { levels, out })
     }
 
     /// The decoder's output for the bottom code vectors (B, D, h, w) and, with two levels,
@@ -559,7 +554,7 @@ impl VqVae {
 
     /// Decodes code grids of every level (bottom first; each `n` grids, row-major) to means
     /// in data space: (n, C·H·W).
-    fn decode_codes(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor> {
+    fn decode_levels(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor> {
         let bottom = self.quantiser.lookup(&codes[0], n, self.grid)?;
         let top = match &self.top {
             Some(level) => {
@@ -569,6 +564,52 @@ impl VqVae {
             None => None,
         };
         self.mean(&self.decode(&bottom, top.as_ref())?)
+    }
+}
+
+impl CodeModel for VqVae {
+    fn code_grids(&self) -> Vec<CodeGrid> {
+        self.levels()
+            .iter()
+            .enumerate()
+            .map(|(level, (_, q))| CodeGrid {
+                codes: q.codes(),
+                height: self.grid.0 >> level,
+                width: self.grid.1 >> level,
+            })
+            .collect()
+    }
+
+    fn example_len(&self) -> usize {
+        self.shape.0 * self.shape.1 * self.shape.2
+    }
+
+    fn encode_codes(&self, x: &Tensor) -> Result<Vec<Vec<u32>>> {
+        Ok(self
+            .quantise_levels(x)?
+            .into_iter()
+            .map(|q| q.indices)
+            .collect())
+    }
+
+    fn decode_codes(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor> {
+        let grids = self.code_grids();
+        if codes.len() != grids.len() {
+            return Err(ModelError::Input(format!(
+                "codes of {} grids, but the VQ-VAE has {}",
+                codes.len(),
+                grids.len()
+            )));
+        }
+        for (c, g) in codes.iter().zip(&grids) {
+            if c.len() != n * g.positions() || c.iter().any(|&i| i as usize >= g.codes) {
+                return Err(ModelError::Input(format!(
+                    "expected {n} grids of {}×{} codes below {}",
+                    g.height, g.width, g.codes
+                )));
+            }
+        }
+        self.decode_levels(codes, n)
     }
 }
 
@@ -683,11 +724,15 @@ impl Model for VqVae {
             .iter()
             .map(|(_, q)| q.draw_codes(&self.buffers, n, &mut rng))
             .collect::<Result<Vec<_>>>()?;
-        self.decode_codes(&codes, n)
+        self.decode_levels(&codes, n)
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
         self.mean(&self.forward(input.x)?.out)
+    }
+
+    fn codes(&self) -> Option<&dyn CodeModel> {
+        Some(self)
     }
 
     /// One level: `codes.png`, what each code draws when it fills the grid (the first 128

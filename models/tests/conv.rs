@@ -3,7 +3,7 @@
 //! batch 1.
 
 use candle_core::{DType, Device, Tensor, Var};
-use elbo_models::{conv2d, ConvSpec};
+use elbo_models::{conv2d, conv2d_masked, ConvSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -59,6 +59,10 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
         (2, 2, 3, 8, 6, spec(2, 0, 0, false), 3),
         // The output padding reaches past the last phase row.
         (1, 2, 2, 3, 4, spec(2, 0, 1, true), 4),
+        // Batches of many images per thread, on the VQ models' grid sizes.
+        (47, 2, 3, 7, 7, spec(1, 1, 0, false), 3),
+        (13, 2, 3, 7, 7, spec(1, 0, 0, false), 1),
+        (13, 2, 2, 28, 28, spec(2, 1, 0, false), 4),
     ]
     .into_iter()
     .map(|(n, cin, cout, h, w, s, k)| (n, cin, cout, h, w, k, s))
@@ -120,6 +124,78 @@ fn fused_convolutions_match_candles_ops_and_their_gradients() {
             }
         }
     }
+}
+
+/// A masked convolution reads only the kept taps: the values and gradients of candle's
+/// convolution with the weight multiplied by the mask, on the fused path (f32) and the composed
+/// one (f64), and a zero weight gradient at every dropped tap.
+#[test]
+fn masked_convolutions_match_the_weight_times_the_mask() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (n, cin, cout, side, k, stride, padding) in [
+        (3, 2, 4, 5, 3, 1, 1),
+        (1, 3, 2, 7, 5, 1, 2),
+        (2, 2, 3, 6, 3, 2, 1),
+        (2, 1, 2, 4, 1, 1, 0),
+    ] {
+        let spec = ConvSpec {
+            stride,
+            padding,
+            output_padding: 0,
+            transposed: false,
+        };
+        let k2 = k * k;
+        for taps in [
+            (1u128 << k2) - 1,
+            rng.random_range(1..(1u128 << k2)),
+            1 << (k2 / 2),
+        ] {
+            let mask: Vec<f32> = (0..k2)
+                .map(|t| f32::from(u8::from(taps & (1 << t) != 0)))
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, 1, k, k), &Device::Cpu).unwrap();
+            for dtype in [DType::F32, DType::F64] {
+                let what =
+                    format!("{n}×{cin}×{side}², {cout} out, k {k}, taps {taps:b}, {dtype:?}");
+                let (x, wt, b) = operands((n, cin, cout, side, side, k, spec), &mut rng);
+                let cast = |v: &Var| Var::from_tensor(&v.to_dtype(dtype).unwrap()).unwrap();
+                let (x, wt, b) = (cast(&x), cast(&wt), cast(&b));
+                let masked = conv2d_masked(&x, &wt, &b, spec, taps).unwrap();
+                let m = mask.to_dtype(dtype).unwrap();
+                let reference = composed(&x, &wt.broadcast_mul(&m).unwrap(), &b, spec, false);
+                assert!(max_gap(&reference, &masked) < 1e-5, "{what}: values");
+                let r = random(masked.dims(), &mut rng).to_dtype(dtype).unwrap();
+                let (gm, gr) = (grads_of(&masked, &r), grads_of(&reference, &r));
+                for (name, v) in [("x", &x), ("W", &wt), ("b", &b)] {
+                    let (a, c) = (gr.get(v).unwrap(), gm.get(v).unwrap());
+                    assert!(max_gap(a, c) < 1e-4, "{what}: gradient of {name}");
+                }
+                let dw = gm.get(&wt).unwrap().to_dtype(DType::F32).unwrap();
+                let dropped = dw
+                    .broadcast_mul(&(1.0 - &mask).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(
+                    dropped, 0.0,
+                    "{what}: a dropped tap's weight has a gradient"
+                );
+            }
+        }
+    }
+    let spec = ConvSpec {
+        stride: 2,
+        padding: 1,
+        output_padding: 0,
+        transposed: true,
+    };
+    let (x, wt, b) = operands((1, 2, 2, 3, 3, 4, spec), &mut rng);
+    let err = conv2d_masked(&x, &wt, &b, spec, 1).unwrap_err().to_string();
+    assert!(err.contains("not transposed"), "{err}");
 }
 
 /// Off the fused path (here: in f64 on the CPU; on a GPU in any dtype) a convolution is composed

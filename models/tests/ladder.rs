@@ -40,6 +40,7 @@ fn config() -> LadderConfig {
         latent_dims: vec![3],
         hidden: vec![10, 6],
         depth: 1,
+        weight_norm: false,
     }
 }
 
@@ -177,36 +178,74 @@ fn the_k1_bound_is_the_elbo_in_expectation_and_grows_with_k() {
     );
 }
 
+/// The loss of `m` on a fixed batch at step 2.
+fn fixed_loss(m: &Ladder) -> Tensor {
+    let x = data(3, 9);
+    let ids = [1u64, 2, 3];
+    let labels = [None, None, None];
+    let noise = Noise::new(5);
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let ctx = StepContext {
+        step: 2,
+        noise: &noise,
+        global_rows: 3,
+        batch_stats: &[],
+    };
+    m.loss(&input, &ctx).unwrap().loss
+}
+
 #[test]
 fn gradients_match_finite_differences() {
-    for objective in [
-        Objective::default(),
-        Objective {
-            beta: 1.0,
-            warmup_steps: 10,
-            free_bits: 0.0,
-        },
+    for (objective, weight_norm) in [
+        (Objective::default(), false),
+        (
+            Objective {
+                beta: 1.0,
+                warmup_steps: 10,
+                free_bits: 0.0,
+            },
+            false,
+        ),
+        (Objective::default(), true),
     ] {
-        let m = Ladder::new(spec(objective), &config(), &Device::Cpu, 4).unwrap();
-        let x = data(3, 9);
-        let ids = [1u64, 2, 3];
-        let labels = [None, None, None];
-        let noise = Noise::new(5);
-        let input = Input {
-            x: &x,
-            labels: &labels,
-            ids: &ids,
+        let cfg = LadderConfig {
+            weight_norm,
+            ..config()
         };
-        let ctx = StepContext {
-            step: 2,
-            noise: &noise,
-            global_rows: 3,
-            batch_stats: &[],
-        };
-        let loss_of = || m.loss(&input, &ctx).unwrap().loss;
-        let checked = common::check_gradients(m.params(), loss_of, |_| true, 2, (5e-3, 2e-2));
+        let m = Ladder::new(spec(objective), &cfg, &Device::Cpu, 4).unwrap();
+        let checked =
+            common::check_gradients(m.params(), || fixed_loss(&m), |_| true, 2, (5e-3, 2e-2));
         assert!(checked >= 30, "{checked} values checked");
+        if weight_norm {
+            let names: Vec<&String> = m.params().vars().keys().collect();
+            assert!(
+                names.iter().any(|n| n.ends_with(".weight_g"))
+                    && !names.iter().any(|n| n.ends_with(".weight")),
+                "every dense layer weight-normalised: {names:?}"
+            );
+        }
     }
+}
+
+/// A weight-normalised ladder starts as the same function as the plain one of the same seed
+/// (V drawn like W, g = ‖V‖ row by row).
+#[test]
+fn weight_norm_starts_as_the_plain_ladder() {
+    let plain = Ladder::new(spec(Objective::default()), &config(), &Device::Cpu, 4).unwrap();
+    let cfg = LadderConfig {
+        weight_norm: true,
+        ..config()
+    };
+    let normed = Ladder::new(spec(Objective::default()), &cfg, &Device::Cpu, 4).unwrap();
+    let (a, b) = (
+        fixed_loss(&plain).to_scalar::<f32>().unwrap(),
+        fixed_loss(&normed).to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
 }
 
 #[test]
@@ -283,6 +322,7 @@ fn bad_configs_are_refused_with_the_key() {
             latent_dims: vec![],
             hidden: vec![4],
             depth: 1,
+            weight_norm: false,
         },
         "latent_dims",
     );
@@ -292,6 +332,7 @@ fn bad_configs_are_refused_with_the_key() {
             latent_dims: vec![3, 0],
             hidden: vec![4, 4, 4],
             depth: 1,
+            weight_norm: false,
         },
         "latent_dims",
     );
