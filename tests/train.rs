@@ -52,6 +52,16 @@ fn final_checkpoint(run: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The model tensors (parameters and buffers) of a run's newest checkpoint, by name.
+fn newest_model_tensors(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    elbo_worker::checkpoint::model_tensors(&newest).unwrap()
+}
+
 /// Trains the small run of `extra` settings whole, and again stopped mid-epoch (step 17 of
 /// 36, not on a checkpoint boundary) and resumed: the final checkpoints are byte-identical and
 /// the loss curves equal. Returns the run directories (whole, resumed).
@@ -481,14 +491,7 @@ fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
         let png = whole.join(format!("samples/{picture}.png"));
         assert!(png.is_file(), "{}", png.display());
     }
-    let tensors = elbo_worker::checkpoint::model_tensors(
-        &std::fs::read_dir(whole.join("checkpoints"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap(),
-    )
-    .unwrap();
+    let tensors = newest_model_tensors(&whole);
     for buffer in [
         "quantiser.codebook",
         "quantiser.ema_count",
@@ -545,14 +548,7 @@ fn a_code_prior_trains_on_a_vq_run_and_samples_through_it() {
         "model.code_prior.layers=3",
     ];
     let (whole, split) = resume_is_exact(&tmp.path().join("prior"), &cache, &prior);
-    let tensors = elbo_worker::checkpoint::model_tensors(
-        &std::fs::read_dir(whole.join("checkpoints"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap(),
-    )
-    .unwrap();
+    let tensors = newest_model_tensors(&whole);
     assert!(
         tensors.keys().all(|k| k.starts_with("prior.")),
         "only the prior's parameters: {:?}",

@@ -90,7 +90,13 @@ impl Engine {
 
     /// The trained model of the run a `kind` model builds on, at its newest checkpoint.
     fn base_model(&self, kind: &str, run_dir: &Path, device: &Device) -> Result<Box<dyn Model>> {
-        let base_cfg = self.run_config(run_dir)?;
+        let context = |e: EngineError| {
+            EngineError::Invalid(format!(
+                "model.{kind}: cannot load the run it builds on, {}: {e}",
+                run_dir.display()
+            ))
+        };
+        let base_cfg = self.run_config(run_dir).map_err(context)?;
         let base_kind = &base_cfg.model.kind;
         if self
             .registry
@@ -98,17 +104,13 @@ impl Engine {
             .is_some()
         {
             return Err(EngineError::Invalid(format!(
-                "model.{kind}: {} is a {base_kind} run, which builds on another run itself; expected a run that stands alone (a vqvae or vqvae2 run for a code prior)",
+                "model.{kind}: {} is a {base_kind} run, which builds on another run itself; expected a run that stands alone",
                 run_dir.display()
             )));
         }
-        let run = crate::eval::load_run(self, run_dir, device).map_err(|e| {
-            EngineError::Invalid(format!(
-                "model.{kind}: cannot load the run it builds on, {}: {e}",
-                run_dir.display()
-            ))
-        })?;
-        Ok(run.model)
+        Ok(crate::eval::load_run(self, run_dir, device)
+            .map_err(context)?
+            .model)
     }
 }
 

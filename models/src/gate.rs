@@ -16,8 +16,8 @@ fn halves(a: f32, b: f32) -> (f32, f32) {
     (1.0 - 2.0 / (exp(2.0 * a) + 1.0), 1.0 / (1.0 + exp(-b)))
 }
 
-/// (outer, 2·half) → the outer blocks of the input and of the output, for a channel split at
-/// dimension 1 of (B, 2C, …).
+/// For an input (B, 2C, …): B, and the values in each half of one example (C·…); an error for
+/// fewer than two dimensions or an odd channel count.
 fn blocks(shape: &Shape) -> candle_core::Result<(usize, usize)> {
     let dims = shape.dims();
     if dims.len() < 2 || dims[1] % 2 != 0 {
