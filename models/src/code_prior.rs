@@ -32,9 +32,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::conv::{conv2d, conv2d_masked, ConvSpec};
 use crate::error::{ModelError, Result};
 use crate::gate::gated_tanh;
+use crate::layers::{Activation, ConvLayer};
 use crate::model::{
     CodeGrid, CodeModel, EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model,
     Statistics, StepContext, Term,
@@ -121,85 +121,35 @@ impl Mask {
     }
 }
 
-/// A stride-1, size-keeping k×k convolution that reads only the taps its mask keeps (the
-/// others' weights are unused and get no gradient).
-#[derive(Debug, Clone)]
-struct MaskedConv {
-    weight: Tensor,
-    bias: Tensor,
-    /// Bit `ki·k + kj` for each kept tap.
-    taps: u128,
-    spec: ConvSpec,
+/// A stride-1, size-keeping k×k convolution reading only the taps `mask` keeps (the others'
+/// weights are unused and get no gradient).
+fn masked(
+    params: &mut Params,
+    name: &str,
+    channels: (usize, usize),
+    k: usize,
+    mask: Mask,
+) -> Result<ConvLayer> {
+    let taps = (0..k * k)
+        .filter(|t| mask.keeps(t / k, t % k, k))
+        .fold(0u128, |m, t| m | (1 << t));
+    ConvLayer::masked(params, name, channels, k, taps)
 }
 
-impl MaskedConv {
-    fn new(
-        params: &mut Params,
-        name: &str,
-        (cin, cout): (usize, usize),
-        k: usize,
-        mask: Mask,
-    ) -> Result<Self> {
-        let taps = (0..k * k)
-            .filter(|t| mask.keeps(t / k, t % k, k))
-            .fold(0u128, |m, t| m | (1 << t));
-        let bound = 1.0 / ((cin * taps.count_ones() as usize) as f32).sqrt();
-        let weight = params.uniform(&format!("{name}.weight"), &[cout, cin, k, k], bound)?;
-        let bias = params.uniform(&format!("{name}.bias"), &[cout], bound)?;
-        Ok(MaskedConv {
-            weight,
-            bias,
-            taps,
-            spec: ConvSpec {
-                stride: 1,
-                padding: k / 2,
-                output_padding: 0,
-                transposed: false,
-            },
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_masked(x, &self.weight, &self.bias, self.spec, self.taps)
-    }
-}
-
-/// A 1×1 convolution (a dense layer at every position).
-#[derive(Debug, Clone)]
-struct Pointwise {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Pointwise {
-    fn new(params: &mut Params, name: &str, (cin, cout): (usize, usize)) -> Result<Self> {
-        let bound = 1.0 / (cin as f32).sqrt();
-        Ok(Pointwise {
-            weight: params.uniform(&format!("{name}.weight"), &[cout, cin, 1, 1], bound)?,
-            bias: params.uniform(&format!("{name}.bias"), &[cout], bound)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let spec = ConvSpec {
-            stride: 1,
-            padding: 0,
-            output_padding: 0,
-            transposed: false,
-        };
-        conv2d(x, &self.weight, &self.bias, spec, relu)
-    }
+/// A 1×1 convolution (a dense layer at every position), the conv layers' own.
+fn pointwise(params: &mut Params, name: &str, channels: (usize, usize)) -> Result<ConvLayer> {
+    ConvLayer::same(params, name, channels, 1)
 }
 
 /// One gated layer: the two stacks, the vertical-to-horizontal link, the horizontal output
 /// and, in a conditional PixelCNN, the condition's projections into both gates.
 #[derive(Debug, Clone)]
 struct GatedLayer {
-    vertical: MaskedConv,
-    horizontal: MaskedConv,
-    v_to_h: Pointwise,
-    out: Pointwise,
-    condition: Option<(Pointwise, Pointwise)>,
+    vertical: ConvLayer,
+    horizontal: ConvLayer,
+    v_to_h: ConvLayer,
+    out: ConvLayer,
+    condition: Option<(ConvLayer, ConvLayer)>,
     residual: bool,
 }
 
@@ -215,33 +165,33 @@ impl GatedLayer {
         let c2 = (channels, 2 * channels);
         let condition = if conditional {
             Some((
-                Pointwise::new(params, &format!("{name}.condition_v"), c2)?,
-                Pointwise::new(params, &format!("{name}.condition_h"), c2)?,
+                pointwise(params, &format!("{name}.condition_v"), c2)?,
+                pointwise(params, &format!("{name}.condition_h"), c2)?,
             ))
         } else {
             None
         };
         Ok(GatedLayer {
-            vertical: MaskedConv::new(
+            vertical: masked(
                 params,
                 &format!("{name}.vertical"),
                 c2,
                 k,
                 Mask::Vertical { centre_row: !first },
             )?,
-            horizontal: MaskedConv::new(
+            horizontal: masked(
                 params,
                 &format!("{name}.horizontal"),
                 c2,
                 k,
                 Mask::Horizontal { centre: !first },
             )?,
-            v_to_h: Pointwise::new(
+            v_to_h: pointwise(
                 params,
                 &format!("{name}.v_to_h"),
                 (2 * channels, 2 * channels),
             )?,
-            out: Pointwise::new(params, &format!("{name}.out"), (channels, channels))?,
+            out: pointwise(params, &format!("{name}.out"), (channels, channels))?,
             condition,
             residual: !first,
         })
@@ -254,13 +204,13 @@ impl GatedLayer {
         h: &Tensor,
         condition: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let mut v_pre = self.vertical.forward(v)?;
-        let mut h_pre = (self.horizontal.forward(h)? + self.v_to_h.forward(&v_pre, false)?)?;
+        let mut v_pre = self.vertical.forward(v, None)?;
+        let mut h_pre = (self.horizontal.forward(h, None)? + self.v_to_h.forward(&v_pre, None)?)?;
         if let (Some((to_v, to_h)), Some(c)) = (&self.condition, condition) {
-            v_pre = (v_pre + to_v.forward(c, false)?)?;
-            h_pre = (h_pre + to_h.forward(c, false)?)?;
+            v_pre = (v_pre + to_v.forward(c, None)?)?;
+            h_pre = (h_pre + to_h.forward(c, None)?)?;
         }
-        let mut h_out = self.out.forward(&gated_tanh(&h_pre)?, false)?;
+        let mut h_out = self.out.forward(&gated_tanh(&h_pre)?, None)?;
         if self.residual {
             h_out = (h_out + h)?;
         }
@@ -292,8 +242,8 @@ pub struct PixelCnn {
     /// The condition's embedding and how many times each of its codes repeats along each side.
     condition: Option<(Tensor, usize)>,
     layers: Vec<GatedLayer>,
-    head: Pointwise,
-    logits: Pointwise,
+    head: ConvLayer,
+    logits: ConvLayer,
 }
 
 impl PixelCnn {
@@ -336,8 +286,8 @@ impl PixelCnn {
             grid,
             embedding,
             condition,
-            head: Pointwise::new(params, &format!("{name}.head"), (channels, channels))?,
-            logits: Pointwise::new(params, &format!("{name}.logits"), (channels, grid.codes))?,
+            head: pointwise(params, &format!("{name}.head"), (channels, channels))?,
+            logits: pointwise(params, &format!("{name}.logits"), (channels, grid.codes))?,
             layers,
         })
     }
@@ -374,8 +324,8 @@ impl PixelCnn {
         for layer in &self.layers {
             (v, h) = layer.forward(&v, &h, condition)?;
         }
-        let hidden = self.head.forward(&h.relu()?, true)?;
-        self.logits.forward(&hidden, false)
+        let hidden = self.head.forward(&h.relu()?, Some(Activation::Relu))?;
+        self.logits.forward(&hidden, None)
     }
 
     /// Log-probabilities (n·h·w, K) of every code at every position of `n` grids `codes`

@@ -712,6 +712,18 @@ pub fn conv2d_masked(
     spec: ConvSpec,
     taps: u128,
 ) -> Result<Tensor> {
+    conv2d_masked_with_sink(x, w, b, spec, taps, None)
+}
+
+/// [`conv2d_masked`] whose weight and bias gradients go to a gradient sink when it is enabled.
+pub(crate) fn conv2d_masked_with_sink(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: ConvSpec,
+    taps: u128,
+    sink: Option<SinkSlots>,
+) -> Result<Tensor> {
     let k = w.dim(3)?;
     if spec.transposed || k * k > 128 {
         return Err(crate::ModelError::Spec(format!(
@@ -722,7 +734,7 @@ pub fn conv2d_masked(
         let op = ConvOp {
             spec,
             relu: false,
-            sink: None,
+            sink,
             taps: Some(taps),
         };
         return Ok(x.contiguous()?.apply_op3(w, b, op)?);

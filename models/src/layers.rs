@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::class_rows::class_rows;
-use crate::conv::{conv2d_with_sink, ConvSpec};
+use crate::conv::{conv2d_masked_with_sink, conv2d_with_sink, ConvSpec};
 use crate::dense::{dense_bernoulli_nll_with_sink, dense_with_sink, SinkSlots};
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +313,8 @@ pub(crate) struct ConvLayer {
     bias: Tensor,
     spec: ConvSpec,
     sink: SinkSlots,
+    /// The kernel offsets a masked convolution reads (`None`: all).
+    taps: Option<u128>,
 }
 
 impl ConvLayer {
@@ -340,6 +342,35 @@ impl ConvLayer {
             bias,
             spec,
             sink: SinkSlots::new(params.grad_sink().clone(), layer),
+            taps: None,
+        })
+    }
+
+    /// [`ConvLayer::same`] reading only the kernel offsets of `taps` (bit `ki·k + kj`; see
+    /// [`crate::conv2d_masked`]), initialised uniform ±1/√(inputs × kept taps).
+    pub(crate) fn masked(
+        params: &mut Params,
+        layer: &str,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        taps: u128,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((cin * taps.count_ones() as usize) as f32).sqrt();
+        Ok(ConvLayer {
+            weight: params.uniform(
+                &format!("{layer}.weight"),
+                &[cout, cin, kernel, kernel],
+                bound,
+            )?,
+            bias: params.uniform(&format!("{layer}.bias"), &[cout], bound)?,
+            spec: ConvSpec {
+                stride: 1,
+                padding: kernel / 2,
+                output_padding: 0,
+                transposed: false,
+            },
+            sink: SinkSlots::new(params.grad_sink().clone(), layer),
+            taps: Some(taps),
         })
     }
 
@@ -378,15 +409,16 @@ impl ConvLayer {
 
     /// The convolution, then `activation` if any (ReLU fused into it on CPU).
     pub(crate) fn forward(&self, x: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+        let sink = Some(self.sink.clone());
+        if let Some(taps) = self.taps {
+            let y = conv2d_masked_with_sink(x, &self.weight, &self.bias, self.spec, taps, sink)?;
+            return match activation {
+                Some(act) => act.apply(&y),
+                None => Ok(y),
+            };
+        }
         let fused = activation == Some(Activation::Relu);
-        let y = conv2d_with_sink(
-            x,
-            &self.weight,
-            &self.bias,
-            self.spec,
-            fused,
-            Some(self.sink.clone()),
-        )?;
+        let y = conv2d_with_sink(x, &self.weight, &self.bias, self.spec, fused, sink)?;
         match activation {
             Some(act) if !fused => act.apply(&y),
             _ => Ok(y),
