@@ -426,6 +426,165 @@ fn bad_workers_are_refused_and_the_run_goes_on() {
         .is_file());
 }
 
+/// What a stranger who can reach the ports tries while a run trains, and how often each try
+/// was refused with the status it calls for.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// Ring streams of valid-looking chunks without credentials, or with a made-up tag.
+    ring: u32,
+    /// Step reports with a made-up session credential.
+    reports: u32,
+}
+
+/// Throws valid-looking ring chunks at `peers` and forged step reports at the coordinator at
+/// `url` until `stop` is raised; panics on any call that is not refused.
+fn stranger(
+    url: String,
+    peers: Vec<std::net::SocketAddr>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Attempts {
+    use elbo_proto::auth;
+    use elbo_proto::v1 as pb;
+    fn request<T>(message: T, headers: &[(&'static str, String)]) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_secs(5));
+        for (name, value) in headers {
+            request.metadata_mut().insert(*name, value.parse().unwrap());
+        }
+        request
+    }
+    let chunk = pb::Chunk {
+        generation: 1,
+        from_rank: 1,
+        phase: pb::Phase::ReduceScatter as i32,
+        data: vec![0x41; 4096].into(),
+        ..Default::default()
+    };
+    let made_up = "ab".repeat(auth::KEY_BYTES);
+    let ring_headers = [
+        vec![],
+        vec![
+            (auth::GENERATION, "1".to_string()),
+            (auth::AUTHORIZATION, auth::bearer(&made_up)),
+        ],
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut attempts = Attempts::default();
+    runtime.block_on(async {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for peer in &peers {
+                let Ok(mut client) =
+                    pb::peer_client::PeerClient::connect(format!("http://{peer}")).await
+                else {
+                    continue;
+                };
+                for headers in &ring_headers {
+                    let chunks = tokio_stream::iter(vec![chunk.clone(); 3]);
+                    match client.ring(request(chunks, headers)).await {
+                        Err(s) if s.code() == tonic::Code::Unauthenticated => attempts.ring += 1,
+                        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {}
+                        other => panic!("a stranger's ring stream was not refused: {other:?}"),
+                    }
+                }
+            }
+            if let Ok(mut client) =
+                pb::coordinator_client::CoordinatorClient::connect(url.clone()).await
+            {
+                for session in 1..=2u64 {
+                    let report = pb::StepReport {
+                        session,
+                        generation: 1,
+                        terms: vec![pb::Term {
+                            name: "loss".into(),
+                            value: -1e9,
+                        }],
+                        applied: true,
+                        ..Default::default()
+                    };
+                    let headers = [
+                        (auth::SESSION, session.to_string()),
+                        (auth::AUTHORIZATION, auth::bearer(&made_up)),
+                    ];
+                    match client.report(request(report, &headers)).await {
+                        Err(s) if s.code() == tonic::Code::Unauthenticated => attempts.reports += 1,
+                        other => panic!("a forged report was not refused: {other:?}"),
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    attempts
+}
+
+/// A stranger who can reach every port throws valid-looking chunks at both workers' ring
+/// servers and forged reports at the coordinator all through a run: every try is refused
+/// before it is read, the workers log the refusals, and the run ends with the very model an
+/// undisturbed run of the same world trains.
+#[test]
+fn strangers_without_credentials_are_refused_and_the_run_trains_what_it_would_have() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let set = ["--set", "cluster.workers=2", "--set", "train.epochs=4"];
+    let quiet = tmp.path().join("quiet");
+    let mut args = vec!["train", "--run-dir", quiet.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(set);
+    ok(elbo(&args, &cache));
+    let mut procs = Procs::default();
+    let run = tmp.path().join("run");
+    let (coord, url) = coordinator(&mut procs, &run, &cache, &set);
+    let peers: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let (url, peers, stop) = (url.clone(), peers.clone(), stop.clone());
+        std::thread::spawn(move || stranger(url, peers, stop))
+    };
+    let workers: Vec<usize> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| {
+            let listen = peer.to_string();
+            let mut cmd = worker(&url, &format!("w{i}"), &cache, &["--listen", &listen]);
+            cmd.env("ELBO_WORKER_THROTTLE_MS", "20");
+            procs.spawn(&mut cmd)
+        })
+        .collect();
+    let logs: Vec<String> = workers
+        .iter()
+        .map(|&w| {
+            let (ok, err) = procs.wait(w, Duration::from_secs(120));
+            assert!(ok, "a worker failed: {err}");
+            err
+        })
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attempts = attacker.join().expect("every stranger's call was refused");
+    let (ok, err) = procs.wait(coord, Duration::from_secs(30));
+    assert!(ok, "the run finished: {err}");
+    assert!(attempts.ring > 0 && attempts.reports > 0, "{attempts:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("refused a ring stream")),
+        "the workers log what they refuse: {logs:?}"
+    );
+    assert!(
+        err.contains("refused a call"),
+        "the coordinator logs it too: {err}"
+    );
+    let step = "checkpoints/step-000000052";
+    assert_same_model(&quiet.join(step), &run.join(step), "with a stranger about");
+}
+
 #[test]
 fn worker_flags_are_checked_before_anything_waits() {
     let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@
 //! each global batch across whatever world trains it, no row is lost or repeated. What it
 //! commits and saves goes to a [`RunStore`]: the coordinator itself knows nothing of files.
 
+mod auth;
 mod service;
 mod state;
 
@@ -19,6 +20,15 @@ use std::time::Duration;
 
 pub use service::Coordinator;
 
+/// Longest run token.
+pub const MAX_TOKEN: usize = 1024;
+
+/// Whether `token` can be a run token: printable ASCII without spaces, at most [`MAX_TOKEN`]
+/// characters (empty: no token).
+pub fn valid_token(token: &str) -> bool {
+    token.len() <= MAX_TOKEN && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Files of a checkpoint by name.
 pub type Files = BTreeMap<String, Vec<u8>>;
 
@@ -27,7 +37,8 @@ pub type Files = BTreeMap<String, Vec<u8>>;
 pub struct Settings {
     /// Workers must present this run id.
     pub run_id: String,
-    /// Workers must present this token.
+    /// Workers must present this token to open a session (printable ASCII without spaces, at
+    /// most [`MAX_TOKEN`] characters: it travels in a header).
     pub token: String,
     /// The run's config (TOML), sent to each worker.
     pub config_toml: String,

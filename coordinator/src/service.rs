@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use elbo_proto::auth::Secret;
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_server::{self, CoordinatorServer};
 use tokio::sync::{mpsc, Notify};
@@ -16,6 +17,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, Gate};
 use crate::state::{Effect, Phase, Run, Upload};
 use crate::{Aborter, CoordinatorError, Files, RunStore, Settings, Summary};
 
@@ -157,6 +159,11 @@ impl coordinator_server::Coordinator for Service {
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let remote = request.remote_addr();
+        if request.extensions().get::<Caller>() != Some(&Caller::Worker) {
+            return Err(Status::unauthenticated(
+                "a session is opened with the run token",
+            ));
+        }
         let mut incoming = request.into_inner();
         let first = tokio::time::timeout(JOIN_WAIT, incoming.next())
             .await
@@ -203,6 +210,7 @@ impl coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        Caller::check_session(&request, request.get_ref().session)?;
         let report = request.into_inner();
         self.shared.try_apply(|run, _| run.report(report))?;
         Ok(Response::new(pb::ReportAck {}))
@@ -212,6 +220,7 @@ impl coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CheckpointUpload>,
     ) -> Result<Response<pb::CheckpointAck>, Status> {
+        Caller::check_session(&request, request.get_ref().session)?;
         let upload = request.into_inner();
         let kind = self.shared.lock().check_upload(&upload)?;
         let files: Files = upload.files.into_iter().map(|f| (f.name, f.data)).collect();
@@ -240,6 +249,7 @@ impl coordinator_server::Coordinator for Service {
     }
 
     async fn halt(&self, request: Request<pb::Halted>) -> Result<Response<pb::HaltAck>, Status> {
+        Caller::check_session(&request, request.get_ref().session)?;
         let halted = request.into_inner();
         self.shared.try_apply(|run, now| run.halted(&halted, now))?;
         Ok(Response::new(pb::HaltAck {}))
@@ -249,6 +259,7 @@ impl coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::Failure>,
     ) -> Result<Response<pb::FailureAck>, Status> {
+        Caller::check_session(&request, request.get_ref().session)?;
         let failure = request.into_inner();
         self.shared
             .try_apply(|run, _| run.worker_failed(failure.session, &failure.reason))?;
@@ -265,6 +276,7 @@ pub struct Coordinator {
     store: Arc<dyn RunStore>,
     tasks: std_mpsc::Receiver<Task>,
     settings: Settings,
+    secret: Secret,
 }
 
 impl Coordinator {
@@ -284,6 +296,12 @@ impl Coordinator {
                 settings.workers, settings.min_workers, settings.start_step, settings.stop_step
             )));
         }
+        if !crate::valid_token(&settings.token) {
+            return Err(CoordinatorError::Invalid(format!(
+                "the run token (--token, ELBO_TOKEN): expected at most {} printable ASCII characters without spaces",
+                crate::MAX_TOKEN
+            )));
+        }
         let serve_err = |message: String| CoordinatorError::Serve {
             addr: listen.to_string(),
             message,
@@ -300,9 +318,10 @@ impl Coordinator {
         let addr = listener
             .local_addr()
             .map_err(|e| serve_err(e.to_string()))?;
+        let secret = Secret::random().map_err(CoordinatorError::Invalid)?;
         let (queue, tasks) = std_mpsc::channel();
         let shared = Arc::new(Shared {
-            run: Mutex::new(Run::new(settings.clone(), Instant::now())),
+            run: Mutex::new(Run::new(settings.clone(), secret.clone(), Instant::now())),
             tasks: Mutex::new(queue),
             changed: Notify::new(),
         });
@@ -314,6 +333,7 @@ impl Coordinator {
             store,
             tasks,
             settings,
+            secret,
         })
     }
 
@@ -337,6 +357,7 @@ impl Coordinator {
             store,
             tasks,
             settings,
+            secret,
         } = self;
         let effects = {
             let (store, shared) = (store.clone(), shared.clone());
@@ -345,11 +366,15 @@ impl Coordinator {
                 .spawn(move || carry_out(tasks, store, shared))
                 .map_err(|e| CoordinatorError::Invalid(e.to_string()))?
         };
-        let service = CoordinatorServer::new(Service {
-            shared: shared.clone(),
-            store,
-        })
-        .max_decoding_message_size(settings.max_message_bytes);
+        let service = Gate::new(
+            CoordinatorServer::new(Service {
+                shared: shared.clone(),
+                store,
+            })
+            .max_decoding_message_size(settings.max_message_bytes),
+            settings.token.clone(),
+            secret,
+        );
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(elbo_proto::FILE_DESCRIPTOR_SET)

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use elbo_proto::auth::Secret;
 use elbo_proto::v1 as pb;
 use tonic::Status;
 
@@ -82,6 +83,8 @@ pub(crate) struct Run {
     donor: Option<(u64, Instant)>,
     /// When the current rendezvous gives up.
     rendezvous_deadline: Instant,
+    /// Sessions' credentials and generations' ring keys derive from it.
+    secret: Secret,
 }
 
 /// What a checkpoint upload is.
@@ -110,11 +113,6 @@ fn stop(reason: &str, failed: bool, resumable: bool) -> pb::Command {
     }
 }
 
-/// Equal strings, compared in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
 fn valid_worker_id(id: &str) -> bool {
     (1..=253).contains(&id.len())
         && id
@@ -139,8 +137,8 @@ fn to_pb_files(files: &crate::Files) -> Vec<pb::File> {
 type Effects = Vec<Effect>;
 
 impl Run {
-    /// A run that starts its rendezvous at `now`.
-    pub fn new(settings: Settings, now: Instant) -> Self {
+    /// A run that starts its rendezvous at `now`, its credentials derived from `secret`.
+    pub fn new(settings: Settings, secret: Secret, now: Instant) -> Self {
         let state = settings
             .checkpoint
             .clone()
@@ -160,18 +158,15 @@ impl Run {
             donor: None,
             rendezvous_deadline: now + settings.rendezvous_timeout,
             settings,
+            secret,
         }
     }
 
     /// Admits a worker or says why not: its session id, and the effects (its `Welcome` first).
-    /// A worker that joins a running generation halts it: the next generation takes it in.
+    /// A worker that joins a running generation halts it: the next generation takes it in. Its
+    /// token was checked before its `Join` was read ([`crate::auth`]).
     pub fn join(&mut self, join: &pb::Join, now: Instant) -> Result<(u64, Effects), Status> {
         let s = &self.settings;
-        if !same_secret(&join.token, &s.token) {
-            return Err(Status::unauthenticated(
-                "wrong token: the worker's --token (ELBO_TOKEN) differs from the coordinator's",
-            ));
-        }
         if join.run_id != s.run_id {
             return Err(Status::failed_precondition(format!(
                 "run id {:?}, but this coordinator runs {:?}",
@@ -230,6 +225,7 @@ impl Run {
             config_toml: s.config_toml.clone(),
             config_sha256: s.config_sha256.clone(),
             heartbeat_interval_ms: (s.heartbeat_timeout.as_millis() / 4).clamp(10, 5_000) as u32,
+            credential: self.secret.session_credential(id).as_bytes().to_vec(),
         };
         let mut fx = vec![Effect::Send(
             id,
@@ -563,6 +559,7 @@ impl Run {
             .filter(|(step, _)| *step == committed)
             .map(|(_, files)| to_pb_files(files))
             .unwrap_or_default();
+        let ring_key = self.secret.ring_key(generation).as_bytes().to_vec();
         for (rank, id) in ranks.iter().enumerate() {
             let m = &self.sessions[id];
             let start = pb::Start {
@@ -579,6 +576,7 @@ impl Run {
                     Vec::new()
                 },
                 start_step: committed,
+                ring_key: ring_key.clone(),
             };
             fx.push(Effect::Send(*id, command(pb::command::Kind::Start(start))));
         }
@@ -956,7 +954,6 @@ mod tests {
     fn join_msg(id: &str) -> pb::Join {
         pb::Join {
             run_id: "run".into(),
-            token: "tok".into(),
             config_sha256: String::new(),
             worker_id: id.into(),
             peer_address: "127.0.0.1:9".into(),
@@ -1014,7 +1011,7 @@ mod tests {
 
     /// A run with workers `ids` joined at `t0`, and their session ids.
     fn joined(s: Settings, ids: &[&str], t0: Instant) -> (Run, Vec<u64>) {
-        let mut run = Run::new(s, t0);
+        let mut run = Run::new(s, Secret::from_bytes([9; 32]), t0);
         let sessions = ids
             .iter()
             .map(|id| join(&mut run, id, t0).unwrap().0)
@@ -1053,12 +1050,7 @@ mod tests {
     fn joins_are_refused_with_the_status_their_fault_calls_for() {
         let t0 = Instant::now();
         type Mutate = fn(&mut pb::Join);
-        let table: [(&str, Mutate, Code); 7] = [
-            (
-                "wrong token",
-                |j| j.token = "x".into(),
-                Code::Unauthenticated,
-            ),
+        let table: [(&str, Mutate, Code); 6] = [
             (
                 "other run",
                 |j| j.run_id = "x".into(),
@@ -1237,6 +1229,54 @@ mod tests {
             let fx = run.halted(&halted(s[0], 1, 4), t0 + 7 * SECOND).unwrap();
             assert_eq!(said(&fx), ["commit 3", "start a r0/1 g2 @4"], "{how}");
         }
+    }
+
+    /// The ring keys of the `Start`s among `fx`, by session.
+    fn ring_keys(fx: &[Effect]) -> Vec<(u64, Vec<u8>)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Send(
+                    id,
+                    pb::Command {
+                        kind: Some(pb::command::Kind::Start(s)),
+                    },
+                ) => Some((*id, s.ring_key.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_session_gets_its_credential_and_each_generation_its_ring_key() {
+        let t0 = Instant::now();
+        let secret = Secret::from_bytes([9; 32]);
+        let mut run = Run::new(settings(2, 1, 10), secret.clone(), t0);
+        let mut sessions = Vec::new();
+        for id in ["a", "b"] {
+            let (session, fx) = join(&mut run, id, t0).unwrap();
+            let Effect::Send(
+                _,
+                pb::Command {
+                    kind: Some(pb::command::Kind::Welcome(w)),
+                },
+            ) = &fx[0]
+            else {
+                panic!("a welcome first: {fx:?}");
+            };
+            assert_eq!(w.credential, secret.session_credential(session).as_bytes());
+            sessions.push(session);
+        }
+        let first = ring_keys(&run.tick(t0));
+        let key1 = secret.ring_key(1).as_bytes().to_vec();
+        assert_eq!(first, [(sessions[0], key1.clone()), (sessions[1], key1)]);
+        run.left(sessions[1], "killed", t0);
+        let fx = run.halted(&halted(sessions[0], 1, 0), t0).unwrap();
+        let second = ring_keys(&fx);
+        assert_eq!(
+            second,
+            [(sessions[0], secret.ring_key(2).as_bytes().to_vec())]
+        );
+        assert_ne!(first[0].1, second[0].1, "a new generation, a new key");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use elbo_coordinator::{
     CommittedStep, Coordinator, CoordinatorError, Files, RunStore, Settings, Summary,
 };
+use elbo_proto::auth::{self, Key};
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::mpsc;
@@ -68,12 +69,12 @@ struct Fake {
     up: mpsc::UnboundedSender<pb::WorkerMessage>,
     down: Streaming<pb::Command>,
     session: u64,
+    credential: Key,
 }
 
 fn join_msg(id: &str) -> pb::Join {
     pb::Join {
         run_id: "run".into(),
-        token: "tok".into(),
         config_sha256: String::new(),
         worker_id: id.into(),
         peer_address: "127.0.0.1:9".into(),
@@ -82,21 +83,41 @@ fn join_msg(id: &str) -> pb::Join {
     }
 }
 
+/// Call headers: (name, value).
+type Headers = Vec<(&'static str, String)>;
+
+/// `message` with `headers`.
+fn with_headers<T>(message: T, headers: &[(&'static str, String)]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (name, value) in headers {
+        request.metadata_mut().insert(*name, value.parse().unwrap());
+    }
+    request
+}
+
 async fn open(url: &str, join: pb::Join) -> Result<Fake, tonic::Status> {
+    open_with_token(url, "tok", join).await
+}
+
+async fn open_with_token(url: &str, token: &str, join: pb::Join) -> Result<Fake, tonic::Status> {
     let mut client = CoordinatorClient::connect(url.to_string()).await.unwrap();
     let (up, rx) = mpsc::unbounded_channel();
     up.send(pb::WorkerMessage {
         kind: Some(pb::worker_message::Kind::Join(join)),
     })
     .unwrap();
+    let stream = UnboundedReceiverStream::new(rx);
     let mut down = client
-        .session(UnboundedReceiverStream::new(rx))
+        .session(with_headers(
+            stream,
+            &[(auth::AUTHORIZATION, auth::bearer(token))],
+        ))
         .await?
         .into_inner();
-    let session = match down.next().await {
+    let welcome = match down.next().await {
         Some(Ok(pb::Command {
             kind: Some(pb::command::Kind::Welcome(w)),
-        })) => w.session,
+        })) => w,
         Some(Err(status)) => return Err(status),
         other => panic!("expected a welcome, got {other:?}"),
     };
@@ -104,11 +125,20 @@ async fn open(url: &str, join: pb::Join) -> Result<Fake, tonic::Status> {
         client,
         up,
         down,
-        session,
+        session: welcome.session,
+        credential: Key::from_slice(&welcome.credential).expect("a 32-byte credential"),
     })
 }
 
 impl Fake {
+    /// The headers that authenticate this session's calls.
+    fn credentials(&self) -> Headers {
+        vec![
+            (auth::SESSION, self.session.to_string()),
+            (auth::AUTHORIZATION, auth::bearer(&self.credential.to_hex())),
+        ]
+    }
+
     async fn command(&mut self) -> pb::command::Kind {
         let next = tokio::time::timeout(Duration::from_secs(10), self.down.next()).await;
         next.expect("a command in time")
@@ -149,7 +179,8 @@ impl Fake {
             checksum,
             ..Default::default()
         };
-        self.client.report(report).await.map(|_| ())
+        let request = with_headers(report, &self.credentials());
+        self.client.report(request).await.map(|_| ())
     }
 
     async fn checkpoint(&mut self, step: u64) -> Result<(), tonic::Status> {
@@ -172,7 +203,8 @@ impl Fake {
             }],
             requested,
         };
-        self.client.save_checkpoint(upload).await.map(|_| ())
+        let request = with_headers(upload, &self.credentials());
+        self.client.save_checkpoint(request).await.map(|_| ())
     }
 
     async fn halted(&mut self, generation: u64, step: u64) -> Result<(), tonic::Status> {
@@ -181,7 +213,8 @@ impl Fake {
             generation,
             step,
         };
-        self.client.halt(halted).await.map(|_| ())
+        let request = with_headers(halted, &self.credentials());
+        self.client.halt(request).await.map(|_| ())
     }
 
     fn heartbeat(&self) {
@@ -202,15 +235,16 @@ fn rt() -> tokio::runtime::Runtime {
 fn bad_joins_are_refused_and_steps_commit_in_order() {
     let (url, store, outcome) = start(settings(2, 4));
     rt().block_on(async {
+        let wrong_token = open_with_token(&url, "nope", join_msg("a"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(wrong_token.code(), Code::Unauthenticated, "{wrong_token:?}");
+        assert!(
+            wrong_token.message().contains("wrong token"),
+            "{wrong_token:?}"
+        );
         let refused = [
-            (
-                pb::Join {
-                    token: "nope".into(),
-                    ..join_msg("a")
-                },
-                Code::Unauthenticated,
-                "wrong token",
-            ),
             (
                 pb::Join {
                     run_id: "other".into(),
@@ -246,7 +280,8 @@ fn bad_joins_are_refused_and_steps_commit_in_order() {
         let twin = open(&url, join_msg("b")).await.err().unwrap();
         assert_eq!(twin.code(), Code::AlreadyExists);
         let mut a = open(&url, join_msg("a")).await.unwrap();
-        // Ranks follow worker ids.
+        // Ranks follow worker ids; both hold the generation's ring key.
+        let mut ring_keys = Vec::new();
         for (fake, rank) in [(&mut a, 0), (&mut b, 1)] {
             match fake.command().await {
                 pb::command::Kind::Start(s) => {
@@ -255,12 +290,59 @@ fn bad_joins_are_refused_and_steps_commit_in_order() {
                         (rank, 2, 1, 4)
                     );
                     assert_eq!(s.peers.len(), 2);
+                    assert!(Key::from_slice(&s.ring_key).is_some(), "{:?}", s.ring_key);
+                    ring_keys.push(s.ring_key);
                 }
                 other => panic!("expected Start, got {other:?}"),
             }
         }
+        assert_eq!(ring_keys[0], ring_keys[1]);
         let late = open(&url, join_msg("c")).await.err().unwrap();
         assert_eq!(late.code(), Code::ResourceExhausted);
+        // Calls without their session's credential are refused and change nothing.
+        let forged = pb::StepReport {
+            session: a.session,
+            generation: 1,
+            step: 0,
+            terms: vec![pb::Term {
+                name: "neg_elbo".into(),
+                value: -1e9,
+            }],
+            rows: 8,
+            global_rows: 16,
+            applied: true,
+            ..Default::default()
+        };
+        let made_up = Key::from_slice(&[1; 32]).unwrap();
+        let attempts: [(&str, Headers, Code); 4] = [
+            ("no credentials", vec![], Code::Unauthenticated),
+            (
+                "a made-up credential",
+                vec![
+                    (auth::SESSION, a.session.to_string()),
+                    (auth::AUTHORIZATION, auth::bearer(&made_up.to_hex())),
+                ],
+                Code::Unauthenticated,
+            ),
+            (
+                "b's credential under a's name",
+                vec![
+                    (auth::SESSION, a.session.to_string()),
+                    (auth::AUTHORIZATION, auth::bearer(&b.credential.to_hex())),
+                ],
+                Code::Unauthenticated,
+            ),
+            ("b speaking for a", b.credentials(), Code::PermissionDenied),
+        ];
+        for (what, headers, code) in attempts {
+            let status = a
+                .client
+                .clone()
+                .report(with_headers(forged.clone(), &headers))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), code, "{what}: {status:?}");
+        }
         // Reports out of order across ranks still commit in step order.
         a.report(1, 0, None).await.unwrap();
         a.report(1, 1, Some(7)).await.unwrap();

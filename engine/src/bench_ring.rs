@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use elbo_proto::auth::{Key, Secret};
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
 use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
@@ -172,9 +173,11 @@ fn run_ranks(exe: &Path, world: u32, extra: &[String]) -> Result<Vec<String>> {
         outputs.push(out);
     }
     let list = addresses.join(",");
+    // The ranks' ring key, fresh for this benchmark.
+    let key = Secret::random().map_err(EngineError::Failed)?.ring_key(1);
     for (name, child) in &mut children.0 {
         let mut stdin = child.stdin.take().ok_or_else(|| pipe(name))?;
-        writeln!(stdin, "{list}").map_err(talk(name))?;
+        writeln!(stdin, "{list} {}", key.to_hex()).map_err(talk(name))?;
     }
     let mut results = Vec::new();
     for ((name, _), out) in children.0.iter().zip(&mut outputs) {
@@ -304,7 +307,8 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
     })
 }
 
-/// Binds, swaps addresses with the parent, and connects the ring.
+/// Binds, swaps addresses with the parent (and takes the ring key from it), and connects the
+/// ring.
 fn join_ring(rank: u32, world: u32, settings: RingSettings) -> Result<(BoundPeer, GrpcAllReduce)> {
     let peer = BoundPeer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), settings.chunk_len)?;
     let parent = || io("cannot talk to the parent");
@@ -312,8 +316,14 @@ fn join_ring(rank: u32, world: u32, settings: RingSettings) -> Result<(BoundPeer
     std::io::stdout().flush().map_err(parent())?;
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).map_err(parent())?;
-    let peers = line
+    let (list, key) = line
         .trim()
+        .split_once(' ')
+        .and_then(|(list, key)| Some((list, Key::from_hex(key)?)))
+        .ok_or_else(|| {
+            EngineError::Invalid("expected the peer list and the ring key from the parent".into())
+        })?;
+    let peers = list
         .split(',')
         .map(str::parse::<SocketAddr>)
         .collect::<Result<Vec<_>, _>>()
@@ -329,6 +339,7 @@ fn join_ring(rank: u32, world: u32, settings: RingSettings) -> Result<(BoundPeer
         1,
         rank as usize,
         world as usize,
+        &key,
         next,
         Instant::now() + RING_TIMEOUT,
         Default::default(),

@@ -152,6 +152,7 @@ mod tests {
             checkpoint_every: 0,
             checkpoint: state.then(Default::default),
             start_step,
+            ring_key: elbo_proto::auth::Secret::from_bytes([1; 32]).ring_key(generation),
             abort: Arc::default(),
         }
     }

@@ -307,6 +307,7 @@ impl Worker {
             start.generation,
             rank,
             world,
+            &start.ring_key,
             next,
             Instant::now() + step_timeout,
             start.abort.clone(),

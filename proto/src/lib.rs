@@ -1,4 +1,7 @@
-//! The gRPC protocol of elbo (`elbo.proto`): generated tonic/prost code.
+//! The gRPC protocol of elbo (`elbo.proto`): generated tonic/prost code, and the credentials
+//! its calls carry ([`auth`]).
+
+pub mod auth;
 
 /// Version 1 of the protocol.
 #[allow(missing_docs, clippy::all)]

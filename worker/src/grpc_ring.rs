@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use elbo_proto::auth::{self, Key};
 use elbo_proto::v1 as pb;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc as tokio_mpsc, watch};
@@ -21,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::error::{Result, WorkerError};
-use crate::peer_server::{ring_path, Admit, LeBytes, RingService};
+use crate::peer_server::{ring_path, Admit, LeBytes, Link, RingService};
 use crate::ring::{Chunk, Outgoing, Phase, RingAllReduce, RingSettings, RingTransport};
 use crate::ring_wire::{encode_chunk, encode_forward, encode_sum};
 use crate::trainer::Reduce;
@@ -99,8 +100,7 @@ impl BoundPeer {
         let addr = listener.local_addr().map_err(runtime_error)?;
         let (admit, admit_rx) = watch::channel(Admit {
             generation: 0,
-            prev_rank: 0,
-            inbox: None,
+            link: None,
         });
         // A chunk's values plus its header fields (a few dozen bytes; 1 KiB of room).
         let service = RingService::new(admit_rx, max_chunk_values.saturating_mul(4) + 1024);
@@ -144,14 +144,17 @@ impl BoundPeer {
     }
 
     /// Joins generation `generation` of the ring as `rank` of `world`: from now on only that
-    /// generation's chunks from the previous rank are admitted, and this rank's chunks stream to
-    /// the next rank at `next` (connecting with retries until `deadline`). Setting `cancel`
-    /// aborts the connection attempts and any wait of the returned ring at once.
+    /// generation's chunks from the previous rank are admitted, on one stream authenticated with
+    /// the generation's ring `key`, and this rank's chunks stream to the next rank at `next`
+    /// (connecting with retries until `deadline`). Setting `cancel` aborts the connection
+    /// attempts and any wait of the returned ring at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         &self,
         generation: u64,
         rank: usize,
         world: usize,
+        key: &Key,
         next: SocketAddr,
         deadline: Instant,
         cancel: Arc<AtomicBool>,
@@ -165,8 +168,13 @@ impl BoundPeer {
         let (tx, inbox) = tokio_mpsc::unbounded_channel();
         self.admit.send_replace(Admit {
             generation,
-            prev_rank: ((rank + world - 1) % world) as u32,
-            inbox: Some(tx),
+            link: Some(Link {
+                rank: rank as u32,
+                prev_rank: ((rank + world - 1) % world) as u32,
+                key: key.clone(),
+                inbox: tx,
+                claimed: Arc::new(AtomicBool::new(false)),
+            }),
         });
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let (to_next, sender) = if world > 1 {
@@ -175,8 +183,9 @@ impl BoundPeer {
                 .block_on(connect_channel(next, deadline, &cancel))?;
             let (to_next, outgoing) = tokio_mpsc::unbounded_channel::<Bytes>();
             let failed = failure.clone();
+            let tag = key.link_tag(generation, rank as u32, ((rank + 1) % world) as u32);
             let sender = self.runtime.spawn(async move {
-                if let Err(status) = stream_to_next(channel, outgoing).await {
+                if let Err(status) = stream_to_next(channel, generation, &tag, outgoing).await {
                     if let Ok(mut f) = failed.lock() {
                         *f = Some(status.message().to_string());
                     }
@@ -229,10 +238,13 @@ async fn connect_channel(
     }
 }
 
-/// Streams `outgoing` (gRPC-framed chunks) to the next rank as one `Peer.Ring` call and returns
-/// how the call ended. The messages go to HTTP/2 as they are: no re-encoding, no copy.
+/// Streams `outgoing` (gRPC-framed chunks) to the next rank as one `Peer.Ring` call of
+/// `generation`, authenticated with the link's `tag`, and returns how the call ended. The
+/// messages go to HTTP/2 as they are: no re-encoding, no copy.
 async fn stream_to_next(
     mut channel: Channel,
+    generation: u64,
+    tag: &Key,
     outgoing: tokio_mpsc::UnboundedReceiver<Bytes>,
 ) -> Result<(), Status> {
     use tower_service::Service;
@@ -244,6 +256,8 @@ async fn stream_to_next(
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
+        .header(auth::GENERATION, generation)
+        .header(auth::AUTHORIZATION, auth::bearer(&tag.to_hex()))
         .body(tonic::body::Body::new(http_body_util::StreamBody::new(
             frames,
         )))

@@ -3,8 +3,13 @@
 //! generation and hands its chunks to the waiting ring without copying their payloads.
 //!
 //! An incoming stream is admitted only for the generation this worker is in (a stream that
-//! arrives before this worker has joined that generation waits for it, briefly); a stream of a
-//! stale generation is refused with `FailedPrecondition` and never reaches the ring. A
+//! arrives before this worker has joined that generation waits for it, briefly), and only with
+//! that generation's credentials: its headers must name the generation (`elbo-generation`) and
+//! carry the link's tag under the generation's ring key (`authorization: Bearer <hex>`, see
+//! [`elbo_proto::auth`]), checked before a byte of the body is read; and only once per
+//! generation. A stream of a stale generation is refused with `FailedPrecondition`, one without
+//! the credentials with `Unauthenticated`, a second stream of the generation with
+//! `AlreadyExists`: each with a log line, none reaching the ring, which goes on. A
 //! malformed chunk (not a `Chunk` message, a payload that is not whole f32s, an unknown phase, a
 //! sender other than the previous rank) is answered with `InvalidArgument`, never forwarded, and
 //! reported to the waiting ring at once; a message larger than a chunk may be is refused with
@@ -13,10 +18,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use elbo_proto::auth::{self, Key};
 use elbo_proto::v1 as pb;
 use http_body_util::BodyExt;
 use prost::Message;
@@ -74,15 +82,45 @@ impl Payload for LeBytes {
     }
 }
 
-/// What the server admits: one generation, from one previous rank, into one inbox.
+/// What the server admits: one stream of the generation this worker is in.
 #[derive(Clone)]
 pub struct Admit {
-    /// The generation this worker is in.
+    /// The generation this worker is in (0 before the first).
     pub generation: u64,
-    /// Its ring predecessor in that generation.
+    /// Its place in that generation's ring; `None` before the first generation.
+    pub link: Option<Link>,
+}
+
+/// This worker's incoming link in a generation's ring: one stream, from the previous rank,
+/// holding the generation's key, into one inbox.
+#[derive(Clone)]
+pub struct Link {
+    /// This worker's rank.
+    pub rank: u32,
+    /// Its ring predecessor.
     pub prev_rank: u32,
-    /// The ring waiting for chunks; `None` before the first generation.
-    pub inbox: Option<Inbox>,
+    /// The generation's ring key.
+    pub key: Key,
+    /// The ring waiting for chunks.
+    pub inbox: Inbox,
+    /// Set once the generation's stream has been admitted.
+    pub claimed: Arc<AtomicBool>,
+}
+
+/// The generation a ring stream's headers name and the tag they carry, or why they do not.
+fn credentials(headers: &http::HeaderMap) -> Result<(u64, Key), Status> {
+    let generation = auth::number_of(headers, auth::GENERATION).ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "a ring stream names its generation in the {} header",
+            auth::GENERATION
+        ))
+    })?;
+    let tag = auth::bearer_of(headers)
+        .and_then(Key::from_hex)
+        .ok_or_else(|| {
+            Status::unauthenticated("a ring stream carries its link's tag as a bearer credential")
+        })?;
+    Ok((generation, tag))
 }
 
 /// The `elbo.Peer` service.
@@ -103,9 +141,9 @@ impl RingService {
         RingService { admit, max_message }
     }
 
-    /// Waits until this worker has joined `generation` (or a later one) and returns what it
-    /// admits then.
-    async fn admit(&self, generation: u64) -> Result<(Admit, Inbox), Status> {
+    /// Waits until this worker has joined `generation` (or a later one) and returns its link
+    /// in that generation, if it is still in it.
+    async fn admit(&self, generation: u64) -> Result<Link, Status> {
         let mut rx = self.admit.clone();
         let admit = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|a| a.generation >= generation))
             .await
@@ -116,8 +154,8 @@ impl RingService {
             })?
             .map_err(|_| Status::unavailable("this worker is shutting down"))?
             .clone();
-        match admit.inbox.clone() {
-            Some(inbox) if admit.generation == generation => Ok((admit, inbox)),
+        match admit.link {
+            Some(link) if admit.generation == generation => Ok(link),
             _ => {
                 tracing::warn!(
                     generation,
@@ -132,11 +170,37 @@ impl RingService {
         }
     }
 
+    /// Admits the stream whose headers are `headers`, or says why not (and logs it): the
+    /// generation it names must be this worker's, its tag the one the generation's key gives
+    /// the link from the previous rank, and no stream of the generation admitted before.
+    async fn authenticate(&self, headers: &http::HeaderMap) -> Result<(u64, Link), Status> {
+        let refused = |status: Status| {
+            tracing::warn!(%status, "refused a ring stream");
+            status
+        };
+        let (generation, tag) = credentials(headers).map_err(refused)?;
+        let link = self.admit(generation).await?;
+        let want = link.key.link_tag(generation, link.prev_rank, link.rank);
+        if !tag.matches(&want) {
+            return Err(refused(Status::unauthenticated(format!(
+                "wrong credential for generation {generation}'s ring stream from rank {}",
+                link.prev_rank
+            ))));
+        }
+        if link.claimed.swap(true, Ordering::AcqRel) {
+            return Err(refused(Status::already_exists(format!(
+                "generation {generation}'s ring stream from rank {} is already open",
+                link.prev_rank
+            ))));
+        }
+        Ok((generation, link))
+    }
+
     /// Reads the stream to its end, forwarding each chunk to the ring of its generation.
     async fn serve(&self, request: http::Request<Body>) -> Result<(), Status> {
+        let (generation, link) = self.authenticate(request.headers()).await?;
         let mut body = request.into_body();
         let mut reader = MessageReader::new(self.max_message);
-        let mut admitted: Option<(Admit, Inbox)> = None;
         let result = async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
@@ -153,12 +217,8 @@ impl RingService {
                     let message = pb::Chunk::decode(message).map_err(|e| {
                         Status::invalid_argument(format!("a ring message is not a Chunk: {e}"))
                     })?;
-                    if admitted.is_none() {
-                        admitted = Some(self.admit(message.generation).await?);
-                    }
-                    let (admit, inbox) = admitted.as_ref().expect("admitted above");
-                    let chunk = to_chunk(message, admit)?;
-                    if inbox.send(Ok(chunk)).is_err() {
+                    let chunk = to_chunk(message, generation, link.prev_rank)?;
+                    if link.inbox.send(Ok(chunk)).is_err() {
                         return Err(Status::unavailable("this rank's ring is closed"));
                     }
                 }
@@ -172,7 +232,7 @@ impl RingService {
             }
         }
         .await;
-        if let (Err(status), Some((_, inbox))) = (&result, &admitted) {
+        if let Err(status) = &result {
             let reason = if status.code() == tonic::Code::Unavailable {
                 status.message().to_string()
             } else {
@@ -182,7 +242,7 @@ impl RingService {
                     status.message()
                 )
             };
-            let _ = inbox.send(Err(WorkerError::Ring(reason)));
+            let _ = link.inbox.send(Err(WorkerError::Ring(reason)));
         }
         result
     }
@@ -240,18 +300,19 @@ impl tower_service::Service<http::Request<Body>> for RingService {
     }
 }
 
-/// A received message as the ring's chunk, if it belongs to the admitted generation and ring.
-fn to_chunk(m: pb::Chunk, admit: &Admit) -> Result<Chunk<LeBytes>, Status> {
-    if m.generation != admit.generation {
+/// A received message as the ring's chunk, if it belongs to the admitted `generation` and comes
+/// from `prev_rank`.
+fn to_chunk(m: pb::Chunk, generation: u64, prev_rank: u32) -> Result<Chunk<LeBytes>, Status> {
+    if m.generation != generation {
         return Err(Status::failed_precondition(format!(
-            "chunk of generation {}, but this rank is in generation {}",
-            m.generation, admit.generation
+            "chunk of generation {}, but this rank is in generation {generation}",
+            m.generation
         )));
     }
-    if m.from_rank != admit.prev_rank {
+    if m.from_rank != prev_rank {
         return Err(Status::invalid_argument(format!(
-            "chunk from rank {}, but this rank's ring predecessor is rank {}",
-            m.from_rank, admit.prev_rank
+            "chunk from rank {}, but this rank's ring predecessor is rank {prev_rank}",
+            m.from_rank
         )));
     }
     if m.data.len() % 4 != 0 {

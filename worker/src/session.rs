@@ -10,11 +10,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use elbo_proto::auth::{self, Key};
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::mpsc as tokio_mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::checkpoint::Files;
@@ -65,6 +68,8 @@ pub struct StartCommand {
     pub checkpoint: Option<Files>,
     /// Global steps taken before this generation's first step.
     pub start_step: u64,
+    /// The generation's ring key: it authenticates the ring streams of its members.
+    pub ring_key: Key,
     /// Raised when the generation is aborted (a `Halt` or `Stop` arrives, the session breaks).
     pub abort: Arc<AtomicBool>,
 }
@@ -131,10 +136,31 @@ enum Outbound {
     Halted(pb::Halted),
 }
 
+/// Puts a session's credential on each of its calls.
+#[derive(Clone)]
+struct SessionCredential {
+    session: AsciiMetadataValue,
+    credential: AsciiMetadataValue,
+}
+
+impl tonic::service::Interceptor for SessionCredential {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let metadata = request.metadata_mut();
+        metadata.insert(auth::SESSION, self.session.clone());
+        metadata.insert(auth::AUTHORIZATION, self.credential.clone());
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, SessionCredential>>;
+
 /// A joined session.
 pub struct Session {
     runtime: Arc<tokio::runtime::Runtime>,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     session: u64,
     config_toml: String,
     config_sha256: String,
@@ -164,6 +190,13 @@ fn parse_start(s: pb::Start, abort: Arc<AtomicBool>) -> Result<StartCommand> {
             peers.len()
         )));
     }
+    let ring_key = Key::from_slice(&s.ring_key).ok_or_else(|| {
+        lost(format!(
+            "Start carries a ring key of {} bytes, expected {}",
+            s.ring_key.len(),
+            auth::KEY_BYTES
+        ))
+    })?;
     let checkpoint = (!s.checkpoint.is_empty())
         .then(|| s.checkpoint.into_iter().map(|f| (f.name, f.data)).collect());
     Ok(StartCommand {
@@ -176,6 +209,7 @@ fn parse_start(s: pb::Start, abort: Arc<AtomicBool>) -> Result<StartCommand> {
         checkpoint_every: s.checkpoint_every,
         checkpoint,
         start_step: s.start_step,
+        ring_key,
         abort,
     })
 }
@@ -242,6 +276,12 @@ impl Session {
             ))
             .into());
         }
+        let token: AsciiMetadataValue = auth::bearer(&request.token).parse().map_err(|_| {
+            WorkerError::Invalid(
+                "the run token (--token, ELBO_TOKEN): expected printable ASCII without spaces"
+                    .into(),
+            )
+        })?;
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?
             .tcp_nodelay(true)
@@ -264,13 +304,9 @@ impl Session {
                 }
             }
         })?;
-        let client = CoordinatorClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (up, up_rx) = tokio_mpsc::unbounded_channel();
         let join = pb::Join {
             run_id: request.run_id,
-            token: request.token,
             config_sha256: request.config_sha256.unwrap_or_default(),
             worker_id: request.worker_id,
             peer_address: request.peer_address.to_string(),
@@ -281,7 +317,11 @@ impl Session {
             kind: Some(pb::worker_message::Kind::Join(join)),
         })
         .map_err(lost)?;
-        let mut session_client = client.clone();
+        let mut session_client = CoordinatorClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut open = tonic::Request::new(UnboundedReceiverStream::new(up_rx));
+        open.metadata_mut().insert(auth::AUTHORIZATION, token);
         let refused = |s: tonic::Status| {
             let e = lost(format!("the coordinator refused to join: {}", s.message()));
             if transient(&s) {
@@ -290,11 +330,10 @@ impl Session {
                 Refusal::Final(e)
             }
         };
-        let mut downstream =
-            match runtime.block_on(session_client.session(UnboundedReceiverStream::new(up_rx))) {
-                Ok(r) => r.into_inner(),
-                Err(s) => return Err(refused(s)),
-            };
+        let mut downstream = match runtime.block_on(session_client.session(open)) {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(refused(s)),
+        };
         let welcome = runtime.block_on(async {
             match tokio::time::timeout(Duration::from_secs(30), downstream.next()).await {
                 Ok(Some(Ok(pb::Command {
@@ -309,6 +348,22 @@ impl Session {
                 ))),
             }
         })?;
+        let credential = Key::from_slice(&welcome.credential).ok_or_else(|| {
+            lost(format!(
+                "the coordinator's Welcome carries a credential of {} bytes, expected {}",
+                welcome.credential.len(),
+                auth::KEY_BYTES
+            ))
+        })?;
+        let credential = SessionCredential {
+            session: AsciiMetadataValue::from(welcome.session),
+            credential: auth::bearer(&credential.to_hex())
+                .parse()
+                .map_err(|_| lost("a session credential is not a header value"))?,
+        };
+        let client = CoordinatorClient::with_interceptor(channel, credential)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (commands_tx, commands) = mpsc::channel();
         let report_failed = commands_tx.clone();
         // The abort flag of the newest generation: raised by anything that ends it.

@@ -1,8 +1,13 @@
-//! The ring all-reduce over gRPC on loopback: correctness and rejection of malformed chunks.
+//! The ring all-reduce over gRPC on loopback: correctness, rejection of malformed chunks, and
+//! refusal of streams without the generation's credentials.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use elbo_proto::auth::{self, Key, Secret};
+use elbo_proto::v1 as pb;
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce, GrpcRing};
 use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
@@ -19,6 +24,11 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// The ring key the coordinator of these tests gives generation `generation`.
+fn key(generation: u64) -> Key {
+    Secret::from_bytes([5; auth::KEY_BYTES]).ring_key(generation)
+}
+
 /// `peer` joins `generation` as `rank` of `world`, sending to `next`.
 fn join(
     peer: &BoundPeer,
@@ -31,11 +41,60 @@ fn join(
         generation,
         rank,
         world,
+        &key(generation),
         next,
         Instant::now() + Duration::from_secs(10),
         Default::default(),
     )
     .unwrap()
+}
+
+/// Rank 0 of a two-rank ring in a generation, of which the test plays the sending half: it
+/// takes rank 1's stream, while its own stream goes to a peer that never joins a generation,
+/// so rank 1's incoming link is the test's to open.
+struct Rank0 {
+    ring: Option<GrpcRing>,
+    cancel: Arc<AtomicBool>,
+    peer: BoundPeer,
+    _sink: BoundPeer,
+}
+
+impl Rank0 {
+    /// Rank 0 of `generation`.
+    fn join(generation: u64) -> Rank0 {
+        let sink = BoundPeer::bind(loopback(), 4).unwrap();
+        let peer = BoundPeer::bind(loopback(), 4).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ring = peer
+            .connect(
+                generation,
+                0,
+                2,
+                &key(generation),
+                sink.local_addr(),
+                Instant::now() + Duration::from_secs(10),
+                cancel.clone(),
+            )
+            .unwrap();
+        Rank0 {
+            ring: Some(ring),
+            cancel,
+            peer,
+            _sink: sink,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.peer.local_addr()
+    }
+}
+
+impl Drop for Rank0 {
+    /// Its stream to the sink never finishes: drop the ring at once.
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.ring.take();
+    }
 }
 
 #[test]
@@ -86,30 +145,18 @@ fn three_ranks_all_reduce_over_grpc() {
 
 #[test]
 fn a_malformed_chunk_is_rejected_with_a_status() {
-    use elbo_proto::v1 as pb;
     let peer = BoundPeer::bind(loopback(), 4).unwrap();
     let addr = peer.local_addr();
-    let ring = join(&peer, 1, 1, 2, addr);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let status = runtime.block_on(async {
-        let mut client = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let bad = pb::Chunk {
-            generation: 1,
-            from_rank: 0,
-            phase: pb::Phase::ReduceScatter as i32,
-            data: vec![1, 2, 3, 4, 5].into(),
-            ..Default::default()
-        };
-        client
-            .ring(tokio_stream::iter(vec![bad]))
-            .await
-            .unwrap_err()
-    });
+    let rank0 = Rank0::join(1);
+    let ring = join(&peer, 1, 1, 2, rank0.addr());
+    let bad = pb::Chunk {
+        generation: 1,
+        from_rank: 0,
+        phase: pb::Phase::ReduceScatter as i32,
+        data: vec![1, 2, 3, 4, 5].into(),
+        ..Default::default()
+    };
+    let status = send_stream(addr, vec![bad], &link(1, &key(1))).unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("5 bytes"), "{}", status.message());
     let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
@@ -125,48 +172,75 @@ fn a_malformed_chunk_is_rejected_with_a_status() {
     );
 }
 
-/// Sends `chunks` to the peer at `addr` on one stream and returns how the peer answered.
-fn send_stream(addr: SocketAddr, chunks: Vec<elbo_proto::v1::Chunk>) -> tonic::Status {
+/// Call headers: (name, value).
+type Headers = Vec<(&'static str, String)>;
+
+/// The headers of generation `generation`'s stream from rank 0 to rank 1, tagged under `key`.
+fn link(generation: u64, key: &Key) -> Headers {
+    vec![
+        (auth::GENERATION, generation.to_string()),
+        (
+            auth::AUTHORIZATION,
+            auth::bearer(&key.link_tag(generation, 0, 1).to_hex()),
+        ),
+    ]
+}
+
+/// Sends `chunks` with `headers` to the peer at `addr` on one stream of a stock gRPC client and
+/// returns how the peer answered.
+fn send_stream(
+    addr: SocketAddr,
+    chunks: Vec<pb::Chunk>,
+    headers: &[(&'static str, String)],
+) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+    for (name, value) in headers {
+        request.metadata_mut().insert(*name, value.parse().unwrap());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut client = elbo_proto::v1::peer_client::PeerClient::connect(format!("http://{addr}"))
+        let mut client = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        client.ring(tokio_stream::iter(chunks)).await.unwrap_err()
+        client.ring(request).await.map(|_| ())
     })
 }
 
-#[test]
-fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
-    use elbo_proto::v1 as pb;
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
-    let addr = peer.local_addr();
-    // The next rank: it holds this rank's own chunks, so only the test's streams reach `peer`.
-    let next = BoundPeer::bind(loopback(), 4).unwrap();
-    let _next_ring = join(&next, 2, 0, 2, addr);
-    let old = join(&peer, 1, 1, 2, next.local_addr());
-    drop(old);
-    let ring = join(&peer, 2, 1, 2, next.local_addr());
-    let chunk = |generation: u64, values: usize| pb::Chunk {
+/// A chunk from rank 0 of `values` zeros.
+fn zeros(generation: u64, values: usize) -> pb::Chunk {
+    pb::Chunk {
         generation,
         from_rank: 0,
         phase: pb::Phase::ReduceScatter as i32,
         data: vec![0; values * 4].into(),
         ..Default::default()
-    };
-    let stale = send_stream(addr, vec![chunk(1, 4)]);
+    }
+}
+
+/// `peer` joins generation 1 as rank 1 of 2, then generation 2; its rank 0 is the test's.
+fn second_generation(peer: &BoundPeer) -> (Rank0, GrpcRing) {
+    let next = Rank0::join(2);
+    drop(join(peer, 1, 1, 2, next.addr()));
+    let ring = join(peer, 2, 1, 2, next.addr());
+    (next, ring)
+}
+
+#[test]
+fn a_stale_generation_is_refused_and_never_summed() {
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let addr = peer.local_addr();
+    let (_next, ring) = second_generation(&peer);
+    let stale = send_stream(addr, vec![zeros(1, 4)], &link(1, &key(1))).unwrap_err();
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
     assert!(
         stale.message().contains("stale generation 1"),
         "{}",
         stale.message()
     );
-    let oversized = send_stream(addr, vec![chunk(2, 4096)]);
-    assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
-    // Neither reached the ring: it still waits, and times out cleanly.
+    // It did not reach the ring: it still waits, and times out cleanly.
     let mut ar = GrpcAllReduce::new(ring, 2, settings(4, Duration::from_millis(300))).unwrap();
     let err = ar
         .all_reduce_sum(&mut vec![1.0; 8])
@@ -175,21 +249,30 @@ fn stale_generations_and_oversized_chunks_are_refused_and_never_summed() {
     assert!(err.contains("deadline passed"), "{err}");
 }
 
-/// The ring's wire format is plain gRPC: a stock tonic client (prost's field order, tonic's
-/// framing) can play the previous rank, and its values are summed like a peer's.
 #[test]
-fn a_stock_grpc_client_can_play_the_previous_rank() {
-    use elbo_proto::v1 as pb;
+fn an_oversized_chunk_is_refused_before_it_is_buffered() {
     let peer = BoundPeer::bind(loopback(), 4).unwrap();
     let addr = peer.local_addr();
-    // Rank 0 of the ring: it takes rank 1's chunks and nothing else.
-    let next = BoundPeer::bind(loopback(), 4).unwrap();
-    let _next_ring = join(&next, 1, 0, 2, addr);
-    let ring = join(&peer, 1, 1, 2, next.local_addr());
-    // What rank 0 sends rank 1 for 8 values in chunks of 4: its half of segment 0 to sum, then
-    // the reduced segment 1.
+    let next = Rank0::join(1);
+    let ring = join(&peer, 1, 1, 2, next.addr());
+    let oversized = send_stream(addr, vec![zeros(1, 4096)], &link(1, &key(1))).unwrap_err();
+    assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
+    // The member's stream broke the generation: the ring hears of it at once.
+    let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let err = ar
+        .all_reduce_sum(&mut vec![1.0; 8])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("larger than"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// What rank 0 sends rank 1 of a two-rank ring for 8 values in chunks of 4 in `generation`:
+/// its half of segment 0 to sum, then the reduced segment 1.
+fn rank0_chunks(generation: u64) -> Vec<pb::Chunk> {
     let chunk = |phase: pb::Phase, values: [f32; 4]| pb::Chunk {
-        generation: 1,
+        generation,
         step: 0,
         phase: phase as i32,
         round: 0,
@@ -197,25 +280,93 @@ fn a_stock_grpc_client_can_play_the_previous_rank() {
         data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         from_rank: 0,
     };
-    let chunks = vec![
+    vec![
         chunk(pb::Phase::ReduceScatter, [10.0, 20.0, 30.0, 40.0]),
         chunk(pb::Phase::AllGather, [-1.0, -2.0, -3.0, -4.0]),
-    ];
-    let feeder = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let mut client = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
-                    .await
-                    .unwrap();
-                client.ring(tokio_stream::iter(chunks)).await
-            })
-    });
+    ]
+}
+
+/// Rank 1's values, and the sum rank 0's chunks make of them.
+const RANK1: [f32; 8] = [2.0, 4.0, 6.0, 8.0, 1.0, 1.0, 1.0, 1.0];
+const REDUCED: [f32; 8] = [12.0, 24.0, 36.0, 48.0, -1.0, -2.0, -3.0, -4.0];
+
+/// The ring's wire format is plain gRPC: a stock tonic client (prost's field order, tonic's
+/// framing) holding the generation's credentials can play the previous rank, and its values
+/// are summed like a peer's.
+#[test]
+fn a_stock_grpc_client_can_play_the_previous_rank() {
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let addr = peer.local_addr();
+    // Rank 0 of the ring: it takes rank 1's chunks and nothing else.
+    let next = Rank0::join(1);
+    let ring = join(&peer, 1, 1, 2, next.addr());
+    let feeder = std::thread::spawn(move || send_stream(addr, rank0_chunks(1), &link(1, &key(1))));
     let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_secs(5))).unwrap();
-    let mut buf = vec![2.0, 4.0, 6.0, 8.0, 1.0, 1.0, 1.0, 1.0];
+    let mut buf = RANK1.to_vec();
     ar.all_reduce_sum(&mut buf).unwrap();
-    assert_eq!(buf, [12.0, 24.0, 36.0, 48.0, -1.0, -2.0, -3.0, -4.0]);
+    assert_eq!(buf, REDUCED);
     feeder.join().unwrap().expect("the stream is acknowledged");
+}
+
+/// Valid-looking chunks from a stranger (no credentials, a made-up tag), from a member of the
+/// previous generation (its key, for this generation or its own), and a replay of the member's
+/// own stream are each refused before their chunks are read; the ring sums exactly the
+/// member's values, once.
+#[test]
+fn streams_without_the_generations_credentials_are_refused_and_never_summed() {
+    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let addr = peer.local_addr();
+    let (_next, ring) = second_generation(&peer);
+    let made_up = Key::from_slice(&[7; auth::KEY_BYTES]).unwrap();
+    let refusals: [(&str, Headers, tonic::Code); 6] = [
+        ("no credentials", vec![], tonic::Code::Unauthenticated),
+        (
+            "no generation",
+            vec![link(2, &key(2)).remove(1)],
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "a made-up tag",
+            link(2, &made_up),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "the previous generation's key",
+            link(2, &key(1)),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "the previous generation",
+            link(1, &key(1)),
+            tonic::Code::FailedPrecondition,
+        ),
+        (
+            "not a tag",
+            vec![
+                (auth::GENERATION, "2".into()),
+                (auth::AUTHORIZATION, auth::bearer("s3cret")),
+            ],
+            tonic::Code::Unauthenticated,
+        ),
+    ];
+    for (what, headers, code) in refusals {
+        let status = send_stream(addr, rank0_chunks(2), &headers).unwrap_err();
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+    }
+    let member = std::thread::spawn(move || send_stream(addr, rank0_chunks(2), &link(2, &key(2))));
+    let mut ar = GrpcAllReduce::new(ring, 2, settings(4, Duration::from_secs(5))).unwrap();
+    let mut buf = RANK1.to_vec();
+    ar.all_reduce_sum(&mut buf).unwrap();
+    assert_eq!(buf, REDUCED, "exactly the member's values, once");
+    member
+        .join()
+        .unwrap()
+        .expect("the member's stream is acknowledged");
+    let replay = send_stream(addr, rank0_chunks(2), &link(2, &key(2))).unwrap_err();
+    assert_eq!(replay.code(), tonic::Code::AlreadyExists, "{replay:?}");
+    assert!(
+        replay.message().contains("already open"),
+        "{}",
+        replay.message()
+    );
 }
