@@ -436,6 +436,16 @@ struct Attempts {
     reports: u32,
 }
 
+/// Whether a call failed in transport or found the server going away, rather than being
+/// answered.
+fn transport_failure(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+        )
+}
+
 /// Throws valid-looking ring chunks at `peers` and forged step reports at the coordinator at
 /// `url` until `stop` is raised; panics on any call that is not refused.
 fn stranger(
@@ -485,7 +495,8 @@ fn stranger(
                     let chunks = tokio_stream::iter(vec![chunk.clone(); 3]);
                     match client.ring(request(chunks, headers)).await {
                         Err(s) if s.code() == tonic::Code::Unauthenticated => attempts.ring += 1,
-                        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {}
+                        // No answer: the worker is not up yet, or gone.
+                        Err(s) if transport_failure(&s) => {}
                         other => panic!("a stranger's ring stream was not refused: {other:?}"),
                     }
                 }
