@@ -409,6 +409,72 @@ fn every_shipped_config_loads() {
 }
 
 #[test]
+fn tls_files_are_checked_before_anything_listens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let not_pem = tmp.path().join("notes.txt");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let not_pem = not_pem.to_str().unwrap();
+    let missing = tmp.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let run_dir = tmp.path().join("run");
+    for (cert, expect) in [
+        (
+            missing,
+            vec!["cluster.tls.cert", "missing.pem", "cannot read"],
+        ),
+        (not_pem, vec!["cluster.tls.cert", "no PEM CERTIFICATE"]),
+    ] {
+        let (c, k, a) = (
+            format!("cluster.tls.cert={cert}"),
+            format!("cluster.tls.key={not_pem}"),
+            format!("cluster.tls.ca={not_pem}"),
+        );
+        let out = elbo(
+            &[
+                "train",
+                "--workers",
+                "2",
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+                "--set",
+                &c,
+                "--set",
+                &k,
+                "--set",
+                &a,
+            ],
+            &[],
+            tmp.path(),
+        );
+        let err = refused(&out);
+        assert!(expect.iter().all(|e| err.contains(e)), "{err}");
+        assert!(!run_dir.exists(), "nothing written");
+    }
+    let worker = elbo(
+        &[
+            "worker",
+            "--coordinator",
+            "https://127.0.0.1:9",
+            "--run-id",
+            "x",
+            "--tls-cert",
+            missing,
+            "--tls-key",
+            not_pem,
+            "--tls-ca",
+            not_pem,
+        ],
+        &[],
+        tmp.path(),
+    );
+    let err = refused(&worker);
+    assert!(
+        err.contains("--tls-cert") && err.contains("missing.pem"),
+        "{err}"
+    );
+}
+
+#[test]
 fn workers_is_given_once_and_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let both = elbo(

@@ -661,3 +661,80 @@ fn worker_flags_are_checked_before_anything_waits() {
         assert!(err.contains(expect), "{flags:?}: {err}");
     }
 }
+
+/// Writes a fresh CA (`ca.crt`) and a certificate it signs for 127.0.0.1 (`tls.crt`, `tls.key`:
+/// cert-manager's names) into `dir`; returns the `[cluster.tls]` settings that name them.
+fn certificates(dir: &Path, mutual: bool) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let files = [
+        ("ca", "ca.crt", ca.pem()),
+        ("cert", "tls.crt", cert.pem()),
+        ("key", "tls.key", key.serialize_pem()),
+    ];
+    let mut set = Vec::new();
+    for (field, name, pem) in files {
+        std::fs::write(dir.join(name), pem).unwrap();
+        set.push("--set".to_string());
+        set.push(format!("cluster.tls.{field}={}", dir.join(name).display()));
+    }
+    set.extend(["--set".to_string(), format!("cluster.tls.mutual={mutual}")]);
+    set
+}
+
+/// `elbo train` over mutual TLS (the coordinator and its workers, the ring) trains exactly what
+/// the same run trains in plaintext; a worker that speaks plaintext to a TLS coordinator is
+/// refused with an error that says so, and the run goes on.
+#[test]
+fn a_run_over_mutual_tls_trains_what_a_plaintext_run_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let tls = certificates(&tmp.path().join("tls"), true);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let train = |name: &str, extra: &[&str]| -> PathBuf {
+        let dir = tmp.path().join(name);
+        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap()];
+        args.extend(SMALL);
+        args.extend(["--set", "cluster.workers=2"]);
+        args.extend(extra);
+        ok(elbo(&args, &cache));
+        dir
+    };
+    let step = "checkpoints/step-000000026";
+    let plain = train("plain", &[]);
+    let secure = train("tls", &tls);
+    assert_same_model(&plain.join(step), &secure.join(step), "over TLS");
+
+    let mut procs = Procs::default();
+    let run = tmp.path().join("run");
+    let mut set = vec!["--set", "cluster.workers=1"];
+    set.extend(&tls);
+    let (coord, url) = coordinator(&mut procs, &run, &cache, &set);
+    let plaintext = procs.spawn(&mut worker(&url, "plain", &cache, &[]));
+    let (ok, err) = procs.wait(plaintext, Duration::from_secs(60));
+    assert!(!ok, "a plaintext worker must be refused");
+    assert!(err.contains("coordinator"), "{err}");
+    let https = url.replacen("http://", "https://", 1);
+    let tls_flags = [
+        "--tls-cert",
+        tls[3].split_once('=').unwrap().1,
+        "--tls-key",
+        tls[5].split_once('=').unwrap().1,
+        "--tls-ca",
+        tls[1].split_once('=').unwrap().1,
+        "--tls-mutual",
+    ];
+    let secure = procs.spawn(&mut worker(&https, "secure", &cache, &tls_flags));
+    let (ok, err) = procs.wait(secure, Duration::from_secs(120));
+    assert!(ok, "a worker with the run's certificates trains: {err}");
+    let (ok, err) = procs.wait(coord, Duration::from_secs(30));
+    assert!(ok, "the run finished: {err}");
+}

@@ -66,6 +66,8 @@ pub struct Settings {
     pub checkpoint: Option<Files>,
     /// Largest message accepted (a checkpoint upload).
     pub max_message_bytes: usize,
+    /// Serve over TLS only.
+    pub tls: Option<elbo_proto::tls::Tls>,
 }
 
 /// Time of a step's parts: the slowest rank's, per part.

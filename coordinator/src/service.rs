@@ -381,7 +381,13 @@ impl Coordinator {
             .build_v1()
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &settings.tls {
+            builder = builder
+                .tls_config(tls.server())
+                .map_err(|e| CoordinatorError::Invalid(format!("TLS: {e:?}")))?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)

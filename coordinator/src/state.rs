@@ -948,6 +948,7 @@ mod tests {
             stop_step,
             checkpoint: None,
             max_message_bytes: 1 << 20,
+            tls: None,
         }
     }
 

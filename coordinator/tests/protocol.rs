@@ -52,6 +52,7 @@ fn settings(workers: u32, stop_step: u64) -> Settings {
         stop_step,
         checkpoint: None,
         max_message_bytes: 1 << 20,
+        tls: None,
     }
 }
 

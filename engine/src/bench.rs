@@ -51,6 +51,8 @@ pub struct TrainBench {
     pub device: String,
     /// The `elbo` executable (started as `elbo bench rank` for each worker).
     pub exe: PathBuf,
+    /// The workers' ring over TLS (off when its files are empty).
+    pub tls: elbo_settings::TlsConfig,
 }
 
 /// Full training steps, timed.

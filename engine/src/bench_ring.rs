@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use elbo_proto::auth::{Key, Secret};
+use elbo_proto::tls::Tls;
+use elbo_settings::TlsConfig;
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
 use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
@@ -42,6 +44,8 @@ pub struct AllreduceBench {
     pub depth: u64,
     /// The `elbo` executable (started as `elbo bench rank` for each rank).
     pub exe: PathBuf,
+    /// The ring over TLS (off when its files are empty).
+    pub tls: TlsConfig,
 }
 
 /// What one rank process of a benchmark does.
@@ -72,6 +76,8 @@ pub struct RankBench {
     pub batch_size: usize,
     /// Timed steps.
     pub steps: u64,
+    /// The ring over TLS (off when its files are empty).
+    pub tls: TlsConfig,
     /// The model a config describes (train benchmarks; `None`: the reference MLP VAE).
     pub config: Option<BenchConfig>,
     /// Device of a train benchmark's rank: `cpu` or `cuda:N`.
@@ -136,9 +142,25 @@ fn rank_args(bench: &RankBench) -> Vec<String> {
         args.extend(config.set.iter().map(|s| ("--set", s.clone())));
         args.push(("--shape", join_shape(&config.shape)));
     }
-    args.into_iter()
+    let tls = &bench.tls;
+    if tls.enabled() {
+        args.extend([
+            ("--tls-cert", tls.cert.clone()),
+            ("--tls-key", tls.key.clone()),
+            ("--tls-ca", tls.ca.clone()),
+        ]);
+        if !tls.server_name.is_empty() {
+            args.push(("--tls-server-name", tls.server_name.clone()));
+        }
+    }
+    let mut args: Vec<String> = args
+        .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
-        .collect()
+        .collect();
+    if tls.mutual {
+        args.push("--tls-mutual".into());
+    }
+    args
 }
 
 /// Starts `world` ranks with `extra` arguments and returns each rank's JSON result line.
@@ -224,6 +246,7 @@ pub fn allreduce(args: &AllreduceBench) -> Result<AllreduceReport> {
         steps: 0,
         config: None,
         device: "cpu".into(),
+        tls: args.tls.clone(),
     };
     let results = run_ranks(&args.exe, args.world, &rank_args(&bench))?;
     let seconds = results
@@ -254,6 +277,11 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
             "--batch-size and --steps must be positive, --workers 1 to 64".into(),
         ));
     }
+    if args.workers == 1 && args.tls.enabled() {
+        return Err(EngineError::Invalid(
+            "--tls-*: one worker has no ring to secure; pass --workers 2 or more".into(),
+        ));
+    }
     if args.workers == 1 {
         return train_here(engine, args);
     }
@@ -274,6 +302,7 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
         steps: args.steps,
         config: args.config.clone(),
         device: args.device.clone(),
+        tls: args.tls.clone(),
     };
     let model = match &args.config {
         Some(config) => {
@@ -307,10 +336,19 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
     })
 }
 
-/// Binds, swaps addresses with the parent (and takes the ring key from it), and connects the
-/// ring.
-fn join_ring(rank: u32, world: u32, settings: RingSettings) -> Result<(BoundPeer, GrpcAllReduce)> {
-    let peer = BoundPeer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), settings.chunk_len)?;
+/// Binds (with `tls`, over TLS), swaps addresses with the parent (and takes the ring key from
+/// it), and connects the ring.
+fn join_ring(
+    rank: u32,
+    world: u32,
+    settings: RingSettings,
+    tls: Option<Tls>,
+) -> Result<(BoundPeer, GrpcAllReduce)> {
+    let peer = BoundPeer::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        settings.chunk_len,
+        tls,
+    )?;
     let parent = || io("cannot talk to the parent");
     println!("peer {}", peer.local_addr());
     std::io::stdout().flush().map_err(parent())?;
@@ -355,7 +393,8 @@ pub fn rank(engine: &Engine, args: &RankBench) -> Result<String> {
         depth: args.depth as usize,
         timeout: RING_TIMEOUT,
     };
-    let (_peer, mut ring) = join_ring(args.rank, args.world, settings)?;
+    let tls = crate::tls::load(&args.tls, crate::tls::FLAGS)?;
+    let (_peer, mut ring) = join_ring(args.rank, args.world, settings, tls)?;
     match args.kind {
         RankKind::Allreduce => {
             let mut buf = vec![1.0f32; (args.bytes / 4) as usize];

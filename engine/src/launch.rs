@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use elbo_coordinator::{Aborter, CommittedStep, Coordinator, Files, RunStore, Settings};
-use elbo_settings::Config;
+use elbo_settings::{Config, TlsConfig};
 use elbo_worker::checkpoint;
 use indicatif::ProgressBar;
 use rand::RngCore;
@@ -141,6 +141,7 @@ fn coordinator(
     metrics_addr: Option<SocketAddr>,
 ) -> Result<(Coordinator, Arc<RunDirStore>, Option<MetricsServer>)> {
     let cfg = &job.cfg;
+    let tls = crate::tls::load(&cfg.cluster.tls, crate::tls::CONFIG_KEYS)?;
     let run_dir = PathBuf::from(&cfg.run.dir);
     let (start_step, files) = match checkpoint::newest(&run_dir)? {
         Some((dir, files)) => {
@@ -179,6 +180,7 @@ fn coordinator(
         stop_step,
         checkpoint: files,
         max_message_bytes: elbo_worker::session::MAX_MESSAGE_BYTES,
+        tls,
     };
     let telemetry = Telemetry::new();
     telemetry.run(job.total_steps, start_step);
@@ -266,6 +268,7 @@ struct LocalWorkers<'a> {
     exe: PathBuf,
     url: String,
     token: String,
+    tls: &'a TlsConfig,
     run_id: &'a str,
     device: &'a str,
     threads: usize,
@@ -281,7 +284,16 @@ impl LocalWorkers<'_> {
             0 => format!("worker-{slot}"),
             n => format!("worker-{slot}-r{n}"),
         };
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        if self.tls.enabled() {
+            command
+                .env("ELBO_TLS_CERT", &self.tls.cert)
+                .env("ELBO_TLS_KEY", &self.tls.key)
+                .env("ELBO_TLS_CA", &self.tls.ca)
+                .env("ELBO_TLS_MUTUAL", self.tls.mutual.to_string())
+                .env("ELBO_TLS_SERVER_NAME", &self.tls.server_name);
+        }
+        let child = command
             .args([
                 "worker",
                 "--coordinator",
@@ -355,7 +367,9 @@ pub(crate) fn train(
         options.max_steps,
         options.metrics_addr,
     )?;
-    let url = format!("http://{}", coordinator.local_addr());
+    let tls = &job.cfg.cluster.tls;
+    let scheme = if tls.enabled() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", coordinator.local_addr());
     let aborter = coordinator.aborter();
     stop.attach(aborter.clone());
     let workers = job.cfg.cluster.workers;
@@ -363,6 +377,7 @@ pub(crate) fn train(
         exe: options.exe.clone(),
         url: url.clone(),
         token,
+        tls,
         run_id: &job.cfg.run.name,
         device: &options.device,
         threads: threads_each(workers),

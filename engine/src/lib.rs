@@ -30,6 +30,7 @@ mod signal;
 mod steps;
 mod summary;
 pub mod telemetry;
+mod tls;
 mod train;
 pub mod worker;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elbo_datasets::{Batch, Cursor};
-use elbo_settings::Layers;
+use elbo_settings::{Layers, TlsConfig};
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce};
 use elbo_worker::ring::RingSettings;
 use elbo_worker::session::{JoinRequest, Report, Session, StartCommand, Upload};
@@ -60,6 +60,8 @@ pub struct WorkerOptions {
     pub throttle: Duration,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics_addr: Option<SocketAddr>,
+    /// TLS to the coordinator and on the ring (from `--tls-*`; off when its files are empty).
+    pub tls: TlsConfig,
 }
 
 /// `elbo worker`: returns when the coordinator says the run is over (an error if it failed).
@@ -91,7 +93,8 @@ pub fn run(engine: &Engine, options: &WorkerOptions) -> Result<()> {
         .metrics_addr
         .map(|addr| telemetry::serve(addr, telemetry.clone()))
         .transpose()?;
-    let peer = BoundPeer::bind(options.listen, MAX_CHUNK_VALUES)?;
+    let tls = crate::tls::load(&options.tls, crate::tls::FLAGS)?;
+    let peer = BoundPeer::bind(options.listen, MAX_CHUNK_VALUES, tls.clone())?;
     let advertise = match options.advertise {
         Some(a) => a,
         None if options.listen.ip().is_unspecified() => {
@@ -128,6 +131,7 @@ pub fn run(engine: &Engine, options: &WorkerOptions) -> Result<()> {
         deadline,
         peer.runtime(),
         false,
+        tls.as_ref(),
     )?;
     let label = PathBuf::from(format!("<config from {}>", options.coordinator));
     let cfg = elbo_settings::load_toml(session.config_toml(), &label, &engine.registry)?;
@@ -174,6 +178,7 @@ pub fn run(engine: &Engine, options: &WorkerOptions) -> Result<()> {
             Instant::now() + patience,
             peer.runtime(),
             true,
+            tls.as_ref(),
         )
         .map_err(|e| {
             EngineError::Failed(format!(

@@ -312,6 +312,7 @@ fn train_threads(
                 audit_rows: None,
                 throttle: Duration::from_millis(if i < on_time { 50 } else { 0 }),
                 metrics_addr: None,
+                tls: Default::default(),
             };
             let metrics = run_dir.join("metrics.jsonl");
             std::thread::spawn(move || {

@@ -2,6 +2,7 @@
 //! its calls carry ([`auth`]).
 
 pub mod auth;
+pub mod tls;
 
 /// Version 1 of the protocol.
 #[allow(missing_docs, clippy::all)]

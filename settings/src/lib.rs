@@ -17,5 +17,5 @@ pub use load::{
 };
 pub use schema::{
     ClusterConfig, Config, DataConfig, EvalConfig, LrSchedule, ModelConfig, OptimizerKind,
-    RunConfig, SpritesConfig, TrainConfig,
+    RunConfig, SpritesConfig, TlsConfig, TrainConfig,
 };

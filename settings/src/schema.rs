@@ -220,6 +220,36 @@ pub struct ClusterConfig {
     /// Seconds a worker keeps trying to reach a lost coordinator (with exponential backoff)
     /// before it gives up.
     pub reconnect_timeout_s: f64,
+    /// TLS on every connection of the run.
+    pub tls: TlsConfig,
+}
+
+/// `[cluster.tls]`: TLS (rustls) on the coordinator's and the workers' servers and on every
+/// client that dials them. Off while `cert`, `key` and `ca` are empty; on when all three name
+/// PEM files (cert-manager's `tls.crt`, `tls.key`, `ca.crt`). `elbo worker` takes the same
+/// settings from its flags (`--tls-cert`, … or `ELBO_TLS_*`): it needs them before the
+/// coordinator sends it this config. The default is off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This end's certificate chain (PEM).
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// The CA that signs every certificate of the run (PEM): the only root trusted.
+    pub ca: String,
+    /// Servers demand a client certificate signed by `ca` (mutual TLS).
+    pub mutual: bool,
+    /// The name every server's certificate is checked against; empty: the host dialled (the
+    /// coordinator URL's host, a peer's IP address).
+    pub server_name: String,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !(self.cert.is_empty() && self.key.is_empty() && self.ca.is_empty())
+    }
 }
 
 impl Default for Config {
@@ -283,6 +313,7 @@ impl Default for Config {
                 ring_depth: 1,
                 restart_workers: true,
                 reconnect_timeout_s: 300.0,
+                tls: TlsConfig::default(),
             },
             eval: EvalConfig {
                 iw_samples: 100,

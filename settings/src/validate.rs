@@ -121,6 +121,40 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (&'static str, String)> {
             ),
         ));
     }
+    let tls = &cfg.cluster.tls;
+    if tls.enabled() {
+        for (key, path) in [
+            ("cluster.tls.cert", &tls.cert),
+            ("cluster.tls.key", &tls.key),
+            ("cluster.tls.ca", &tls.ca),
+        ] {
+            if path.is_empty() {
+                return Err((
+                    key,
+                    "empty: TLS needs cluster.tls.cert, .key and .ca together (PEM files)".into(),
+                ));
+            }
+        }
+    } else if tls.mutual || !tls.server_name.is_empty() {
+        return Err((
+            if tls.mutual {
+                "cluster.tls.mutual"
+            } else {
+                "cluster.tls.server_name"
+            },
+            "set without TLS: also set cluster.tls.cert, .key and .ca".into(),
+        ));
+    }
+    let dns = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.');
+    if tls.server_name.len() > 253 || !tls.server_name.chars().all(dns) {
+        return Err((
+            "cluster.tls.server_name",
+            format!(
+                "{:?}: expected a DNS name (A–Z, a–z, 0–9, '-', '.')",
+                tls.server_name
+            ),
+        ));
+    }
     if cfg.cluster.ring_depth > 64 {
         return Err((
             "cluster.ring_depth",

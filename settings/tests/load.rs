@@ -278,6 +278,43 @@ fn wrong_types_name_the_key_the_source_and_the_expectation() {
     });
     assert!(msg.contains("expected 32 or 64"), "{msg}");
 
+    for (set, key, expect) in [
+        (
+            &["cluster.tls.cert=a.pem", "cluster.tls.key=k.pem"][..],
+            "cluster.tls.ca",
+            "together",
+        ),
+        (
+            &["cluster.tls.mutual=true"],
+            "cluster.tls.mutual",
+            "without TLS",
+        ),
+        (
+            &["cluster.tls.server_name=elbo"],
+            "cluster.tls.server_name",
+            "without TLS",
+        ),
+        (
+            &[
+                "cluster.tls.cert=c",
+                "cluster.tls.key=k",
+                "cluster.tls.ca=a",
+                "cluster.tls.server_name=a b",
+            ],
+            "cluster.tls.server_name",
+            "DNS name",
+        ),
+    ] {
+        let msg = invalid(&Layers {
+            flags: flags(set),
+            ..Default::default()
+        });
+        assert!(
+            msg.contains(&format!("`{key}`")) && msg.contains(expect),
+            "{set:?}: {msg}"
+        );
+    }
+
     for (depth, expect) in [("0", "positive"), ("65", "at most 64")] {
         let msg = invalid(&Layers {
             flags: flags(&[&format!("cluster.ring_depth={depth}")]),

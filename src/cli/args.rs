@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use elbo_engine::Engine;
-use elbo_settings::{Config, Layers};
+use elbo_settings::{Config, Layers, TlsConfig};
 
 /// `--config FILE` and repeated `--set KEY=VALUE`.
 #[derive(Debug, Clone, Args)]
@@ -27,6 +27,41 @@ impl ConfigArgs {
             env: std::env::vars().collect(),
             flags: self.set.clone(),
         })
+    }
+}
+
+/// TLS files of a process that needs them before it has the run's config (`elbo worker`, the
+/// ring benchmarks): the same settings as `[cluster.tls]`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// This end's certificate chain (PEM; cert-manager's tls.crt). With --tls-key and
+    /// --tls-ca: TLS on every connection.
+    #[arg(long, env = "ELBO_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// Its private key (PEM; tls.key).
+    #[arg(long, env = "ELBO_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// The CA that signs the run's certificates (PEM; ca.crt).
+    #[arg(long, env = "ELBO_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<String>,
+    /// Demand client certificates on this process's servers (mutual TLS).
+    #[arg(long, env = "ELBO_TLS_MUTUAL")]
+    pub tls_mutual: bool,
+    /// Check servers' certificates against this name (default: the host dialled).
+    #[arg(long, env = "ELBO_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The flags as `[cluster.tls]` settings.
+    pub fn settings(&self) -> TlsConfig {
+        TlsConfig {
+            cert: self.tls_cert.clone().unwrap_or_default(),
+            key: self.tls_key.clone().unwrap_or_default(),
+            ca: self.tls_ca.clone().unwrap_or_default(),
+            mutual: self.tls_mutual,
+            server_name: self.tls_server_name.clone().unwrap_or_default(),
+        }
     }
 }
 

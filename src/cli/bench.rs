@@ -9,7 +9,7 @@ use elbo_engine::{
 };
 use serde::Serialize;
 
-use super::args::cache_root;
+use super::args::{cache_root, TlsArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -78,6 +78,9 @@ pub struct TrainBenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// The workers' ring over TLS (a certificate valid for 127.0.0.1, or --tls-server-name).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +126,9 @@ pub struct AllreduceArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// The ring over TLS (a certificate valid for 127.0.0.1, or --tls-server-name).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +153,8 @@ pub struct RankArgs {
     device: String,
     #[command(flatten)]
     model: BenchModelArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
@@ -187,6 +195,7 @@ pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
                     steps: a.steps,
                     device: a.device,
                     exe,
+                    tls: a.tls.settings(),
                 },
             )?;
             let text = format!(
@@ -202,6 +211,7 @@ pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
                 chunk_kib: a.chunk_kib,
                 depth: a.depth,
                 exe,
+                tls: a.tls.settings(),
             })?;
             let text = format!(
                 "elbo ring world={} bytes={} time={:.3}ms algbw={:.3}GB/s busbw={:.3}GB/s",
@@ -231,6 +241,7 @@ pub fn run(engine: &Engine, cmd: BenchCommand) -> anyhow::Result<()> {
                     batch_size: a.batch_size,
                     steps: a.steps,
                     device: a.device,
+                    tls: a.tls.settings(),
                 },
             )?;
             println!("{line}");

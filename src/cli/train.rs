@@ -11,7 +11,7 @@ use elbo_engine::worker::WorkerOptions;
 use elbo_engine::{Engine, StopSignal, TrainOptions, TrainSummary};
 use elbo_models::{Metric, Metrics};
 
-use super::args::{ConfigArgs, MetricsArgs, RunArgs};
+use super::args::{ConfigArgs, MetricsArgs, RunArgs, TlsArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -47,7 +47,7 @@ pub struct CoordinatorArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// The coordinator's URL, e.g. http://10.0.0.5:50051.
+    /// The coordinator's URL, e.g. http://10.0.0.5:50051 (https:// with TLS).
     #[arg(long, env = "ELBO_COORDINATOR")]
     coordinator: String,
     /// The run id the coordinator serves (its run.name).
@@ -92,6 +92,8 @@ pub struct WorkerArgs {
     /// outlives a launcher that was killed outright).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
 }
@@ -173,6 +175,7 @@ pub fn worker(engine: &Engine, args: WorkerArgs) -> anyhow::Result<()> {
         audit_rows: args.audit_rows,
         throttle: Duration::from_millis(args.throttle_ms),
         metrics_addr: args.metrics.metrics_addr,
+        tls: args.tls.settings(),
     };
     Ok(elbo_engine::worker::run(engine, &options)?)
 }

@@ -59,3 +59,33 @@ impl WorkerError {
         }
     }
 }
+
+/// `e` and its causes, outermost first.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Whether a connection failed in its TLS handshake (a certificate not trusted or not for this
+/// name, a server without TLS): waiting does not mend that. rustls reports these as
+/// `InvalidData` I/O errors.
+pub(crate) fn handshake_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use elbo_proto::auth::{self, Key};
+use elbo_proto::tls::Tls;
 use elbo_proto::v1 as pb;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc as tokio_mpsc, watch};
@@ -21,7 +22,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{chain, handshake_failed, Result, WorkerError};
 use crate::peer_server::{ring_path, Admit, LeBytes, Link, RingService};
 use crate::ring::{Chunk, Outgoing, Phase, RingAllReduce, RingSettings, RingTransport};
 use crate::ring_wire::{encode_chunk, encode_forward, encode_sum};
@@ -43,6 +44,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct BoundPeer {
     runtime: Arc<tokio::runtime::Runtime>,
     addr: SocketAddr,
+    tls: Option<Tls>,
     admit: watch::Sender<Admit>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     driver: Option<Driver>,
@@ -85,8 +87,8 @@ fn runtime_error(e: impl std::fmt::Display) -> WorkerError {
 
 impl BoundPeer {
     /// Serves `Peer` on `listen` (port 0: any free port), refusing messages larger than a chunk
-    /// of `max_chunk_values` f32s.
-    pub fn bind(listen: SocketAddr, max_chunk_values: usize) -> Result<Self> {
+    /// of `max_chunk_values` f32s; with `tls`, serves and dials the ring over TLS only.
+    pub fn bind(listen: SocketAddr, max_chunk_values: usize, tls: Option<Tls>) -> Result<Self> {
         let runtime = Arc::new(
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -108,7 +110,13 @@ impl BoundPeer {
         let incoming = TcpListenerStream::new(listener);
         let (health_reporter, health) = tonic_health::server::health_reporter();
         runtime.block_on(health_reporter.set_serving::<RingService>());
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            builder = builder
+                .tls_config(tls.server())
+                .map_err(|e| runtime_error(format!("TLS: {e:?}")))?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES)
@@ -126,6 +134,7 @@ impl BoundPeer {
         Ok(BoundPeer {
             runtime,
             addr,
+            tls,
             admit,
             shutdown: Some(shutdown),
             driver: Some(driver),
@@ -178,9 +187,12 @@ impl BoundPeer {
         });
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let (to_next, sender) = if world > 1 {
-            let channel = self
-                .runtime
-                .block_on(connect_channel(next, deadline, &cancel))?;
+            let channel = self.runtime.block_on(connect_channel(
+                next,
+                self.tls.as_ref(),
+                deadline,
+                &cancel,
+            ))?;
             let (to_next, outgoing) = tokio_mpsc::unbounded_channel::<Bytes>();
             let failed = failure.clone();
             let tag = key.link_tag(generation, rank as u32, ((rank + 1) % world) as u32);
@@ -215,11 +227,19 @@ fn cancelled() -> WorkerError {
 
 async fn connect_channel(
     next: SocketAddr,
+    tls: Option<&Tls>,
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{next}"))
-        .map_err(runtime_error)?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{next}")).map_err(runtime_error)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client(&next.ip().to_string()))
+            .map_err(|e| runtime_error(format!("TLS to {next}: {e:?}")))?;
+    }
+    let endpoint = endpoint
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
@@ -227,6 +247,13 @@ async fn connect_channel(
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
+            // A certificate that does not fit stays so: a misconfigured run, not a lost peer.
+            Err(e) if handshake_failed(&e) => {
+                return Err(WorkerError::Invalid(format!(
+                    "TLS with the next rank at {next} failed: {}",
+                    chain(&e)
+                )))
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(WorkerError::Ring(format!(
                     "cannot reach the next rank at {next}: {e}"

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elbo_proto::auth::{self, Key};
+use elbo_proto::tls::Tls;
 use elbo_proto::v1 as pb;
 use elbo_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::mpsc as tokio_mpsc;
@@ -21,7 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::checkpoint::Files;
-use crate::error::{Result, WorkerError};
+use crate::error::{chain, handshake_failed, Result, WorkerError};
 use crate::trainer::StepReport;
 
 /// The largest message a worker accepts from the coordinator (a `Start` carries a checkpoint).
@@ -237,17 +238,19 @@ impl Session {
     /// backoff until `deadline` while it cannot be reached (and, when `retry_refusals`, while it
     /// refuses for a reason that may pass: a reconnecting worker's old session not yet dropped,
     /// a full run). The session's traffic runs on `runtime` (the worker's peer runtime: one I/O
-    /// thread per worker).
+    /// thread per worker); with `tls`, over TLS only (an `https://` URL), else in plaintext
+    /// (`http://`).
     pub fn join(
         url: &str,
         request: JoinRequest,
         deadline: Instant,
         runtime: Arc<tokio::runtime::Runtime>,
         retry_refusals: bool,
+        tls: Option<&Tls>,
     ) -> Result<Session> {
         let mut attempt = 0;
         loop {
-            match Self::join_once(url, &request, deadline, &runtime) {
+            match Self::join_once(url, &request, deadline, &runtime, tls) {
                 Ok(session) => return Ok(session),
                 Err(Refusal::Final(e)) => return Err(e),
                 Err(Refusal::Transient(e)) if !retry_refusals || Instant::now() >= deadline => {
@@ -267,14 +270,18 @@ impl Session {
         request: &JoinRequest,
         deadline: Instant,
         runtime: &Arc<tokio::runtime::Runtime>,
+        tls: Option<&Tls>,
     ) -> Result<Session, Refusal> {
         let request = request.clone();
         let runtime = runtime.clone();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(WorkerError::Invalid(format!(
-                "coordinator URL {url:?}: expected http://HOST:PORT"
-            ))
-            .into());
+        let scheme = if tls.is_some() { "https://" } else { "http://" };
+        if !url.starts_with(scheme) {
+            let why = if tls.is_some() {
+                "expected https://HOST:PORT: TLS is configured"
+            } else {
+                "expected http://HOST:PORT (https:// needs TLS: --tls-cert, --tls-key, --tls-ca)"
+            };
+            return Err(WorkerError::Invalid(format!("coordinator URL {url:?}: {why}")).into());
         }
         let token: AsciiMetadataValue = auth::bearer(&request.token).parse().map_err(|_| {
             WorkerError::Invalid(
@@ -282,8 +289,19 @@ impl Session {
                     .into(),
             )
         })?;
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| WorkerError::Invalid(format!("coordinator URL {url:?}: {e}")))?;
+        if let Some(tls) = tls {
+            let host = endpoint.uri().host().unwrap_or_default();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            endpoint = endpoint
+                .tls_config(tls.client(&host))
+                .map_err(|e| WorkerError::Invalid(format!("TLS to {url}: {e:?}")))?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(2))
@@ -294,6 +312,12 @@ impl Session {
             loop {
                 match endpoint.connect().await {
                     Ok(c) => return Ok(c),
+                    Err(e) if handshake_failed(&e) => {
+                        return Err(lost(format!(
+                            "TLS with the coordinator at {url} failed: {}",
+                            chain(&e)
+                        )))
+                    }
                     Err(e) if Instant::now() >= deadline => {
                         return Err(lost(format!("cannot reach the coordinator at {url}: {e}")))
                     }
@@ -323,7 +347,18 @@ impl Session {
         let mut open = tonic::Request::new(UnboundedReceiverStream::new(up_rx));
         open.metadata_mut().insert(auth::AUTHORIZATION, token);
         let refused = |s: tonic::Status| {
-            let e = lost(format!("the coordinator refused to join: {}", s.message()));
+            let e = match std::error::Error::source(&s) {
+                // No answer: the connection itself failed.
+                Some(cause) if tls.is_none() => lost(format!(
+                    "cannot talk to the coordinator at {url}: {} (a coordinator with TLS answers only https://, with the run's certificates)",
+                    chain(cause)
+                )),
+                Some(cause) => lost(format!(
+                    "cannot talk to the coordinator at {url}: {}",
+                    chain(cause)
+                )),
+                None => lost(format!("the coordinator refused to join: {}", s.message())),
+            };
             if transient(&s) {
                 Refusal::Transient(e)
             } else {

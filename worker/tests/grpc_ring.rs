@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elbo_proto::auth::{self, Key, Secret};
+use elbo_proto::tls::Tls;
 use elbo_proto::v1 as pb;
 use elbo_worker::grpc_ring::{BoundPeer, GrpcAllReduce, GrpcRing};
 use elbo_worker::ring::RingSettings;
 use elbo_worker::Reduce;
+use tonic::transport::ClientTlsConfig;
 
 fn settings(chunk_len: usize, timeout: Duration) -> RingSettings {
     RingSettings {
@@ -62,8 +64,13 @@ struct Rank0 {
 impl Rank0 {
     /// Rank 0 of `generation`.
     fn join(generation: u64) -> Rank0 {
-        let sink = BoundPeer::bind(loopback(), 4).unwrap();
-        let peer = BoundPeer::bind(loopback(), 4).unwrap();
+        Rank0::join_over(generation, None)
+    }
+
+    /// Rank 0 of `generation`, serving (and dialling its sink) over `tls`.
+    fn join_over(generation: u64, tls: Option<Tls>) -> Rank0 {
+        let sink = BoundPeer::bind(loopback(), 4, tls.clone()).unwrap();
+        let peer = BoundPeer::bind(loopback(), 4, tls).unwrap();
         let cancel = Arc::new(AtomicBool::new(false));
         let ring = peer
             .connect(
@@ -101,7 +108,7 @@ impl Drop for Rank0 {
 fn three_ranks_all_reduce_over_grpc() {
     let world = 3;
     let peers: Vec<BoundPeer> = (0..world)
-        .map(|_| BoundPeer::bind(loopback(), 1000).unwrap())
+        .map(|_| BoundPeer::bind(loopback(), 1000, None).unwrap())
         .collect();
     let addrs: Vec<SocketAddr> = peers.iter().map(BoundPeer::local_addr).collect();
     let handles: Vec<_> = peers
@@ -145,7 +152,7 @@ fn three_ranks_all_reduce_over_grpc() {
 
 #[test]
 fn a_malformed_chunk_is_rejected_with_a_status() {
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4, None).unwrap();
     let addr = peer.local_addr();
     let rank0 = Rank0::join(1);
     let ring = join(&peer, 1, 1, 2, rank0.addr());
@@ -230,7 +237,7 @@ fn second_generation(peer: &BoundPeer) -> (Rank0, GrpcRing) {
 
 #[test]
 fn a_stale_generation_is_refused_and_never_summed() {
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4, None).unwrap();
     let addr = peer.local_addr();
     let (_next, ring) = second_generation(&peer);
     let stale = send_stream(addr, vec![zeros(1, 4)], &link(1, &key(1))).unwrap_err();
@@ -251,7 +258,7 @@ fn a_stale_generation_is_refused_and_never_summed() {
 
 #[test]
 fn an_oversized_chunk_is_refused_before_it_is_buffered() {
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4, None).unwrap();
     let addr = peer.local_addr();
     let next = Rank0::join(1);
     let ring = join(&peer, 1, 1, 2, next.addr());
@@ -295,7 +302,7 @@ const REDUCED: [f32; 8] = [12.0, 24.0, 36.0, 48.0, -1.0, -2.0, -3.0, -4.0];
 /// are summed like a peer's.
 #[test]
 fn a_stock_grpc_client_can_play_the_previous_rank() {
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4, None).unwrap();
     let addr = peer.local_addr();
     // Rank 0 of the ring: it takes rank 1's chunks and nothing else.
     let next = Rank0::join(1);
@@ -314,7 +321,7 @@ fn a_stock_grpc_client_can_play_the_previous_rank() {
 /// member's values, once.
 #[test]
 fn streams_without_the_generations_credentials_are_refused_and_never_summed() {
-    let peer = BoundPeer::bind(loopback(), 4).unwrap();
+    let peer = BoundPeer::bind(loopback(), 4, None).unwrap();
     let addr = peer.local_addr();
     let (_next, ring) = second_generation(&peer);
     let made_up = Key::from_slice(&[7; auth::KEY_BYTES]).unwrap();
@@ -369,4 +376,122 @@ fn streams_without_the_generations_credentials_are_refused_and_never_summed() {
         "{}",
         replay.message()
     );
+}
+
+/// A fresh CA and a certificate it signs for `names`, as PEM: (CA, certificate, key).
+fn certificates(names: &[&str]) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+fn mutual_tls(pems: &(String, String, String)) -> Tls {
+    let (ca, cert, key) = pems;
+    Tls::from_pem(cert.as_bytes(), key.as_bytes(), ca.as_bytes(), true, None).unwrap()
+}
+
+/// How a call to the TLS peer at `addr` as `client` ends (connecting included).
+fn call_over(addr: SocketAddr, url: String, client: Option<ClientTlsConfig>) -> tonic::Status {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url).unwrap();
+        if let Some(tls) = client {
+            endpoint = endpoint.tls_config(tls).unwrap();
+        }
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => return tonic::Status::unavailable(format!("{addr}: {e:?}")),
+        };
+        let mut client = pb::peer_client::PeerClient::new(channel);
+        let mut request = tonic::Request::new(tokio_stream::iter(rank0_chunks(1)));
+        for (name, value) in link(1, &key(1)) {
+            request.metadata_mut().insert(name, value.parse().unwrap());
+        }
+        client.ring(request).await.unwrap_err()
+    })
+}
+
+/// With TLS the ring runs as before, over TLS only: a plaintext client, one without a client
+/// certificate (mutual TLS) and one whose certificate another CA signed never get a call
+/// through, let alone a chunk.
+#[test]
+fn the_ring_runs_over_mutual_tls_and_refuses_everyone_else() {
+    let pems = certificates(&["127.0.0.1", "localhost"]);
+    let world = 3;
+    let peers: Vec<BoundPeer> = (0..world)
+        .map(|_| BoundPeer::bind(loopback(), 1000, Some(mutual_tls(&pems))).unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = peers.iter().map(BoundPeer::local_addr).collect();
+    let handles: Vec<_> = peers
+        .into_iter()
+        .enumerate()
+        .map(|(rank, peer)| {
+            let next = addrs[(rank + 1) % world];
+            std::thread::spawn(move || {
+                let ring = join(&peer, 1, rank, world, next);
+                let mut ar =
+                    GrpcAllReduce::new(ring, 1, settings(1000, Duration::from_secs(10))).unwrap();
+                let mut buf: Vec<f32> = (0..5_000).map(|i| (i * (rank + 1)) as f32).collect();
+                ar.all_reduce_sum(&mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let want: Vec<f32> = (0..5_000).map(|i| (i * 6) as f32).collect();
+    assert!(results.iter().all(|r| r == &want), "sums over TLS");
+
+    let peer = BoundPeer::bind(loopback(), 4, Some(mutual_tls(&pems))).unwrap();
+    let addr = peer.local_addr();
+    let next = Rank0::join_over(1, Some(mutual_tls(&pems)));
+    let ring = join(&peer, 1, 1, 2, next.addr());
+    let (ca, _, _) = &pems;
+    let ca = tonic::transport::Certificate::from_pem(ca);
+    let no_identity = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .domain_name("127.0.0.1");
+    let (_, other_cert, other_key) = certificates(&["127.0.0.1"]);
+    let strangers_identity = no_identity
+        .clone()
+        .identity(tonic::transport::Identity::from_pem(other_cert, other_key));
+    for (what, url, client) in [
+        ("plaintext", format!("http://{addr}"), None),
+        (
+            "no client certificate",
+            format!("https://{addr}"),
+            Some(no_identity),
+        ),
+        (
+            "a certificate of another CA",
+            format!("https://{addr}"),
+            Some(strangers_identity),
+        ),
+    ] {
+        let status = call_over(addr, url, client);
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            ),
+            "{what}: {status:?}"
+        );
+    }
+    // None of them reached the ring: it still waits, and times out cleanly.
+    let mut ar = GrpcAllReduce::new(ring, 1, settings(4, Duration::from_millis(300))).unwrap();
+    let err = ar
+        .all_reduce_sum(&mut vec![1.0; 8])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("deadline passed"), "{err}");
 }
