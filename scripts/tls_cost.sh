@@ -20,7 +20,7 @@ printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >
 openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
   -days 1 -extfile "$dir/ext" -out "$dir/tls.crt" 2>/dev/null
 tls=(--tls-cert "$dir/tls.crt" --tls-key "$dir/tls.key" --tls-ca "$dir/ca.crt" --tls-mutual)
-field() { python3 -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])['$1'])"; }
+field() { python3 -c "import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index('{'):])['$1'])"; }
 : >"$dir/figures"
 for round in $(seq "$rounds"); do
   for mode in plain tls; do
