@@ -48,7 +48,8 @@ fn session_path(method: &str) -> String {
 
 /// Who the call to `path` with `headers` comes from, or why it is refused: `Session` needs
 /// `authorization: Bearer <token>`; the service's other methods `elbo-session` and the
-/// session's credential. Paths outside the service are not this gate's business (`None`).
+/// session's credential. (The gate wraps only the `Coordinator` service: health and reflection
+/// never reach it.)
 pub(crate) fn authenticate(
     path: &str,
     headers: &http::HeaderMap,

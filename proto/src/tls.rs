@@ -65,15 +65,16 @@ impl Tls {
         Server::builder()
             .tls_config(tls.server())
             .map_err(|e| format!("the certificate and key do not make a TLS identity: {e:?}"))?;
+        let trust = ClientTlsConfig::new().ca_certificate(tls.ca.clone());
         Endpoint::from_static("https://localhost")
-            .tls_config(tls.client("localhost"))
+            .tls_config(trust.domain_name("localhost"))
             .map_err(|e| format!("the CA does not make a TLS trust root: {e:?}"))?;
+        if let Some(name) = &tls.server_name {
+            Endpoint::from_static("https://localhost")
+                .tls_config(ClientTlsConfig::new().domain_name(name))
+                .map_err(|_| format!("server name {name:?} is not a DNS name or IP address"))?;
+        }
         Ok(tls)
-    }
-
-    /// Whether servers demand client certificates.
-    pub fn mutual(&self) -> bool {
-        self.mutual
     }
 
     /// A server's TLS: this identity, and with `mutual` the CA for client certificates.
@@ -93,5 +94,50 @@ impl Tls {
             .ca_certificate(self.ca.clone())
             .domain_name(self.server_name.as_deref().unwrap_or(host))
             .identity(self.identity.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh CA and a certificate it signs for 127.0.0.1, as PEM: (CA, certificate, key).
+    fn certificates() -> (String, String, String) {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn each_bad_part_is_named() {
+        let (ca, cert, key) = certificates();
+        let build = |cert: &str, key: &str, ca: &str, name: Option<&str>| {
+            Tls::from_pem(
+                cert.as_bytes(),
+                key.as_bytes(),
+                ca.as_bytes(),
+                true,
+                name.map(str::to_string),
+            )
+            .map(|_| ())
+        };
+        assert_eq!(build(&cert, &key, &ca, None), Ok(()));
+        assert_eq!(build(&cert, &key, &ca, Some("elbo")), Ok(()));
+        for (what, got) in [
+            ("certificate", build("x", &key, &ca, None)),
+            ("key", build(&cert, "x", &ca, None)),
+            ("CA", build(&cert, &key, "x", None)),
+            ("server name", build(&cert, &key, &ca, Some("a b"))),
+        ] {
+            let err = got.unwrap_err();
+            assert!(err.contains(what), "{what}: {err}");
+        }
     }
 }

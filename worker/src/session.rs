@@ -174,6 +174,17 @@ fn lost(e: impl std::fmt::Display) -> WorkerError {
     WorkerError::Coordinator(e.to_string())
 }
 
+/// A key the coordinator sent (`what` names it), if it has [`auth::KEY_BYTES`] bytes.
+fn key_from(bytes: &[u8], what: &str) -> Result<Key> {
+    Key::from_slice(bytes).ok_or_else(|| {
+        lost(format!(
+            "{what} of {} bytes, expected {}",
+            bytes.len(),
+            auth::KEY_BYTES
+        ))
+    })
+}
+
 fn parse_start(s: pb::Start, abort: Arc<AtomicBool>) -> Result<StartCommand> {
     let peers = s
         .peers
@@ -191,13 +202,7 @@ fn parse_start(s: pb::Start, abort: Arc<AtomicBool>) -> Result<StartCommand> {
             peers.len()
         )));
     }
-    let ring_key = Key::from_slice(&s.ring_key).ok_or_else(|| {
-        lost(format!(
-            "Start carries a ring key of {} bytes, expected {}",
-            s.ring_key.len(),
-            auth::KEY_BYTES
-        ))
-    })?;
+    let ring_key = key_from(&s.ring_key, "Start carries a ring key")?;
     let checkpoint = (!s.checkpoint.is_empty())
         .then(|| s.checkpoint.into_iter().map(|f| (f.name, f.data)).collect());
     Ok(StartCommand {
@@ -383,13 +388,7 @@ impl Session {
                 ))),
             }
         })?;
-        let credential = Key::from_slice(&welcome.credential).ok_or_else(|| {
-            lost(format!(
-                "the coordinator's Welcome carries a credential of {} bytes, expected {}",
-                welcome.credential.len(),
-                auth::KEY_BYTES
-            ))
-        })?;
+        let credential = key_from(&welcome.credential, "Welcome carries a credential")?;
         let credential = SessionCredential {
             session: AsciiMetadataValue::from(welcome.session),
             credential: auth::bearer(&credential.to_hex())
