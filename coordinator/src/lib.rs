@@ -11,6 +11,8 @@
 //! commits and saves goes to a [`RunStore`]: the coordinator itself knows nothing of files.
 
 mod auth;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod service;
 mod state;
 

@@ -63,11 +63,11 @@ pub(crate) enum Phase {
 pub(crate) struct Run {
     pub settings: Settings,
     pub phase: Phase,
-    next_session: u64,
+    pub next_session: u64,
     pub sessions: BTreeMap<u64, Member>,
     generation: u64,
     /// Session ids by rank, of the current (or last) generation.
-    ranks: Vec<u64>,
+    pub ranks: Vec<u64>,
     /// Reports of uncommitted steps, by step, by rank.
     reports: BTreeMap<u64, Vec<Option<pb::StepReport>>>,
     /// Steps committed so far (the next step to commit).

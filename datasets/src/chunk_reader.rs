@@ -11,7 +11,7 @@ use parquet::column::reader::ColumnReader;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use crate::dataset::{Chunk, Dataset};
-use crate::error::{DataError, Result};
+use crate::error::{guard_decoder, DataError, Result};
 use crate::format::{PixelType, ID_COLUMN, LABEL_COLUMN, X_COLUMN};
 
 /// Example values of a decoded chunk, row-major, `dim` per row.
@@ -70,8 +70,14 @@ impl ChunkData {
 
 /// Reads and validates one chunk of a dataset: only columns `x`, `label` and `id`.
 pub fn read_chunk(ds: &Dataset, chunk: &Chunk) -> Result<ChunkData> {
+    guard_decoder(&ds.files()[chunk.file].path, || {
+        read_chunk_unguarded(ds, chunk)
+    })
+}
+
+fn read_chunk_unguarded(ds: &Dataset, chunk: &Chunk) -> Result<ChunkData> {
     let pixels = read_x(ds, chunk).map_err(|m| value_error(ds, chunk, X_COLUMN, m))?;
-    let (labels, ids) = read_labels(ds, chunk)?;
+    let (labels, ids) = read_labels_unguarded(ds, chunk)?;
     Ok(ChunkData {
         pixels,
         labels,
@@ -90,6 +96,12 @@ fn value_error(ds: &Dataset, chunk: &Chunk, column: &'static str, message: Strin
 
 /// Reads and validates the labels and ids of one chunk (no pixels).
 pub fn read_labels(ds: &Dataset, chunk: &Chunk) -> Result<(Vec<Option<i64>>, Vec<u64>)> {
+    guard_decoder(&ds.files()[chunk.file].path, || {
+        read_labels_unguarded(ds, chunk)
+    })
+}
+
+fn read_labels_unguarded(ds: &Dataset, chunk: &Chunk) -> Result<(Vec<Option<i64>>, Vec<u64>)> {
     let file_meta = &ds.files()[chunk.file];
     let path = &file_meta.path;
     let value_err = |column: &'static str, message: String| value_error(ds, chunk, column, message);

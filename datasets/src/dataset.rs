@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
-use crate::error::{DataError, Result};
+use crate::error::{guard_decoder, DataError, Result};
 use crate::format::{DataSchema, SHAPE_KEY};
 
 /// One unit of sharding: a row group of one file.
@@ -50,7 +50,7 @@ impl Dataset {
         let mut schema: Option<DataSchema> = None;
         let mut chunks = Vec::new();
         for (index, path) in paths.into_iter().enumerate() {
-            let (metadata, file_schema) = open_file(&path)?;
+            let (metadata, file_schema) = guard_decoder(&path, || open_file(&path))?;
             match &schema {
                 None => schema = Some(file_schema),
                 Some(first) => {
@@ -80,11 +80,24 @@ impl Dataset {
                         first_row,
                     });
                 }
-                first_row += rows;
+                first_row = first_row
+                    .checked_add(rows)
+                    .ok_or_else(|| DataError::Schema {
+                        path: path.clone(),
+                        message: format!(
+                            "row group {row_group}'s row count ({rows}) overflows the file's total"
+                        ),
+                    })?;
             }
             files.push(DataFile { path, metadata });
         }
-        let rows = chunks.iter().map(|c| c.rows).sum();
+        let rows = chunks
+            .iter()
+            .try_fold(0u64, |sum, c| sum.checked_add(c.rows))
+            .ok_or_else(|| DataError::Empty {
+                spec: spec.to_string(),
+                message: "the files' row counts add up to more than 2^64 rows".into(),
+            })?;
         if rows == 0 {
             return Err(DataError::Empty {
                 spec: spec.to_string(),

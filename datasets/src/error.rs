@@ -1,6 +1,7 @@
 //! Errors of the data layer. Each names the file, and the row group, column or line where known.
 
-use std::path::PathBuf;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 
 /// Result alias of the data layer.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
@@ -89,4 +90,22 @@ impl DataError {
             message: message.into(),
         }
     }
+}
+
+/// Runs `decode`, a call into the Parquet decoder on `path`'s bytes, turning a panic of the
+/// decoder into [`DataError::NotParquet`]: some malformed files make it unwrap instead of
+/// returning an error (apache/arrow-rs#9839, found by `fuzz/`'s `parquet` target), and a
+/// corrupt file must not take the process down.
+pub(crate) fn guard_decoder<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(DataError::NotParquet {
+            path: path.to_path_buf(),
+            message: format!("the Parquet decoder failed: {reason}"),
+        })
+    })
 }

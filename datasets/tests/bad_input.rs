@@ -314,3 +314,32 @@ fn overflowing_shape_metadata() {
         "{msg}"
     );
 }
+
+/// Found by fuzzing (`fuzz/`, target `parquet`): footers whose compact-Thrift fields have
+/// another wire type than their declaration make the Parquet decoder unwrap a `None`
+/// (apache/arrow-rs#9839; two of them, at two places), and a schema with an absurd number of
+/// children makes it overflow a capacity, instead of returning an error. Opening such a file is
+/// an error naming it, not a panic.
+#[test]
+fn fuzz_a_footer_that_panics_the_parquet_decoder_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in [
+        "fuzz-thrift-bool.parquet",
+        "fuzz-thrift-field.parquet",
+        "fuzz-schema-capacity.parquet",
+    ] {
+        let path = dir.path().join(format!("corrupt-{fixture}"));
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(fixture);
+        std::fs::copy(source, &path).unwrap();
+        let err = Dataset::open(path.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, DataError::NotParquet { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("corrupt-{fixture}"))
+                && msg.contains("the Parquet decoder failed"),
+            "{msg}"
+        );
+    }
+}

@@ -431,3 +431,44 @@ fn absurd_sizes_in_headers_are_errors_not_allocations() {
         .to_string();
     assert!(err.contains("--shape"), "{err}");
 }
+
+/// Found by fuzzing (`fuzz/`, target `convert_idx`): a header declaring 4,096 items of 2^24
+/// values in a 20-byte file made the converter allocate a row group's 64 GiB before reading,
+/// and the process abort. The buffer now grows with the bytes that arrive.
+#[test]
+fn fuzz_idx_declaring_more_than_it_holds_is_truncated_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    let out = dir.path().join("o.parquet");
+    std::fs::write(&img, idx_bytes(0x803, &[4096, 4096, 4096], &[1, 2, 3, 4])).unwrap();
+    let err = convert_idx(&img, None, &out, 4096).unwrap_err().to_string();
+    assert!(err.contains("img") && err.contains("truncated"), "{err}");
+    assert!(!out.exists());
+}
+
+/// Found by fuzzing (`fuzz/`, target `convert_npy`): a 280-byte file whose header nests
+/// brackets a hundred deep kept the header parser busy for minutes. Refused before parsing.
+#[test]
+fn fuzz_npy_header_nested_too_deep_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested.npy");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-nested-header.npy");
+    std::fs::copy(fixture, &path).unwrap();
+    let out = dir.path().join("o.parquet");
+    let err = convert_npy(&path, None, &out, None, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nested.npy") && err.contains("nests brackets"),
+        "{err}"
+    );
+    // A header that says it is longer than NumPy allows is refused before it is read.
+    let mut big = b"\x93NUMPY\x02\x00".to_vec();
+    big.extend(u32::MAX.to_le_bytes());
+    std::fs::write(&path, big).unwrap();
+    let err = convert_npy(&path, None, &out, None, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 10000"), "{err}");
+}

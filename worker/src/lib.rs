@@ -19,4 +19,6 @@ pub use flat::{FlatLayout, Slot};
 pub use optim::{
     clip_grad_norm, clip_scale, global_norm, Optimizer, OptimizerConfig, OptimizerState, Schedule,
 };
+pub use peer_server::{ring_credentials, ChunkDecoder, LeBytes};
+pub use ring_wire::encode_chunk;
 pub use trainer::{LocalReduce, Reduce, StepConfig, StepReport, Timings, Trainer};

@@ -108,7 +108,10 @@ pub struct Link {
 }
 
 /// The generation a ring stream's headers name and the tag they carry, or why they do not.
-fn credentials(headers: &http::HeaderMap) -> Result<(u64, Key), Status> {
+///
+/// # Errors
+/// `Unauthenticated`: no `elbo-generation` number, or no bearer credential of 64 hex digits.
+pub fn ring_credentials(headers: &http::HeaderMap) -> Result<(u64, Key), Status> {
     let generation = auth::number_of(headers, auth::GENERATION).ok_or_else(|| {
         Status::unauthenticated(format!(
             "a ring stream names its generation in the {} header",
@@ -178,7 +181,7 @@ impl RingService {
             tracing::warn!(%status, "refused a ring stream");
             status
         };
-        let (generation, tag) = credentials(headers).map_err(refused)?;
+        let (generation, tag) = ring_credentials(headers).map_err(refused)?;
         let link = self.admit(generation).await?;
         let want = link.key.link_tag(generation, link.prev_rank, link.rank);
         if !tag.matches(&want) {
@@ -200,7 +203,7 @@ impl RingService {
     async fn serve(&self, request: http::Request<Body>) -> Result<(), Status> {
         let (generation, link) = self.authenticate(request.headers()).await?;
         let mut body = request.into_body();
-        let mut reader = MessageReader::new(self.max_message);
+        let mut decoder = ChunkDecoder::new(generation, link.prev_rank, self.max_message);
         let result = async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
@@ -212,24 +215,14 @@ impl RingService {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                reader.push(data);
-                while let Some(message) = reader.next_message()? {
-                    let message = pb::Chunk::decode(message).map_err(|e| {
-                        Status::invalid_argument(format!("a ring message is not a Chunk: {e}"))
-                    })?;
-                    let chunk = to_chunk(message, generation, link.prev_rank)?;
+                decoder.push(data);
+                while let Some(chunk) = decoder.next_chunk()? {
                     if link.inbox.send(Ok(chunk)).is_err() {
                         return Err(Status::unavailable("this rank's ring is closed"));
                     }
                 }
             }
-            if reader.is_between_messages() {
-                Ok(())
-            } else {
-                Err(Status::invalid_argument(
-                    "the ring stream ended inside a message",
-                ))
-            }
+            decoder.finish()
         }
         .await;
         if let Err(status) = &result {
@@ -297,6 +290,61 @@ impl tower_service::Service<http::Request<Body>> for RingService {
                 Err(status) => status.into_http(),
             })
         })
+    }
+}
+
+/// The chunks of one admitted ring stream, cut out of its DATA frames as they arrive: each
+/// message must be a `Chunk` of the admitted generation from the ring predecessor, with whole
+/// f32 values and a ring phase, and no longer than the limit.
+#[derive(Debug)]
+pub struct ChunkDecoder {
+    reader: MessageReader,
+    generation: u64,
+    prev_rank: u32,
+}
+
+impl ChunkDecoder {
+    /// A decoder for the stream `prev_rank` opened in `generation`, refusing messages longer
+    /// than `max_message` bytes.
+    pub fn new(generation: u64, prev_rank: u32, max_message: usize) -> Self {
+        ChunkDecoder {
+            reader: MessageReader::new(max_message),
+            generation,
+            prev_rank,
+        }
+    }
+
+    /// Appends the stream's next DATA frame.
+    pub fn push(&mut self, frame: Bytes) {
+        self.reader.push(frame);
+    }
+
+    /// The next whole chunk, `None` while it is still incomplete.
+    ///
+    /// # Errors
+    /// A message that is compressed, too long, not a `Chunk`, of another generation or sender,
+    /// not whole f32 values or of no ring phase: the stream is broken from then on.
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk<LeBytes>>, Status> {
+        let Some(message) = self.reader.next_message()? else {
+            return Ok(None);
+        };
+        let message = pb::Chunk::decode(message)
+            .map_err(|e| Status::invalid_argument(format!("a ring message is not a Chunk: {e}")))?;
+        to_chunk(message, self.generation, self.prev_rank).map(Some)
+    }
+
+    /// The stream has ended: fine between messages.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when it ended inside a message.
+    pub fn finish(&self) -> Result<(), Status> {
+        if self.reader.is_between_messages() {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(
+                "the ring stream ended inside a message",
+            ))
+        }
     }
 }
 

@@ -67,14 +67,29 @@ fn read_exact(reader: &mut dyn Read, buf: &mut [u8], path: &Path, what: &str) ->
 }
 
 impl IdxFile<'_> {
+    /// Reads items `first..first + n` into `buf`. The buffer grows with the bytes that
+    /// arrive, not with what the header declares: a 20-byte file declaring 2^28-value items
+    /// is refused as truncated, not allocated for.
     fn read_items(&mut self, first: usize, n: usize, buf: &mut Vec<u8>) -> Result<()> {
-        buf.resize(n * self.item, 0);
-        let what = format!(
-            "items {first}..{} of the {} its header declares",
-            first + n,
-            self.count
-        );
-        read_exact(&mut *self.reader, buf, self.path, &what)
+        let want = n.checked_mul(self.item).ok_or_else(|| {
+            DataError::input(self.path, "items too large to read in one row group")
+        })?;
+        buf.clear();
+        (&mut *self.reader)
+            .take(want as u64)
+            .read_to_end(buf)
+            .map_err(|e| DataError::io(self.path, e))?;
+        if buf.len() < want {
+            return Err(DataError::input(
+                self.path,
+                format!(
+                    "truncated: the file ends inside items {first}..{} of the {} its header declares",
+                    first + n,
+                    self.count
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn expect_end(&mut self) -> Result<()> {

@@ -2,7 +2,7 @@
 //! unlabeled row, as scikit-learn writes them).
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use npyz::{DType, NpyFile, Order};
@@ -14,7 +14,66 @@ use crate::writer::{DatasetWriter, PixelSlice, Rows, WriterSpec};
 
 type Npy = NpyFile<BufReader<File>>;
 
+/// Longest header accepted, NumPy's own limit (`max_header_size`, NumPy ≥ 1.24).
+const MAX_HEADER: usize = 10_000;
+/// Deepest nesting of brackets accepted in a header: a plain array's nests 2 deep (the dict and
+/// the shape tuple), a record dtype's a few more.
+const MAX_NESTING: usize = 8;
+
+/// Checks the header's size and nesting before it reaches the header parser, which allocates
+/// what the size field says and takes exponential time on deeply nested brackets (both found
+/// by fuzzing: a 280-byte file ran for minutes).
+fn check_header(path: &Path) -> Result<()> {
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut pre = Vec::with_capacity(12);
+    (&mut file)
+        .take(12)
+        .read_to_end(&mut pre)
+        .map_err(|e| DataError::io(path, e))?;
+    let n = pre.len();
+    if n < 10 || &pre[..6] != b"\x93NUMPY" {
+        // npyz says what is wrong with the magic or the version.
+        return Ok(());
+    }
+    let (len, start) = match pre[6] {
+        1 => (usize::from(u16::from_le_bytes([pre[8], pre[9]])), 10),
+        _ if n == 12 => (
+            u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as usize,
+            12,
+        ),
+        _ => return Ok(()),
+    };
+    if len > MAX_HEADER {
+        return Err(DataError::input(
+            path,
+            format!("header of {len} bytes; expected at most {MAX_HEADER} (NumPy's limit)"),
+        ));
+    }
+    let mut header = vec![0u8; len];
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_exact(&mut header))
+        .map_err(|e| DataError::input(path, format!("truncated header: {e}")))?;
+    let mut depth = 0usize;
+    for b in header {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(DataError::input(
+                        path,
+                        format!("header nests brackets more than {MAX_NESTING} deep; expected a dtype and a shape"),
+                    ));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn open_npy(path: &Path) -> Result<(Npy, String, Vec<usize>)> {
+    check_header(path)?;
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let npy = NpyFile::new(BufReader::with_capacity(1 << 20, file))
         .map_err(|e| DataError::input(path, format!("not a readable .npy file: {e}")))?;
