@@ -9,9 +9,11 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET…]        # default: 60 s, every target
 #
 # Runs on stable Rust (no sanitizer: the code under test is safe Rust, so what the fuzzer
-# looks for is panics, unbounded allocations and hangs). Installs cargo-fuzz if missing. The
-# corpora are not changed: new inputs go to a scratch copy (ELBO_FUZZ_KEEP=DIR keeps them there,
-# to merge with `cargo fuzz cmin`).
+# looks for is panics, unbounded allocations and hangs). Installs cargo-fuzz if missing. Each
+# target starts from its seeds (fuzz/corpus/<target>/) and the inputs earlier runs found
+# (fuzz/corpus/found.tar.gz), in a scratch folder (ELBO_FUZZ_KEEP=DIR names it and keeps it).
+# ELBO_FUZZ_SAVE=1: after a run without findings, minimize each corpus (`cargo fuzz cmin`) and
+# write the archive anew.
 set -euo pipefail
 # cargo-fuzz asks for one codegen unit; the later flag wins. With opt-level 1 (fuzz/Cargo.toml)
 # the build from scratch took 9.0 min on 2 cores, against 9.5 with cargo-fuzz's defaults.
@@ -55,6 +57,9 @@ printf '%-20s %12s %10s %8s %8s  %s\n' target executions 'exec/s' corpus new fin
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t" "fuzz/artifacts/$t"
   cp -n fuzz/corpus/"$t"/* "$scratch/$t/" 2>/dev/null || true
+  if [ -f fuzz/corpus/found.tar.gz ] && tar -tzf fuzz/corpus/found.tar.gz "$t/" >/dev/null 2>&1; then
+    tar -xzf fuzz/corpus/found.tar.gz -C "$scratch" --skip-old-files "$t/"
+  fi
   before=$(ls "$scratch/$t" | wc -l)
   log="$scratch/$t.log"
   status=0
@@ -80,4 +85,17 @@ if [ ${#failed[@]} -gt 0 ]; then
     grep -E -m5 "panicked at|ERROR: libFuzzer|out-of-memory|timeout" "$scratch/$t.log" >&2 || true
   done
   exit 1
+fi
+if [ "${ELBO_FUZZ_SAVE:-}" = 1 ]; then
+  echo "== minimizing the corpora into fuzz/corpus/found.tar.gz"
+  for t in "${targets[@]}"; do
+    cargo fuzz cmin --fuzz-dir fuzz --sanitizer none "$t" "$scratch/$t" -- -rss_limit_mb=2048 \
+      -timeout=10 >"$scratch/$t.cmin.log" 2>&1
+  done
+  # Targets not run this time keep what the archive held.
+  [ -f fuzz/corpus/found.tar.gz ] && tar -xzf fuzz/corpus/found.tar.gz -C "$scratch" --skip-old-files
+  mapfile -t kept < <(cd "$scratch" && for t in $all; do [ -d "$t" ] && echo "$t"; done)
+  tar --sort=name --mtime=2026-01-01 --owner=0 --group=0 --numeric-owner \
+    -czf fuzz/corpus/found.tar.gz -C "$scratch" "${kept[@]}"
+  ls -l fuzz/corpus/found.tar.gz
 fi

@@ -2,6 +2,7 @@
 //! Dropping an unfinished writer removes the temporary file, so a failed conversion leaves no
 //! partial output behind.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -92,12 +93,12 @@ impl DatasetWriter {
             fields.push(Field::new(name, DataType::Float32, false));
         }
         let shape = join_shape(&spec.schema.shape);
-        let metadata = [(SHAPE_KEY.to_string(), shape.clone())].into();
+        let metadata: HashMap<String, String> = [(SHAPE_KEY.to_string(), shape.clone())].into();
         let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
         let props = WriterProperties::builder()
             .set_key_value_metadata(Some(vec![KeyValue::new(SHAPE_KEY.to_string(), shape)]))
             .set_compression(Compression::SNAPPY)
-            .set_max_row_group_size(spec.row_group_size)
+            .set_max_row_group_row_count(Some(spec.row_group_size))
             .build();
         let writer = ArrowWriter::try_new(tmp, schema.clone(), Some(props)).map_err(|e| {
             DataError::Invalid(format!("{}: cannot start writing: {e}", target.display()))

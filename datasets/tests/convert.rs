@@ -447,7 +447,8 @@ fn fuzz_idx_declaring_more_than_it_holds_is_truncated_not_allocated() {
 }
 
 /// Found by fuzzing (`fuzz/`, target `convert_npy`): a 280-byte file whose header nests
-/// brackets a hundred deep kept the header parser busy for minutes. Refused before parsing.
+/// brackets a hundred deep kept the header parser busy past the fuzzer's 10 s limit. Refused
+/// before parsing.
 #[test]
 fn fuzz_npy_header_nested_too_deep_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
