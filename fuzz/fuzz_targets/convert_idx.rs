@@ -6,18 +6,16 @@
 
 mod converted;
 mod scratch;
+mod two_files;
 
 use elbo_datasets::convert::convert_idx;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&[rows, flags, hi, lo], rest)) = data.split_first_chunk::<4>() else {
+    let Some((input, _)) = two_files::two_files(data, "idx") else {
         return;
     };
-    let (images, labels) = rest.split_at(usize::from(u16::from_be_bytes([hi, lo])).min(rest.len()));
-    let images = scratch::write("images.idx", images);
-    let labels = (flags & 1 == 1).then(|| scratch::write("labels.idx", labels));
     let out = converted::output();
-    let summary = convert_idx(&images, labels.as_deref(), &out, usize::from(rows).max(1));
+    let summary = convert_idx(&input.images, input.labels.as_deref(), &out, input.rows);
     converted::check_output(&out, summary);
 });

@@ -7,20 +7,18 @@
 
 mod converted;
 mod scratch;
+mod two_files;
 
 use elbo_datasets::convert::convert_npy;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&[rows, flags, hi, lo], rest)) = data.split_first_chunk::<4>() else {
+    let Some((input, flags)) = two_files::two_files(data, "npy") else {
         return;
     };
-    let (images, labels) = rest.split_at(usize::from(u16::from_be_bytes([hi, lo])).min(rest.len()));
-    let images = scratch::write("images.npy", images);
-    let labels = (flags & 1 == 1).then(|| scratch::write("labels.npy", labels));
     let shape = (flags & 2 == 2).then(|| vec![2, usize::from(flags >> 2)]);
     let out = converted::output();
-    let rows = usize::from(rows).max(1);
-    let summary = convert_npy(&images, labels.as_deref(), &out, shape.as_deref(), rows);
+    let labels = input.labels.as_deref();
+    let summary = convert_npy(&input.images, labels, &out, shape.as_deref(), input.rows);
     converted::check_output(&out, summary);
 });
