@@ -281,7 +281,7 @@ fn apply(run: &mut Run, event: &Event, now: &mut Instant) -> Vec<Effect> {
                 session: session(run, s),
                 generation: generation(run, g),
                 step: step(run, k),
-                files: (0..files % 3)
+                files: (0..files % 4)
                     .map(|i| pb::File {
                         name: if i == 2 {
                             "../x".into()

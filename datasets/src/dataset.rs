@@ -94,9 +94,10 @@ impl Dataset {
         let rows = chunks
             .iter()
             .try_fold(0u64, |sum, c| sum.checked_add(c.rows))
-            .ok_or_else(|| DataError::Empty {
-                spec: spec.to_string(),
-                message: "the files' row counts add up to more than 2^64 rows".into(),
+            .ok_or_else(|| {
+                DataError::Invalid(format!(
+                    "{spec}: the files' row counts add up to more than 2^64 rows"
+                ))
             })?;
         if rows == 0 {
             return Err(DataError::Empty {
