@@ -5,12 +5,14 @@
 # test IW bound (k = 1000, −log p(x) in nats), −ELBO, and the ladder's KL and active units per
 # layer. Needs a release build (cargo build --release) and a Python with torch and numpy
 # (PYTHON; ../shared/reference/setup.sh makes one); fetches MNIST with scripts/mnist.py.
-# Usage: scripts/ladder_quality.sh [EPOCHS [SEED]]
+# BATCH_NORM=1 builds the ladder and its twin with batch norm in every hidden dense layer.
+# Usage: [BATCH_NORM=1] scripts/ladder_quality.sh [EPOCHS [SEED]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-10}
 seed=${2:-0}
 py=${PYTHON:-python3}
+bn=${BATCH_NORM:-0}
 elbo=./target/release/elbo
 data=${MNIST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/elbo/mnist}
 python3 scripts/mnist.py "$data"
@@ -21,22 +23,28 @@ for split in train t10k; do
     --labels "$data/$split-labels-idx1-ubyte.gz" --out "$work/$split.parquet" >/dev/null
 done
 
-# run NAME CONFIG: trains CONFIG for the budget, prints its `elbo eval --json` on one line.
+# run NAME CONFIG [--set K=V…]: trains CONFIG for the budget, prints its `elbo eval --json` on
+# one line.
 run() {
-  local start seconds
+  local name=$1 config=$2 start seconds
+  shift 2
   start=$(date +%s)
-  ELBO_LOG=warn $elbo train --config "$2" --run-dir "$work/$1" \
+  ELBO_LOG=warn $elbo train --config "$config" --run-dir "$work/$name" "$@" \
     --set data.train="$work/train.parquet" --set data.test="$work/t10k.parquet" \
     --set run.seed="$seed" --set train.epochs="$epochs" --set train.checkpoint_every=0 >/dev/null
   seconds=$(( $(date +%s) - start ))
-  $elbo eval --run-dir "$work/$1" --iw-samples 1000 --json |
-    "$py" -c "import json, sys; print(json.dumps({'name': '$1', 'seconds': $seconds, **json.load(sys.stdin)}))"
+  $elbo eval --run-dir "$work/$name" --iw-samples 1000 --json |
+    "$py" -c "import json, sys; print(json.dumps({'name': '$name', 'seconds': $seconds, **json.load(sys.stdin)}))"
 }
 
 {
   run vae configs/vae-mnist.toml
-  run ladder configs/ladder-mnist.toml
-  "$py" scripts/ladder_twin.py train "$data" "$epochs" "$seed" | tail -1
+  if [ "$bn" = 1 ]; then
+    run ladder configs/ladder-mnist.toml --set model.ladder.batch_norm=true
+  else
+    run ladder configs/ladder-mnist.toml
+  fi
+  BN=$bn "$py" scripts/ladder_twin.py train "$data" "$epochs" "$seed" | tail -1
 } | tee "$work/results.jsonl"
 
 "$py" - "$work/results.jsonl" "$epochs" <<'PY'

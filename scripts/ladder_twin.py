@@ -5,6 +5,8 @@ p(z_1|z_2) and the posterior of z_1 (64) is the precision-weighted merge of the 
 the decoder z_1 → 512 → 784 logits, Bernoulli. Analytic KL per layer, linear KL warm-up
 over 3,000 steps, Adam 1e-3, batch 100, digits binarised afresh on every visit; log-variances
 clamped to ±10 as elbo does. Test figures: −ELBO, KL per layer, and the IW bound (k = 1000).
+With BN=1, every hidden dense layer (no bias) is followed by nn.BatchNorm1d, as
+`model.ladder.batch_norm = true` builds it; evaluation uses the running moments.
 
 Usage:
   python scripts/ladder_twin.py train MNIST_DIR EPOCHS SEED
@@ -26,12 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DIMS, HIDDEN, DEPTH, WARMUP, CLAMP = [64, 32], [512, 256], 1, 3000, 10.0
+BN = os.environ.get("BN", "0") == "1"
 
 
 def block(n_in, width):
     layers, d = [], n_in
     for _ in range(DEPTH):
-        layers += [nn.Linear(d, width), nn.ReLU()]
+        if BN:
+            layers += [nn.Linear(d, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+        else:
+            layers += [nn.Linear(d, width), nn.ReLU()]
         d = width
     return nn.Sequential(*layers)
 
@@ -82,6 +88,7 @@ def load(path):
 
 @torch.no_grad()
 def evaluate(m, x, k):
+    m.eval()
     gen = torch.Generator().manual_seed(1)
     xb = torch.bernoulli(x, generator=gen)
     rec = kl1 = kl2 = iw = 0.0
@@ -96,6 +103,7 @@ def evaluate(m, x, k):
         logw = (-nll(logits, rep) - ratio).view(k, -1)
         iw -= (torch.logsumexp(logw, 0) - math.log(k)).sum().item()
     n = xb.shape[0]
+    m.train()
     return {"neg_elbo": (rec + kl1 + kl2) / n, "kl_layers": [kl1 / n, kl2 / n], "nll_iw": iw / n}
 
 

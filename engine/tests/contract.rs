@@ -110,7 +110,7 @@ impl Model for RunningMean {
     fn statistics(&self) -> Statistics {
         Statistics {
             terms: vec!["loss", "rows_seen"],
-            batch: 0,
+            batch: Vec::new(),
             update: self.dim + 1,
         }
     }

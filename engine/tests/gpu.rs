@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use elbo_datasets::{Batch, Cursor, DataSchema, PixelType};
 use elbo_engine::{step_config, Engine};
-use elbo_models::{Input, LabelUse, Model, Noise, Registry, StepContext};
+use elbo_models::{whole_batch_statistics, Input, LabelUse, Model, Noise, Registry, StepContext};
 use elbo_settings::Layers;
 use elbo_worker::{LocalReduce, Trainer};
 use rand::{Rng, SeedableRng};
@@ -129,7 +129,6 @@ fn every_model_kind_computes_the_cpu_loss_and_gradients() {
         let gpu_model = model(file, set, &gpu);
         let b = batch(64, cpu_model.labels(), 1);
         let noise = Noise::new(7);
-        let stats = cpu_model.statistics();
         let mut outputs = Vec::new();
         for (m, device) in [(&cpu_model, &Device::Cpu), (&gpu_model, &gpu)] {
             let x = Tensor::from_slice(&b.x, (b.rows(), b.dim), device).unwrap();
@@ -144,16 +143,7 @@ fn every_model_kind_computes_the_cpu_loss_and_gradients() {
                 global_rows: b.global_rows,
                 batch_stats: &[],
             };
-            let batch_stats = if stats.batch > 0 {
-                m.batch_statistics(&input, &ctx)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            } else {
-                Vec::new()
-            };
+            let batch_stats = whole_batch_statistics(m.as_ref(), &input, &ctx).unwrap();
             let ctx = StepContext {
                 batch_stats: &batch_stats,
                 ..ctx

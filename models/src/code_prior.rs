@@ -536,7 +536,7 @@ impl Model for CodePrior {
             } else {
                 TERMS_TWO.to_vec()
             },
-            batch: 0,
+            batch: Vec::new(),
             update: 0,
         }
     }

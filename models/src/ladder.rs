@@ -23,13 +23,23 @@
 //!
 //! The top layer's size is `model.latent_dim`; `[model.ladder] latent_dims` lists the layers
 //! below it (bottom first) and `hidden` one deterministic size per layer (bottom first).
+//!
+//! **Over images** (`model.architecture = "conv"`, square images of 28, 32 or 64 pixels) the
+//! first bottom-up block reads the features of a stride-2 convolutional stack (as the conv VAE's
+//! encoder), and the decoder's block feeds its mirror of transposed convolutions; the blocks
+//! above the first stay dense, the latents vectors.
+//!
+//! **Batch norm** (`batch_norm`) normalises every hidden dense layer of every block by the
+//! global batch's moments, with batch norm's exact gradient ([`crate::Norms`]).
 
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::batch_norm::{BatchNorm, NormedMlp, Norming, Norms, Round};
+use crate::buffers::Buffers;
 use crate::error::{ModelError, Result};
 use crate::iwae::{iw_bound, ActiveUnits};
-use crate::layers::{linear, linear_weight_normed, Linear, Mlp};
+use crate::layers::{linear, linear_weight_normed, ConvDecoder, ConvEncoder, Linear, Mlp};
 use crate::likelihood::Likelihood;
 use crate::model::{
     EvalOptions, Evaluator, Input, LossOutput, Metric, Metrics, Model, Picture, Statistics,
@@ -67,6 +77,10 @@ pub struct LadderConfig {
     pub depth: u32,
     /// Weight normalisation (Salimans & Kingma 2016) of every dense layer: `W = g·V/‖V‖`.
     pub weight_norm: bool,
+    /// Batch normalisation of every hidden dense layer (bottom-up, top-down and decoder
+    /// blocks) by the moments of the global batch, with batch norm's exact gradient (see
+    /// [`crate::Norms`]); running moments for evaluation and sampling.
+    pub batch_norm: bool,
 }
 
 impl Default for LadderConfig {
@@ -76,6 +90,7 @@ impl Default for LadderConfig {
             hidden: vec![512, 256],
             depth: 1,
             weight_norm: false,
+            batch_norm: false,
         }
     }
 }
@@ -109,6 +124,13 @@ impl Section for LadderConfig {
                     self.latent_dims.len() + 1,
                     self.latent_dims.len()
                 ),
+            ));
+        }
+        if self.weight_norm && self.batch_norm {
+            return Err(SectionError::new(
+                "batch_norm",
+                "and weight_norm are both on, expected at most one normalisation of the \
+                 dense layers",
             ));
         }
         if !(1..=8).contains(&self.depth) {
@@ -167,20 +189,59 @@ struct Pass {
     posteriors: Vec<Gaussian>,
 }
 
+/// A deterministic block: dense layers, batch-normalised or not.
+enum Block {
+    Plain(Mlp),
+    Normed(NormedMlp),
+}
+
+impl Block {
+    /// Applies the block; a plain block's last layer is activated if `activate_last` (a
+    /// normalised block's was decided when it was built).
+    fn forward(&self, x: &Tensor, activate_last: bool, norming: &Norming) -> Result<Tensor> {
+        match self {
+            Block::Plain(m) => m.forward(x, activate_last),
+            Block::Normed(m) => m.forward(x, norming),
+        }
+    }
+
+    fn norms(&self) -> &[BatchNorm] {
+        match self {
+            Block::Plain(_) => &[],
+            Block::Normed(m) => m.norms(),
+        }
+    }
+}
+
+/// The convolutional ends of a ladder over images: a stride-2 convolutional stack before the
+/// first bottom-up block, and its mirror (transposed convolutions) after the decoder's block.
+struct ConvEnds {
+    encoder: ConvEncoder,
+    decoder: ConvDecoder,
+    /// Channels and side of the images.
+    shape: (usize, usize),
+}
+
 /// The ladder VAE.
 pub struct Ladder {
+    /// The convolutional ends (`model.architecture = "conv"`).
+    conv: Option<ConvEnds>,
     params: Params,
+    /// Running moments of the batch norms (empty without them).
+    buffers: Buffers,
+    /// The batch norms and their rounds of batch statistics, when on.
+    norms: Option<Norms>,
     spec: ModelSpec,
     /// Latent sizes, bottom first (the top is `spec.latent_dim`).
     dims: Vec<usize>,
-    up: Vec<Mlp>,
+    up: Vec<Block>,
     up_mu: Vec<Linear>,
     up_log_var: Vec<Linear>,
     /// Layer i's prior given z_{i+1}, for i below the top.
-    down: Vec<Mlp>,
+    down: Vec<Block>,
     down_mu: Vec<Linear>,
     down_log_var: Vec<Linear>,
-    decoder: Mlp,
+    decoder: Block,
     likelihood: Likelihood,
     dim: usize,
 }
@@ -192,13 +253,17 @@ impl Ladder {
             .validate()
             .map_err(|e| ModelError::Spec(format!("[model.ladder] {e}")))?;
         spec.objective.validate()?;
-        if spec.architecture != Architecture::Mlp {
-            return Err(ModelError::Spec(
-                "the ladder VAE is built on dense layers: set model.architecture = \"mlp\" \
-                 (a convolutional ladder is not built yet)"
-                    .into(),
-            ));
-        }
+        let image = match (spec.architecture, &spec.input_shape[..]) {
+            (Architecture::Mlp, _) => None,
+            (Architecture::Conv, [c, h, w]) if h == w => Some((*c, *h)),
+            (Architecture::Conv, [h, w]) if h == w => Some((1, *h)),
+            (Architecture::Conv, shape) => {
+                return Err(ModelError::Spec(format!(
+                    "a convolutional ladder (model.architecture = \"conv\") needs square \
+                     images (C, S, S), not {shape:?}"
+                )))
+            }
+        };
         let dim: usize = spec.input_shape.iter().product();
         if dim == 0 || spec.latent_dim == 0 {
             return Err(ModelError::Spec(format!(
@@ -218,13 +283,42 @@ impl Ladder {
         let depth = config.depth as usize;
         let act = spec.activation;
         let mut p = Params::new(device, seed);
-        let wn = config.weight_norm;
-        let mlp = |p: &mut Params, name: &str, sizes: &[usize]| {
-            if wn {
-                Mlp::weight_normed(p, name, sizes, act)
-            } else {
-                Mlp::new(p, name, sizes, act)
+        let mut buffers = Buffers::new(device);
+        let conv = match image {
+            None => None,
+            Some((c, side)) => {
+                let encoder = ConvEncoder::new(&mut p, "up0.conv", c, side, act)?;
+                let (decoder, features) = ConvDecoder::new(&mut p, "decoder.conv", c, side, act)?;
+                Some((
+                    ConvEnds {
+                        encoder,
+                        decoder,
+                        shape: (c, side),
+                    },
+                    features,
+                ))
             }
+        };
+        let (wn, bn) = (config.weight_norm, config.batch_norm);
+        let l = dims.len();
+        // Blocks in the order the forward pass reaches them: up 0..L, down L−2..0, decoder;
+        // `slot` is the first batch-norm slot of the block (depth norms each).
+        let mut block = |p: &mut Params, name: &str, sizes: &[usize], last: bool, slot: usize| {
+            Ok::<_, ModelError>(if bn {
+                Block::Normed(NormedMlp::new(
+                    p,
+                    &mut buffers,
+                    name,
+                    sizes,
+                    act,
+                    last,
+                    slot * depth,
+                )?)
+            } else if wn {
+                Block::Plain(Mlp::weight_normed(p, name, sizes, act)?)
+            } else {
+                Block::Plain(Mlp::new(p, name, sizes, act)?)
+            })
         };
         let dense = |p: &mut Params, name: &str, inputs: usize, outputs: usize| {
             if wn {
@@ -234,11 +328,11 @@ impl Ladder {
             }
         };
         let (mut up, mut up_mu, mut up_log_var) = (Vec::new(), Vec::new(), Vec::new());
-        let mut below = dim;
+        let mut below = conv.as_ref().map_or(dim, |(c, _)| c.encoder.features);
         for (i, (&h, &d)) in hidden.iter().zip(&dims).enumerate() {
             let mut sizes = vec![below];
             sizes.extend(std::iter::repeat_n(h, depth));
-            up.push(mlp(&mut p, &format!("up{i}"), &sizes)?);
+            up.push(block(&mut p, &format!("up{i}"), &sizes, true, i)?);
             up_mu.push(dense(&mut p, &format!("up{i}.mu"), h, d)?);
             up_log_var.push(dense(&mut p, &format!("up{i}.log_var"), h, d)?);
             below = h;
@@ -248,17 +342,42 @@ impl Ladder {
             let h = hidden[i];
             let mut sizes = vec![dims[i + 1]];
             sizes.extend(std::iter::repeat_n(h, depth));
-            down.push(mlp(&mut p, &format!("down{i}"), &sizes)?);
+            down.push(block(
+                &mut p,
+                &format!("down{i}"),
+                &sizes,
+                true,
+                2 * l - 2 - i,
+            )?);
             down_mu.push(dense(&mut p, &format!("down{i}.mu"), h, dims[i])?);
             down_log_var.push(dense(&mut p, &format!("down{i}.log_var"), h, dims[i])?);
         }
+        // Over images the decoder's block ends activated in the transposed convolutions'
+        // input; otherwise in the logits.
         let mut dec = vec![dims[0]];
         dec.extend(std::iter::repeat_n(hidden[0], depth));
-        dec.push(dim);
-        let decoder = mlp(&mut p, "decoder", &dec)?;
+        dec.push(conv.as_ref().map_or(dim, |(_, features)| *features));
+        let decoder = block(&mut p, "decoder", &dec, conv.is_some(), 2 * l - 1)?;
         let likelihood = Likelihood::new(&mut p, spec.likelihood, dim, spec.variance)?;
+        let norms = if bn {
+            let layers = up
+                .iter()
+                .chain(&down)
+                .chain(std::iter::once(&decoder))
+                .flat_map(|b| b.norms().iter().cloned())
+                .collect();
+            Some(Norms::new(
+                layers,
+                spec.objective.batch_rounds(dims.iter().sum()),
+            )?)
+        } else {
+            None
+        };
         Ok(Ladder {
+            conv: conv.map(|(c, _)| c),
             params: p,
+            buffers,
+            norms,
             spec,
             dims,
             up,
@@ -288,7 +407,7 @@ impl Ladder {
     }
 
     /// The bottom-up estimates of every layer, bottom first.
-    fn bottom_up(&self, x: &Tensor) -> Result<Vec<Gaussian>> {
+    fn bottom_up(&self, x: &Tensor, norming: &Norming) -> Result<Vec<Gaussian>> {
         match x.dims() {
             [_, d] if *d == self.dim => {}
             dims => {
@@ -298,10 +417,17 @@ impl Ladder {
                 )))
             }
         }
-        let mut h = x.clone();
+        let mut h = match &self.conv {
+            None => x.clone(),
+            Some(c) => {
+                let (channels, side) = c.shape;
+                c.encoder
+                    .forward(&x.reshape((x.dim(0)?, channels, side, side))?)?
+            }
+        };
         let mut out = Vec::with_capacity(self.dims.len());
         for i in 0..self.dims.len() {
-            h = self.up[i].forward(&h, true)?;
+            h = self.up[i].forward(&h, true, norming)?;
             out.push(Gaussian {
                 mu: self.up_mu[i].forward(&h)?,
                 log_var: self.clamp(self.up_log_var[i].forward(&h)?)?,
@@ -310,9 +436,20 @@ impl Ladder {
         Ok(out)
     }
 
+    /// The decoder's output (logits or means) for bottom latents `z`: (N, D).
+    fn decode(&self, z: &Tensor, norming: &Norming) -> Result<Tensor> {
+        match &self.conv {
+            None => self.decoder.forward(z, false, norming),
+            Some(c) => {
+                let h = self.decoder.forward(z, true, norming)?;
+                Ok(c.decoder.forward(&h)?.flatten_from(1)?)
+            }
+        }
+    }
+
     /// The prior of layer `i` given `z_{i+1}`.
-    fn prior(&self, i: usize, parent: &Tensor) -> Result<Gaussian> {
-        let t = self.down[i].forward(parent, true)?;
+    fn prior(&self, i: usize, parent: &Tensor, norming: &Norming) -> Result<Gaussian> {
+        let t = self.down[i].forward(parent, true, norming)?;
         Ok(Gaussian {
             mu: self.down_mu[i].forward(&t)?,
             log_var: self.clamp(self.down_log_var[i].forward(&t)?)?,
@@ -321,7 +458,13 @@ impl Ladder {
 
     /// The top-down pass over bottom-up estimates `ups` with noise `eps` (rows, Σd; layers
     /// bottom first; zeros for the posterior means).
-    fn top_down(&self, ups: &[Gaussian], eps: &Tensor, log_ratio: bool) -> Result<Pass> {
+    fn top_down(
+        &self,
+        ups: &[Gaussian],
+        eps: &Tensor,
+        log_ratio: bool,
+        norming: &Norming,
+    ) -> Result<Pass> {
         let l = self.dims.len();
         let offsets: Vec<usize> = self
             .dims
@@ -341,7 +484,7 @@ impl Ladder {
             let (q, p) = match &z {
                 None => (ups[i].clone(), None),
                 Some(parent) => {
-                    let p = self.prior(i, parent)?;
+                    let p = self.prior(i, parent, norming)?;
                     let (mu, log_var) =
                         precision_merge(&ups[i].mu, &ups[i].log_var, &p.mu, &p.log_var)?;
                     (Gaussian { mu, log_var }, Some(p))
@@ -371,9 +514,7 @@ impl Ladder {
             posteriors[i] = Some(q);
             z = Some(sample);
         }
-        let out = self
-            .decoder
-            .forward(&z.expect("at least two layers"), false)?;
+        let out = self.decode(&z.expect("at least two layers"), norming)?;
         Ok(Pass {
             out,
             kl: kl.into_iter().map(|k| k.expect("every layer")).collect(),
@@ -391,15 +532,38 @@ impl Ladder {
         &self,
         input: &Input<'_>,
         noise: &Noise,
-        purpose: Purpose,
-        counter: u64,
+        (purpose, counter): (Purpose, u64),
+        norming: &Norming,
     ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
-        let ups = self.bottom_up(input.x)?;
+        let ups = self.bottom_up(input.x, norming)?;
         let eps = noise.rows(purpose, counter, input.ids, self.total(), input.x.device())?;
-        let pass = self.top_down(&ups, &eps, false)?;
+        let pass = self.top_down(&ups, &eps, false, norming)?;
         let rec = self.likelihood.nll(&pass.out, input.x)?;
         let kl_dims = Tensor::cat(&pass.kl, 1)?;
         Ok((rec, kl_dims, pass.kl))
+    }
+
+    /// The objective of this rank's rows with the global sums `own` of the objective's own
+    /// batch statistics (free bits), and the KL of each layer as a term.
+    fn objective(
+        &self,
+        input: &Input<'_>,
+        ctx: &StepContext<'_>,
+        own: &[f32],
+        norming: &Norming,
+    ) -> Result<LossOutput> {
+        let train = (Purpose::Train, ctx.step);
+        let (rec, kl_dims, layers) = self.terms(input, ctx.noise, train, norming)?;
+        let ctx = StepContext {
+            batch_stats: own,
+            ..*ctx
+        };
+        let mut out = vae_loss(&rec, &kl_dims, &self.spec.objective, &ctx)?;
+        for (name, kl) in KL_LAYERS.iter().zip(&layers) {
+            out.terms
+                .insert(name, Term::per_row(&kl.sum(D::Minus1)?.detach())?);
+        }
+        Ok(out)
     }
 
     /// Importance log-weights of samples `samples`: (S, B).
@@ -411,7 +575,8 @@ impl Ladder {
     ) -> Result<Tensor> {
         let b = input.ids.len();
         let s = samples.len();
-        let ups = self.bottom_up(input.x)?;
+        let norming = Norming::eval();
+        let ups = self.bottom_up(input.x, &norming)?;
         let repeat = |t: &Tensor| -> Result<Tensor> {
             let d = t.dim(1)?;
             Ok(t.unsqueeze(0)?
@@ -439,7 +604,7 @@ impl Ladder {
             })
             .collect::<Result<_>>()?;
         let eps = Tensor::cat(&eps, 0)?;
-        let pass = self.top_down(&ups, &eps, true)?;
+        let pass = self.top_down(&ups, &eps, true, &norming)?;
         let x = repeat(input.x)?;
         let log_px = self.likelihood.nll(&pass.out, &x)?.neg()?;
         let ratio = pass.log_ratio.expect("asked for");
@@ -448,10 +613,11 @@ impl Ladder {
 
     /// The posterior means of every layer from a noiseless top-down pass, bottom first.
     fn means(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let ups = self.bottom_up(x)?;
+        let norming = Norming::eval();
+        let ups = self.bottom_up(x, &norming)?;
         let eps = Tensor::zeros((x.dim(0)?, self.total()), x.dtype(), x.device())?;
         Ok(self
-            .top_down(&ups, &eps, false)?
+            .top_down(&ups, &eps, false, &norming)?
             .posteriors
             .into_iter()
             .map(|q| q.mu)
@@ -460,11 +626,12 @@ impl Ladder {
 
     /// Decodes `z` of layer `layer` down the prior means of the layers below: (N, D) means.
     fn decode_from(&self, layer: usize, z: &Tensor) -> Result<Tensor> {
+        let norming = Norming::eval();
         let mut z = z.clone();
         for i in (0..layer).rev() {
-            z = self.prior(i, &z)?.mu;
+            z = self.prior(i, &z, &norming)?.mu;
         }
-        self.likelihood.mean(&self.decoder.forward(&z, false)?)
+        self.likelihood.mean(&self.decode(&z, &norming)?)
     }
 
     /// Traversals of layer `layer`'s first `max_dims` dimensions around `base` (its posterior
@@ -488,30 +655,86 @@ impl Model for Ladder {
         &self.params
     }
 
+    fn buffers(&self) -> Option<&Buffers> {
+        self.norms.as_ref().map(|_| &self.buffers)
+    }
+
     fn statistics(&self) -> Statistics {
         let mut terms = VAE_TERMS.to_vec();
         terms.extend(&KL_LAYERS[..self.dims.len()]);
         terms.sort_unstable();
-        Statistics {
-            terms,
-            batch: self.spec.objective.batch_statistics_len(self.total()),
-            update: 0,
+        match &self.norms {
+            None => Statistics {
+                terms,
+                batch: self.spec.objective.batch_rounds(self.total()),
+                update: 0,
+            },
+            Some(norms) => Statistics {
+                terms,
+                batch: norms.rounds(),
+                update: norms.update_len(),
+            },
         }
     }
 
-    fn batch_statistics(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<Tensor> {
-        let (_, kl_dims, _) = self.terms(input, ctx.noise, Purpose::Train, ctx.step)?;
-        free_bits_statistics(&kl_dims)
+    fn batch_statistics(
+        &self,
+        input: &Input<'_>,
+        ctx: &StepContext<'_>,
+        round: usize,
+    ) -> Result<Tensor> {
+        let train = (Purpose::Train, ctx.step);
+        let Some(norms) = &self.norms else {
+            // Free bits' round (no layer to normalise).
+            let (_, kl_dims, _) = self.terms(input, ctx.noise, train, &Norming::eval())?;
+            return free_bits_statistics(&kl_dims);
+        };
+        let round = norms.round(round)?;
+        let norming = match round {
+            Round::Gradients(slot) => norms.gradient_pass(ctx.batch_stats, ctx.global_rows, slot),
+            _ => norms.training(ctx.batch_stats, ctx.global_rows),
+        }?;
+        match round {
+            Round::Moments(slot) => {
+                self.terms(input, ctx.noise, train, &norming)?;
+                norms.moment_sums(&norming, slot)
+            }
+            Round::Own(_) => {
+                let (_, kl_dims, _) = self.terms(input, ctx.noise, train, &norming)?;
+                free_bits_statistics(&kl_dims)
+            }
+            Round::Gradients(slot) => {
+                let own = norms.own_stats(ctx.batch_stats);
+                let out = self.objective(input, ctx, own, &norming)?;
+                norms.gradient_sums(
+                    &self.params,
+                    &norming,
+                    &out.loss,
+                    ctx.batch_stats,
+                    ctx.global_rows,
+                    slot,
+                )
+            }
+        }
     }
 
     fn loss(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<LossOutput> {
-        let (rec, kl_dims, layers) = self.terms(input, ctx.noise, Purpose::Train, ctx.step)?;
-        let mut out = vae_loss(&rec, &kl_dims, &self.spec.objective, ctx)?;
-        for (name, kl) in KL_LAYERS.iter().zip(&layers) {
-            out.terms
-                .insert(name, Term::per_row(&kl.sum(D::Minus1)?.detach())?);
-        }
+        let Some(norms) = &self.norms else {
+            return self.objective(input, ctx, ctx.batch_stats, &Norming::eval());
+        };
+        let norming = norms.training(ctx.batch_stats, ctx.global_rows)?;
+        let own = norms.own_stats(ctx.batch_stats);
+        let mut out = self.objective(input, ctx, own, &norming)?;
+        out.loss = norms.complete(&norming, &out.loss, ctx.batch_stats, ctx.global_rows)?;
+        out.update_stats = Some(norms.update_stats(&norming, input.ids.len())?);
         Ok(out)
+    }
+
+    fn update_state(&mut self, stats: &[f32], _step: u64) -> Result<()> {
+        match &self.norms {
+            Some(norms) => norms.update_state(&self.buffers, stats),
+            None => Ok(()),
+        }
     }
 
     fn evaluator<'a>(&'a self, options: EvalOptions<'a>) -> Result<Box<dyn Evaluator + 'a>> {
@@ -535,22 +758,24 @@ impl Model for Ladder {
     ) -> Result<Tensor> {
         let ids: Vec<u64> = (0..n as u64).collect();
         let eps = Noise::new(seed).rows(Purpose::Sample, 0, &ids, self.total(), device)?;
+        let norming = Norming::eval();
         let l = self.dims.len();
         let top_at = self.total() - self.dims[l - 1];
         let mut z = eps.narrow(1, top_at, self.dims[l - 1])?;
         let mut at = top_at;
         for i in (0..l - 1).rev() {
             at -= self.dims[i];
-            let p = self.prior(i, &z)?;
+            let p = self.prior(i, &z, &norming)?;
             let e = eps.narrow(1, at, self.dims[i])?;
             z = (&p.mu + (p.log_var.affine(0.5, 0.0)?.exp()? * e)?)?;
         }
-        self.likelihood.mean(&self.decoder.forward(&z, false)?)
+        self.likelihood.mean(&self.decode(&z, &norming)?)
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
         let bottom = self.means(input.x)?.remove(0);
-        self.likelihood.mean(&self.decoder.forward(&bottom, false)?)
+        self.likelihood
+            .mean(&self.decode(&bottom, &Norming::eval())?)
     }
 
     /// The top layer's traversals (the layers below following their prior means).
@@ -606,7 +831,12 @@ struct LadderEvaluator<'a> {
 impl Evaluator for LadderEvaluator<'_> {
     fn add(&mut self, input: &Input<'_>) -> Result<()> {
         let m = self.model;
-        let (rec, _, layers) = m.terms(input, self.options.noise, Purpose::Train, 0)?;
+        let (rec, _, layers) = m.terms(
+            input,
+            self.options.noise,
+            (Purpose::Train, 0),
+            &Norming::eval(),
+        )?;
         self.rec += f64::from(rec.sum_all()?.to_scalar::<f32>()?);
         for (acc, kl) in self.kl.iter_mut().zip(&layers) {
             *acc += f64::from(kl.sum_all()?.to_scalar::<f32>()?);

@@ -44,8 +44,9 @@ pub struct Linear {
     bias: Tensor,
     /// g, when weight-normalised.
     scale: Option<Tensor>,
-    /// Names of the weight and bias in the gradient sink (built once, shared by every call).
-    sink_slots: SinkSlots,
+    /// Names of the weight and bias in the gradient sink (built once, shared by every call);
+    /// none for a layer without a bias parameter, whose weight gradient goes through autograd.
+    sink_slots: Option<SinkSlots>,
 }
 
 impl Linear {
@@ -53,7 +54,7 @@ impl Linear {
     /// is computed from V and g: their gradients flow through autograd).
     fn weight(&self) -> Result<(Tensor, Option<SinkSlots>)> {
         match &self.scale {
-            None => Ok((self.weight.clone(), Some(self.sink_slots.clone()))),
+            None => Ok((self.weight.clone(), self.sink_slots.clone())),
             Some(g) => {
                 let norm = self.weight.sqr()?.sum_keepdim(1)?.sqrt()?;
                 let w = self
@@ -102,7 +103,26 @@ pub fn linear_weight_normed(
         weight: v,
         bias,
         scale: Some(scale),
-        sink_slots: SinkSlots::new(params.grad_sink().clone(), name),
+        sink_slots: None,
+    })
+}
+
+/// A new dense layer without a bias (a batch norm's β takes its place): `{name}.weight` only,
+/// initialised like [`linear`]'s.
+pub fn linear_without_bias(
+    params: &mut Params,
+    name: &str,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Linear> {
+    let bound = 1.0 / (inputs as f32).sqrt();
+    let weight = params.uniform(&format!("{name}.weight"), &[outputs, inputs], bound)?;
+    let bias = Tensor::zeros(outputs, weight.dtype(), weight.device())?;
+    Ok(Linear {
+        weight,
+        bias,
+        scale: None,
+        sink_slots: None,
     })
 }
 
@@ -121,7 +141,7 @@ fn linear_with_fan_in(
         weight,
         bias,
         scale: None,
-        sink_slots: SinkSlots::new(params.grad_sink().clone(), name),
+        sink_slots: Some(SinkSlots::new(params.grad_sink().clone(), name)),
     })
 }
 

@@ -2,6 +2,7 @@
 //! warm-up, free bits, IWAE bound) behind one [`Model`] contract, and the [`Registry`] through
 //! which `model.kind` selects a variant. Knows nothing of networks or files.
 
+mod batch_norm;
 mod bernoulli;
 mod buffers;
 mod builtin;
@@ -32,6 +33,7 @@ mod spec;
 mod vae;
 mod vqvae;
 
+pub use batch_norm::{BatchNorm, NormedMlp, Norming, Norms, Round};
 pub use bernoulli::bernoulli_nll;
 pub use buffers::Buffers;
 pub use code_prior::{CodePrior, CodePriorConfig, PixelCnn};
@@ -45,13 +47,14 @@ pub use grad_sink::GradSink;
 pub use iwae::{iw_bound, ActiveUnits};
 pub use ladder::{gaussian_kl_between, precision_merge, Ladder, LadderConfig, MAX_LAYERS};
 pub use layers::{
-    linear, linear_weight_normed, Activation, ConvDecoder, ConvEncoder, Linear, Mlp, ResidualBlock,
+    linear, linear_weight_normed, linear_without_bias, Activation, ConvDecoder, ConvEncoder,
+    Linear, Mlp, ResidualBlock,
 };
 pub use likelihood::{Likelihood, LikelihoodKind};
 pub use m2::{M2Config, M2Kind, M2};
 pub use model::{
-    CodeGrid, CodeModel, EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics,
-    Model, Picture, Statistics, StepContext, Term,
+    whole_batch_statistics, CodeGrid, CodeModel, EvalOptions, Evaluator, Input, LabelUse,
+    LossOutput, Metric, Metrics, Model, Picture, Statistics, StepContext, Term,
 };
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};

@@ -263,7 +263,7 @@ impl Model for M2 {
     fn statistics(&self) -> Statistics {
         Statistics {
             terms: TERMS.to_vec(),
-            batch: 2,
+            batch: vec![2],
             update: 0,
         }
     }
@@ -275,7 +275,7 @@ impl Model for M2 {
     }
 
     /// Labeled and unlabeled rows of this rank's batch.
-    fn batch_statistics(&self, input: &Input<'_>, _: &StepContext<'_>) -> Result<Tensor> {
+    fn batch_statistics(&self, input: &Input<'_>, _: &StepContext<'_>, _: usize) -> Result<Tensor> {
         let labeled = input.labels.iter().filter(|l| l.is_some()).count();
         let counts = [labeled as f32, (input.labels.len() - labeled) as f32];
         Ok(Tensor::new(&counts, input.x.device())?)

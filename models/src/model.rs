@@ -12,7 +12,9 @@
 //! [`Statistics::batch`] sums; the trainer computes them on every rank
 //! ([`Model::batch_statistics`]), all-reduces them, and hands the global sums to
 //! [`Model::loss`] in [`StepContext::batch_stats`]. The non-linear function is applied to the
-//! global sums, identically on every rank.
+//! global sums, identically on every rank. Sums that depend on other global sums (batch norm:
+//! a layer's moments depend on the layers below it being normalised by theirs) come in
+//! *rounds*: round `r` is computed knowing the global sums of rounds `0..r`.
 //!
 //! **State after the step.** Non-gradient state ([`Buffers`]: EMA codebooks, running moments)
 //! is updated from sums ([`LossOutput::update_stats`]) that ride in the same all-reduce as the
@@ -54,8 +56,9 @@ pub struct StepContext<'a> {
     pub noise: &'a Noise,
     /// Rows of the global batch, every rank's together: the normaliser of per-example means.
     pub global_rows: u64,
-    /// Global sums of [`Model::batch_statistics`] for this step (empty when the model declares
-    /// none).
+    /// Global sums of [`Model::batch_statistics`] for this step, the rounds one after another:
+    /// every round's in [`Model::loss`], those before the round being computed in
+    /// [`Model::batch_statistics`] (empty when the model declares none).
     pub batch_stats: &'a [f32],
 }
 
@@ -103,8 +106,9 @@ pub struct LossOutput {
 pub struct Statistics {
     /// Names of the reported terms, sorted; `loss` (the objective) among them.
     pub terms: Vec<&'static str>,
-    /// Length of the batch statistics the loss needs from the global batch (0: none).
-    pub batch: usize,
+    /// Lengths of the rounds of batch statistics the loss needs from the global batch, in the
+    /// order they are computed (empty: none).
+    pub batch: Vec<usize>,
     /// Length of the update statistics (0: no state update).
     pub update: usize,
 }
@@ -232,10 +236,16 @@ pub trait Model: Send {
         LabelUse::Ignored
     }
 
-    /// Sums over this rank's rows that the loss needs from the global batch: a 1-D tensor of
-    /// [`Statistics::batch`] values (only called when that is not 0).
-    fn batch_statistics(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<Tensor> {
-        let _ = (input, ctx);
+    /// Sums over this rank's rows that the loss needs from the global batch, for round `round`
+    /// of [`Statistics::batch`]: a 1-D tensor of that round's length; `ctx.batch_stats` holds
+    /// the global sums of the rounds before it (only called when the model declares rounds).
+    fn batch_statistics(
+        &self,
+        input: &Input<'_>,
+        ctx: &StepContext<'_>,
+        round: usize,
+    ) -> Result<Tensor> {
+        let _ = (input, ctx, round);
         Err(crate::ModelError::Spec(
             "the model declares batch statistics but does not compute them".into(),
         ))
@@ -292,4 +302,33 @@ pub trait Model: Send {
     fn codes(&self) -> Option<&dyn CodeModel> {
         None
     }
+}
+
+/// The batch statistics of a process that holds the whole global batch (no all-reduce): every
+/// round of [`Statistics::batch`] computed in turn, each knowing the ones before it.
+pub fn whole_batch_statistics(
+    model: &dyn Model,
+    input: &Input<'_>,
+    ctx: &StepContext<'_>,
+) -> Result<Vec<f32>> {
+    let mut stats = Vec::new();
+    for (round, len) in model.statistics().batch.into_iter().enumerate() {
+        let ctx = StepContext {
+            batch_stats: &stats,
+            ..*ctx
+        };
+        let values = model
+            .batch_statistics(input, &ctx, round)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if values.len() != len {
+            return Err(crate::ModelError::Spec(format!(
+                "round {round} of the batch statistics holds {} values, the model declared {len}",
+                values.len()
+            )));
+        }
+        stats.extend(values);
+    }
+    Ok(stats)
 }

@@ -65,13 +65,13 @@ impl Objective {
         }
     }
 
-    /// Length of the batch statistics the objective needs for `latent_dim` dimensions: the
-    /// per-dimension KL sums with free bits, nothing without.
-    pub fn batch_statistics_len(&self, latent_dim: usize) -> usize {
+    /// The rounds of batch statistics the objective needs for `latent_dim` dimensions: one of
+    /// the per-dimension KL sums with free bits, none without.
+    pub fn batch_rounds(&self, latent_dim: usize) -> Vec<usize> {
         if self.free_bits > 0.0 {
-            latent_dim
+            vec![latent_dim]
         } else {
-            0
+            Vec::new()
         }
     }
 }

@@ -432,10 +432,7 @@ impl Model for Vae {
     fn statistics(&self) -> Statistics {
         Statistics {
             terms: VAE_TERMS.to_vec(),
-            batch: self
-                .spec
-                .objective
-                .batch_statistics_len(self.spec.latent_dim),
+            batch: self.spec.objective.batch_rounds(self.spec.latent_dim),
             update: 0,
         }
     }
@@ -447,7 +444,7 @@ impl Model for Vae {
         }
     }
 
-    fn batch_statistics(&self, input: &Input<'_>, _ctx: &StepContext<'_>) -> Result<Tensor> {
+    fn batch_statistics(&self, input: &Input<'_>, _: &StepContext<'_>, _: usize) -> Result<Tensor> {
         let y = self.condition(input.labels, input.ids, input.x.device())?;
         let (mu, log_var) = self.encode(input.x, y.as_ref())?;
         free_bits_statistics(&gaussian_kl(&mu.detach(), &log_var.detach())?)

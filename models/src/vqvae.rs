@@ -635,7 +635,7 @@ impl Model for VqVae {
         terms.sort_unstable();
         Statistics {
             terms,
-            batch: 0,
+            batch: Vec::new(),
             update: self.levels().iter().map(|(_, q)| q.update_len()).sum(),
         }
     }

@@ -6,8 +6,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use elbo_models::{
-    gaussian_kl_between, precision_merge, Activation, Architecture, EvalOptions, Input, Ladder,
-    LadderConfig, LikelihoodKind, Metric, Model, ModelSpec, Noise, Objective, StepContext,
+    gaussian_kl_between, precision_merge, whole_batch_statistics, Activation, Architecture,
+    EvalOptions, Input, Ladder, LadderConfig, LikelihoodKind, Metric, Model, ModelSpec, Noise,
+    Objective, StepContext,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -41,6 +42,7 @@ fn config() -> LadderConfig {
         hidden: vec![10, 6],
         depth: 1,
         weight_norm: false,
+        batch_norm: false,
     }
 }
 
@@ -49,11 +51,30 @@ fn ladder() -> Ladder {
 }
 
 fn data(rows: usize, seed: u64) -> Tensor {
+    binary(rows, 12, seed)
+}
+
+fn binary(rows: usize, dim: usize, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..rows * 12)
+    let v: Vec<f32> = (0..rows * dim)
         .map(|_| f32::from(rng.random_bool(0.4)))
         .collect();
-    Tensor::from_vec(v, (rows, 12), &Device::Cpu).unwrap()
+    Tensor::from_vec(v, (rows, dim), &Device::Cpu).unwrap()
+}
+
+/// A two-layer ladder over 28-pixel images: convolutions before the first block and after the
+/// decoder's.
+fn conv_ladder(batch_norm: bool) -> Ladder {
+    let spec = ModelSpec {
+        input_shape: vec![1, 28, 28],
+        architecture: Architecture::Conv,
+        ..spec(Objective::default())
+    };
+    let cfg = LadderConfig {
+        batch_norm,
+        ..config()
+    };
+    Ladder::new(spec, &cfg, &Device::Cpu, 4).unwrap()
 }
 
 #[test]
@@ -231,6 +252,227 @@ fn gradients_match_finite_differences() {
     }
 }
 
+fn batch_normed(objective: Objective) -> Ladder {
+    let cfg = LadderConfig {
+        batch_norm: true,
+        depth: 2,
+        ..config()
+    };
+    Ladder::new(spec(objective), &cfg, &Device::Cpu, 4).unwrap()
+}
+
+/// The loss of `m` on the rows of `x` (ids 0, 1, …) at `step` as one process computes it:
+/// every round of batch statistics first.
+fn whole_batch_loss(m: &Ladder, x: &Tensor, step: u64) -> elbo_models::LossOutput {
+    let rows = x.dim(0).unwrap();
+    let ids: Vec<u64> = (0..rows as u64).collect();
+    let labels = vec![None; rows];
+    let noise = Noise::new(9);
+    let input = Input {
+        x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let mut ctx = StepContext {
+        step,
+        noise: &noise,
+        global_rows: rows as u64,
+        batch_stats: &[],
+    };
+    let stats = whole_batch_statistics(m, &input, &ctx).unwrap();
+    ctx.batch_stats = &stats;
+    m.loss(&input, &ctx).unwrap()
+}
+
+/// Batch norm's gradient flows through the batch's moments: the loss, recomputed with the
+/// moments of every perturbed parameter, moves as the gradient says — for every parameter,
+/// γ and β among them, with KL warm-up and with free bits on.
+#[test]
+fn batch_norm_gradients_match_finite_differences() {
+    let x = data(7, 11);
+    for objective in [
+        Objective::default(),
+        Objective {
+            beta: 1.0,
+            warmup_steps: 10,
+            free_bits: 0.0,
+        },
+        Objective {
+            beta: 1.0,
+            warmup_steps: 0,
+            free_bits: 1e-4,
+        },
+    ] {
+        let m = batch_normed(objective);
+        let names: Vec<&String> = m.params().vars().keys().collect();
+        assert!(
+            names.iter().filter(|n| n.ends_with(".norm.weight")).count() == 8,
+            "two normalised layers in each of the four blocks: {names:?}"
+        );
+        let checked = common::check_gradients(
+            m.params(),
+            || whole_batch_loss(&m, &x, 2).loss,
+            |_| true,
+            2,
+            (5e-3, 2e-2),
+        );
+        assert!(checked >= 60, "{checked} values checked");
+    }
+}
+
+/// Two ranks holding 3 and 4 of 7 rows, their rounds of batch statistics summed as the
+/// all-reduce sums them, compute gradients and update statistics that add up to one process's:
+/// a dense ladder with free bits, and a convolutional one.
+#[test]
+fn batch_norm_split_across_ranks_adds_up_to_one_process() {
+    let dense = batch_normed(Objective {
+        beta: 1.0,
+        warmup_steps: 0,
+        free_bits: 0.05,
+    });
+    assert_split_adds_up(&dense, &data(7, 11));
+    assert_split_adds_up(&conv_ladder(true), &binary(7, 784, 11));
+}
+
+fn assert_split_adds_up(m: &Ladder, x: &Tensor) {
+    let ids: Vec<u64> = (0..7).collect();
+    let labels = [None; 7];
+    let noise = Noise::new(9);
+    let whole = whole_batch_loss(m, x, 2);
+    let parts = [(0usize, 3usize), (3, 4)];
+    let inputs: Vec<(Tensor, &[u64])> = parts
+        .iter()
+        .map(|&(at, n)| (x.narrow(0, at, n).unwrap(), &ids[at..at + n]))
+        .collect();
+    fn at_step_2<'a>(noise: &'a Noise, batch_stats: &'a [f32]) -> StepContext<'a> {
+        StepContext {
+            step: 2,
+            noise,
+            global_rows: 7,
+            batch_stats,
+        }
+    }
+    let mut stats: Vec<f32> = Vec::new();
+    for (round, len) in m.statistics().batch.into_iter().enumerate() {
+        let mut sum = vec![0f32; len];
+        for (x, ids) in &inputs {
+            let input = Input {
+                x,
+                labels: &labels[..ids.len()],
+                ids,
+            };
+            let local = m
+                .batch_statistics(&input, &at_step_2(&noise, &stats), round)
+                .unwrap();
+            for (s, v) in sum.iter_mut().zip(values(&local)) {
+                *s += v;
+            }
+        }
+        stats.extend(sum);
+    }
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    let mut update = vec![0f32; m.statistics().update];
+    for (x, ids) in &inputs {
+        let input = Input {
+            x,
+            labels: &labels[..ids.len()],
+            ids,
+        };
+        let out = m.loss(&input, &at_step_2(&noise, &stats)).unwrap();
+        for (u, v) in update
+            .iter_mut()
+            .zip(values(out.update_stats.as_ref().unwrap()))
+        {
+            *u += v;
+        }
+        let g = out.loss.backward().unwrap();
+        let flat: Vec<Vec<f32>> = m
+            .params()
+            .vars()
+            .values()
+            .map(|v| values(g.get(v.as_tensor()).unwrap()))
+            .collect();
+        if grads.is_empty() {
+            grads = flat;
+        } else {
+            for (a, b) in grads.iter_mut().zip(flat) {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+    let g = whole.loss.backward().unwrap();
+    for ((name, var), split) in m.params().vars().iter().zip(&grads) {
+        let one = values(g.get(var.as_tensor()).unwrap());
+        for (a, b) in one.iter().zip(split) {
+            assert!((a - b).abs() <= 1e-5 + 1e-4 * a.abs(), "{name}: {a} vs {b}");
+        }
+    }
+    for (a, b) in values(whole.update_stats.as_ref().unwrap())
+        .iter()
+        .zip(&update)
+    {
+        assert!((a - b).abs() <= 1e-4 + 1e-5 * a.abs(), "update {a} vs {b}");
+    }
+}
+
+/// The running moments move towards the batch's moments by the momentum each step; once they
+/// have settled on one batch's, evaluation (normalised by them) computes what training
+/// (normalised by the batch) does, to the variance's n/(n − 1).
+#[test]
+fn batch_norm_running_moments_settle_on_the_batch_and_serve_evaluation() {
+    let mut m = batch_normed(Objective::default());
+    let x = data(400, 2);
+    let ids: Vec<u64> = (0..400).collect();
+    let before = evaluate(&m, &x, &ids, None);
+    let mut trained = None;
+    for _ in 0..150 {
+        let out = whole_batch_loss(&m, &x, 0);
+        let stats = values(out.update_stats.as_ref().unwrap());
+        m.update_state(&stats, 0).unwrap();
+        trained = Some(out);
+    }
+    let out = trained.unwrap();
+    let train = f64::from(out.terms["neg_elbo"].sum.to_scalar::<f32>().unwrap()) / 400.0;
+    let after = evaluate(&m, &x, &ids, None);
+    let (first, settled) = (value(&before, "neg_elbo"), value(&after, "neg_elbo"));
+    assert!(
+        (settled - train).abs() < 2e-3 * train,
+        "evaluation {settled} vs training {train} (before settling: {first})"
+    );
+    assert!((first - train).abs() > 10.0 * (settled - train).abs());
+    let buffers = m.buffers().expect("running moments");
+    let names: Vec<&String> = buffers.vars().keys().collect();
+    assert_eq!(names.len(), 16, "mean and variance of 8 layers: {names:?}");
+}
+
+/// The convolutional ladder's gradients, with and without batch norm, against finite
+/// differences; its figures and samples have the images' size.
+#[test]
+fn a_convolutional_ladder_matches_finite_differences() {
+    let x = binary(4, 784, 5);
+    for batch_norm in [false, true] {
+        let m = conv_ladder(batch_norm);
+        let names: Vec<&String> = m.params().vars().keys().collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("up0.conv"))
+                && names.iter().any(|n| n.starts_with("decoder.conv")),
+            "{names:?}"
+        );
+        let checked = common::check_gradients(
+            m.params(),
+            || whole_batch_loss(&m, &x, 2).loss,
+            |_| true,
+            2,
+            (1e-2, 3e-2),
+        );
+        assert!(checked >= 40, "{checked} values checked");
+        let ids: Vec<u64> = (0..4).collect();
+        let figures = evaluate(&m, &x, &ids, Some(4));
+        assert!(value(&figures, "nll_iw").is_finite());
+        assert_eq!(m.sample(3, 1, None, &Device::Cpu).unwrap().dims(), [3, 784]);
+    }
+}
+
 /// A weight-normalised ladder starts as the same function as the plain one of the same seed
 /// (V drawn like W, g = ‖V‖ row by row).
 #[test]
@@ -323,6 +565,7 @@ fn bad_configs_are_refused_with_the_key() {
             hidden: vec![4],
             depth: 1,
             weight_norm: false,
+            batch_norm: false,
         },
         "latent_dims",
     );
@@ -333,6 +576,7 @@ fn bad_configs_are_refused_with_the_key() {
             hidden: vec![4, 4, 4],
             depth: 1,
             weight_norm: false,
+            batch_norm: false,
         },
         "latent_dims",
     );
@@ -351,6 +595,15 @@ fn bad_configs_are_refused_with_the_key() {
             ..config()
         },
         "depth",
+    );
+    refused(
+        s(),
+        LadderConfig {
+            weight_norm: true,
+            batch_norm: true,
+            ..config()
+        },
+        "batch_norm",
     );
     refused(
         ModelSpec {

@@ -6,9 +6,9 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::BTreeMap;
 
 use elbo_models::{
-    bernoulli_nll, gaussian_kl, iw_bound, Activation, Architecture, EvalOptions, Input, Likelihood,
-    LikelihoodKind, LossOutput, M2Config, Metric, Model, ModelSpec, Noise, Objective, Params,
-    Purpose, StepContext, Term, Vae, M2,
+    bernoulli_nll, gaussian_kl, iw_bound, whole_batch_statistics, Activation, Architecture,
+    EvalOptions, Input, Likelihood, LikelihoodKind, LossOutput, M2Config, Metric, Model, ModelSpec,
+    Noise, Objective, Params, Purpose, StepContext, Term, Vae, M2,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,15 +36,7 @@ fn loss(model: &dyn Model, input: &Input<'_>, noise: &Noise, step: u64) -> LossO
         global_rows: input.ids.len() as u64,
         batch_stats: &[],
     };
-    let stats: Vec<f32> = if model.statistics().batch > 0 {
-        model
-            .batch_statistics(input, &ctx)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    } else {
-        Vec::new()
-    };
+    let stats = whole_batch_statistics(model, input, &ctx).unwrap();
     ctx.batch_stats = &stats;
     model.loss(input, &ctx).unwrap()
 }
@@ -447,6 +439,7 @@ fn free_bits_split_across_ranks_add_up_to_the_whole_batch() {
                 global_rows: 9,
                 batch_stats: &[],
             },
+            0,
         )
         .unwrap()
         .to_vec1()

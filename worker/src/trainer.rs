@@ -171,7 +171,7 @@ impl Trainer {
             .map_or(Device::Cpu, |s| s.var.device().clone());
         let trainer = Trainer {
             buf: vec![0.0; layout.len() + 2 * stats.terms.len() + stats.update],
-            batch_stats: vec![0.0; stats.batch],
+            batch_stats: Vec::with_capacity(stats.batch.iter().sum()),
             stats,
             model,
             layout,
@@ -335,23 +335,34 @@ impl Trainer {
         };
         // Time in the batch statistics' all-reduce (counted as reduction, not compute).
         let mut stats_reduce = Duration::ZERO;
-        if !self.batch_stats.is_empty() {
-            if batch.rows() > 0 {
-                let ctx = self.context(batch.global_rows, &[]);
-                let local = self
-                    .model
-                    .batch_statistics(&input, &ctx)?
+        // Each round knows the global sums of the rounds before it.
+        self.batch_stats.clear();
+        for (round, len) in self.stats.batch.clone().into_iter().enumerate() {
+            let mut sums = if batch.rows() > 0 {
+                let ctx = StepContext {
+                    step: self.step,
+                    noise: &self.noise,
+                    global_rows: batch.global_rows,
+                    batch_stats: &self.batch_stats,
+                };
+                self.model
+                    .batch_statistics(&input, &ctx, round)?
                     .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
-                    .to_vec1::<f32>()?;
-                self.check_len("batch statistics", local.len(), self.stats.batch)?;
-                self.batch_stats.copy_from_slice(&local);
+                    .to_vec1::<f32>()?
             } else {
-                self.batch_stats.fill(0.0);
+                vec![0.0; len]
+            };
+            if sums.len() != len {
+                return Err(WorkerError::Internal(format!(
+                    "the model computed {} batch statistics in round {round} but declared {len}",
+                    sums.len()
+                )));
             }
             let t = Instant::now();
-            reduce.all_reduce_sum(&mut self.batch_stats)?;
-            stats_reduce = t.elapsed();
+            reduce.all_reduce_sum(&mut sums)?;
+            stats_reduce += t.elapsed();
+            self.batch_stats.extend_from_slice(&sums);
         }
         let packed = if batch.rows() > 0 {
             self.compute(&input, batch.global_rows)?
@@ -485,16 +496,6 @@ impl Trainer {
             noise: &self.noise,
             global_rows,
             batch_stats,
-        }
-    }
-
-    fn check_len(&self, what: &str, got: usize, declared: usize) -> Result<()> {
-        if got == declared {
-            Ok(())
-        } else {
-            Err(WorkerError::Internal(format!(
-                "the model computed {got} {what} but declared {declared}"
-            )))
         }
     }
 
