@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    coordinator_cmd, curve, distance, elbo, ok, params, test_records, worker_cmd, Procs, SMALL,
+    coordinator_cmd, curve, distance, elbo, ok, params, test_records, worker_cmd, Procs, LADDER,
+    SMALL,
 };
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -248,18 +249,6 @@ fn a_code_prior_trains_the_same_model_at_one_two_and_four_workers() {
         "model.code_prior.layers=2",
     ]);
 }
-
-/// A small two-layer ladder VAE.
-const LADDER: [&str; 8] = [
-    "--set",
-    "model.kind=ladder",
-    "--set",
-    "model.latent_dim=4",
-    "--set",
-    "model.ladder.latent_dims=[8]",
-    "--set",
-    "model.ladder.hidden=[64, 32]",
-];
 
 /// The ladder VAE with free bits (clamped per latent dimension of every layer on the global
 /// batch's mean KL) trains the same model at any world size.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{elbo, ok, records, test_records, Procs};
+use common::{elbo, ok, records, test_records, Procs, LADDER};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -600,22 +600,19 @@ fn a_code_prior_trains_on_a_vq_run_and_samples_through_it() {
     refused(&vae, "no code grids");
 }
 
+/// The ladder, batch-normalised: stopped and resumed, it ends byte for byte where the run that
+/// never stopped ends, its running moments included.
 #[test]
 fn a_ladder_vae_resumes_byte_for_byte_and_reports_each_layer() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let ladder = [
-        "--set",
-        "model.kind=ladder",
-        "--set",
-        "model.latent_dim=4",
-        "--set",
-        "model.ladder.latent_dims=[8]",
-        "--set",
-        "model.ladder.hidden=[64, 32]",
+    let settings = [
         "--set",
         "model.kl_warmup_steps=10",
+        "--set",
+        "model.ladder.batch_norm=true",
     ];
+    let ladder = [&LADDER[..], &settings].concat();
     let (whole, _) = resume_is_exact(tmp.path(), &cache, &ladder);
     for picture in [
         "traversals_layer1",

@@ -34,6 +34,9 @@ const CASES: &[(&str, &[&str])] = &[
         "m2-mnist.toml",
         &["model.architecture=conv", "model.hidden=[256]"],
     ),
+    ("ladder-mnist.toml", &[]),
+    ("ladder-mnist.toml", &["model.ladder.batch_norm=true"]),
+    ("ladder-mnist.toml", &["model.architecture=conv"]),
 ];
 
 const SHAPE: [usize; 3] = [1, 28, 28];

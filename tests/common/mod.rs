@@ -32,6 +32,18 @@ pub const SMALL: [&str; 16] = [
     "train.checkpoint_every=10",
 ];
 
+/// A small two-layer ladder VAE.
+pub const LADDER: [&str; 8] = [
+    "--set",
+    "model.kind=ladder",
+    "--set",
+    "model.latent_dim=4",
+    "--set",
+    "model.ladder.latent_dims=[8]",
+    "--set",
+    "model.ladder.hidden=[64, 32]",
+];
+
 /// Runs `elbo ARGS` with `cache` as its cache directory and warnings-only logs.
 pub fn elbo(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_elbo"))
