@@ -304,6 +304,29 @@ pub trait Model: Send {
     }
 }
 
+/// This rank's sums of round `round` of the batch statistics (`ctx.batch_stats` holding the
+/// global sums of the rounds before it), as f32, checked against the round's declared `len`.
+pub fn round_statistics(
+    model: &dyn Model,
+    input: &Input<'_>,
+    ctx: &StepContext<'_>,
+    round: usize,
+    len: usize,
+) -> Result<Vec<f32>> {
+    let values = model
+        .batch_statistics(input, ctx, round)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if values.len() != len {
+        return Err(crate::ModelError::Spec(format!(
+            "round {round} of the batch statistics holds {} values, the model declared {len}",
+            values.len()
+        )));
+    }
+    Ok(values)
+}
+
 /// The batch statistics of a process that holds the whole global batch (no all-reduce): every
 /// round of [`Statistics::batch`] computed in turn, each knowing the ones before it.
 pub fn whole_batch_statistics(
@@ -317,17 +340,7 @@ pub fn whole_batch_statistics(
             batch_stats: &stats,
             ..*ctx
         };
-        let values = model
-            .batch_statistics(input, &ctx, round)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        if values.len() != len {
-            return Err(crate::ModelError::Spec(format!(
-                "round {round} of the batch statistics holds {} values, the model declared {len}",
-                values.len()
-            )));
-        }
+        let values = round_statistics(model, input, &ctx, round, len)?;
         stats.extend(values);
     }
     Ok(stats)

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use elbo_datasets::{Batch, Cursor};
-use elbo_models::{Input, Model, Noise, Statistics, StepContext};
+use elbo_models::{round_statistics, Input, Model, Noise, Statistics, StepContext};
 
 use crate::checkpoint::{self, Checkpoint, Files, ModelTensors, TrainState};
 use crate::error::{Result, WorkerError};
@@ -337,28 +337,14 @@ impl Trainer {
         let mut stats_reduce = Duration::ZERO;
         // Each round knows the global sums of the rounds before it.
         self.batch_stats.clear();
-        for (round, len) in self.stats.batch.clone().into_iter().enumerate() {
+        for round in 0..self.stats.batch.len() {
+            let len = self.stats.batch[round];
             let mut sums = if batch.rows() > 0 {
-                let ctx = StepContext {
-                    step: self.step,
-                    noise: &self.noise,
-                    global_rows: batch.global_rows,
-                    batch_stats: &self.batch_stats,
-                };
-                self.model
-                    .batch_statistics(&input, &ctx, round)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
+                let ctx = self.context(batch.global_rows, &self.batch_stats);
+                round_statistics(self.model.as_ref(), &input, &ctx, round, len)?
             } else {
                 vec![0.0; len]
             };
-            if sums.len() != len {
-                return Err(WorkerError::Internal(format!(
-                    "the model computed {} batch statistics in round {round} but declared {len}",
-                    sums.len()
-                )));
-            }
             let t = Instant::now();
             reduce.all_reduce_sum(&mut sums)?;
             stats_reduce += t.elapsed();
