@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Quality check of the VQ-VAE on full MNIST: configs/vqvae-mnist.toml trained for 1,000 steps
 # beside its PyTorch twin (scripts/vqvae_twin.py, the same recipe), test NMSE and codes used on
-# the 10,000 test digits; then the recovery of a codebook initialised far from the data
-# (model.vqvae.init_offset = 10) over 500 steps, with dead-code restarts and without.
+# the 10,000 test digits; the same with the codebook k-means initialised on the first batch
+# (model.vqvae.init = "kmeans", the twin's --kmeans 10); then the recovery of a codebook
+# initialised far from the data (model.vqvae.init_offset = 10) over 500 steps, with dead-code
+# restarts and without, and with k-means (which does not start from those codes).
 # Needs a release build (cargo build --release) and a Python with torch and numpy (PYTHON;
 # ../shared/reference/setup.sh makes one); fetches MNIST with scripts/mnist.py.
 # Usage: scripts/vqvae_quality.sh [SEED]
@@ -37,11 +39,15 @@ run() {
 {
   echo "{\"elbo\": \"recipe\", \"run\": $(run recipe 1000)}"
   echo "{\"twin\": \"recipe\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 1000 "$seed")}"
+  echo "{\"elbo\": \"k-means\", \"run\": $(run kmeans 1000 --set model.vqvae.init=kmeans)}"
+  echo "{\"twin\": \"k-means\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 1000 "$seed" --kmeans 10)}"
   echo "{\"elbo\": \"far, restart\", \"run\": $(run far 500 --set model.vqvae.init_offset=10)}"
   echo "{\"elbo\": \"far, no restart\", \"run\": $(run far-off 500 --set model.vqvae.init_offset=10 \
     --set model.vqvae.restart_threshold=0)}"
   echo "{\"twin\": \"far, restart\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 500 "$seed" --offset 10)}"
   echo "{\"twin\": \"far, no restart\", \"run\": $("$py" scripts/vqvae_twin.py train "$data" 500 "$seed" --offset 10 --no-restart)}"
+  echo "{\"elbo\": \"far, k-means\", \"run\": $(run far-km 500 --set model.vqvae.init_offset=10 \
+    --set model.vqvae.init=kmeans)}"
 } | tee "$work/results.jsonl"
 
 "$py" - "$work/results.jsonl" <<'PY'
@@ -54,7 +60,7 @@ for line in open(sys.argv[1]):
     what = r.get("elbo") or r.get("twin")
     run = r["run"]
     e = run.get("eval", run)
-    steps = 1000 if what == "recipe" else 500
+    steps = 1000 if what in ("recipe", "k-means") else 500
     print(f"{who + ', ' + what:28} {steps:>5} {e['nmse']:>7.4f} {e['mse']:>8.5f} "
           f"{e['codes_used']:>10} {e['perplexity']:>10.1f} {run['seconds']:>7}")
 PY

@@ -5,10 +5,13 @@ decoder 3×3 from D → 2 residual blocks → ReLU → 4×4 s2 transposed convs 
 MSE / data variance + β·commitment (β 0.25), EMA codebook (γ 0.99, ε 1e-5, Laplace smoothing,
 counts start at 1 and sums at the codebook), codes whose EMA count falls below 1 restarted from
 random encoder outputs of the batch (count reset to 1). Adam 1e-3, batch 128, codes uniform
-±√(3/D) (+ an offset for the recovery experiment).
+±√(3/D) (+ an offset for the recovery experiment), or with --kmeans N (elbo's
+`init = "kmeans"`, `kmeans_iterations = N`) k-means on the first batch's encoder outputs: K
+distinct outputs as seeds, N Lloyd iterations, the step trained with the centroids and its EMA
+update starting as usual (count 1, sum = code) at one more Lloyd step's centroids, no restarts.
 
 Usage:
-  python scripts/vqvae_twin.py train MNIST_DIR STEPS SEED [--offset F] [--no-restart]
+  python scripts/vqvae_twin.py train MNIST_DIR STEPS SEED [--offset F] [--no-restart] [--kmeans N]
       trains on the training set, then prints one JSON line of test figures (nmse, mse,
       codes_used, perplexity) and the training time.
   python scripts/vqvae_twin.py step [BATCH [STEPS [THREADS]]]
@@ -55,6 +58,7 @@ class VqVae(nn.Module):
         self.register_buffer("count", torch.ones(K))
         self.register_buffer("sum", codebook.clone())
         self.restart = restart
+        self.initialising = False
 
     def encode(self, x):
         h = x.view(-1, 1, 28, 28) - 0.5
@@ -89,9 +93,30 @@ class VqVae(nn.Module):
         return mse / VARIANCE + BETA * commit, (rows.detach(), idx, mse.item())
 
     @torch.no_grad()
+    def kmeans(self, x, iterations):
+        rows = self.encode(x).permute(0, 2, 3, 1).reshape(-1, D)
+        centroids = rows[torch.randperm(rows.shape[0])[:K]].clone()
+        for _ in range(iterations):
+            idx = (rows.unsqueeze(1) - centroids.unsqueeze(0)).pow(2).sum(-1).argmin(1)
+            onehot = F.one_hot(idx, K).float()
+            n = onehot.sum(0)
+            used = n > 0
+            centroids[used] = (onehot.t() @ rows)[used] / n[used].unsqueeze(1)
+        self.codebook.copy_(centroids)
+        self.initialising = True
+
+    @torch.no_grad()
     def ema(self, rows, idx):
         onehot = F.one_hot(idx, K).float()
         dead = self.count < THRESHOLD
+        if self.initialising:
+            # The EMA starts as usual (count 1, sum = code) at one more Lloyd step's centroids.
+            n = onehot.sum(0)
+            used = n > 0
+            self.count.fill_(1.0)
+            self.sum[used] = (onehot.t() @ rows)[used] / n[used].unsqueeze(1)
+            dead[:] = False
+            self.initialising = False
         self.count.mul_(GAMMA).add_(onehot.sum(0), alpha=1 - GAMMA)
         self.sum.mul_(GAMMA).add_(onehot.t() @ rows, alpha=1 - GAMMA)
         n = self.count.sum()
@@ -133,6 +158,7 @@ def train(argv):
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     xtr = load(os.path.join(data, "train-images-idx3-ubyte.gz"))
     xte = load(os.path.join(data, "t10k-images-idx3-ubyte.gz"))
+    kmeans = int(argv[argv.index("--kmeans") + 1]) if "--kmeans" in argv else 0
     m = VqVae(offset, "--no-restart" not in argv)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     start, step = time.time(), 0
@@ -140,6 +166,8 @@ def train(argv):
         for batch in torch.randperm(xtr.shape[0]).split(128):
             if step == steps:
                 break
+            if step == 0 and kmeans:
+                m.kmeans(xtr[batch], kmeans)
             loss, (rows, idx, _) = m.loss(xtr[batch])
             opt.zero_grad()
             loss.backward()
@@ -148,7 +176,7 @@ def train(argv):
             step += 1
     seconds = time.time() - start
     print(json.dumps({"impl": "pytorch twin", "steps": steps, "offset": offset,
-                      "restart": m.restart, "seconds": round(seconds, 1), **evaluate(m, xte)}))
+                      "restart": m.restart, "kmeans": kmeans, "seconds": round(seconds, 1), **evaluate(m, xte)}))
 
 
 def bench(argv):

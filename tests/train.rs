@@ -467,22 +467,33 @@ const VQVAE: [&str; 12] = [
     "model.vqvae.restart_threshold=2",
 ];
 
-/// A VQ-VAE (and a VQ-VAE-2) stopped mid-run resumes byte for byte — its EMA codebooks, counts
-/// and sums are in the checkpoint — draws its codes and their usage, and `elbo eval` reports reconstruction
-/// and code usage over the test set.
+/// A VQ-VAE (and a VQ-VAE-2, its codebooks k-means initialised) stopped mid-run resumes byte
+/// for byte — its EMA codebooks, counts and sums, and that the initialisation is done, are in
+/// the checkpoint — draws its codes and their usage, and `elbo eval` reports reconstruction and
+/// code usage over the test set.
 #[test]
 fn a_vq_vae_resumes_byte_for_byte_and_reports_its_codes() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let two: Vec<String> = VQVAE
+    let mut two: Vec<String> = VQVAE
         .iter()
         .map(|s| {
             s.replace("=vqvae", "=vqvae2")
                 .replace(".vqvae.", ".vqvae2.")
         })
         .collect();
+    two.extend(["--set".into(), "model.vqvae2.init=kmeans".into()]);
     let two: Vec<&str> = two.iter().map(String::as_str).collect();
     let (levels, _) = resume_is_exact(&tmp.path().join("two"), &cache, &two);
+    let tensors = newest_model_tensors(&levels);
+    for level in ["bottom", "top"] {
+        let pending = &tensors[&format!("quantiser.{level}.kmeans_pending")];
+        assert_eq!(
+            pending,
+            &vec![0.0],
+            "{level}: initialised, and checkpointed so"
+        );
+    }
     for picture in ["code_usage_bottom", "code_usage_top"] {
         assert!(levels.join(format!("samples/{picture}.png")).is_file());
     }

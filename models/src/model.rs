@@ -14,7 +14,9 @@
 //! [`Model::loss`] in [`StepContext::batch_stats`]. The non-linear function is applied to the
 //! global sums, identically on every rank. Sums that depend on other global sums (batch norm:
 //! a layer's moments depend on the layers below it being normalised by theirs) come in
-//! *rounds*: round `r` is computed knowing the global sums of rounds `0..r`.
+//! *rounds*: round `r` is computed knowing the global sums of rounds `0..r`. A model's state
+//! may ask for more rounds on one step ([`Model::batch_rounds`]: a codebook's k-means
+//! initialisation on the first global batch).
 //!
 //! **State after the step.** Non-gradient state ([`Buffers`]: EMA codebooks, running moments)
 //! is updated from sums ([`LossOutput::update_stats`]) that ride in the same all-reduce as the
@@ -107,7 +109,7 @@ pub struct Statistics {
     /// Names of the reported terms, sorted; `loss` (the objective) among them.
     pub terms: Vec<&'static str>,
     /// Lengths of the rounds of batch statistics the loss needs from the global batch, in the
-    /// order they are computed (empty: none).
+    /// order they are computed (empty: none); a step may add more ([`Model::batch_rounds`]).
     pub batch: Vec<usize>,
     /// Length of the update statistics (0: no state update).
     pub update: usize,
@@ -236,8 +238,15 @@ pub trait Model: Send {
         LabelUse::Ignored
     }
 
+    /// The rounds of batch statistics of the next step: [`Statistics::batch`], unless the
+    /// model's state asks for more (a k-means initialisation of a codebook on the first applied
+    /// step). A function of the replicated state, so every rank agrees.
+    fn batch_rounds(&self) -> Result<Vec<usize>> {
+        Ok(self.statistics().batch)
+    }
+
     /// Sums over this rank's rows that the loss needs from the global batch, for round `round`
-    /// of [`Statistics::batch`]: a 1-D tensor of that round's length; `ctx.batch_stats` holds
+    /// of [`Model::batch_rounds`]: a 1-D tensor of that round's length; `ctx.batch_stats` holds
     /// the global sums of the rounds before it (only called when the model declares rounds).
     fn batch_statistics(
         &self,
@@ -328,14 +337,14 @@ pub fn round_statistics(
 }
 
 /// The batch statistics of a process that holds the whole global batch (no all-reduce): every
-/// round of [`Statistics::batch`] computed in turn, each knowing the ones before it.
+/// round of [`Model::batch_rounds`] computed in turn, each knowing the ones before it.
 pub fn whole_batch_statistics(
     model: &dyn Model,
     input: &Input<'_>,
     ctx: &StepContext<'_>,
 ) -> Result<Vec<f32>> {
     let mut stats = Vec::new();
-    for (round, len) in model.statistics().batch.into_iter().enumerate() {
+    for (round, len) in model.batch_rounds()?.into_iter().enumerate() {
         let ctx = StepContext {
             batch_stats: &stats,
             ..*ctx

@@ -98,11 +98,29 @@ fn defaults<C: Section>() -> toml::Table {
 }
 
 fn parse<C: Section>(section: &toml::Table) -> Result<C, SectionError> {
-    let config: C = toml::Value::Table(section.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| SectionError::new("", e.message().to_string()))?;
+    let config: C =
+        toml::Value::Table(section.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                SectionError::new(&culprit::<C>(section), e.message().to_string())
+            })?;
     config.validate()?;
     Ok(config)
+}
+
+/// The first key of a section that does not deserialise (an unknown choice of an enumerated
+/// key) over the defaults, so that the error names it; "" if no single key is to blame.
+fn culprit<C: Section>(section: &toml::Table) -> String {
+    let defaults = defaults::<C>();
+    section
+        .iter()
+        .find(|(key, value)| {
+            let mut one = defaults.clone();
+            one.insert((*key).clone(), (*value).clone());
+            toml::Value::Table(one).try_into::<C>().is_err()
+        })
+        .map(|(key, _)| key.clone())
+        .unwrap_or_default()
 }
 
 fn check<C: Section>(section: &toml::Table) -> Result<(), SectionError> {

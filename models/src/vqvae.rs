@@ -47,7 +47,9 @@ use crate::model::{
     Picture, Statistics, StepContext, Term,
 };
 use crate::params::Params;
-use crate::quantiser::{perplexity, CodebookLearning, CodebookSettings, Quantised, Quantiser};
+use crate::quantiser::{
+    perplexity, CodebookInit, CodebookLearning, CodebookSettings, Quantised, Quantiser,
+};
 use crate::registry::{Section, SectionError, Variant};
 use crate::spec::{Architecture, BuildContext, ModelSpec};
 
@@ -85,6 +87,11 @@ pub struct VqVaeConfig {
     /// Added to every initial code (moves the codebook away from the data, e.g. to watch a
     /// collapsed codebook recover).
     pub init_offset: f64,
+    /// How the codebook starts: `uniform` (±√(3/D) plus `init_offset`) or `kmeans` (on the
+    /// encoder outputs of the first step's global batch; EMA codebook only).
+    pub init: CodebookInit,
+    /// Lloyd rounds of the k-means initialisation.
+    pub kmeans_iterations: u32,
 }
 
 impl Default for VqVaeConfig {
@@ -100,6 +107,8 @@ impl Default for VqVaeConfig {
             epsilon: 1e-5,
             restart_threshold: 1.0,
             init_offset: 0.0,
+            init: CodebookInit::Uniform,
+            kmeans_iterations: 10,
         }
     }
 }
@@ -157,6 +166,22 @@ impl Section for VqVaeConfig {
                 format!("found {}, expected a finite number", self.init_offset),
             ));
         }
+        if !(1..=100).contains(&self.kmeans_iterations) {
+            return Err(SectionError::new(
+                "kmeans_iterations",
+                format!(
+                    "found {}, expected 1 to 100 Lloyd rounds",
+                    self.kmeans_iterations
+                ),
+            ));
+        }
+        if self.codebook == CodebookLearning::Loss && self.init == CodebookInit::Kmeans {
+            return Err(SectionError::new(
+                "init",
+                "found \"kmeans\" with codebook = \"loss\": the k-means initialisation starts the \
+                 EMA statistics, so it needs codebook = \"ema\" (or init = \"uniform\")",
+            ));
+        }
         if self.codebook == CodebookLearning::Loss && self.restart_threshold > 0.0 {
             return Err(SectionError::new(
                 "restart_threshold",
@@ -179,6 +204,8 @@ impl VqVaeConfig {
             epsilon: self.epsilon,
             restart_threshold: self.restart_threshold,
             init_offset: self.init_offset,
+            init: self.init,
+            kmeans_iterations: self.kmeans_iterations as usize,
         }
     }
 }
@@ -497,28 +524,61 @@ impl VqVae {
             .forward(&self.encoder.forward(&self.image(x)?)?, None)
     }
 
-    /// Quantises every level (the top first; returned bottom first).
-    fn quantise_levels(&self, x: &Tensor) -> Result<Vec<Quantised>> {
+    /// Quantises every level (the top first; returned bottom first), against the codebooks or,
+    /// at the step of a k-means initialisation, the centroids of `init` (the global sums of
+    /// every k-means round, top level first).
+    fn quantise_levels(&self, x: &Tensor, init: Option<&[f32]>) -> Result<Vec<Quantised>> {
         let features = self.encoder.forward(&self.image(x)?)?;
+        let centroids = |q: &Quantiser, sums: Option<&[f32]>| -> Result<Option<Vec<f32>>> {
+            sums.map(|s| q.init_centroids(s)).transpose()
+        };
         match &self.top {
-            None => Ok(vec![self
-                .quantiser
-                .quantise(&self.pre_vq.forward(&features, None)?)?]),
+            None => {
+                let book = centroids(&self.quantiser, init)?;
+                let z = self.pre_vq.forward(&features, None)?;
+                Ok(vec![self.quantiser.quantise(&z, book.as_deref())?])
+            }
             Some(top) => {
-                let z_top = top.pre_vq.forward(&top.encoder.forward(&features)?, None)?;
-                let q_top = top.quantiser.quantise(&z_top)?;
-                let condition = top.decoder.forward(&q_top.zq)?;
-                let z = self
-                    .pre_vq
-                    .forward(&Tensor::cat(&[&features, &condition], 1)?, None)?;
-                Ok(vec![self.quantiser.quantise(&z)?, q_top])
+                let split = top.quantiser.init_rounds().iter().sum();
+                let (top_sums, bottom_sums) = match init {
+                    Some(s) if s.len() >= split => (Some(&s[..split]), Some(&s[split..])),
+                    Some(s) => return Err(init_sums_error(s.len())),
+                    None => (None, None),
+                };
+                let top_book = centroids(&top.quantiser, top_sums)?;
+                let q_top = top
+                    .quantiser
+                    .quantise(&top.encode(&features)?, top_book.as_deref())?;
+                let z = self.bottom_encoding(&features, &q_top)?;
+                let book = centroids(&self.quantiser, bottom_sums)?;
+                Ok(vec![self.quantiser.quantise(&z, book.as_deref())?, q_top])
             }
         }
     }
 
-    /// Quantises every level and decodes.
-    fn forward(&self, x: &Tensor) -> Result<Pass> {
-        let levels = self.quantise_levels(x)?;
+    /// VQ-VAE-2's bottom encoding: the bottom features beside the decoded top codes.
+    fn bottom_encoding(&self, features: &Tensor, q_top: &Quantised) -> Result<Tensor> {
+        let top = self.top.as_ref().expect("two levels");
+        let condition = top.decoder.forward(&q_top.zq)?;
+        self.pre_vq
+            .forward(&Tensor::cat(&[features, &condition], 1)?, None)
+    }
+
+    /// Whether a codebook waits for its k-means initialisation (every level's together).
+    fn init_pending(&self) -> Result<bool> {
+        self.quantiser.init_pending(&self.buffers)
+    }
+
+    /// The quantisers in the order of their k-means rounds: the top level first.
+    fn init_order(&self) -> Vec<&Quantiser> {
+        let mut order: Vec<&Quantiser> = self.levels().into_iter().map(|(_, q)| q).collect();
+        order.reverse();
+        order
+    }
+
+    /// Quantises every level and decodes (see [`VqVae::quantise_levels`] for `init`).
+    fn forward(&self, x: &Tensor, init: Option<&[f32]>) -> Result<Pass> {
+        let levels = self.quantise_levels(x, init)?;
         let out = self.decode(&levels[0].zq, levels.get(1).map(|q| &q.zq))?;
         Ok(Pass { levels, out })
     }
@@ -567,6 +627,20 @@ impl VqVae {
     }
 }
 
+impl Top {
+    /// The top level's encoder output z_e from the bottom encoder's features.
+    fn encode(&self, features: &Tensor) -> Result<Tensor> {
+        self.pre_vq.forward(&self.encoder.forward(features)?, None)
+    }
+}
+
+/// The error of k-means sums too short for the top level's rounds.
+fn init_sums_error(len: usize) -> ModelError {
+    ModelError::Input(format!(
+        "k-means sums of {len} values, fewer than the top level's rounds hold"
+    ))
+}
+
 impl CodeModel for VqVae {
     fn code_grids(&self) -> Vec<CodeGrid> {
         self.levels()
@@ -586,7 +660,7 @@ impl CodeModel for VqVae {
 
     fn encode_codes(&self, x: &Tensor) -> Result<Vec<Vec<u32>>> {
         Ok(self
-            .quantise_levels(x)?
+            .quantise_levels(x, None)?
             .into_iter()
             .map(|q| q.indices)
             .collect())
@@ -640,8 +714,77 @@ impl Model for VqVae {
         }
     }
 
+    fn batch_rounds(&self) -> Result<Vec<usize>> {
+        if !self.init_pending()? {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .init_order()
+            .iter()
+            .flat_map(|q| q.init_rounds())
+            .collect())
+    }
+
+    fn batch_statistics(
+        &self,
+        input: &Input<'_>,
+        ctx: &StepContext<'_>,
+        round: usize,
+    ) -> Result<Tensor> {
+        let features = self.encoder.forward(&self.image(input.x)?)?;
+        let (mut first, mut offset) = (0, 0);
+        for (level, q) in self.init_order().into_iter().enumerate() {
+            let rounds = q.init_rounds();
+            if round < first + rounds.len() {
+                let before = ctx
+                    .batch_stats
+                    .get(..offset)
+                    .ok_or_else(|| init_sums_error(ctx.batch_stats.len()))?;
+                let z = match (&self.top, level) {
+                    (None, _) => self.pre_vq.forward(&features, None)?,
+                    (Some(top), 0) => top.encode(&features)?,
+                    (Some(top), _) => {
+                        let book = top.quantiser.init_centroids(before)?;
+                        let q_top = top
+                            .quantiser
+                            .quantise(&top.encode(&features)?, Some(&book))?;
+                        self.bottom_encoding(&features, &q_top)?
+                    }
+                };
+                let sums = q.init_round_statistics(
+                    &z,
+                    input.ids,
+                    ctx,
+                    &ctx.batch_stats[offset..],
+                    round - first,
+                )?;
+                let len = sums.len();
+                return Ok(Tensor::from_vec(sums, len, input.x.device())?);
+            }
+            first += rounds.len();
+            offset += rounds.iter().sum::<usize>();
+        }
+        Err(ModelError::Input(format!(
+            "batch statistics round {round}: the VQ-VAE has {first} rounds this step"
+        )))
+    }
+
     fn loss(&self, input: &Input<'_>, ctx: &StepContext<'_>) -> Result<LossOutput> {
-        let pass = self.forward(input.x)?;
+        let initialising = self.init_pending()?;
+        let init = if initialising {
+            let want: usize = self.batch_rounds()?.iter().sum();
+            if ctx.batch_stats.len() != want {
+                return Err(ModelError::Input(format!(
+                    "the codebooks' k-means initialisation needs the {want} sums of its rounds \
+                     of batch statistics, found {}",
+                    ctx.batch_stats.len()
+                )));
+            }
+            Some(ctx.batch_stats)
+        } else {
+            None
+        };
+        let pass = self.forward(input.x, init)?;
         let (rec, mse) = self.reconstruction(&pass.out, input.x)?;
         let rows = input.ids.len();
         let device = input.x.device();
@@ -664,7 +807,7 @@ impl Model for VqVae {
                 LEVEL_TERMS[3][col],
                 Term::constant(perplexity(&counts), rows, device)?,
             );
-            stats.extend(quantiser.update_statistics(&usage, q, input.ids, ctx)?);
+            stats.extend(quantiser.update_statistics(&usage, q, input.ids, ctx, initialising)?);
         }
         terms.insert("loss", Term::per_row(&per_row)?);
         let loss = (per_row.sum_all()? / ctx.global_rows as f64)?;
@@ -728,7 +871,7 @@ impl Model for VqVae {
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
-        self.mean(&self.forward(input.x)?.out)
+        self.mean(&self.forward(input.x, None)?.out)
     }
 
     fn codes(&self) -> Option<&dyn CodeModel> {
@@ -812,7 +955,7 @@ fn sum(t: &Tensor) -> Result<f64> {
 impl Evaluator for VqEvaluator<'_> {
     fn add(&mut self, input: &Input<'_>) -> Result<()> {
         let m = self.model;
-        let pass = m.forward(input.x)?;
+        let pass = m.forward(input.x, None)?;
         let (rec, mse) = m.reconstruction(&pass.out, input.x)?;
         self.rec += sum(&rec)?;
         self.mse += sum(&mse)?;
@@ -944,7 +1087,7 @@ mod tests {
             nchw[4 + p] = v[1];
         }
         let z = Var::from_vec(nchw, (1, 2, 2, 2), &Device::Cpu).unwrap();
-        let q = m.quantiser.quantise(z.as_tensor()).unwrap();
+        let q = m.quantiser.quantise(z.as_tensor(), None).unwrap();
         // (0.5, 0.5) is as near code 0 as code 1: the lower index wins.
         assert_eq!(q.indices, vec![0, 1, 2, 0]);
         let codes = [[0.0, 0.0], [1.0, 1.0], [-1.0, 2.0], [0.0, 0.0]];

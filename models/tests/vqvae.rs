@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use elbo_models::{
-    nearest_codes, Activation, Architecture, CodebookLearning, Input, LikelihoodKind, Model,
-    ModelSpec, Noise, Objective, StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM,
-    RESTART_SLOTS,
+    nearest_codes, round_statistics, whole_batch_statistics, Activation, Architecture,
+    CodebookInit, CodebookLearning, Input, LikelihoodKind, Model, ModelSpec, Noise, Objective,
+    StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM, RESTART_SLOTS, SEED_SLOTS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -514,4 +514,296 @@ fn bad_configs_are_refused_with_the_key() {
         "latent_dim",
     );
     refused(spec(LikelihoodKind::GaussianPerDim), config(), "likelihood");
+    refused(
+        bern(),
+        VqVaeConfig {
+            codebook: CodebookLearning::Loss,
+            restart_threshold: 0.0,
+            init: CodebookInit::Kmeans,
+            ..config()
+        },
+        "init",
+    );
+    refused(
+        bern(),
+        VqVaeConfig {
+            kmeans_iterations: 0,
+            ..config()
+        },
+        "kmeans_iterations",
+    );
+}
+
+/// A model whose codebooks wait for their k-means initialisation: 8 codes, `iterations`
+/// Lloyd rounds.
+fn kmeans_model(levels: usize, iterations: u32) -> VqVae {
+    let cfg = VqVaeConfig {
+        init: CodebookInit::Kmeans,
+        kmeans_iterations: iterations,
+        restart_threshold: 2.0,
+        ..config()
+    };
+    VqVae::new(
+        &spec(LikelihoodKind::Bernoulli),
+        cfg,
+        levels,
+        &Device::Cpu,
+        3,
+    )
+    .unwrap()
+}
+
+/// The context of step 0 of a global batch of `global_rows`.
+fn first_step<'a>(noise: &'a Noise, global_rows: u64, batch_stats: &'a [f32]) -> StepContext<'a> {
+    StepContext {
+        step: 0,
+        noise,
+        global_rows,
+        batch_stats,
+    }
+}
+
+/// The k-means rounds of rows split across two ranks (3 + 9 rows), each round's sums added as
+/// the all-reduce adds them before the next round, equal one process's rounds; so do the
+/// loss's update statistics and gradients at that step, for one level and two.
+#[test]
+fn kmeans_rounds_split_across_ranks_add_up_to_one_process() {
+    for levels in [1, 2] {
+        let m = kmeans_model(levels, 3);
+        let x = data(12, 8);
+        let ids: Vec<u64> = (40..52).collect();
+        let labels = vec![None; 12];
+        let noise = Noise::new(11);
+        let whole_input = Input {
+            x: &x,
+            labels: &labels,
+            ids: &ids,
+        };
+        let rounds = m.batch_rounds().unwrap();
+        let k = 8;
+        let per_level = [
+            k * SEED_SLOTS * (1 + DIM),
+            k + k * DIM,
+            k + k * DIM,
+            k + k * DIM,
+        ];
+        assert_eq!(rounds, per_level.repeat(levels));
+        let whole = whole_batch_statistics(&m, &whole_input, &first_step(&noise, 12, &[])).unwrap();
+        let parts = [(0, 3), (3, 9)];
+        let xs: Vec<Tensor> = parts
+            .iter()
+            .map(|(a, n)| x.narrow(0, *a, *n).unwrap())
+            .collect();
+        let mut split: Vec<f32> = Vec::new();
+        for (round, len) in rounds.iter().enumerate() {
+            let mut sums = vec![0f32; *len];
+            for ((a, n), xr) in parts.iter().zip(&xs) {
+                let input = Input {
+                    x: xr,
+                    labels: &labels[*a..a + n],
+                    ids: &ids[*a..a + n],
+                };
+                let part =
+                    round_statistics(&m, &input, &first_step(&noise, 12, &split), round, *len)
+                        .unwrap();
+                for (s, p) in sums.iter_mut().zip(part) {
+                    *s += p;
+                }
+            }
+            split.extend(sums);
+        }
+        assert_eq!(split.len(), whole.len());
+        for (i, (w, s)) in whole.iter().zip(&split).enumerate() {
+            assert!((w - s).abs() <= 1e-5 * (1.0 + w.abs()), "[{i}] {w} vs {s}");
+        }
+        let stats = &whole[..];
+        let out = m
+            .loss(&whole_input, &first_step(&noise, 12, stats))
+            .unwrap();
+        let upd = values(out.update_stats.as_ref().unwrap());
+        let mut upd_split = vec![0f32; upd.len()];
+        let mut grads_split = Vec::new();
+        for ((a, n), xr) in parts.iter().zip(&xs) {
+            let input = Input {
+                x: xr,
+                labels: &labels[*a..a + n],
+                ids: &ids[*a..a + n],
+            };
+            let o = m.loss(&input, &first_step(&noise, 12, stats)).unwrap();
+            for (s, p) in upd_split
+                .iter_mut()
+                .zip(values(o.update_stats.as_ref().unwrap()))
+            {
+                *s += p;
+            }
+            grads_split.push(o.loss.backward().unwrap());
+        }
+        for (i, (w, s)) in upd.iter().zip(&upd_split).enumerate() {
+            assert!(
+                (w - s).abs() <= 1e-5 * (1.0 + w.abs()),
+                "update [{i}] {w} vs {s}"
+            );
+        }
+        let grads = out.loss.backward().unwrap();
+        for (name, var) in m.params().vars() {
+            let g =
+                |gs: &candle_core::backprop::GradStore| values(gs.get(var.as_tensor()).unwrap());
+            for ((w, a), b) in g(&grads)
+                .iter()
+                .zip(g(&grads_split[0]))
+                .zip(g(&grads_split[1]))
+            {
+                assert!(
+                    (w - (a + b)).abs() <= 1e-5 + 1e-4 * w.abs(),
+                    "{name}: {w} vs {a} + {b}"
+                );
+            }
+        }
+        // Without the rounds' sums, the step refuses instead of training on a random codebook.
+        let e = m
+            .loss(&whole_input, &first_step(&noise, 12, &[]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("k-means"), "{e}");
+    }
+}
+
+/// One process's k-means: the seeding picks encoder outputs of the batch, the Lloyd rounds
+/// are a plain Lloyd iteration from those seeds, the step's EMA update starts from N = 1 at one
+/// more Lloyd step's centroids (no restarts), and the rounds are not asked for again.
+#[test]
+fn kmeans_initialises_the_codebook_like_a_plain_lloyd_from_its_seeds() {
+    let iterations = 4;
+    let mut m = kmeans_model(1, iterations);
+    let x = data(16, 9);
+    let ids: Vec<u64> = (0..16).collect();
+    let labels = vec![None; 16];
+    let noise = Noise::new(5);
+    let input = Input {
+        x: &x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let ctx = StepContext {
+        step: 0,
+        noise: &noise,
+        global_rows: 16,
+        batch_stats: &[],
+    };
+    let initial = m.buffers().unwrap().values(CODEBOOK).unwrap();
+    let stats = whole_batch_statistics(&m, &input, &ctx).unwrap();
+    let z: Vec<f64> = outputs(&m, &x).iter().map(|v| f64::from(*v)).collect();
+    let (k, s) = (8, SEED_SLOTS);
+    // The seeds, by the documented rule, from the seeding round's candidates.
+    let (counts, sums) = stats[..k * s * (1 + DIM)].split_at(k * s);
+    let mut centroids: Vec<f64> = initial.iter().map(|v| f64::from(*v)).collect();
+    let mut singles = 0;
+    for code in 0..k {
+        let slots: Vec<usize> = (code * s..(code + 1) * s).collect();
+        let chosen = slots.iter().find(|t| counts[**t] == 1.0).or_else(|| {
+            slots
+                .iter()
+                .filter(|t| counts[**t] > 0.0)
+                .min_by(|a, b| counts[**a].total_cmp(&counts[**b]))
+        });
+        if let Some(t) = chosen {
+            let seed: Vec<f64> = (0..DIM)
+                .map(|j| f64::from(sums[t * DIM + j]) / f64::from(counts[*t]))
+                .collect();
+            if counts[*t] == 1.0 {
+                singles += 1;
+                assert!(
+                    z.chunks(DIM)
+                        .any(|row| row.iter().zip(&seed).all(|(a, b)| (a - b).abs() < 1e-6)),
+                    "code {code}'s seed is no encoder output"
+                );
+            }
+            centroids[code * DIM..][..DIM].copy_from_slice(&seed);
+        }
+    }
+    assert!(
+        singles >= 6,
+        "most codes are seeded by one output: {singles}"
+    );
+    let sse = |c: &[f64]| -> f64 {
+        z.chunks(DIM)
+            .map(|row| {
+                c.chunks(DIM)
+                    .map(|e| row.iter().zip(e).map(|(a, b)| (a - b).powi(2)).sum::<f64>())
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .sum()
+    };
+    // Plain Lloyd, one iteration per round and one more for the step's EMA update.
+    let mut errors = vec![sse(&centroids)];
+    let mut last_counts = vec![0.0; k];
+    for _ in 0..=iterations {
+        let book: Vec<f32> = centroids.iter().map(|v| *v as f32).collect();
+        let z32: Vec<f32> = z.iter().map(|v| *v as f32).collect();
+        let codes = nearest_codes(&z32, &book, DIM);
+        let mut n = vec![0.0; k];
+        let mut sum = vec![0.0; k * DIM];
+        for (row, c) in z.chunks(DIM).zip(&codes) {
+            n[*c as usize] += 1.0;
+            for j in 0..DIM {
+                sum[*c as usize * DIM + j] += row[j];
+            }
+        }
+        for code in (0..k).filter(|c| n[*c] > 0.0) {
+            for j in 0..DIM {
+                centroids[code * DIM + j] = sum[code * DIM + j] / n[code];
+            }
+        }
+        errors.push(sse(&centroids));
+        last_counts = n;
+    }
+    for w in errors.windows(2) {
+        assert!(w[1] <= w[0] + 1e-9, "Lloyd's error never grows: {errors:?}");
+    }
+    assert!(
+        errors[errors.len() - 1] < sse(&initial.iter().map(|v| f64::from(*v)).collect::<Vec<_>>())
+    );
+    let out = m
+        .loss(
+            &input,
+            &StepContext {
+                batch_stats: &stats,
+                ..ctx
+            },
+        )
+        .unwrap();
+    let update = values(out.update_stats.as_ref().unwrap());
+    assert!(
+        update[k + k * DIM..].iter().all(|c| *c == 0.0),
+        "no restart candidates at the initialising step"
+    );
+    m.update_state(&update, 0).unwrap();
+    let count = m.buffers().unwrap().values(EMA_COUNT).unwrap();
+    let codebook = m.buffers().unwrap().values(CODEBOOK).unwrap();
+    for code in 0..k {
+        // The EMA's ordinary step from its start (N = 1) at the centroids.
+        let n = 0.99 + 0.01 * last_counts[code];
+        assert!(
+            (f64::from(count[code]) - n).abs() < 1e-6,
+            "code {code}'s count {}",
+            count[code]
+        );
+        if last_counts[code] > 0.0 {
+            for j in 0..DIM {
+                let (a, b) = (
+                    f64::from(codebook[code * DIM + j]),
+                    centroids[code * DIM + j],
+                );
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "code {code}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert!(m.batch_rounds().unwrap().is_empty(), "initialised once");
+    // The next step is an ordinary one.
+    let next = m.loss(&input, &StepContext { step: 1, ..ctx }).unwrap();
+    assert!(next.update_stats.is_some());
 }

@@ -252,6 +252,17 @@ fn wrong_types_name_the_key_the_source_and_the_expectation() {
     );
 
     let msg = invalid(&Layers {
+        flags: flags(&["model.kind=vqvae", "model.vqvae.init=kmean"]),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("`model.vqvae.init`")
+            && msg.contains("--set model.vqvae.init=kmean")
+            && msg.contains("`uniform` or `kmeans`"),
+        "a model section's choice is named with its key and origin: {msg}"
+    );
+
+    let msg = invalid(&Layers {
         flags: flags(&["train.batch_size=0"]),
         ..Default::default()
     });

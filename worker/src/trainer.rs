@@ -337,8 +337,7 @@ impl Trainer {
         let mut stats_reduce = Duration::ZERO;
         // Each round knows the global sums of the rounds before it.
         self.batch_stats.clear();
-        for round in 0..self.stats.batch.len() {
-            let len = self.stats.batch[round];
+        for (round, len) in self.model.batch_rounds()?.into_iter().enumerate() {
             let mut sums = if batch.rows() > 0 {
                 let ctx = self.context(batch.global_rows, &self.batch_stats);
                 round_statistics(self.model.as_ref(), &input, &ctx, round, len)?
