@@ -685,12 +685,7 @@ fn kmeans_initialises_the_codebook_like_a_plain_lloyd_from_its_seeds() {
         labels: &labels,
         ids: &ids,
     };
-    let ctx = StepContext {
-        step: 0,
-        noise: &noise,
-        global_rows: 16,
-        batch_stats: &[],
-    };
+    let ctx = first_step(&noise, 16, &[]);
     let initial = m.buffers().unwrap().values(CODEBOOK).unwrap();
     let stats = whole_batch_statistics(&m, &input, &ctx).unwrap();
     let z: Vec<f64> = outputs(&m, &x).iter().map(|v| f64::from(*v)).collect();
