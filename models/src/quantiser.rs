@@ -154,6 +154,20 @@ pub(crate) fn perplexity(counts: &[f64]) -> f64 {
     h.exp()
 }
 
+/// The encoder outputs `z_e` (B, D, h, w) as rows of D, one per position: (B·h·w, D).
+fn positions(z_e: &Tensor) -> Result<Tensor> {
+    let (b, d, gh, gw) = z_e.dims4()?;
+    Ok(z_e
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((b * gh * gw, d))?)
+}
+
+/// A tensor's values on the host, as f32, row-major.
+fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
 /// Adds each output's one-hot count to `stats[..codes]` and, with `sums`, its vector to its
 /// code's sum in `stats[codes..codes + codes·dim]`.
 fn add_assignments(
@@ -334,11 +348,8 @@ impl Quantiser {
     /// the codebook or (k-means initialisation) the given `centroids` (K·D).
     pub fn quantise(&self, z_e: &Tensor, centroids: Option<&[f32]>) -> Result<Quantised> {
         let (b, d, gh, gw) = z_e.dims4()?;
-        let rows = z_e
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .reshape((b * gh * gw, d))?;
-        let z = rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let rows = positions(z_e)?;
+        let z = host_values(&rows)?;
         let (indices, e) = match centroids {
             Some(book) => {
                 let indices = nearest_codes(&z, book, d);
@@ -351,7 +362,7 @@ impl Quantiser {
                 (indices, e.to_dtype(rows.dtype())?)
             }
             None => {
-                let codebook = self.codebook_values()?;
+                let codebook = host_values(&self.codebook)?;
                 let indices = nearest_codes(&z, &codebook, d);
                 let idx = Tensor::from_slice(&indices, indices.len(), z_e.device())?;
                 let e = self
@@ -385,14 +396,6 @@ impl Quantiser {
             commitment,
             codebook,
         })
-    }
-
-    fn codebook_values(&self) -> Result<Vec<f32>> {
-        Ok(self
-            .codebook
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
     }
 
     /// Whether the codebook still waits for its k-means initialisation.
@@ -436,12 +439,7 @@ impl Quantiser {
                 before.len()
             )));
         }
-        let z = z_e
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
+        let z = host_values(&positions(z_e)?)?;
         let mut stats = vec![0f32; rounds[round]];
         if round == 0 {
             let all = vec![true; self.codes];
@@ -468,7 +466,7 @@ impl Quantiser {
                 sums.len()
             )));
         }
-        let mut book = self.codebook_values()?;
+        let mut book = host_values(&self.codebook)?;
         let (counts, vectors) = sums[..seeding].split_at(k * s);
         for code in 0..k {
             let slots = code * s..(code + 1) * s;

@@ -546,22 +546,27 @@ impl VqVae {
                     None => (None, None),
                 };
                 let top_book = centroids(&top.quantiser, top_sums)?;
-                let q_top = top
-                    .quantiser
-                    .quantise(&top.encode(&features)?, top_book.as_deref())?;
-                let z = self.bottom_encoding(&features, &q_top)?;
+                let (q_top, z) = self.two_levels(top, &features, top_book.as_deref())?;
                 let book = centroids(&self.quantiser, bottom_sums)?;
                 Ok(vec![self.quantiser.quantise(&z, book.as_deref())?, q_top])
             }
         }
     }
 
-    /// VQ-VAE-2's bottom encoding: the bottom features beside the decoded top codes.
-    fn bottom_encoding(&self, features: &Tensor, q_top: &Quantised) -> Result<Tensor> {
-        let top = self.top.as_ref().expect("two levels");
+    /// VQ-VAE-2's top level quantised (against `top_book`, or its codebook) and the bottom
+    /// encoding conditioned on it: the bottom features beside the decoded top codes.
+    fn two_levels(
+        &self,
+        top: &Top,
+        features: &Tensor,
+        top_book: Option<&[f32]>,
+    ) -> Result<(Quantised, Tensor)> {
+        let q_top = top.quantiser.quantise(&top.encode(features)?, top_book)?;
         let condition = top.decoder.forward(&q_top.zq)?;
-        self.pre_vq
-            .forward(&Tensor::cat(&[features, &condition], 1)?, None)
+        let z = self
+            .pre_vq
+            .forward(&Tensor::cat(&[features, &condition], 1)?, None)?;
+        Ok((q_top, z))
     }
 
     /// Whether a codebook waits for its k-means initialisation (every level's together).
@@ -745,10 +750,7 @@ impl Model for VqVae {
                     (Some(top), 0) => top.encode(&features)?,
                     (Some(top), _) => {
                         let book = top.quantiser.init_centroids(before)?;
-                        let q_top = top
-                            .quantiser
-                            .quantise(&top.encode(&features)?, Some(&book))?;
-                        self.bottom_encoding(&features, &q_top)?
+                        self.two_levels(top, &features, Some(&book))?.1
                     }
                 };
                 let sums = q.init_round_statistics(
