@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-20}
-alpha=${2:-50}
+alpha=${2:-100}
 seed=${3:-0}
 py=${PYTHON:-python3}
 elbo=./target/release/elbo

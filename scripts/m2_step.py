@@ -26,7 +26,7 @@ def main():
                  "an even BATCH ≥ 2, positive STEPS and THREADS")
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    alpha = 50.0
+    alpha = 100.0
     half = batch // 2
     x = (torch.rand(batch, D) > 0.5).float()
     xl, xu = x[:half], x[half:]

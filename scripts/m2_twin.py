@@ -87,7 +87,7 @@ def main():
     try:
         epochs = int(sys.argv[3])
         seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-        alpha = float(sys.argv[5]) if len(sys.argv) > 5 else 50.0
+        alpha = float(sys.argv[5]) if len(sys.argv) > 5 else 100.0
     except ValueError as e:
         usage(str(e))
     if epochs <= 0 or alpha < 0:

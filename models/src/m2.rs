@@ -42,7 +42,9 @@ use crate::vae::VaeNet;
 pub struct M2Config {
     /// Classes of the label.
     pub classes: u32,
-    /// Weight of the labeled rows' mean classifier cross-entropy beside the mean bounds.
+    /// Weight of the labeled rows' mean classifier cross-entropy beside the mean bounds
+    /// (default 100: on MNIST with 100 labels, 20 epochs, it beat 50 on both labeled subsets
+    /// measured at both, and 200 did no better).
     pub alpha: f64,
     /// Hidden layer sizes of the classifier q(y|x) (empty: those of `model.hidden`).
     pub classifier_hidden: Vec<u32>,
@@ -52,7 +54,7 @@ impl Default for M2Config {
     fn default() -> Self {
         M2Config {
             classes: 10,
-            alpha: 50.0,
+            alpha: 100.0,
             classifier_hidden: Vec::new(),
         }
     }
