@@ -3,8 +3,9 @@
 # beside its PyTorch twin and a classifier of the same architecture trained on the 100 labels
 # alone (scripts/m2_twin.py), all on the same 100 labeled digits (the twin picks them; elbo reads
 # them from the converted data, labels -1 elsewhere) and reported as test accuracy on the 10,000
-# test digits. Needs a release build (cargo build --release) and a Python with torch and numpy
-# (PYTHON; ../shared/reference/setup.sh makes one); fetches MNIST with scripts/mnist.py.
+# test digits, epoch by epoch and at the end. Needs a release build (cargo build --release) and
+# a Python with torch and numpy (PYTHON; ../shared/reference/setup.sh makes one); fetches MNIST
+# with scripts/mnist.py.
 # Usage: scripts/m2_quality.sh [EPOCHS [ALPHA [SEED]]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +31,14 @@ ELBO_LOG=warn $elbo train --config configs/m2-mnist.toml --run-dir "$work/run" \
   --set train.epochs="$epochs" --set train.checkpoint_every=0 >/dev/null
 seconds=$(( $(date +%s) - start ))
 elbo_json=$($elbo eval --run-dir "$work/run" --iw-samples 1 --json)
-"$py" - "$work/twin.jsonl" "$elbo_json" "$epochs" "$alpha" "$seconds" <<'PY'
+"$py" - "$work/twin.jsonl" "$elbo_json" "$epochs" "$alpha" "$seconds" "$work/run/metrics.jsonl" <<'PY'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
+curve = [m["test_accuracy"] for m in map(json.loads, open(sys.argv[6])) if "test_accuracy" in m]
+twins = [l["accuracy"] for l in lines if l["impl"] == "pytorch m2"]
+print("epoch  elbo    twin   (test accuracy at the end of each epoch)")
+for i, (a, b) in enumerate(zip(curve, twins)):
+    print(f"{i + 1:5d}  {a:.4f}  {b:.4f}")
 base = next(l for l in lines if l["impl"] == "labels-only classifier")
 twin = [l for l in lines if l["impl"] == "pytorch m2"][-1]
 e = json.loads(sys.argv[2])
