@@ -18,6 +18,10 @@ cd "$(dirname "$0")/.."
 usage="usage: scripts/speed.sh vae|ladder|ladder-bn|vqvae|m2|conv-SIDE-BATCH [ROUNDS]"
 model=${1:?$usage}
 rounds=${2:-5}
+if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage: ROUNDS is a positive count, found '$rounds'" >&2
+  exit 2
+fi
 py=${PYTHON:-python3}
 elbo=./target/release/elbo
 shared=../shared/reference
