@@ -13,6 +13,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use crate::dataset::{Chunk, Dataset};
 use crate::error::{guard_decoder, DataError, Result};
 use crate::format::{PixelType, ID_COLUMN, LABEL_COLUMN, X_COLUMN};
+use crate::source::DataSource;
 
 /// Example values of a decoded chunk, row-major, `dim` per row.
 #[derive(Debug, Clone)]
@@ -119,13 +120,15 @@ fn read_labels_unguarded(ds: &Dataset, chunk: &Chunk) -> Result<(Vec<Option<i64>
             file_meta.metadata.metadata().file_metadata().schema_descr(),
             roots,
         );
-        let reader =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(file, file_meta.metadata.clone())
-                .with_row_groups(vec![chunk.row_group])
-                .with_projection(mask)
-                .with_batch_size(rows)
-                .build()
-                .map_err(|e| value_err(LABEL_COLUMN, format!("cannot read: {e}")))?;
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            DataSource::new(file),
+            file_meta.metadata.clone(),
+        )
+        .with_row_groups(vec![chunk.row_group])
+        .with_projection(mask)
+        .with_batch_size(rows)
+        .build()
+        .map_err(|e| value_err(LABEL_COLUMN, format!("cannot read: {e}")))?;
         for batch in reader {
             let batch: RecordBatch =
                 batch.map_err(|e| value_err(LABEL_COLUMN, format!("cannot decode: {e}")))?;
@@ -181,7 +184,7 @@ fn read_labels_unguarded(ds: &Dataset, chunk: &Chunk) -> Result<(Vec<Option<i64>
 fn read_x(ds: &Dataset, chunk: &Chunk) -> Result<Pixels, String> {
     let file_meta = &ds.files()[chunk.file];
     let file = File::open(&file_meta.path).map_err(|e| e.to_string())?;
-    let reader = SerializedFileReader::new(file).map_err(|e| e.to_string())?;
+    let reader = SerializedFileReader::new(DataSource::new(file)).map_err(|e| e.to_string())?;
     let row_group = reader
         .get_row_group(chunk.row_group)
         .map_err(|e| e.to_string())?;

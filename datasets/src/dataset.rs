@@ -1,12 +1,14 @@
 //! Opening a dataset: a file, a directory of `*.parquet` files, or a glob; footers only.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::error::{guard_decoder, DataError, Result};
 use crate::format::{DataSchema, SHAPE_KEY};
+use crate::source::{check_struct, FOOTER_TAIL};
 
 /// One unit of sharding: a row group of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +199,7 @@ fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
 
 fn open_file(path: &Path) -> Result<(ArrowReaderMetadata, DataSchema)> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    check_footer(path, &file)?;
     let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
         DataError::NotParquet {
             path: path.to_path_buf(),
@@ -218,4 +221,33 @@ fn open_file(path: &Path) -> Result<(ArrowReaderMetadata, DataSchema)> {
         });
     let schema = DataSchema::from_arrow(path, metadata.schema(), shape.as_deref())?;
     Ok((metadata, schema))
+}
+
+/// Checks the footer's Thrift structure before the decoder parses it (see `source.rs`: the
+/// decoder's skip of unknown fields is not bounded by the footer's length). A file too short
+/// for a footer, without the magic or with a length past its start is left to the decoder,
+/// which names what is wrong.
+fn check_footer(path: &Path, file: &File) -> Result<()> {
+    let io = |e| DataError::io(path, e);
+    let len = file.metadata().map_err(io)?.len();
+    let Some(tail_at) = len.checked_sub(FOOTER_TAIL) else {
+        return Ok(());
+    };
+    let mut reader = file;
+    let mut tail = [0u8; FOOTER_TAIL as usize];
+    reader.seek(SeekFrom::Start(tail_at)).map_err(io)?;
+    reader.read_exact(&mut tail).map_err(io)?;
+    let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if &tail[4..] != b"PAR1" || footer_len > tail_at {
+        return Ok(());
+    }
+    let mut footer = vec![0u8; footer_len as usize];
+    reader
+        .seek(SeekFrom::Start(tail_at - footer_len))
+        .map_err(io)?;
+    reader.read_exact(&mut footer).map_err(io)?;
+    check_struct(&mut &footer[..]).map_err(|e| DataError::NotParquet {
+        path: path.to_path_buf(),
+        message: format!("corrupt footer: {e}"),
+    })
 }

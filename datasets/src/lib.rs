@@ -14,6 +14,7 @@ mod labeled;
 mod plan;
 mod prefetch;
 mod seed;
+mod source;
 pub mod sprites;
 mod stream;
 mod writer;

@@ -346,3 +346,112 @@ fn fuzz_a_footer_that_panicked_the_parquet_decoder_is_an_error() {
         );
     }
 }
+
+/// Inserts `field` as the first field of the Thrift struct at `at`, whose first field must be
+/// field 1 of type i32 in short form (`0x15`): that field follows in long form, so the ids
+/// after it keep their deltas.
+fn insert_first_field(bytes: &[u8], at: usize, field: &[u8]) -> Vec<u8> {
+    assert_eq!(
+        bytes[at], 0x15,
+        "the struct at {at} starts with field 1, an i32"
+    );
+    [&bytes[..at], field, &[0x05, 0x02], &bytes[at + 1..]].concat()
+}
+
+/// An unknown field 15 holding a list of i32::MAX elements of compact type `element`.
+fn huge_list(element: u8) -> Vec<u8> {
+    vec![0xf9, 0xf0 | element, 0xff, 0xff, 0xff, 0xff, 0x07]
+}
+
+/// Found by fuzzing (`fuzz/`, target `parquet`; CI's fuzz stage timed out on it): the Parquet
+/// decoder (60.1) skips unknown Thrift fields at a cost not bounded by the file. A page header
+/// with an unknown list of two billion bytes, running past the end of the file, made it issue
+/// one empty `read` per element (1 s for this 2 KB file, more for longer lists); one with an
+/// unknown list of two billion booleans, which it counts without reading, took 5 s to decode;
+/// a footer holding one, 20 s to open; a page header declaring 1.4 GB uncompressed behind 34
+/// bytes, 3 s. Each is now refused at once, naming the file.
+#[test]
+fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_u8(&dir.path().join("valid.parquet"), 0, 100, 8, 10);
+    let valid = std::fs::read(&p).unwrap();
+    let footer_len = u32::from_le_bytes(valid[valid.len() - 8..][..4].try_into().unwrap());
+    let footer_at = valid.len() - 8 - footer_len as usize;
+    let footer_with = |field: &[u8]| {
+        let mut bytes = insert_first_field(&valid[..valid.len() - 8], footer_at, field);
+        let grown = footer_len + field.len() as u32 + 1;
+        bytes.extend_from_slice(&grown.to_le_bytes());
+        bytes.extend_from_slice(b"PAR1");
+        bytes
+    };
+    let cases = [
+        (
+            "page-bools",
+            insert_first_field(&valid, 4, &huge_list(1)),
+            "corrupt page header at byte 4: a collection of 2147483647 booleans",
+        ),
+        (
+            "page-bytes",
+            insert_first_field(&valid, 4, &huge_list(3)),
+            "corrupt page header at byte 4: the input ends inside",
+        ),
+        (
+            "footer-bools",
+            footer_with(&huge_list(2)),
+            "corrupt footer: a collection of 2147483647 booleans",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(format!("{name}.parquet"));
+        std::fs::write(&path, bytes).unwrap();
+        let msg = read_error(path.to_str().unwrap());
+        assert!(
+            msg.contains(&format!("{name}.parquet")) && msg.contains(expected),
+            "{name}: {msg}"
+        );
+    }
+    // A page header declaring 1.4 GB uncompressed behind 34 bytes: the decoder zero-filled a
+    // buffer of that size before decompressing (3 s of page faults per such page).
+    let big_page = dir.path().join("big-page.parquet");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-page-size.parquet"),
+        &big_page,
+    )
+    .unwrap();
+    let msg = read_error(big_page.to_str().unwrap());
+    assert!(
+        msg.contains("big-page.parquet")
+            && msg.contains("a page of 34 compressed bytes declares 1386564245 uncompressed bytes"),
+        "{msg}"
+    );
+    // A page header whose field 4 (an i32 the decoder reads as one whatever its header says) is
+    // a list: the decoder read on out of step and skipped a list of booleans (5 s in a release
+    // build, 66 s in the fuzzer's).
+    let field_type = dir.path().join("field-type.parquet");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fuzz-page-header-field-type.parquet"),
+        &field_type,
+    )
+    .unwrap();
+    let msg = read_error(field_type.to_str().unwrap());
+    assert!(
+        msg.contains("field-type.parquet") && msg.contains("field [4] has Thrift type 9"),
+        "{msg}"
+    );
+    // The input CI found: its footer is corrupt too, and that is what is reported now.
+    let found = dir.path().join("found.parquet");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fuzz-page-header-list-at-end.parquet"),
+        &found,
+    )
+    .unwrap();
+    let msg = read_error(found.to_str().unwrap());
+    assert!(
+        msg.contains("found.parquet") && msg.contains("corrupt footer"),
+        "{msg}"
+    );
+    // The file they were made from reads.
+    inspect(&Dataset::open(p.to_str().unwrap()).unwrap()).unwrap();
+}
