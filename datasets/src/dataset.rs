@@ -8,7 +8,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::error::{guard_decoder, DataError, Result};
 use crate::format::{DataSchema, SHAPE_KEY};
-use crate::source::{check_struct, FOOTER_TAIL};
+use crate::source::{self, FOOTER_TAIL};
 
 /// One unit of sharding: a row group of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +246,7 @@ fn check_footer(path: &Path, file: &File) -> Result<()> {
         .seek(SeekFrom::Start(tail_at - footer_len))
         .map_err(io)?;
     reader.read_exact(&mut footer).map_err(io)?;
-    check_struct(&mut &footer[..]).map_err(|e| DataError::NotParquet {
+    source::check_footer(&mut &footer[..]).map_err(|e| DataError::NotParquet {
         path: path.to_path_buf(),
         message: format!("corrupt footer: {e}"),
     })

@@ -14,12 +14,14 @@
 //!   dictionary's number of values) before decoding into it: 2 GiB behind 34 bytes cost 3 s
 //!   of page faults per page.
 //!
-//! [`check_struct`] walks a compact-Thrift struct with every element consuming input, refusing
-//! collections of booleans (no field of a Parquet footer or page header is one) and anything
-//! that does not fit in the input; its work is bounded by the input's length. The footer is
-//! checked so when a dataset is opened; [`DataSource`] checks each page header so, and its sizes
-//! ([`check_page_header`]), before the decoder reads it, and its readers fail at the end of the
-//! file instead of returning an empty read. A valid file decodes exactly as through [`File`].
+//! [`check_footer`] and [`check_page_header`] walk a compact-Thrift struct with every element
+//! consuming input, refusing collections of booleans (no field of a Parquet footer or page
+//! header is one), anything that does not fit in the input, and known fields of another type
+//! than the decoder reads them as (it reads those by the format's type, whatever their header
+//! says); their work is bounded by the input's length. The footer is checked so when a dataset
+//! is opened; [`DataSource`] checks each page header so, and its sizes, before the decoder
+//! reads it, and its readers fail at the end of the file instead of returning an empty read.
+//! A valid file decodes exactly as through [`File`].
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -92,12 +94,6 @@ impl<R: Read> ThriftInput for Stream<R> {
     }
 }
 
-/// Checks that `input` starts with a compact-Thrift struct that consumes input element by
-/// element, holds no collection of booleans, and nests at most [`MAX_DEPTH`] deep.
-pub(crate) fn check_struct(input: &mut impl ThriftInput) -> Result<(), Corrupt> {
-    check_value(input, 12, MAX_DEPTH)
-}
-
 fn varint(input: &mut impl ThriftInput) -> Result<u64, Corrupt> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
@@ -157,60 +153,247 @@ fn check_value(input: &mut impl ThriftInput, kind: u8, depth: u32) -> Result<(),
     }
 }
 
-/// What the decoder reads a known field as, whatever type the field header says.
+/// What the decoder reads a known field as, whatever type its header says.
 #[derive(Debug, Clone, Copy)]
 enum Known {
-    I32,
-    Bool,
+    /// A value of this compact type (booleans: either).
+    Value(u8),
+    /// A list of these.
+    List(&'static Known),
+    /// A struct with these known fields.
     Struct(&'static [(i16, Known)]),
 }
 
-/// The fields of a page header the decoder reads by their declared type (parquet.thrift's
-/// `PageHeader`; statistics, and every field not listed, it skips by their header's type).
+const BOOL: Known = Known::Value(1);
+const BYTE: Known = Known::Value(3);
+const I16: Known = Known::Value(4);
+const I32: Known = Known::Value(5);
+const I64: Known = Known::Value(6);
+const DOUBLE: Known = Known::Value(7);
+const BINARY: Known = Known::Value(8);
+const EMPTY: Known = Known::Struct(&[]);
+
+/// The fields of a page header the decoder reads by the format's type (parquet.thrift's
+/// `PageHeader`; the statistics, and every field not listed, it skips by their header's type).
 const PAGE_HEADER: &[(i16, Known)] = &[
-    (1, Known::I32),
-    (2, Known::I32),
-    (3, Known::I32),
-    (4, Known::I32),
-    (
-        5,
-        Known::Struct(&[
-            (1, Known::I32),
-            (2, Known::I32),
-            (3, Known::I32),
-            (4, Known::I32),
-        ]),
-    ),
-    (6, Known::Struct(&[])),
-    (
-        7,
-        Known::Struct(&[(1, Known::I32), (2, Known::I32), (3, Known::Bool)]),
-    ),
+    (1, I32),
+    (2, I32),
+    (3, I32),
+    (4, I32),
+    (5, Known::Struct(&[(1, I32), (2, I32), (3, I32), (4, I32)])),
+    (6, EMPTY),
+    (7, Known::Struct(&[(1, I32), (2, I32), (3, BOOL)])),
     (
         8,
         Known::Struct(&[
-            (1, Known::I32),
-            (2, Known::I32),
-            (3, Known::I32),
-            (4, Known::I32),
-            (5, Known::I32),
-            (6, Known::I32),
-            (7, Known::Bool),
+            (1, I32),
+            (2, I32),
+            (3, I32),
+            (4, I32),
+            (5, I32),
+            (6, I32),
+            (7, BOOL),
         ]),
     ),
 ];
 
-/// Checks a struct's fields up to its stop, handing `visit` each i32 field reached through
-/// structs alone, with the field ids from the outermost struct (`path`) down to it. A field of
-/// `known` must have the type the decoder reads it as: it reads such fields by the format's
-/// type, not the header's, so a header of another type would have it read other bytes than
-/// this check did.
+const TIME_UNIT: Known = Known::Struct(&[(1, EMPTY), (2, EMPTY), (3, EMPTY)]);
+const TIME: Known = Known::Struct(&[(1, BOOL), (2, TIME_UNIT)]);
+
+/// parquet.thrift's `LogicalType` union.
+const LOGICAL_TYPE: Known = Known::Struct(&[
+    (1, EMPTY),
+    (2, EMPTY),
+    (3, EMPTY),
+    (4, EMPTY),
+    (5, Known::Struct(&[(1, I32), (2, I32)])),
+    (6, EMPTY),
+    (7, TIME),
+    (8, TIME),
+    (10, Known::Struct(&[(1, BYTE), (2, BOOL)])),
+    (11, EMPTY),
+    (12, EMPTY),
+    (13, EMPTY),
+    (14, EMPTY),
+    (15, EMPTY),
+    (16, Known::Struct(&[(1, BYTE)])),
+    (17, Known::Struct(&[(1, BINARY)])),
+    (18, Known::Struct(&[(1, BINARY), (2, I32)])),
+    (19, EMPTY),
+]);
+
+const SCHEMA_ELEMENT: Known = Known::Struct(&[
+    (1, I32),
+    (2, I32),
+    (3, I32),
+    (4, BINARY),
+    (5, I32),
+    (6, I32),
+    (7, I32),
+    (8, I32),
+    (9, I32),
+    (10, LOGICAL_TYPE),
+]);
+
+const KEY_VALUE: Known = Known::Struct(&[(1, BINARY), (2, BINARY)]);
+
+const STATISTICS: Known = Known::Struct(&[
+    (1, BINARY),
+    (2, BINARY),
+    (3, I64),
+    (4, I64),
+    (5, BINARY),
+    (6, BINARY),
+    (7, BOOL),
+    (8, BOOL),
+    (9, I64),
+]);
+
+const COLUMN_META_DATA: Known = Known::Struct(&[
+    (1, I32),
+    (2, Known::List(&I32)),
+    (3, Known::List(&BINARY)),
+    (4, I32),
+    (5, I64),
+    (6, I64),
+    (7, I64),
+    (8, Known::List(&KEY_VALUE)),
+    (9, I64),
+    (10, I64),
+    (11, I64),
+    (12, STATISTICS),
+    (
+        13,
+        Known::List(&Known::Struct(&[(1, I32), (2, I32), (3, I32)])),
+    ),
+    (14, I64),
+    (15, I32),
+    (
+        16,
+        Known::Struct(&[(1, I64), (2, Known::List(&I64)), (3, Known::List(&I64))]),
+    ),
+    (
+        17,
+        Known::Struct(&[
+            (
+                1,
+                Known::Struct(&[
+                    (1, DOUBLE),
+                    (2, DOUBLE),
+                    (3, DOUBLE),
+                    (4, DOUBLE),
+                    (5, DOUBLE),
+                    (6, DOUBLE),
+                    (7, DOUBLE),
+                    (8, DOUBLE),
+                ]),
+            ),
+            (2, Known::List(&I32)),
+        ]),
+    ),
+]);
+
+const COLUMN_CHUNK: Known = Known::Struct(&[
+    (1, BINARY),
+    (2, I64),
+    (3, COLUMN_META_DATA),
+    (4, I64),
+    (5, I32),
+    (6, I64),
+    (7, I32),
+    (
+        8,
+        Known::Struct(&[
+            (1, EMPTY),
+            (2, Known::Struct(&[(1, Known::List(&BINARY)), (2, BINARY)])),
+        ]),
+    ),
+    (9, BINARY),
+]);
+
+const ROW_GROUP: Known = Known::Struct(&[
+    (1, Known::List(&COLUMN_CHUNK)),
+    (2, I64),
+    (3, I64),
+    (
+        4,
+        Known::List(&Known::Struct(&[(1, I32), (2, BOOL), (3, BOOL)])),
+    ),
+    (5, I64),
+    (6, I64),
+    (7, I16),
+]);
+
+const AES_GCM: Known = Known::Struct(&[(1, BINARY), (2, BINARY), (3, BOOL)]);
+
+/// The fields of a footer the decoder reads by the format's type (parquet.thrift's
+/// `FileMetaData`, down to every struct, union and list in it).
+const FILE_META_DATA: &[(i16, Known)] = &[
+    (1, I32),
+    (2, Known::List(&SCHEMA_ELEMENT)),
+    (3, I64),
+    (4, Known::List(&ROW_GROUP)),
+    (5, Known::List(&KEY_VALUE)),
+    (6, BINARY),
+    (7, Known::List(&Known::Struct(&[(1, EMPTY)]))),
+    (8, Known::Struct(&[(1, AES_GCM), (2, AES_GCM)])),
+    (9, BINARY),
+];
+
+/// The name of a compact type.
+fn type_name(kind: u8) -> &'static str {
+    match kind {
+        1 | 2 => "bool",
+        3 => "byte",
+        4 => "i16",
+        5 => "i32",
+        6 => "i64",
+        7 => "double",
+        8 => "binary",
+        9 => "list",
+        10 => "set",
+        11 => "map",
+        12 => "struct",
+        13 => "uuid",
+        _ => "unknown",
+    }
+}
+
+impl Known {
+    /// Whether a value of compact type `kind` is what the decoder reads.
+    fn admits(self, kind: u8) -> bool {
+        match self {
+            Known::Value(1) => matches!(kind, 1 | 2),
+            // Integers of every width are varints: read as another width, they take the same bytes.
+            Known::Value(4..=6) => matches!(kind, 4..=6),
+            Known::Value(t) => kind == t,
+            Known::List(_) => matches!(kind, 9 | 10),
+            Known::Struct(_) => kind == 12,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Known::Value(t) => type_name(t),
+            Known::List(_) => "list",
+            Known::Struct(_) => "struct",
+        }
+    }
+}
+
+/// Hands the field ids from the outermost struct down to an integer field, and its value.
+type Visit<'v> = &'v mut dyn FnMut(&[i16], i64);
+
+/// Checks a struct's fields up to its stop. A field of `known` must have the type the decoder
+/// reads it as: it reads such fields by the format's type, not the header's, so a field of
+/// another type would have it read other bytes than this check did, and skip what this check
+/// never saw. Integer fields reached through structs alone go to `visit`.
 fn check_fields<I: ThriftInput>(
     input: &mut I,
     depth: u32,
     known: &[(i16, Known)],
     path: &mut Vec<i16>,
-    visit: &mut dyn FnMut(&[i16], i32),
+    visit: Visit,
 ) -> Result<(), Corrupt> {
     let depth = depth
         .checked_sub(1)
@@ -228,20 +411,58 @@ fn check_fields<I: ThriftInput>(
         };
         path.push(id);
         let expected = known.iter().find(|(k, _)| *k == id).map(|(_, t)| *t);
-        match (expected, kind) {
-            (None | Some(Known::I32), 5) => visit(path, zigzag(varint(input)?) as i32),
-            (None | Some(Known::Bool), 1 | 2) => {}
-            (None, 12) => check_fields(input, depth, &[], path, visit)?,
-            (Some(Known::Struct(fields)), 12) => check_fields(input, depth, fields, path, visit)?,
-            (None, _) => check_value(input, kind, depth)?,
-            (Some(t), _) => {
-                return Err(Corrupt(format!(
-                    "field {path:?} has Thrift type {kind} where the format has {t:?}"
-                )))
-            }
-        }
+        check_typed(input, kind, expected, depth, path, visit)?;
         path.pop();
     }
+}
+
+/// Checks one value of compact type `kind`, which must be what `expected` admits.
+fn check_typed<I: ThriftInput>(
+    input: &mut I,
+    kind: u8,
+    expected: Option<Known>,
+    depth: u32,
+    path: &mut Vec<i16>,
+    visit: Visit,
+) -> Result<(), Corrupt> {
+    if let Some(t) = expected.filter(|t| !t.admits(kind)) {
+        return Err(Corrupt(format!(
+            "field {path:?} is a Thrift {}; the format has {} there",
+            type_name(kind),
+            t.name()
+        )));
+    }
+    match (expected, kind) {
+        (_, 4..=6) => visit(path, zigzag(varint(input)?)),
+        (Some(Known::Struct(fields)), _) => check_fields(input, depth, fields, path, visit)?,
+        (None, 12) => check_fields(input, depth, &[], path, visit)?,
+        (Some(Known::List(element)), _) => {
+            let header = input.byte()?;
+            let n = match header >> 4 {
+                15 => size(input)?,
+                n => u64::from(n),
+            };
+            let kind = header & 0x0f;
+            if n > 0 && !element.admits(kind) {
+                return Err(Corrupt(format!(
+                    "field {path:?} is a list of Thrift {}; the format has a list of {} there",
+                    type_name(kind),
+                    element.name()
+                )));
+            }
+            if n > 0 && is_bool(kind) {
+                return Err(booleans(n));
+            }
+            let depth = depth
+                .checked_sub(1)
+                .ok_or_else(|| Corrupt(format!("collections nested over {MAX_DEPTH} deep")))?;
+            for _ in 0..n {
+                check_typed(input, kind, Some(*element), depth, path, visit)?;
+            }
+        }
+        _ => check_value(input, kind, depth)?,
+    }
+    Ok(())
 }
 
 fn zigzag(n: u64) -> i64 {
@@ -255,7 +476,8 @@ pub(crate) const PAGE_FLOOR: i64 = 16 << 20;
 /// Above [`PAGE_FLOOR`], the most uncompressed bytes a page may declare per compressed byte.
 pub(crate) const PAGE_RATIO: i64 = 1024;
 
-/// Checks a page header like [`check_struct`], its known fields' types (`PAGE_HEADER`), and
+/// Checks a page header like [`check_footer`] a footer, its known fields' types (`PAGE_HEADER`),
+/// and
 /// the sizes the decoder allocates by:
 /// - its uncompressed size (field 2) is at most the larger of [`PAGE_FLOOR`] and
 ///   [`PAGE_RATIO`] times its compressed size (field 3): the decoder zero-fills a buffer of the
@@ -272,14 +494,11 @@ pub(crate) fn check_page_header(input: &mut impl ThriftInput) -> Result<(), Corr
         MAX_DEPTH,
         PAGE_HEADER,
         &mut Vec::new(),
-        &mut |path, value| {
-            let value = i64::from(value);
-            match path {
-                [2] => uncompressed = Some(value),
-                [3] => compressed = Some(value),
-                [7, 1] => dictionary = Some(value),
-                _ => {}
-            }
+        &mut |path, value| match path {
+            [2] => uncompressed = Some(value),
+            [3] => compressed = Some(value),
+            [7, 1] => dictionary = Some(value),
+            _ => {}
         },
     )?;
     let Some(u) = uncompressed else {
@@ -304,6 +523,25 @@ pub(crate) fn check_page_header(input: &mut impl ThriftInput) -> Result<(), Corr
     Ok(())
 }
 
+fn booleans(n: u64) -> Corrupt {
+    Corrupt(format!(
+        "a collection of {n} booleans, which no Parquet footer or page header holds"
+    ))
+}
+
+/// Checks that `input` starts with a footer: a compact-Thrift struct whose every element
+/// consumes input, with no collection of booleans, nested at most [`MAX_DEPTH`] deep, and that its known fields have the types the decoder
+/// reads them as (`FILE_META_DATA`).
+pub(crate) fn check_footer(input: &mut impl ThriftInput) -> Result<(), Corrupt> {
+    check_fields(
+        input,
+        MAX_DEPTH,
+        FILE_META_DATA,
+        &mut Vec::new(),
+        &mut |_, _| {},
+    )
+}
+
 /// Checks `n` elements, each a value of every type in `types` (one for lists, two for maps).
 fn check_elements(
     input: &mut impl ThriftInput,
@@ -315,9 +553,7 @@ fn check_elements(
         return Ok(());
     }
     if types.iter().any(|t| is_bool(*t)) {
-        return Err(Corrupt(format!(
-            "a collection of {n} booleans, which no Parquet footer or page header holds"
-        )));
+        return Err(booleans(n));
     }
     if types.iter().any(|t| *t == 0 || *t > 13) {
         return Err(Corrupt(format!("a collection of unknown type {types:?}")));
@@ -413,6 +649,11 @@ impl<R: Read> Read for EndIsError<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checks a struct with no known fields.
+    fn check_struct(input: &mut impl ThriftInput) -> Result<(), Corrupt> {
+        check_fields(input, MAX_DEPTH, &[], &mut Vec::new(), &mut |_, _| {})
+    }
 
     fn check(bytes: &[u8]) -> Result<(), Corrupt> {
         let mut input = bytes;
@@ -556,7 +797,11 @@ mod tests {
         // Field 2 (an i32) written as a list of one byte: read as an i32, the decoder would take
         // the list's header for the value and the element for the next field.
         let err = check_page_header(&mut &[0x15, 0x00, 0x19, 0x13, 0x05, 0x00][..]).unwrap_err();
-        assert!(err.0.contains("field [2] has Thrift type 9"), "{err}");
+        assert!(
+            err.0
+                .contains("field [2] is a Thrift list; the format has i32 there"),
+            "{err}"
+        );
         // Field 7's field 3 (a bool) written as an i32; an unknown field 9 may be anything.
         let err = check_page_header(&mut &[0x7c, 0x35, 0x00, 0x00, 0x00][..]).unwrap_err();
         assert!(err.0.contains("field [7, 3]"), "{err}");
@@ -564,6 +809,30 @@ mod tests {
             check_page_header(&mut &[0x99, 0x13, 0x05, 0x00][..]),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_footer_field_or_list_element_of_another_type_than_the_format_is_refused() {
+        let footer = |bytes: &[u8]| check_footer(&mut &bytes[..]);
+        // Field 1 (version, an i32) as an i64 takes the same bytes: fine. As a binary: refused.
+        assert_eq!(footer(&[0x16, 0x02, 0x00]), Ok(()));
+        let err = footer(&[0x18, 0x01, b'a', 0x00]).unwrap_err().0;
+        assert!(
+            err.contains("field [1] is a Thrift binary; the format has i32"),
+            "{err}"
+        );
+        // Field 2 (the schema, a list of structs) holding an i32; empty, any header will do.
+        let err = footer(&[0x29, 0x15, 0x02, 0x00]).unwrap_err().0;
+        assert!(err.contains("field [2] is a list of Thrift i32; the format has a list of struct"));
+        assert_eq!(footer(&[0x29, 0x00, 0x00]), Ok(()));
+        // Down through lists and structs: row group → column chunk → metadata → statistics,
+        // whose field 7 is a bool.
+        let err = footer(&[0x49, 0x1c, 0x19, 0x1c, 0x3c, 0xcc, 0x75, 0x00])
+            .unwrap_err()
+            .0;
+        assert!(err.contains("field [4, 1, 3, 12, 7] is a Thrift i32; the format has bool"));
+        // Fields the format does not have may be of any type.
+        assert_eq!(footer(&[0xf8, 0x01, b'a', 0x00]), Ok(()));
     }
 
     #[test]

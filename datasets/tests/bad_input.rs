@@ -358,6 +358,25 @@ fn insert_first_field(bytes: &[u8], at: usize, field: &[u8]) -> Vec<u8> {
     [&bytes[..at], field, &[0x05, 0x02], &bytes[at + 1..]].concat()
 }
 
+/// The file with its first page header (at byte 4: field 1, field 2 the uncompressed size)
+/// declaring `size` uncompressed bytes.
+fn with_uncompressed_size(bytes: &[u8], size: u32) -> Vec<u8> {
+    let varint_end = |at: usize| at + bytes[at..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    assert_eq!(bytes[4], 0x15, "field 1 is an i32");
+    let field2 = varint_end(5);
+    assert_eq!(bytes[field2], 0x15, "field 2 is an i32");
+    let rest = varint_end(field2 + 1);
+    let mut zigzag = u64::from(size) << 1;
+    let mut out = bytes[..=field2].to_vec();
+    while zigzag >= 0x80 {
+        out.push((zigzag as u8) | 0x80);
+        zigzag >>= 7;
+    }
+    out.push(zigzag as u8);
+    out.extend_from_slice(&bytes[rest..]);
+    out
+}
+
 /// An unknown field 15 holding a list of i32::MAX elements of compact type `element`.
 fn huge_list(element: u8) -> Vec<u8> {
     vec![0xf9, 0xf0 | element, 0xff, 0xff, 0xff, 0xff, 0x07]
@@ -410,8 +429,9 @@ fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
             "{name}: {msg}"
         );
     }
-    // A page header declaring 1.4 GB uncompressed behind 34 bytes: the decoder zero-filled a
-    // buffer of that size before decompressing (3 s of page faults per such page).
+    // A page header declaring 1.4 GB uncompressed behind 34 bytes (found by fuzzing; its footer
+    // is corrupt too, and the footer is checked first): the decoder zero-filled a buffer of
+    // that size before decompressing (3 s of page faults per such page).
     let big_page = dir.path().join("big-page.parquet");
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-page-size.parquet"),
@@ -421,7 +441,15 @@ fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
     let msg = read_error(big_page.to_str().unwrap());
     assert!(
         msg.contains("big-page.parquet")
-            && msg.contains("a page of 34 compressed bytes declares 1386564245 uncompressed bytes"),
+            && msg.contains("corrupt footer: field [4, 1, 3, 12, 6] is a Thrift double"),
+        "{msg}"
+    );
+    // The same page header in a valid file.
+    std::fs::write(&big_page, with_uncompressed_size(&valid, 1_386_564_245)).unwrap();
+    let msg = read_error(big_page.to_str().unwrap());
+    assert!(
+        msg.contains("big-page.parquet")
+            && msg.contains("declares 1386564245 uncompressed bytes; expected at most 16777216"),
         "{msg}"
     );
     // A page header whose field 4 (an i32 the decoder reads as one whatever its header says) is
@@ -436,7 +464,8 @@ fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
     .unwrap();
     let msg = read_error(field_type.to_str().unwrap());
     assert!(
-        msg.contains("field-type.parquet") && msg.contains("field [4] has Thrift type 9"),
+        msg.contains("field-type.parquet")
+            && msg.contains("field [4] is a Thrift list; the format has i32 there"),
         "{msg}"
     );
     // The input CI found: its footer is corrupt too, and that is what is reported now.
