@@ -32,7 +32,7 @@ def main():
     xl, xu = x[:half], x[half:]
     yl = torch.randint(0, K, (half,))
     m = M2()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
 
     def step():
         loss = m2_loss(m, xl, yl, xu, alpha)

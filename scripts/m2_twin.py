@@ -5,13 +5,13 @@ Picks 10 labeled digits per class from MNIST's training set (numpy, seeded) and 
 for elbo: WORK/{x,y}_{train,test}.npy, training labels -1 where a digit counts as unlabeled.
 Then trains on the same digits, the same recipe as elbo's M2 — classifier 784-500-10, encoder
 784+10-500-(50, 50), decoder 50+10-500-784, ReLU, Bernoulli likelihood, log-variance clamped to
-±10, prior N(0, I) and uniform p(y), dynamic binarisation, Adam 1e-3, each batch 100 unlabeled
-digits of a shuffled epoch plus the 100 labeled ones, loss = mean over labeled of
+±10, prior N(0, I) and uniform p(y), dynamic binarisation, Adam (LR, default 2e-3), each batch
+100 unlabeled digits of a shuffled epoch plus the 100 labeled ones, loss = mean over labeled of
 (−ELBO(x,y) + alpha·CE) + mean over unlabeled of Σ_y q(y|x)(−ELBO(x,y)) − H(q(y|x)) — and a
 classifier of the same architecture on the 100 labels alone. Prints JSON lines: the baseline,
 then the twin's test accuracy after each epoch.
 
-Usage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA]]
+Usage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA [LR]]]
 """
 import gzip
 import json
@@ -29,7 +29,7 @@ K, D, H, Z = 10, 784, 500, 50
 
 
 def usage(problem):
-    sys.exit(f"{problem}\nusage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA]]")
+    sys.exit(f"{problem}\nusage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA [LR]]]")
 
 
 def idx(path, header):
@@ -81,17 +81,18 @@ def accuracy(classify, x, y):
 
 
 def main():
-    if len(sys.argv) not in (4, 5, 6):
+    if len(sys.argv) not in (4, 5, 6, 7):
         usage("expected MNIST_DIR, WORK and EPOCHS")
     mnist, work = sys.argv[1], sys.argv[2]
     try:
         epochs = int(sys.argv[3])
         seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
         alpha = float(sys.argv[5]) if len(sys.argv) > 5 else 100.0
+        lr = float(sys.argv[6]) if len(sys.argv) > 6 else 2e-3
     except ValueError as e:
         usage(str(e))
-    if epochs <= 0 or alpha < 0:
-        usage("EPOCHS must be positive and ALPHA ≥ 0")
+    if epochs <= 0 or not (alpha >= 0 and math.isfinite(alpha)) or not (0 < lr < math.inf):
+        usage("EPOCHS and LR must be positive and ALPHA ≥ 0")
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     rng = np.random.RandomState(seed)
@@ -115,7 +116,7 @@ def main():
 
     # The baseline: the classifier alone, on the 100 labels, as many steps as the twin takes.
     base = M2()
-    opt = torch.optim.Adam(list(base.cls1.parameters()) + list(base.cls2.parameters()), lr=1e-3)
+    opt = torch.optim.Adam(list(base.cls1.parameters()) + list(base.cls2.parameters()), lr=lr)
     for _ in range(epochs * steps_per_epoch):
         loss = F.cross_entropy(base.logits(torch.bernoulli(xl)), yl)
         opt.zero_grad()
@@ -125,7 +126,7 @@ def main():
                       "accuracy": accuracy(base.logits, test, test_y)}), flush=True)
 
     m = M2()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
     started = time.time()
     for epoch in range(epochs):
         order = torch.randperm(len(gray))
@@ -135,7 +136,7 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(json.dumps({"impl": "pytorch m2", "epoch": epoch + 1, "alpha": alpha,
+        print(json.dumps({"impl": "pytorch m2", "epoch": epoch + 1, "alpha": alpha, "lr": lr,
                           "accuracy": accuracy(m.logits, test, test_y),
                           "seconds": round(time.time() - started, 1)}), flush=True)
 
