@@ -6,7 +6,8 @@
 # test digits, epoch by epoch and at the end. Needs a release build (cargo build --release) and
 # a Python with torch and numpy (PYTHON; ../shared/reference/setup.sh makes one); fetches MNIST
 # with scripts/mnist.py.
-# Usage: scripts/m2_quality.sh [EPOCHS [ALPHA [SEED [LR]]]]  (defaults 20, 100, 0, 2e-3: the config)
+# Usage: scripts/m2_quality.sh [EPOCHS [ALPHA [SEED [LR]]]]
+#   (defaults 20, 100, 0 and 2e-3, the config's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-20}

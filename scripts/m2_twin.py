@@ -1,8 +1,8 @@
 """The PyTorch twin of configs/m2-mnist.toml, and the labels-only baseline, for
 scripts/m2_quality.sh.
 
-Picks 10 labeled digits per class from MNIST's training set (numpy, seeded) and writes the data
-for elbo: WORK/{x,y}_{train,test}.npy, training labels -1 where a digit counts as unlabeled.
+Picks 10 labeled digits per class from MNIST's training set (scripts/mnist_subset.py) and writes
+the data for elbo: WORK/{x,y}_{train,test}.npy, training labels -1 where a digit counts as unlabeled.
 Then trains on the same digits, the same recipe as elbo's M2 — classifier 784-500-10, encoder
 784+10-500-(50, 50), decoder 50+10-500-784, ReLU, Bernoulli likelihood, log-variance clamped to
 ±10, prior N(0, I) and uniform p(y), dynamic binarisation, Adam (LR, default 2e-3), each batch
@@ -13,10 +13,8 @@ then the twin's test accuracy after each epoch.
 
 Usage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA [LR]]]
 """
-import gzip
 import json
 import math
-import os
 import sys
 import time
 
@@ -25,22 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import mnist_subset
+
 K, D, H, Z = 10, 784, 500, 50
 
 
 def usage(problem):
     sys.exit(f"{problem}\nusage: python scripts/m2_twin.py MNIST_DIR WORK EPOCHS [SEED [ALPHA [LR]]]")
-
-
-def idx(path, header):
-    with gzip.open(path) as f:
-        return np.frombuffer(f.read()[header:], dtype=np.uint8)
-
-
-def load(mnist, split):
-    x = idx(os.path.join(mnist, f"{split}-images-idx3-ubyte.gz"), 16).reshape(-1, 28, 28)
-    y = idx(os.path.join(mnist, f"{split}-labels-idx1-ubyte.gz"), 8).astype(np.int64)
-    return x, y
 
 
 class M2(nn.Module):
@@ -95,23 +84,13 @@ def main():
         usage("EPOCHS and LR must be positive and ALPHA ≥ 0")
     torch.manual_seed(seed)
     torch.set_num_threads(2)
-    rng = np.random.RandomState(seed)
-    x_train, y_train = load(mnist, "train")
-    x_test, y_test = load(mnist, "t10k")
-    chosen = np.concatenate([rng.choice(np.flatnonzero(y_train == c), 10, replace=False) for c in range(K)])
-    partial = np.full_like(y_train, -1)
-    partial[chosen] = y_train[chosen]
-    os.makedirs(work, exist_ok=True)
-    np.save(os.path.join(work, "x_train.npy"), x_train)
-    np.save(os.path.join(work, "y_train.npy"), partial)
-    np.save(os.path.join(work, "x_test.npy"), x_test)
-    np.save(os.path.join(work, "y_test.npy"), y_test)
+    x_train, partial, chosen, x_test, y_test = mnist_subset.write(mnist, work, seed)
 
     gray = torch.from_numpy(x_train.reshape(-1, D).astype(np.float32) / 255)
     test = torch.bernoulli(torch.from_numpy(x_test.reshape(-1, D).astype(np.float32) / 255),
                            generator=torch.Generator().manual_seed(seed))
     test_y = torch.from_numpy(y_test)
-    xl, yl = gray[chosen], torch.from_numpy(y_train[chosen])
+    xl, yl = gray[chosen], torch.from_numpy(partial[chosen])
     steps_per_epoch = len(gray) // 100
 
     # The baseline: the classifier alone, on the 100 labels, as many steps as the twin takes.

@@ -176,6 +176,33 @@ fn m2_trains_the_same_model_at_one_two_and_four_workers() {
     ]);
 }
 
+/// M1+M2: every worker loads the trained VAE and draws each row's features from the stream of
+/// (step, row id), so N workers train the M2 one process trains on them.
+#[test]
+fn m2_on_a_vae_s_features_trains_the_same_model_at_one_two_and_four_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let mut args = vec!["train", "--run-dir", m1.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(["--max-steps", "20"]);
+    ok(elbo(&args, &tmp.path().join("cache")));
+    let base = format!("model.m2.features_from={}", m1.display());
+    same_model_at_every_world_size(&[
+        "--set",
+        "model.kind=m2",
+        "--set",
+        "model.m2.classes=3",
+        "--set",
+        &base,
+        "--set",
+        "model.likelihood=gaussian_per_dim",
+        "--set",
+        "data.labeled_per_class=4",
+        "--set",
+        "data.labeled_per_batch=8",
+    ]);
+}
+
 /// The conditional VAE (the sprites' shape as its label) trains the same model at any world
 /// size too.
 #[test]

@@ -450,6 +450,96 @@ fn conditional_and_semi_supervised_runs_resume_byte_for_byte() {
     );
 }
 
+/// M1+M2: M2 trained on a VAE run's features resumes byte for byte (its checkpoint holds its
+/// own parameters, of a model of the features), reports its classifier's test
+/// accuracy, samples and draws its analogies through the VAE, and refuses a base it cannot use.
+#[test]
+fn m2_on_a_vae_s_features_trains_resumes_and_draws_through_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let m1 = tmp.path().join("m1");
+    ok(train(&m1, &cache, &["--set", "model.latent_dim=6"]));
+    // M2 on the features of the run `base`, modelled by `likelihood`.
+    let m2 = |base: &Path, likelihood: &str| -> Vec<String> {
+        [
+            "model.kind=m2".to_string(),
+            "model.m2.classes=3".into(),
+            format!("model.m2.features_from={}", base.display()),
+            format!("model.likelihood={likelihood}"),
+            "data.labeled_per_class=4".into(),
+            "data.labeled_per_batch=10".into(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
+    let args = m2(&m1, "gaussian_per_dim");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (whole, _) = resume_is_exact(&tmp.path().join("m1m2"), &cache, &args);
+    // M2 models the 6 features: a variance per feature, not per pixel.
+    assert_eq!(newest_model_tensors(&whole)["likelihood.log_var"].len(), 6);
+    let json = ok(elbo(
+        &["eval", "--run-dir", whole.to_str().unwrap(), "--json"],
+        &cache,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let accuracy = v["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{json}");
+    for picture in ["analogies", "samples", "reconstructions"] {
+        assert!(
+            whole.join(format!("samples/{picture}.png")).is_file(),
+            "{picture}"
+        );
+    }
+    let png = tmp.path().join("twos.png");
+    let said = ok(elbo(
+        &[
+            "sample",
+            "--run-dir",
+            whole.to_str().unwrap(),
+            "--label",
+            "2",
+            "--n",
+            "8",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &cache,
+    ));
+    assert!(said.contains("wrote 8 samples") && png.is_file(), "{said}");
+
+    let refused = |base: &Path, likelihood: &str, expect: &str| {
+        let args = m2(base, likelihood);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = train(&tmp.path().join("refused"), &cache, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expect), "{err}");
+    };
+    refused(
+        &m1,
+        "bernoulli",
+        "model.likelihood = \"bernoulli\" models values in [0, 1]",
+    );
+    refused(
+        &tmp.path().join("nowhere"),
+        "gaussian_per_dim",
+        "not a run directory",
+    );
+    let cvae = tmp.path().join("cvae");
+    let cvae_args = ["--set", "model.kind=cvae", "--set", "model.cvae.classes=3"];
+    ok(train(
+        &cvae,
+        &cache,
+        &[&cvae_args[..], &["--max-steps", "1"]].concat(),
+    ));
+    refused(
+        &cvae,
+        "gaussian_per_dim",
+        "no continuous latent to read without a label",
+    );
+    assert!(!tmp.path().join("refused/metrics.jsonl").exists());
+}
+
 /// A small VQ-VAE's settings: every code dies quickly (threshold 2), so restarts happen on
 /// most steps of the run.
 const VQVAE: [&str; 12] = [

@@ -381,7 +381,8 @@ impl Known {
     }
 }
 
-/// Hands the field ids from the outermost struct down to an integer field, and its value.
+/// Hands the field ids from the outermost struct down to an integer field, and its value as
+/// the decoder reads it ([`as_read`]).
 type Visit<'v> = &'v mut dyn FnMut(&[i16], i64);
 
 /// Checks a struct's fields up to its stop. A field of `known` must have the type the decoder
@@ -433,7 +434,7 @@ fn check_typed<I: ThriftInput>(
         )));
     }
     match (expected, kind) {
-        (_, 4..=6) => visit(path, zigzag(varint(input)?)),
+        (_, 4..=6) => visit(path, as_read(expected, zigzag(varint(input)?))),
         (Some(Known::Struct(fields)), _) => check_fields(input, depth, fields, path, visit)?,
         (None, 12) => check_fields(input, depth, &[], path, visit)?,
         (Some(Known::List(element)), _) => {
@@ -465,6 +466,17 @@ fn check_typed<I: ThriftInput>(
     Ok(())
 }
 
+/// An integer as the decoder reads a field the format declares `expected`: it truncates the
+/// varint to the declared width (`read_zig_zag() as i32`), so a 64-bit value of -2,281,701,376
+/// in an i32 field is 2,013,265,920 to it. Fields the format does not declare pass whole.
+fn as_read(expected: Option<Known>, value: i64) -> i64 {
+    match expected {
+        Some(Known::Value(4)) => i64::from(value as i16),
+        Some(Known::Value(5)) => i64::from(value as i32),
+        _ => value,
+    }
+}
+
 fn zigzag(n: u64) -> i64 {
     (n >> 1) as i64 ^ -((n & 1) as i64)
 }
@@ -494,12 +506,10 @@ pub(crate) fn check_page_header(input: &mut impl ThriftInput) -> Result<(), Corr
         MAX_DEPTH,
         PAGE_HEADER,
         &mut Vec::new(),
-        // The three are i32 fields, which the decoder reads by truncating the varint to 32
-        // bits (a dictionary of -2,281,701,376 values is one of 2,013,265,920 to it).
         &mut |path, value| match path {
-            [2] => uncompressed = Some(i64::from(value as i32)),
-            [3] => compressed = Some(i64::from(value as i32)),
-            [7, 1] => dictionary = Some(i64::from(value as i32)),
+            [2] => uncompressed = Some(value),
+            [3] => compressed = Some(value),
+            [7, 1] => dictionary = Some(value),
             _ => {}
         },
     )?;
@@ -858,6 +868,15 @@ mod tests {
         // CI's fuzzing: a varint past i32 that the decoder truncates to 2,013,265,920 values.
         let err = dictionary(-2_281_701_376).unwrap_err().0;
         assert!(err.contains("declares 2013265920 values"), "{err}");
+    }
+
+    #[test]
+    fn integers_are_read_at_the_width_the_format_declares() {
+        assert_eq!(as_read(Some(I32), -2_281_701_376), 2_013_265_920);
+        assert_eq!(as_read(Some(I32), 400), 400);
+        assert_eq!(as_read(Some(I16), 70_000), 4_464);
+        assert_eq!(as_read(Some(I64), -2_281_701_376), -2_281_701_376);
+        assert_eq!(as_read(None, 1 << 40), 1 << 40);
     }
 
     #[test]

@@ -366,14 +366,41 @@ fn with_uncompressed_size(bytes: &[u8], size: u32) -> Vec<u8> {
     let field2 = varint_end(5);
     assert_eq!(bytes[field2], 0x15, "field 2 is an i32");
     let rest = varint_end(field2 + 1);
-    let mut zigzag = u64::from(size) << 1;
-    let mut out = bytes[..=field2].to_vec();
+    [
+        &bytes[..=field2],
+        &zigzag_varint(size.into()),
+        &bytes[rest..],
+    ]
+    .concat()
+}
+
+/// The file with its first page header, a dictionary page's (at byte 4: fields 1 to 3, then
+/// field 7's field 1 the number of values), declaring `n` values.
+fn with_dictionary_values(bytes: &[u8], n: i64) -> Vec<u8> {
+    let varint_end = |at: usize| at + bytes[at..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    let mut at = 4;
+    for field in 1..=3 {
+        assert_eq!(bytes[at], 0x15, "field {field} is an i32");
+        at = varint_end(at + 1);
+    }
+    assert_eq!(
+        bytes[at..at + 2],
+        [0x4c, 0x15],
+        "field 7 is a struct whose field 1 is an i32"
+    );
+    let rest = varint_end(at + 2);
+    [&bytes[..at + 2], &zigzag_varint(n), &bytes[rest..]].concat()
+}
+
+/// `n` as compact Thrift writes an integer: zigzag, then a varint.
+fn zigzag_varint(n: i64) -> Vec<u8> {
+    let mut zigzag = ((n << 1) ^ (n >> 63)) as u64;
+    let mut out = Vec::new();
     while zigzag >= 0x80 {
         out.push((zigzag as u8) | 0x80);
         zigzag >>= 7;
     }
     out.push(zigzag as u8);
-    out.extend_from_slice(&bytes[rest..]);
     out
 }
 
@@ -388,7 +415,8 @@ fn huge_list(element: u8) -> Vec<u8> {
 /// issue one empty `read` per element (0.95 s for a 2 KB file, more for longer lists); one with
 /// an unknown list of two billion booleans, which it counts without reading, took 6 s to
 /// decode; a footer holding one, 22 s to open; a page header declaring 2 GB uncompressed, 1.9 GB
-/// of memory (release builds, medians of 3 runs). Each is now refused at once, naming the file.
+/// of memory (release builds, medians of 3 runs); a dictionary of 2 billion values, 7.9 GB (one
+/// run). Each is now refused at once, naming the file.
 #[test]
 fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -432,6 +460,13 @@ fn fuzz_thrift_skips_that_cost_time_without_input_are_refused() {
             "page-size",
             with_uncompressed_size(&valid, 1_386_564_245),
             "declares 1386564245 uncompressed bytes; expected at most 16777216",
+        ),
+        // A dictionary of -2,281,701,376 values (field 7's field 1), which the decoder reads
+        // as an i32, 2,013,265,920, and zero-filled 8 GB for (CI's fuzzing).
+        (
+            "dictionary-values",
+            with_dictionary_values(&valid, -2_281_701_376),
+            "declares 2013265920 values; expected at most",
         ),
         // The same page header, as fuzzing found it: its footer is corrupt too, and checked first.
         (

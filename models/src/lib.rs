@@ -54,7 +54,8 @@ pub use likelihood::{Likelihood, LikelihoodKind};
 pub use m2::{M2Config, M2Kind, M2};
 pub use model::{
     round_statistics, whole_batch_statistics, CodeGrid, CodeModel, EvalOptions, Evaluator, Input,
-    LabelUse, LossOutput, Metric, Metrics, Model, Picture, Statistics, StepContext, Term,
+    LabelUse, LatentModel, LossOutput, Metric, Metrics, Model, Picture, Statistics, StepContext,
+    Term,
 };
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};

@@ -16,6 +16,13 @@
 //! `alpha` convention: the weight of the labeled rows' mean cross-entropy beside the two mean
 //! bounds (nats per example). Kingma et al.'s α = 0.1·N weighs a summed cross-entropy against a
 //! summed bound; Pyro's 46 and Wohlert's 0.1·N_u/N_l are other scalings of the same term.
+//!
+//! **M1+M2** (`features_from`): M2 models a trained VAE's latent features instead of the
+//! examples — in training a sample of the VAE's q(z|x) per row and visit (its own noise stream,
+//! keyed by step and row id like every draw), in evaluation and pictures its mean — and draws
+//! its samples, reconstructions and analogies through the VAE's decoder. The VAE is frozen: its
+//! parameters are not M2's, so they are neither trained, all-reduced nor checkpointed with it;
+//! every process loads them from the VAE's run.
 
 use std::collections::BTreeMap;
 
@@ -24,15 +31,18 @@ use candle_nn::ops::{log_softmax, softmax};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::gaussian::reparameterise;
 use crate::iwae::iw_bound;
 use crate::layers::Mlp;
+use crate::likelihood::LikelihoodKind;
 use crate::model::{
-    EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Picture,
-    Statistics, StepContext, Term,
+    EvalOptions, Evaluator, Input, LabelUse, LatentModel, LossOutput, Metric, Metrics, Model,
+    Picture, Statistics, StepContext, Term,
 };
-use crate::noise::Purpose;
+use crate::noise::{Noise, Purpose};
 use crate::params::Params;
 use crate::registry::{Section, SectionError, Variant};
+use crate::spec::Architecture;
 use crate::spec::{BuildContext, ModelSpec};
 use crate::vae::VaeNet;
 
@@ -43,11 +53,16 @@ pub struct M2Config {
     /// Classes of the label.
     pub classes: u32,
     /// Weight of the labeled rows' mean classifier cross-entropy beside the mean bounds
-    /// (default 100: on MNIST with 100 labels, 20 epochs at lr 1e-3, it beat 50 on both subsets
-    /// measured at both; 200 was mixed, −0.1 and +1.5 points on two subsets).
+    /// (default 100: on MNIST with 100 labels, 20 epochs at lr 1e-3, it beat 50 on both labeled
+    /// subsets tried; 200 was mixed, −0.1 and +1.5 points on two subsets).
     pub alpha: f64,
     /// Hidden layer sizes of the classifier q(y|x) (empty: those of `model.hidden`).
     pub classifier_hidden: Vec<u32>,
+    /// The run directory of a trained `vae` or `beta_vae` (empty: none): M2 then models that
+    /// VAE's latent features of each example (M1+M2), with `model.architecture = "mlp"` and a
+    /// Gaussian `model.likelihood` (the features are real vectors). Its bounds (`neg_elbo`,
+    /// `nll_iw`) are then of the features, not of the examples.
+    pub features_from: String,
 }
 
 impl Default for M2Config {
@@ -56,6 +71,7 @@ impl Default for M2Config {
             classes: 10,
             alpha: 100.0,
             classifier_hidden: Vec::new(),
+            features_from: String::new(),
         }
     }
 }
@@ -85,6 +101,10 @@ impl Section for M2Config {
         }
         Ok(())
     }
+
+    fn base_run(&self) -> Option<&str> {
+        (!self.features_from.is_empty()).then_some(self.features_from.as_str())
+    }
 }
 
 /// The terms M2 reports, sorted.
@@ -104,6 +124,8 @@ pub struct M2 {
     classifier: Mlp,
     classes: usize,
     alpha: f64,
+    /// The trained VAE whose features M2 models (M1+M2), checked to have a [`LatentModel`].
+    features: Option<Box<dyn Model>>,
 }
 
 /// The `m2` kind.
@@ -112,11 +134,25 @@ pub struct M2Kind;
 impl Variant for M2Kind {
     const KIND: &'static str = "m2";
     const ABOUT: &'static str =
-        "semi-supervised VAE (Kingma et al. 2014): classifier q(y|x), q(z|x,y), p(x|y,z); [model.m2] classes, alpha";
+        "semi-supervised VAE (Kingma et al. 2014): classifier q(y|x), q(z|x,y), p(x|y,z); [model.m2] classes, alpha, features_from (M1+M2: on a VAE run's features)";
     type Config = M2Config;
 
     fn build(spec: &ModelSpec, cfg: &M2Config, ctx: &BuildContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(M2::new(spec, cfg, &ctx.device, ctx.seed)?))
+        let features = match cfg.base_run() {
+            None => None,
+            Some(run) => Some(ctx.base.take().ok_or_else(|| {
+                ModelError::Spec(format!(
+                    "m2 needs the trained run model.m2.features_from = {run:?}, loaded by the program; none was given"
+                ))
+            })?),
+        };
+        Ok(Box::new(M2::new(
+            spec,
+            cfg,
+            features,
+            &ctx.device,
+            ctx.seed,
+        )?))
     }
 }
 
@@ -128,13 +164,25 @@ struct Split {
 }
 
 impl M2 {
-    /// An M2 with parameters drawn from `seed`: the conditional VAE's, then the classifier's.
-    pub fn new(spec: &ModelSpec, cfg: &M2Config, device: &Device, seed: u64) -> Result<Self> {
+    /// An M2 with parameters drawn from `seed`: the conditional VAE's, then the classifier's;
+    /// on the features of `features` (a trained model with a [`LatentModel`]) when given, of
+    /// examples of `spec.input_shape` otherwise.
+    pub fn new(
+        spec: &ModelSpec,
+        cfg: &M2Config,
+        features: Option<Box<dyn Model>>,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         if spec.objective.free_bits > 0.0 {
             return Err(ModelError::Spec(
                 "model.free_bits is not available for m2: its KL terms are weighted by q(y|x)"
                     .into(),
             ));
+        }
+        let mut spec = spec.clone();
+        if let Some(base) = &features {
+            spec.input_shape = vec![feature_dim(&spec, cfg, base.as_ref())?];
         }
         let classes = cfg.classes as usize;
         let mut params = Params::new(device, seed);
@@ -155,7 +203,39 @@ impl M2 {
             classifier,
             classes,
             alpha: cfg.alpha,
+            features,
         })
+    }
+
+    fn base(&self) -> Option<&dyn LatentModel> {
+        self.features.as_deref().and_then(|m| m.latent())
+    }
+
+    /// What M2's networks read of examples `x`: the examples themselves, or (M1+M2) the VAE's
+    /// features of them — a sample of q(z|x) per row from the stream of (`draw`'s step, row id)
+    /// when `draw` is given (training), the mean otherwise.
+    fn observed(&self, x: &Tensor, ids: &[u64], draw: Option<(&Noise, u64)>) -> Result<Tensor> {
+        let Some(base) = self.base() else {
+            return Ok(x.clone());
+        };
+        let (mu, log_var) = base.encode_latent(x)?;
+        let z = match draw {
+            None => mu,
+            Some((noise, step)) => {
+                let d = base.latent_dim();
+                let eps = noise.rows(Purpose::Features, step, ids, d, x.device())?;
+                reparameterise(&mu, &log_var, &eps)?
+            }
+        };
+        Ok(z.detach())
+    }
+
+    /// M2's decoded means in data space: through the VAE's decoder on its features (M1+M2).
+    fn to_data(&self, means: Tensor) -> Result<Tensor> {
+        match self.base() {
+            Some(base) => Ok(base.decode_latent(&means)?.detach()),
+            None => Ok(means),
+        }
     }
 
     /// The classifier's logits (B, K).
@@ -290,6 +370,8 @@ impl Model for M2 {
                 ctx.batch_stats.len()
             )));
         };
+        let x = self.observed(input.x, input.ids, Some((ctx.noise, ctx.step)))?;
+        let input = &Input { x: &x, ..*input };
         let device = input.x.device();
         let split = self.split(input)?;
         let (nl, nu, k) = (split.labeled.len(), split.unlabeled.len(), self.classes);
@@ -387,15 +469,17 @@ impl Model for M2 {
         labels: Option<&[i64]>,
         device: &Device,
     ) -> Result<Tensor> {
-        self.vae.sample(n, seed, labels, device)
+        self.to_data(self.vae.sample(n, seed, labels, device)?)
     }
 
     fn reconstruct(&self, input: &Input<'_>) -> Result<Tensor> {
-        let labels = self.labels_or_guesses(input)?;
-        self.vae.reconstruct(&Input {
+        let x = self.observed(input.x, input.ids, None)?;
+        let input = Input { x: &x, ..*input };
+        let labels = self.labels_or_guesses(&input)?;
+        self.to_data(self.vae.reconstruct(&Input {
             labels: &labels,
-            ..*input
-        })
+            ..input
+        })?)
     }
 
     fn traversals(
@@ -404,19 +488,23 @@ impl Model for M2 {
         max_dims: usize,
         steps: usize,
     ) -> Result<Option<Tensor>> {
-        let labels = self.labels_or_guesses(input)?;
+        let x = self.observed(input.x, input.ids, None)?;
+        let input = Input { x: &x, ..*input };
+        let labels = self.labels_or_guesses(&input)?;
         let input = Input {
             labels: &labels,
-            ..*input
+            ..input
         };
-        Ok(Some(self.vae.traversals(&input, max_dims, steps)?))
+        Ok(Some(
+            self.to_data(self.vae.traversals(&input, max_dims, steps)?)?,
+        ))
     }
 
     /// Analogies: each row's style (its posterior mean under its label, or the classifier's
     /// guess) drawn as every class, one column per class.
     fn pictures(&self, input: &Input<'_>) -> Result<Vec<Picture>> {
         let rows = input.ids.len().min(8);
-        let x = input.x.narrow(0, 0, rows)?;
+        let x = self.observed(&input.x.narrow(0, 0, rows)?, &input.ids[..rows], None)?;
         let labels = self.labels_or_guesses(&Input {
             x: &x,
             labels: &input.labels[..rows],
@@ -438,8 +526,7 @@ impl Model for M2 {
             .condition(&classes, &vec![0; rows * k], device)?
             .expect("m2's VAE is conditional");
         let values = self
-            .vae
-            .decode_mean(&z, Some(&ys))?
+            .to_data(self.vae.decode_mean(&z, Some(&ys))?)?
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
@@ -466,6 +553,8 @@ struct M2Evaluator<'a> {
 impl Evaluator for M2Evaluator<'_> {
     fn add(&mut self, input: &Input<'_>) -> Result<()> {
         let m2 = self.m2;
+        let x = m2.observed(input.x, input.ids, None)?;
+        let input = &Input { x: &x, ..*input };
         let b = input.ids.len();
         let k = m2.classes;
         let logits = m2.logits(input.x)?;
@@ -527,4 +616,35 @@ impl Evaluator for M2Evaluator<'_> {
         }
         m
     }
+}
+
+/// The dimension of the features M2 reads of `base` (M1+M2), checked against the data and the
+/// model's settings.
+fn feature_dim(spec: &ModelSpec, cfg: &M2Config, base: &dyn Model) -> Result<usize> {
+    let run = &cfg.features_from;
+    let latent = base.latent().ok_or_else(|| {
+        ModelError::Spec(format!(
+            "model.m2.features_from = {run:?}: that run's model has no continuous latent to read without a label (expected a vae or beta_vae run)"
+        ))
+    })?;
+    let dim: usize = spec.input_shape.iter().product();
+    if latent.example_len() != dim {
+        return Err(ModelError::Spec(format!(
+            "model.m2.features_from = {run:?} encodes examples of {} values, but data.train's have {dim} (shape {:?}): train M2 on that run's data",
+            latent.example_len(),
+            spec.input_shape
+        )));
+    }
+    if spec.architecture != Architecture::Mlp {
+        return Err(ModelError::Spec(format!(
+            "model.architecture = \"conv\": M2 on a VAE's features (model.m2.features_from) reads vectors of {}; expected \"mlp\"",
+            latent.latent_dim()
+        )));
+    }
+    if spec.likelihood == LikelihoodKind::Bernoulli {
+        return Err(ModelError::Spec(
+            "model.likelihood = \"bernoulli\" models values in [0, 1]; M2 on a VAE's features (model.m2.features_from, real vectors) needs \"gaussian_fixed\", \"gaussian_global\" or \"gaussian_per_dim\"".into(),
+        ));
+    }
+    Ok(latent.latent_dim())
 }

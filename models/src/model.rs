@@ -220,6 +220,19 @@ pub trait CodeModel {
     fn decode_codes(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor>;
 }
 
+/// A model with a continuous latent whose encoder and decoder another model reads: M2 trained
+/// on a VAE's latent features (M1+M2), decoding its own outputs back to data space.
+pub trait LatentModel {
+    /// Dimension of the latent.
+    fn latent_dim(&self) -> usize;
+    /// Size of one example the encoder reads.
+    fn example_len(&self) -> usize;
+    /// q(z|x) of examples `x` (B, D): (μ, log σ²), each (B, latent_dim).
+    fn encode_latent(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// The means of p(x|z) of latents `z` (N, latent_dim): (N, D).
+    fn decode_latent(&self, z: &Tensor) -> Result<Tensor>;
+}
+
 /// A latent-variable model trained by a variational bound (or its relatives).
 pub trait Model: Send {
     /// The trainable parameters, by name.
@@ -309,6 +322,12 @@ pub trait Model: Send {
     /// Its code grids, for a model whose latent is discrete codes (a prior can be trained
     /// over them); `None` by default.
     fn codes(&self) -> Option<&dyn CodeModel> {
+        None
+    }
+
+    /// Its encoder and decoder, for a model with one continuous latent that reads no label
+    /// (another model can be trained on its features); `None` by default.
+    fn latent(&self) -> Option<&dyn LatentModel> {
         None
     }
 }

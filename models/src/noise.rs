@@ -26,6 +26,8 @@ pub enum Purpose {
     Sample = 3,
     /// Choices of a model's state update (which encoder output restarts a dead code).
     Choice = 4,
+    /// Features drawn from a trained model's posterior (M2 on a VAE's latent).
+    Features = 5,
 }
 
 /// A source of reproducible standard-normal noise.

@@ -14,8 +14,8 @@ use crate::iwae::{iw_bound, ActiveUnits};
 use crate::layers::{linear, ConvDecoder, ConvEncoder, Linear, Mlp};
 use crate::likelihood::{Likelihood, LikelihoodKind};
 use crate::model::{
-    EvalOptions, Evaluator, Input, LabelUse, LossOutput, Metric, Metrics, Model, Statistics,
-    StepContext,
+    EvalOptions, Evaluator, Input, LabelUse, LatentModel, LossOutput, Metric, Metrics, Model,
+    Statistics, StepContext,
 };
 use crate::noise::{Noise, Purpose};
 use crate::objective::{free_bits_statistics, gaussian_kl, vae_loss, VAE_TERMS};
@@ -488,6 +488,29 @@ impl Model for Vae {
         steps: usize,
     ) -> Result<Option<Tensor>> {
         Ok(Some(self.net.traversals(input, max_dims, steps)?))
+    }
+
+    /// An unconditional VAE's encoder and decoder (a conditional one's need a label).
+    fn latent(&self) -> Option<&dyn LatentModel> {
+        (self.classes == 0).then_some(&self.net as &dyn LatentModel)
+    }
+}
+
+impl LatentModel for VaeNet {
+    fn latent_dim(&self) -> usize {
+        self.spec.latent_dim
+    }
+
+    fn example_len(&self) -> usize {
+        self.dim
+    }
+
+    fn encode_latent(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode(x, None)
+    }
+
+    fn decode_latent(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_mean(z, None)
     }
 }
 

@@ -10,6 +10,7 @@ use elbo_models::{
     EvalOptions, Input, Likelihood, LikelihoodKind, LossOutput, M2Config, Metric, Model, ModelSpec,
     Noise, Objective, Params, Purpose, StepContext, Term, Vae, M2,
 };
+use elbo_models::{reparameterise, LatentModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -870,14 +871,161 @@ fn m2(alpha: f64) -> M2 {
         classes: 3,
         alpha,
         classifier_hidden: vec![4],
+        features_from: String::new(),
     };
     M2::new(
         &spec(LikelihoodKind::Bernoulli, Activation::Tanh),
         &cfg,
+        None,
         &Device::Cpu,
         11,
     )
     .unwrap()
+}
+
+/// M1+M2: an M2 on a trained VAE's features (3 dims of 6-value examples) and the same M2 (same
+/// seed, so the same parameters) built for 3-value examples.
+fn m2_on_features(base: Vae) -> Result<(M2, M2), String> {
+    let cfg = M2Config {
+        classes: 3,
+        alpha: 2.0,
+        classifier_hidden: vec![4],
+        features_from: "m1-run".into(),
+    };
+    let on_data = spec(LikelihoodKind::GaussianPerDim, Activation::Tanh);
+    let on_features = ModelSpec {
+        input_shape: vec![3],
+        ..on_data.clone()
+    };
+    let m1m2 = M2::new(&on_data, &cfg, Some(Box::new(base)), &Device::Cpu, 11)
+        .map_err(|e| e.to_string())?;
+    let plain = M2::new(&on_features, &cfg, None, &Device::Cpu, 11).unwrap();
+    Ok((m1m2, plain))
+}
+
+/// M1+M2 trains M2 on a sample of the VAE's q(z|x) per row, drawn from its own stream keyed by
+/// step and row id: its loss is the plain M2's loss on those samples, the VAE gets no gradient,
+/// and what it draws is decoded to data space by the VAE.
+#[test]
+fn m2_on_a_vae_s_features_is_m2_on_samples_of_its_posterior() {
+    let base = Vae::new(
+        spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        &Device::Cpu,
+        5,
+    )
+    .unwrap();
+    let base_vars: Vec<Tensor> = base
+        .params()
+        .vars()
+        .values()
+        .map(|v| v.as_tensor().clone())
+        .collect();
+    let (mu, log_var) = base.encode_latent(&data(5, 6, 2)).unwrap();
+    let (m1m2, plain) = m2_on_features(base).unwrap();
+    let x = data(5, 6, 2);
+    let ids = [10u64, 11, 12, 13, 14];
+    let labels = [Some(0), None, Some(2), None, None];
+    let noise = Noise::new(9);
+    let step = 7;
+    let eps = noise
+        .rows(Purpose::Features, step, &ids, 3, &Device::Cpu)
+        .unwrap();
+    let features = reparameterise(&mu, &log_var, &eps).unwrap();
+    let input = |x| Input {
+        x,
+        labels: &labels,
+        ids: &ids,
+    };
+    let a = loss(&m1m2, &input(&x), &noise, step);
+    let b = loss(&plain, &input(&features), &noise, step);
+    for (name, term) in &a.terms {
+        let (u, v) = (mean(term), mean(&b.terms[name]));
+        assert!(
+            (u - v).abs() <= 1e-5 * v.abs().max(1.0),
+            "{name}: {u} vs {v}"
+        );
+    }
+    let grads = a.loss.backward().unwrap();
+    assert!(
+        base_vars.iter().all(|v| grads.get(v).is_none()),
+        "the VAE is frozen"
+    );
+    assert!(m1m2
+        .params()
+        .vars()
+        .values()
+        .all(|v| grads.get(v.as_tensor()).is_some()));
+    // Another step draws other features.
+    let c = loss(&m1m2, &input(&x), &noise, step + 1);
+    assert_ne!(mean(&a.terms["loss"]), mean(&c.terms["loss"]));
+    // Pictures are of examples, not of features.
+    let drawn = m1m2
+        .sample(4, 1, Some(&[0, 1, 2, 0]), &Device::Cpu)
+        .unwrap();
+    assert_eq!(drawn.dims(), [4, 6]);
+    assert_eq!(m1m2.reconstruct(&input(&x)).unwrap().dims(), [5, 6]);
+    let pictures = m1m2.pictures(&input(&x)).unwrap();
+    assert_eq!(pictures[0].values.len(), 5 * 3 * 6);
+}
+
+#[test]
+fn m2_refuses_features_it_cannot_read() {
+    let refused = |base: Vae| m2_on_features(base).err().expect("refused");
+    let conditional = Vae::conditional(
+        spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        3,
+        &Device::Cpu,
+        5,
+    )
+    .unwrap();
+    let err = refused(conditional);
+    assert!(
+        err.contains("no continuous latent to read without a label"),
+        "{err}"
+    );
+    let wider = ModelSpec {
+        input_shape: vec![8],
+        ..spec(LikelihoodKind::Bernoulli, Activation::Relu)
+    };
+    let err = refused(Vae::new(wider, &Device::Cpu, 5).unwrap());
+    assert!(
+        err.contains("encodes examples of 8 values, but data.train's have 6"),
+        "{err}"
+    );
+    let cfg = M2Config {
+        features_from: "m1-run".into(),
+        ..M2Config::default()
+    };
+    let base = || {
+        Box::new(
+            Vae::new(
+                spec(LikelihoodKind::Bernoulli, Activation::Relu),
+                &Device::Cpu,
+                5,
+            )
+            .unwrap(),
+        )
+    };
+    let err = M2::new(
+        &spec(LikelihoodKind::Bernoulli, Activation::Relu),
+        &cfg,
+        Some(base()),
+        &Device::Cpu,
+        1,
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("model.likelihood = \"bernoulli\""), "{err}");
+    let conv = ModelSpec {
+        architecture: Architecture::Conv,
+        ..spec(LikelihoodKind::GaussianPerDim, Activation::Relu)
+    };
+    let err = M2::new(&conv, &cfg, Some(base()), &Device::Cpu, 1)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("expected \"mlp\""), "{err}");
 }
 
 #[test]
