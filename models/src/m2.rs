@@ -42,8 +42,7 @@ use crate::model::{
 use crate::noise::{Noise, Purpose};
 use crate::params::Params;
 use crate::registry::{Section, SectionError, Variant};
-use crate::spec::Architecture;
-use crate::spec::{BuildContext, ModelSpec};
+use crate::spec::{Architecture, BuildContext, ModelSpec};
 use crate::vae::VaeNet;
 
 /// `[model.m2]`.
