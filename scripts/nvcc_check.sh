@@ -12,10 +12,13 @@
 # compiles every kernel again.
 set -euo pipefail
 real="${ELBO_REAL_NVCC:?ELBO_REAL_NVCC must name the toolkit nvcc this script stands in for}"
-args=("$@")
-last="${args[${#args[@]} - 1]:-}"
+if [ ! -x "$real" ]; then
+  echo "error: ELBO_REAL_NVCC=$real is not an executable nvcc" >&2
+  exit 2
+fi
 compile=0 lib=0 out=
-for ((i = 0; i < ${#args[@]}; i++)); do
+args=("$@")
+for ((i = 0; i < $#; i++)); do
   case "${args[i]}" in
   -c) compile=1 ;;
   --lib) lib=1 ;;
@@ -23,14 +26,14 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 
+# The source is the last argument; a leading / lets one pattern match relative paths too.
 if [ "$compile" = 1 ] && [ -n "$out" ]; then
-  case "$last" in
-  src/moe/*.cu | src/mmq_gguf/*.cu | src/mmvq_gguf.cu | */src/moe/*.cu | */src/mmq_gguf/*.cu | */src/mmvq_gguf.cu)
+  case "/${*: -1}" in
+  */src/moe/*.cu | */src/mmq_gguf/*.cu | */src/mmvq_gguf.cu)
     empty="$(mktemp -d)"
     trap 'rm -rf "$empty"' EXIT
     echo '/* a stand-in: see scripts/nvcc_check.sh */' >"$empty/stand_in.cu"
-    args[${#args[@]} - 1]="$empty/stand_in.cu"
-    "$real" "${args[@]}"
+    "$real" "${@:1:$#-1}" "$empty/stand_in.cu"
     touch "$out.stand-in"
     exit
     ;;
@@ -38,12 +41,15 @@ if [ "$compile" = 1 ] && [ -n "$out" ]; then
 fi
 
 if [ "$lib" = 1 ]; then
-  "$real" "$@"
+  # The stand-ins go whether or not archiving succeeds: cudaforge has already recorded them
+  # as compiled.
+  status=0
+  "$real" "$@" || status=$?
   for a in "$@"; do
     if [ -f "$a.stand-in" ]; then
       rm -f "$a" "$a.stand-in"
     fi
   done
-  exit
+  exit "$status"
 fi
 exec "$real" "$@"
