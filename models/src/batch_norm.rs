@@ -9,19 +9,30 @@
 //! the backward pass. Here both travel as rounds of batch statistics
 //! ([`crate::Statistics::batch`]), before the loss:
 //!
-//! 1. one round per layer, in the order the forward pass reaches them ([`NormPlan`]): the
+//! 1. one round per layer, in the order the forward pass reaches them (their slots): the
 //!    layer's `Σ(h − m)` and `Σ(h − m)²`, with `m` its running mean (a shift every rank knows,
 //!    which keeps the variance's cancellation small), computed with the layers before it
 //!    normalised by their global moments;
 //! 2. the model's own rounds (free bits), knowing every layer's moments;
 //! 3. one round per layer, last layer first: `Σg` and `Σg·x̂`, which are exactly the gradients
-//!    of the loss with respect to the layer's β and γ, with the corrections of the layers after
-//!    it in place.
+//!    of the loss with respect to the layer's β and γ once the layers after it have their
+//!    corrections in place.
 //!
-//! The loss then adds, for every layer, `Σ_r c_r·h_r` minus the same detached: zero in value,
-//! with gradient `c_r = −γ/σ·(Σg/N + x̂_r·Σ(g·x̂)/N)` (constants of the global batch), which
-//! completes what autograd computes with μ and σ held fixed. The price: a forward pass per
-//! layer and a forward and backward pass per layer before each step.
+//! The rounds of step 3 and the loss share **one backward pass, taken in segments** between
+//! the layers ([`Norms::gradient_sums`], [`Norms::finish`]). The training pass (every layer's
+//! moments known) normalises each layer's input `h` as a leaf, its *cut*. The first gradient
+//! round runs the backward pass from the loss down to the cuts; each later round, knowing the
+//! global sums of the layer above, completes that layer's gradient at its cut with batch
+//! norm's correction `c_r = −γ/σ·(Σg/N + x̂_r·Σ(g·x̂)/N)` (constants of the global batch) and
+//! carries it on from `h` down to the cuts below; the loss, knowing the lowest layer's sums,
+//! carries the last segment down to the input. Every node of the graph is differentiated once.
+//! Each layer's input, computed with the layers before it normalised, is computed once a step
+//! and shared, with its cut and (once its moments are known) its output, by the later rounds
+//! and the training pass ([`Norming::input`]): a step costs the rest of a forward pass per
+//! layer (step 1), one training pass and one backward pass. What a step's rounds computed
+//! waits in the model between its calls (keyed by the step and the batch's tensor); the loss
+//! hands the summed gradients to the trainer in the gradient sink when it is on (CPU), else as
+//! the gradient of a surrogate (`Σ θ·G` minus the same detached, zero in value).
 //!
 //! Running moments (momentum 0.1, unbiased variance, like PyTorch's `BatchNorm1d`) are
 //! non-gradient state updated after each step from the moments of the global batch, which ride
@@ -29,13 +40,15 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
-use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, TensorId, Var};
 
 use crate::buffers::Buffers;
 use crate::error::{ModelError, Result};
 use crate::layers::{linear, linear_without_bias, Activation, Linear};
+use crate::model::LossOutput;
+use crate::normalise::normalise;
 use crate::params::Params;
 
 /// ε of the normalisation (PyTorch's default).
@@ -153,14 +166,21 @@ impl NormedMlp {
         &self.norms
     }
 
-    /// Applies the layers, normalising as `norming` says.
+    /// Applies the layers, normalising as `norming` says (a normalised layer's input that an
+    /// earlier round of the step computed is not computed again).
     pub fn forward(&self, x: &Tensor, norming: &Norming) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if let Some(norm) = self.norms.get(i) {
-                h = self.activation.apply(&norming.apply(norm, &h)?)?;
-            }
+            h = match self.norms.get(i) {
+                Some(norm) => {
+                    let input = match norming.input(norm.slot) {
+                        Some(input) => input,
+                        None => layer.forward(&h)?,
+                    };
+                    norming.apply(norm, &input, self.activation)?
+                }
+                None => layer.forward(&h)?,
+            };
         }
         Ok(h)
     }
@@ -177,44 +197,30 @@ pub enum Round {
     Gradients(usize),
 }
 
-/// The batch-norm layers of a model, by slot, and the rounds of batch statistics they need
-/// around the model's own.
-#[derive(Debug, Clone)]
-pub struct Norms {
-    layers: Vec<BatchNorm>,
-    own: Vec<usize>,
-}
-
-/// The moments of one layer in one step: `μ` and `1/σ` as (1, width) rows.
-#[derive(Debug, Clone)]
-struct Moments {
-    mean: Tensor,
-    inv_std: Tensor,
-}
-
 /// What a training pass's layers do, and what they leave behind.
 #[derive(Debug)]
 enum Mode {
     /// Normalise by the running moments.
     Eval,
-    /// Normalise by the global batch's moments where known (by slot), and keep what the
-    /// step's rounds need; a layer whose moments are not known yet (its round, or later) keeps
-    /// its shifted sums and passes h on unnormalised (what follows it is not used). Layers up
-    /// to slot `detached` read h without its graph: a gradient round needs the gradients of one
-    /// layer's γ and β only, which never flow back through the layers before it.
+    /// Normalise by the global batch's moments where known (by slot), each layer's input read
+    /// through a cut (a leaf, so that the backward pass stops there), and keep what the step's
+    /// rounds need; a layer whose moments are not known yet (its round, or later) passes h on
+    /// unnormalised (what follows it is not used), the one in slot `sums` keeping its shifted
+    /// sums.
     Train {
         moments: Vec<Option<Moments>>,
-        detached: Option<usize>,
+        sums: Option<usize>,
     },
 }
 
 /// What a normalised layer kept in a training pass.
 #[derive(Debug, Clone)]
 enum Kept {
-    /// Its input h (with its graph), x̂ and 1/σ (detached).
+    /// Its input h (with its graph), the cut standing for h after it, μ and 1/σ.
     Normalised {
         h: Tensor,
-        x_hat: Tensor,
+        cut: Tensor,
+        mean: Tensor,
         inv_std: Tensor,
     },
     /// `[Σ(h − m), Σ(h − m)²]` of this rank's rows (its moments were not known).
@@ -226,7 +232,25 @@ enum Kept {
 pub struct Norming {
     mode: Mode,
     kept: RefCell<BTreeMap<usize, Kept>>,
+    /// The step and batch of a training pass.
+    key: Option<(u64, TensorId)>,
+    /// The step's inputs of the layers so far (see [`LayerInput`]).
+    inputs: RefCell<Inputs>,
 }
+
+/// A normalised layer's input h in one step, computed once with every layer before it
+/// normalised by the global moments, the cut standing for it and, once its moments are known,
+/// its output: the same tensors in every round and in the training pass, so that each is
+/// computed once a step and the training pass's graph runs through the cuts it keeps.
+#[derive(Debug, Clone)]
+struct LayerInput {
+    h: Tensor,
+    cut: Tensor,
+    output: Option<Tensor>,
+}
+
+/// The step's [`LayerInput`]s, by slot.
+type Inputs = BTreeMap<usize, LayerInput>;
 
 impl Norming {
     /// Normalise by the running moments (evaluation, sampling, reconstruction).
@@ -234,41 +258,69 @@ impl Norming {
         Norming {
             mode: Mode::Eval,
             kept: RefCell::new(BTreeMap::new()),
+            key: None,
+            inputs: RefCell::new(BTreeMap::new()),
         }
     }
 
-    /// Normalises `h` by `norm` (the model's layer): (B, width).
-    pub fn apply(&self, norm: &BatchNorm, h: &Tensor) -> Result<Tensor> {
-        let Mode::Train { moments, detached } = &self.mode else {
-            return norm.eval(h);
+    /// The input of the layer in `slot` if an earlier round of the step computed it.
+    pub fn input(&self, slot: usize) -> Option<Tensor> {
+        self.inputs.borrow().get(&slot).map(|i| i.h.clone())
+    }
+
+    /// Normalises `h` by `norm` (the model's layer) and applies `activation`: (B, width).
+    pub fn apply(&self, norm: &BatchNorm, h: &Tensor, activation: Activation) -> Result<Tensor> {
+        let Mode::Train { moments, sums } = &self.mode else {
+            return activation.apply(&norm.eval(h)?);
         };
-        let known = match moments.get(norm.slot).and_then(Option::as_ref) {
-            None => {
-                let shifted = h.detach().broadcast_sub(&norm.running_mean.unsqueeze(0)?)?;
-                let sums = Tensor::cat(&[shifted.sum(0)?, shifted.sqr()?.sum(0)?], 0)?;
+        // h is this step's input of the layer if every layer before it was normalised.
+        if norm.slot <= sums.unwrap_or(usize::MAX) && !self.inputs.borrow().contains_key(&norm.slot)
+        {
+            let cut = Var::from_tensor(&h.detach())?.as_tensor().clone();
+            let input = LayerInput {
+                h: h.clone(),
+                cut,
+                output: None,
+            };
+            self.inputs.borrow_mut().insert(norm.slot, input);
+        }
+        let Some(known) = moments.get(norm.slot).and_then(Option::as_ref) else {
+            if *sums == Some(norm.slot) {
+                let sums = shifted_sums(&h.detach(), &norm.running_mean)?;
                 self.kept.borrow_mut().insert(norm.slot, Kept::Sums(sums));
-                return Ok(h.clone());
             }
-            Some(m) => m,
+            return Ok(h.clone());
         };
-        let h = match detached {
-            Some(last) if norm.slot <= *last => h.detach(),
-            _ => h.clone(),
+        let input = self.inputs.borrow().get(&norm.slot).cloned();
+        let LayerInput { h, cut, output } = input.ok_or_else(|| {
+            ModelError::Spec(format!("batch-norm layer {} has no input", norm.slot))
+        })?;
+        let y = match output {
+            Some(y) => y,
+            None => {
+                let y = normalise(
+                    &cut,
+                    (&known.mean, &known.inv_std),
+                    (&known.values.0, &known.values.1),
+                    (&norm.gamma, &norm.beta),
+                    activation,
+                )?;
+                if let Some(input) = self.inputs.borrow_mut().get_mut(&norm.slot) {
+                    input.output = Some(y.clone());
+                }
+                y
+            }
         };
-        let x_hat = h
-            .broadcast_sub(&known.mean)?
-            .broadcast_mul(&known.inv_std)?;
         self.kept.borrow_mut().insert(
             norm.slot,
             Kept::Normalised {
                 h,
-                x_hat: x_hat.detach(),
+                cut,
+                mean: known.mean.clone(),
                 inv_std: known.inv_std.clone(),
             },
         );
-        Ok(x_hat
-            .broadcast_mul(&norm.gamma.unsqueeze(0)?)?
-            .broadcast_add(&norm.beta.unsqueeze(0)?)?)
+        Ok(y)
     }
 
     fn kept(&self, slot: usize) -> Result<Kept> {
@@ -278,21 +330,84 @@ impl Norming {
             ))
         })
     }
+
+    /// What the layer in `slot` kept, normalised by the global moments: h, its cut, μ, 1/σ.
+    fn normalised(&self, slot: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        match self.kept(slot)? {
+            Kept::Normalised {
+                h,
+                cut,
+                mean,
+                inv_std,
+            } => Ok((h, cut, mean, inv_std)),
+            Kept::Sums(_) => Err(ModelError::Spec(format!(
+                "batch-norm layer {slot} was not normalised by the global moments"
+            ))),
+        }
+    }
+}
+
+/// The batch-norm layers of a model, by slot, the rounds of batch statistics they need
+/// around the model's own, and the steps under way.
+#[derive(Debug)]
+pub struct Norms {
+    layers: Vec<BatchNorm>,
+    own: Vec<usize>,
+    under_way: Mutex<Vec<UnderWay>>,
+}
+
+/// What one step's rounds leave for the next ones and the loss: the layers' inputs, and the
+/// backward pass once it has begun. Keyed by the step and the batch's tensor; only the current
+/// step's wait (other ranks' in a test, or one a halt abandoned).
+#[derive(Debug)]
+struct UnderWay {
+    step: u64,
+    batch: TensorId,
+    inputs: Inputs,
+    backward: Option<Segments>,
+}
+
+/// The moments of one layer in one step: `μ` and `1/σ` as (1, width) rows.
+#[derive(Debug, Clone)]
+struct Moments {
+    mean: Tensor,
+    inv_std: Tensor,
+    /// Their values.
+    values: (Vec<f32>, Vec<f32>),
+}
+
+/// One step's backward pass between its gradient rounds (see the module's documentation).
+#[derive(Debug)]
+struct Segments {
+    /// The training pass, every layer's moments known.
+    norming: Norming,
+    /// What the model's objective returned for it.
+    output: LossOutput,
+    /// The gradients so far: of the parameters, by name, and at each layer's cut, by slot.
+    params: BTreeMap<String, Tensor>,
+    cuts: BTreeMap<usize, Tensor>,
+    /// The layer whose segment (from its input down) runs next, once its sums are known.
+    next: usize,
+    /// The gradient sink's pass the step's deposits count for.
+    sink_pass: u64,
 }
 
 impl Norms {
-    /// The norms of a model (any order; their slots must be 0..n, each once) and the lengths
-    /// of the model's own rounds of batch statistics.
+    /// The norms of a model (any order; their slots must be 0..n, each once, at least one)
+    /// and the lengths of the model's own rounds of batch statistics.
     pub fn new(mut layers: Vec<BatchNorm>, own: Vec<usize>) -> Result<Self> {
         layers.sort_by_key(|l| l.slot);
-        if layers.iter().enumerate().any(|(i, l)| l.slot != i) {
+        if layers.is_empty() || layers.iter().enumerate().any(|(i, l)| l.slot != i) {
             return Err(ModelError::Spec(format!(
-                "batch-norm slots {:?}, expected 0 to {} each once",
+                "batch-norm slots {:?}, expected 0 to n − 1 each once, n ≥ 1",
                 layers.iter().map(|l| l.slot).collect::<Vec<_>>(),
-                layers.len().saturating_sub(1)
             )));
         }
-        Ok(Norms { layers, own })
+        Ok(Norms {
+            layers,
+            own,
+            under_way: Mutex::new(Vec::new()),
+        })
     }
 
     /// The rounds of batch statistics: the moments of every layer, the model's own, then the
@@ -328,20 +443,16 @@ impl Norms {
         stats.get(at..at + len).unwrap_or(&[])
     }
 
-    /// A training pass normalising by the global moments `stats` holds (`rows` rows in the
-    /// global batch).
-    pub fn training(&self, stats: &[f32], rows: u64) -> Result<Norming> {
-        self.pass(stats, rows, None)
-    }
-
-    /// The training pass of the gradient round of the layer in `slot` ([`Norms::gradient_sums`]):
-    /// the layers up to it read their input without its graph, so that the backward pass stops
-    /// there.
-    pub fn gradient_pass(&self, stats: &[f32], rows: u64, slot: usize) -> Result<Norming> {
-        self.pass(stats, rows, Some(slot))
-    }
-
-    fn pass(&self, stats: &[f32], rows: u64, detached: Option<usize>) -> Result<Norming> {
+    /// A training pass of step `step` on `batch` (this rank's input tensor) normalising by the
+    /// global moments `stats` holds (`rows` rows in the global batch), every layer's moments
+    /// known or the first unknown one's sums kept (a moments round); the layers' inputs that
+    /// the step's earlier rounds computed are not computed again.
+    pub fn training(
+        &self,
+        stats: &[f32],
+        rows: u64,
+        (step, batch): (u64, &Tensor),
+    ) -> Result<Norming> {
         let n = rows.max(1) as f64;
         let mut at = 0;
         let mut moments = Vec::with_capacity(self.layers.len());
@@ -361,19 +472,48 @@ impl Norms {
             }
             let device = layer.gamma.device();
             moments.push(Some(Moments {
-                mean: Tensor::from_vec(mean, (1, w), device)?,
-                inv_std: Tensor::from_vec(inv_std, (1, w), device)?,
+                mean: Tensor::from_slice(&mean, (1, w), device)?,
+                inv_std: Tensor::from_slice(&inv_std, (1, w), device)?,
+                values: (mean, inv_std),
             }));
         }
+        let sums = (moments.len() < self.layers.len()).then_some(moments.len());
         moments.resize(self.layers.len(), None);
+        let key = (step, batch.id());
+        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
+        let inputs = match under_way.iter().find(|u| (u.step, u.batch) == key) {
+            Some(u) => u.inputs.clone(),
+            None => {
+                under_way.retain(|u| u.step == step);
+                under_way.push(UnderWay {
+                    step,
+                    batch: key.1,
+                    inputs: BTreeMap::new(),
+                    backward: None,
+                });
+                BTreeMap::new()
+            }
+        };
         Ok(Norming {
-            mode: Mode::Train { moments, detached },
+            mode: Mode::Train { moments, sums },
             kept: RefCell::new(BTreeMap::new()),
+            key: Some(key),
+            inputs: RefCell::new(inputs),
         })
     }
 
-    /// The moment sums of the layer in `slot` that a training pass kept (a moments round).
+    /// The moment sums of the layer in `slot` that a training pass kept (a moments round); the
+    /// inputs it computed wait for the step's next rounds.
     pub fn moment_sums(&self, norming: &Norming, slot: usize) -> Result<Tensor> {
+        if let Some(u) = self
+            .under_way
+            .lock()
+            .expect("batch-norm steps lock")
+            .iter_mut()
+            .find(|u| Some((u.step, u.batch)) == norming.key)
+        {
+            u.inputs = norming.inputs.borrow().clone();
+        }
         match norming.kept(slot)? {
             Kept::Sums(s) => Ok(s),
             Kept::Normalised { .. } => Err(ModelError::Spec(format!(
@@ -382,95 +522,219 @@ impl Norms {
         }
     }
 
-    /// `[Σg, Σg·x̂]` of the layer in `slot` over this rank's rows: the gradients of `loss` (a
-    /// [`Norms::gradient_pass`]'s, with every layer's moments known) with respect to its β and
-    /// γ, with the corrections of the layers after it, whose gradient sums `stats` holds, in
-    /// place.
+    /// `[Σg, Σg·x̂]` of the layer in `slot` over this rank's rows (the gradient round of
+    /// `slot`, `stats` holding every earlier round's global sums): the gradients of the loss
+    /// with respect to its β and γ, the layers after it corrected. The round of the last layer
+    /// starts the step's backward pass: `pass` runs the model's objective through the training
+    /// pass it is given, and its loss is differentiated down to the cuts. Each later round
+    /// carries the segment of the layer above it down. `batch` is the step's input tensor.
     pub fn gradient_sums(
         &self,
         params: &Params,
-        norming: &Norming,
-        loss: &Tensor,
+        (step, batch): (u64, &Tensor),
         stats: &[f32],
         rows: u64,
         slot: usize,
+        pass: impl FnOnce(&Norming) -> Result<LossOutput>,
     ) -> Result<Tensor> {
-        let loss = (loss + self.corrections(norming, stats, rows, slot + 1)?)?;
-        let layer = &self.layers[slot];
-        // A backward pass of its own as far as fused layers' gradient slots are concerned.
-        params.grad_sink().begin_step();
-        let grads: GradStore = loss.backward()?;
-        let of = |t: &Tensor| -> Result<Tensor> {
-            Ok(match grads.get(t) {
-                Some(g) => g.clone(),
-                None => t.zeros_like()?,
-            })
-        };
-        Ok(Tensor::cat(&[of(&layer.beta)?, of(&layer.gamma)?], 0)?)
-    }
-
-    /// `loss` with every layer's correction: the step's loss (every round's sums in `stats`).
-    pub fn complete(
-        &self,
-        norming: &Norming,
-        loss: &Tensor,
-        stats: &[f32],
-        rows: u64,
-    ) -> Result<Tensor> {
-        Ok((loss + self.corrections(norming, stats, rows, 0)?)?)
-    }
-
-    /// The corrections of the layers from slot `from` on: a scalar of value zero.
-    fn corrections(
-        &self,
-        norming: &Norming,
-        stats: &[f32],
-        rows: u64,
-        from: usize,
-    ) -> Result<Tensor> {
-        let n = rows.max(1) as f64;
-        let moments_len: usize = self.layers.iter().map(|l| 2 * l.width).sum();
-        let mut at = moments_len + self.own.iter().sum::<usize>();
-        let mut total: Option<Tensor> = None;
-        for layer in self.layers.iter().rev() {
-            let w = layer.width;
-            if layer.slot < from {
-                break;
-            }
-            let sums = stats.get(at..at + 2 * w).ok_or_else(|| {
-                ModelError::Input(format!(
-                    "batch norm {} needs its gradient sums, which the statistics lack",
-                    layer.name
-                ))
-            })?;
-            at += 2 * w;
-            let Kept::Normalised { h, x_hat, inv_std } = norming.kept(layer.slot)? else {
-                return Err(ModelError::Spec(format!(
-                    "batch norm {} was not normalised by the global moments",
-                    layer.name
-                )));
+        let last = self.layers.len() - 1;
+        let segments = if slot == last {
+            let norming = self.training(stats, rows, (step, batch))?;
+            let output = pass(&norming)?;
+            let sink = params.grad_sink();
+            sink.begin_step();
+            let mut segments = Segments {
+                norming,
+                output,
+                params: BTreeMap::new(),
+                cuts: BTreeMap::new(),
+                next: last,
+                sink_pass: sink.current_step(),
             };
-            let device = h.device();
-            let mean_g = (Tensor::from_slice(&sums[..w], (1, w), device)? / n)?;
-            let mean_gx = (Tensor::from_slice(&sums[w..], (1, w), device)? / n)?;
-            let scale = inv_std
-                .broadcast_mul(&layer.gamma.detach().unsqueeze(0)?)?
-                .neg()?;
-            let c = x_hat
-                .broadcast_mul(&mean_gx)?
-                .broadcast_add(&mean_g)?
-                .broadcast_mul(&scale)?;
-            let term = (&h * &c)?.sum_all()?;
-            let zero = (&term - term.detach())?;
-            total = Some(match total {
-                None => zero,
-                Some(t) => (t + zero)?,
+            let loss = segments.output.loss.clone();
+            self.differentiate(params, &mut segments, &loss)?;
+            segments
+        } else {
+            let mut segments = self.resume((step, batch), slot + 1)?;
+            self.carry_down(params, &mut segments, stats, rows)?;
+            segments
+        };
+        let layer = self.layers.get(slot).ok_or_else(|| {
+            ModelError::Input(format!(
+                "batch-norm slot {slot}, expected below {}",
+                last + 1
+            ))
+        })?;
+        let of = |t: &Tensor, part: &str| -> Result<Tensor> {
+            Ok(
+                match segments.params.get(&format!("{}.{part}", layer.name)) {
+                    Some(g) => g.clone(),
+                    None => t.zeros_like()?,
+                },
+            )
+        };
+        let sums = Tensor::cat(&[of(&layer.beta, "bias")?, of(&layer.gamma, "weight")?], 0)?;
+        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
+        match under_way
+            .iter_mut()
+            .find(|u| (u.step, u.batch) == (step, batch.id()))
+        {
+            Some(u) => u.backward = Some(segments),
+            None => under_way.push(UnderWay {
+                step,
+                batch: batch.id(),
+                inputs: BTreeMap::new(),
+                backward: Some(segments),
+            }),
+        }
+        Ok(sums)
+    }
+
+    /// The step's loss, once every gradient round is done: the last segment is carried down
+    /// to the input, and the loss returned is the objective's in value whose gradient is the
+    /// step's (see the module's documentation), with the update statistics of this rank's
+    /// `local_rows` rows.
+    pub fn finish(
+        &self,
+        params: &Params,
+        (step, batch): (u64, &Tensor),
+        stats: &[f32],
+        rows: u64,
+        local_rows: usize,
+    ) -> Result<LossOutput> {
+        let mut segments = self.resume((step, batch), 0)?;
+        let sink = params.grad_sink();
+        // The trainer began a pass of its own before the loss: the rounds' deposits are this
+        // step's all the same.
+        sink.carry_over(segments.sink_pass);
+        self.carry_down(params, &mut segments, stats, rows)?;
+        let mut output = segments.output;
+        let value = output.loss.detach();
+        output.update_stats = Some(self.update_stats(&segments.norming, local_rows)?);
+        if sink.enabled() && params.device().is_cpu() {
+            // The trainer reads the step's gradients from the sink, where fused layers leave
+            // theirs on CPU: hand the others over there too, and the loss is its value alone.
+            // (On a GPU the surrogate keeps them on the device.)
+            for (name, g) in &segments.params {
+                let values = g.flatten_all()?.to_vec1::<f32>()?;
+                sink.deposit(name, |dst, current| {
+                    if current {
+                        dst.iter_mut().zip(&values).for_each(|(d, v)| *d += v);
+                    } else {
+                        dst.copy_from_slice(&values);
+                    }
+                })
+                .ok_or_else(|| {
+                    ModelError::Spec(format!("the gradient sink has no slot for {name}"))
+                })?;
+            }
+            output.loss = value;
+            return Ok(output);
+        }
+        let mut surrogate: Option<Tensor> = None;
+        for (name, var) in params.vars() {
+            let Some(g) = segments.params.get(name) else {
+                continue;
+            };
+            let term = (var.as_tensor() * g)?.sum_all()?;
+            surrogate = Some(match surrogate {
+                None => term,
+                Some(s) => (s + term)?,
             });
         }
-        match total {
-            Some(t) => Ok(t),
-            None => Ok(Tensor::new(0f32, &self.device())?),
+        output.loss = match surrogate {
+            Some(s) => (value + (&s - s.detach())?)?,
+            None => value,
+        };
+        Ok(output)
+    }
+
+    /// The step's backward pass waiting for the segment of the layer in `next` (the last
+    /// segment: the step's end, which takes all it left).
+    fn resume(&self, (step, batch): (u64, &Tensor), next: usize) -> Result<Segments> {
+        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
+        let waiting = |u: &UnderWay| {
+            (u.step, u.batch) == (step, batch.id())
+                && u.backward.as_ref().is_some_and(|s| s.next == next)
+        };
+        let at = under_way.iter().position(waiting).ok_or_else(|| {
+            ModelError::Spec(format!(
+                "batch norm's backward pass of step {step} is not waiting for layer \
+                     {next}: the gradient rounds come in order, last layer first, before the \
+                     loss, on the same batch"
+            ))
+        })?;
+        let backward = if next == 0 {
+            under_way.swap_remove(at).backward
+        } else {
+            under_way[at].backward.take()
+        };
+        backward.ok_or_else(|| ModelError::Spec("batch norm's backward pass vanished".into()))
+    }
+
+    /// Runs the segment of the layer in `segments.next`: its gradient at the cut completed by
+    /// batch norm's correction (its global sums in `stats`), carried from its input down.
+    fn carry_down(
+        &self,
+        params: &Params,
+        segments: &mut Segments,
+        stats: &[f32],
+        rows: u64,
+    ) -> Result<()> {
+        let slot = segments.next;
+        let layer = &self.layers[slot];
+        let w = layer.width;
+        let n = rows.max(1) as f64;
+        let at = self.layers.iter().map(|l| 2 * l.width).sum::<usize>()
+            + self.own.iter().sum::<usize>()
+            + self.layers[slot + 1..]
+                .iter()
+                .map(|l| 2 * l.width)
+                .sum::<usize>();
+        let sums = stats.get(at..at + 2 * w).ok_or_else(|| {
+            ModelError::Input(format!(
+                "batch norm {} needs its gradient sums, which the statistics lack",
+                layer.name
+            ))
+        })?;
+        let (h, cut, mean, inv_std) = segments.norming.normalised(slot)?;
+        let x_hat = cut.detach().broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
+        let device = h.device();
+        let mean_g = (Tensor::from_slice(&sums[..w], (1, w), device)? / n)?;
+        let mean_gx = (Tensor::from_slice(&sums[w..], (1, w), device)? / n)?;
+        let scale = inv_std
+            .broadcast_mul(&layer.gamma.detach().unsqueeze(0)?)?
+            .neg()?;
+        let correction = x_hat
+            .broadcast_mul(&mean_gx)?
+            .broadcast_add(&mean_g)?
+            .broadcast_mul(&scale)?;
+        let g = match segments.cuts.remove(&slot) {
+            Some(at_cut) => (at_cut + correction)?,
+            None => correction,
+        };
+        self.differentiate(params, segments, &(&h * &g)?.sum_all()?)?;
+        segments.next = slot.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Differentiates `root` down to the cuts and adds its gradients to the step's (fused
+    /// layers add theirs in the gradient sink, where the step's pass began).
+    fn differentiate(&self, params: &Params, segments: &mut Segments, root: &Tensor) -> Result<()> {
+        let grads = root.backward()?;
+        for (name, var) in params.vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                add(&mut segments.params, name.clone(), g.clone())?;
+            }
         }
+        for slot in 0..self.layers.len() {
+            if let Ok((_, cut, _, _)) = segments.norming.normalised(slot) {
+                if let Some(g) = grads.get(&cut) {
+                    add(&mut segments.cuts, slot, g.clone())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Length of the update statistics: every layer's moment sums and the row count.
@@ -480,20 +744,11 @@ impl Norms {
 
     /// The update statistics of this rank's rows from the step's training pass: every layer's
     /// `[Σ(h − m), Σ(h − m)²]`, then the row count.
-    pub fn update_stats(&self, norming: &Norming, rows: usize) -> Result<Tensor> {
+    fn update_stats(&self, norming: &Norming, rows: usize) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let Kept::Normalised { h, .. } = norming.kept(layer.slot)? else {
-                return Err(ModelError::Spec(format!(
-                    "batch norm {} was not normalised by the global moments",
-                    layer.name
-                )));
-            };
-            let shifted = h
-                .detach()
-                .broadcast_sub(&layer.running_mean.unsqueeze(0)?)?;
-            parts.push(shifted.sum(0)?);
-            parts.push(shifted.sqr()?.sum(0)?);
+            let (h, ..) = norming.normalised(layer.slot)?;
+            parts.push(shifted_sums(&h.detach(), &layer.running_mean)?);
         }
         parts.push(Tensor::new(&[rows as f32], &self.device())?);
         Ok(Tensor::cat(&parts, 0)?)
@@ -539,6 +794,25 @@ impl Norms {
             .first()
             .map_or(Device::Cpu, |l| l.gamma.device().clone())
     }
+}
+
+/// `[Σ(h − m), Σ(h − m)²]` over the rows of `h` (B, width), `m` the running mean: sums as
+/// products with a row of ones (a gemm; candle's column sums are strided loops).
+fn shifted_sums(h: &Tensor, running_mean: &Tensor) -> Result<Tensor> {
+    let shifted = h.broadcast_sub(&running_mean.unsqueeze(0)?)?;
+    let both = Tensor::cat(&[&shifted, &shifted.sqr()?], 1)?;
+    let ones = Tensor::ones((1, h.dim(0)?), h.dtype(), h.device())?;
+    Ok(ones.matmul(&both)?.squeeze(0)?)
+}
+
+/// Adds `g` to the gradient of `key` in `into`.
+fn add<K: Ord>(into: &mut BTreeMap<K, Tensor>, key: K, g: Tensor) -> Result<()> {
+    let sum = match into.remove(&key) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    into.insert(key, sum);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -588,29 +862,32 @@ mod tests {
         let target = tensor(rows, sizes[2], 2);
         let loss_of =
             |y: &Tensor| ((y * &target).unwrap().sum_all().unwrap() / rows as f64).unwrap();
+        let output = |y: &Tensor| LossOutput {
+            loss: loss_of(y),
+            terms: BTreeMap::new(),
+            update_stats: None,
+        };
         let mut stats: Vec<f32> = Vec::new();
         for round in 0..4 {
-            let round = norms.round(round).unwrap();
-            let norming = match round {
-                Round::Gradients(slot) => norms.gradient_pass(&stats, rows as u64, slot),
-                _ => norms.training(&stats, rows as u64),
-            }
-            .unwrap();
-            let y = mlp.forward(&x, &norming).unwrap();
-            let sums = match round {
-                Round::Moments(slot) => norms.moment_sums(&norming, slot).unwrap(),
+            let sums = match norms.round(round).unwrap() {
+                Round::Moments(slot) => {
+                    let norming = norms.training(&stats, rows as u64, (0, &x)).unwrap();
+                    mlp.forward(&x, &norming).unwrap();
+                    norms.moment_sums(&norming, slot).unwrap()
+                }
                 Round::Gradients(slot) => norms
-                    .gradient_sums(&params, &norming, &loss_of(&y), &stats, rows as u64, slot)
+                    .gradient_sums(&params, (0, &x), &stats, rows as u64, slot, |norming| {
+                        Ok(output(&mlp.forward(&x, norming)?))
+                    })
                     .unwrap(),
                 Round::Own(_) => unreachable!("no own rounds"),
             };
             stats.extend(values(&sums));
         }
-        let norming = norms.training(&stats, rows as u64).unwrap();
-        let y = mlp.forward(&x, &norming).unwrap();
         let loss = norms
-            .complete(&norming, &loss_of(&y), &stats, rows as u64)
-            .unwrap();
+            .finish(&params, (0, &x), &stats, rows as u64, rows)
+            .unwrap()
+            .loss;
         let exact = loss.backward().unwrap();
 
         let var = |name: &str| params.vars()[name].as_tensor().clone();

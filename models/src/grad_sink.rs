@@ -61,6 +61,24 @@ impl GradSink {
         self.state.lock().expect("gradient sink lock").step += 1;
     }
 
+    /// The backward pass deposits now count for (see [`GradSink::begin_step`]).
+    pub(crate) fn current_step(&self) -> u64 {
+        self.state.lock().expect("gradient sink lock").step
+    }
+
+    /// Counts the deposits of pass `from` as the current pass's, to be added to: one backward
+    /// pass taken in segments across the trainer's calls, which starts a pass of its own
+    /// before the last (batch norm, [`crate::Norms`]).
+    pub(crate) fn carry_over(&self, from: u64) {
+        let mut state = self.state.lock().expect("gradient sink lock");
+        let step = state.step;
+        for slot in state.slots.values_mut() {
+            if slot.written == from {
+                slot.written = step;
+            }
+        }
+    }
+
     /// Hands `write` the slot of parameter `name` and whether it already holds a gradient of
     /// this step (then `write` must add to it; otherwise overwrite it).
     pub(crate) fn deposit<R>(

@@ -689,32 +689,35 @@ impl Model for Ladder {
             let (_, kl_dims, _) = self.terms(input, ctx.noise, train, &Norming::eval())?;
             return free_bits_statistics(&kl_dims);
         };
-        let round = norms.round(round)?;
-        let norming = match round {
-            Round::Gradients(slot) => norms.gradient_pass(ctx.batch_stats, ctx.global_rows, slot),
-            _ => norms.training(ctx.batch_stats, ctx.global_rows),
-        }?;
-        match round {
+        let rows = ctx.global_rows;
+        match norms.round(round)? {
             Round::Moments(slot) => {
-                self.terms(input, ctx.noise, train, &norming)?;
+                let norming = norms.training(ctx.batch_stats, rows, (ctx.step, input.x))?;
+                // The forward pass as far as the layer: the bottom-up blocks come first.
+                let bottom_up: usize = self.up.iter().map(|b| b.norms().len()).sum();
+                if slot < bottom_up {
+                    self.bottom_up(input.x, &norming)?;
+                } else {
+                    self.terms(input, ctx.noise, train, &norming)?;
+                }
                 norms.moment_sums(&norming, slot)
             }
             Round::Own(_) => {
+                let norming = norms.training(ctx.batch_stats, rows, (ctx.step, input.x))?;
                 let (_, kl_dims, _) = self.terms(input, ctx.noise, train, &norming)?;
                 free_bits_statistics(&kl_dims)
             }
-            Round::Gradients(slot) => {
-                let own = norms.own_stats(ctx.batch_stats);
-                let out = self.objective(input, ctx, own, &norming)?;
-                norms.gradient_sums(
-                    &self.params,
-                    &norming,
-                    &out.loss,
-                    ctx.batch_stats,
-                    ctx.global_rows,
-                    slot,
-                )
-            }
+            Round::Gradients(slot) => norms.gradient_sums(
+                &self.params,
+                (ctx.step, input.x),
+                ctx.batch_stats,
+                rows,
+                slot,
+                |norming| {
+                    let own = norms.own_stats(ctx.batch_stats);
+                    self.objective(input, ctx, own, norming)
+                },
+            ),
         }
     }
 
@@ -722,12 +725,13 @@ impl Model for Ladder {
         let Some(norms) = &self.norms else {
             return self.objective(input, ctx, ctx.batch_stats, &Norming::eval());
         };
-        let norming = norms.training(ctx.batch_stats, ctx.global_rows)?;
-        let own = norms.own_stats(ctx.batch_stats);
-        let mut out = self.objective(input, ctx, own, &norming)?;
-        out.loss = norms.complete(&norming, &out.loss, ctx.batch_stats, ctx.global_rows)?;
-        out.update_stats = Some(norms.update_stats(&norming, input.ids.len())?);
-        Ok(out)
+        norms.finish(
+            &self.params,
+            (ctx.step, input.x),
+            ctx.batch_stats,
+            ctx.global_rows,
+            input.ids.len(),
+        )
     }
 
     fn update_state(&mut self, stats: &[f32], _step: u64) -> Result<()> {

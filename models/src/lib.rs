@@ -25,6 +25,7 @@ mod likelihood;
 mod m2;
 mod model;
 mod noise;
+mod normalise;
 mod objective;
 mod params;
 mod quantiser;

@@ -415,6 +415,64 @@ fn assert_split_adds_up(m: &Ladder, x: &Tensor) {
     }
 }
 
+/// With the gradient sink on (as the trainer runs a model, beginning a backward pass of its
+/// own between the rounds and the loss), a batch-normed ladder's step hands its gradients to
+/// the sink, the ones its loss hands candle with the sink off, and nothing to candle beside
+/// them — on every step, not adding the one before.
+#[test]
+fn batch_norm_hands_the_step_gradients_to_the_sink_when_it_is_on() {
+    let x = data(7, 11);
+    let m = batch_normed(Objective::default());
+    let plain = whole_batch_loss(&m, &x, 2).loss.backward().unwrap();
+    let sink = m.params().grad_sink().clone();
+    m.params().enable_grad_sink();
+    for _ in 0..2 {
+        let ids: Vec<u64> = (0..7).collect();
+        let noise = Noise::new(9);
+        let input = Input {
+            x: &x,
+            labels: &[None; 7],
+            ids: &ids,
+        };
+        let mut ctx = StepContext {
+            step: 2,
+            noise: &noise,
+            global_rows: 7,
+            batch_stats: &[],
+        };
+        let stats = whole_batch_statistics(&m, &input, &ctx).unwrap();
+        ctx.batch_stats = &stats;
+        sink.begin_step();
+        let store = m.loss(&input, &ctx).unwrap().loss.backward().unwrap();
+        assert_sink_holds(&m, &sink, &store, &plain);
+    }
+}
+
+fn assert_sink_holds(
+    m: &Ladder,
+    sink: &elbo_models::GradSink,
+    store: &candle_core::backprop::GradStore,
+    plain: &candle_core::backprop::GradStore,
+) {
+    for (name, var) in m.params().vars() {
+        let want = values(plain.get(var.as_tensor()).unwrap());
+        let got = sink
+            .with_gradient(name, |g| g.to_vec())
+            .unwrap_or_else(|| panic!("{name}: no gradient in the sink"));
+        assert!(
+            store.get(var.as_tensor()).is_none(),
+            "{name}: also handed to candle"
+        );
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{name}: {a} vs {b}"
+            );
+        }
+    }
+}
+
 /// The running moments move towards the batch's moments by the momentum each step; once they
 /// have settled on one batch's, evaluation (normalised by them) computes what training
 /// (normalised by the batch) does, to the variance's n/(n − 1).
