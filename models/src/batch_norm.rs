@@ -45,6 +45,7 @@ use std::sync::Mutex;
 use candle_core::{Device, Tensor, TensorId, Var};
 
 use crate::buffers::Buffers;
+use crate::cpu::cpu_flat;
 use crate::error::{ModelError, Result};
 use crate::layers::{linear, linear_without_bias, Activation, Linear};
 use crate::model::LossOutput;
@@ -197,45 +198,31 @@ pub enum Round {
     Gradients(usize),
 }
 
-/// What a training pass's layers do, and what they leave behind.
+/// What a training pass's layers do.
 #[derive(Debug)]
 enum Mode {
     /// Normalise by the running moments.
     Eval,
     /// Normalise by the global batch's moments where known (by slot), each layer's input read
-    /// through a cut (a leaf, so that the backward pass stops there), and keep what the step's
-    /// rounds need; a layer whose moments are not known yet (its round, or later) passes h on
-    /// unnormalised (what follows it is not used), the one in slot `sums` keeping its shifted
-    /// sums.
+    /// through a cut (a leaf, so that the backward pass stops there); a layer whose moments are
+    /// not known yet (its round, or later) passes h on unnormalised (what follows it is not
+    /// used), the one in slot `measuring` keeping its shifted sums. A pass of step and batch
+    /// `key`.
     Train {
         moments: Vec<Option<Moments>>,
-        sums: Option<usize>,
+        measuring: Option<usize>,
+        key: (u64, TensorId),
     },
-}
-
-/// What a normalised layer kept in a training pass.
-#[derive(Debug, Clone)]
-enum Kept {
-    /// Its input h (with its graph), the cut standing for h after it, μ and 1/σ.
-    Normalised {
-        h: Tensor,
-        cut: Tensor,
-        mean: Tensor,
-        inv_std: Tensor,
-    },
-    /// `[Σ(h − m), Σ(h − m)²]` of this rank's rows (its moments were not known).
-    Sums(Tensor),
 }
 
 /// How the batch-norm layers of one forward pass normalise.
 #[derive(Debug)]
 pub struct Norming {
     mode: Mode,
-    kept: RefCell<BTreeMap<usize, Kept>>,
-    /// The step and batch of a training pass.
-    key: Option<(u64, TensorId)>,
     /// The step's inputs of the layers so far (see [`LayerInput`]).
     inputs: RefCell<Inputs>,
+    /// The shifted sums of the layer in slot `measuring` (a moments round), once reached.
+    sums: RefCell<Option<Tensor>>,
 }
 
 /// A normalised layer's input h in one step, computed once with every layer before it
@@ -257,24 +244,27 @@ impl Norming {
     pub fn eval() -> Self {
         Norming {
             mode: Mode::Eval,
-            kept: RefCell::new(BTreeMap::new()),
-            key: None,
             inputs: RefCell::new(BTreeMap::new()),
+            sums: RefCell::new(None),
         }
     }
 
     /// The input of the layer in `slot` if an earlier round of the step computed it.
-    pub fn input(&self, slot: usize) -> Option<Tensor> {
+    fn input(&self, slot: usize) -> Option<Tensor> {
         self.inputs.borrow().get(&slot).map(|i| i.h.clone())
     }
 
     /// Normalises `h` by `norm` (the model's layer) and applies `activation`: (B, width).
     pub fn apply(&self, norm: &BatchNorm, h: &Tensor, activation: Activation) -> Result<Tensor> {
-        let Mode::Train { moments, sums } = &self.mode else {
+        let Mode::Train {
+            moments, measuring, ..
+        } = &self.mode
+        else {
             return activation.apply(&norm.eval(h)?);
         };
         // h is this step's input of the layer if every layer before it was normalised.
-        if norm.slot <= sums.unwrap_or(usize::MAX) && !self.inputs.borrow().contains_key(&norm.slot)
+        if norm.slot <= measuring.unwrap_or(usize::MAX)
+            && !self.inputs.borrow().contains_key(&norm.slot)
         {
             let cut = Var::from_tensor(&h.detach())?.as_tensor().clone();
             let input = LayerInput {
@@ -285,62 +275,46 @@ impl Norming {
             self.inputs.borrow_mut().insert(norm.slot, input);
         }
         let Some(known) = moments.get(norm.slot).and_then(Option::as_ref) else {
-            if *sums == Some(norm.slot) {
-                let sums = shifted_sums(&h.detach(), &norm.running_mean)?;
-                self.kept.borrow_mut().insert(norm.slot, Kept::Sums(sums));
+            if *measuring == Some(norm.slot) {
+                *self.sums.borrow_mut() = Some(shifted_sums(&h.detach(), &norm.running_mean)?);
             }
             return Ok(h.clone());
         };
-        let input = self.inputs.borrow().get(&norm.slot).cloned();
-        let LayerInput { h, cut, output } = input.ok_or_else(|| {
+        let mut inputs = self.inputs.borrow_mut();
+        let input = inputs.get_mut(&norm.slot).ok_or_else(|| {
             ModelError::Spec(format!("batch-norm layer {} has no input", norm.slot))
         })?;
-        let y = match output {
-            Some(y) => y,
-            None => {
-                let y = normalise(
-                    &cut,
-                    (&known.mean, &known.inv_std),
-                    (&known.values.0, &known.values.1),
-                    (&norm.gamma, &norm.beta),
-                    activation,
-                )?;
-                if let Some(input) = self.inputs.borrow_mut().get_mut(&norm.slot) {
-                    input.output = Some(y.clone());
-                }
-                y
-            }
-        };
-        self.kept.borrow_mut().insert(
-            norm.slot,
-            Kept::Normalised {
-                h,
-                cut,
-                mean: known.mean.clone(),
-                inv_std: known.inv_std.clone(),
-            },
-        );
+        if let Some(y) = &input.output {
+            return Ok(y.clone());
+        }
+        let y = normalise(
+            &input.cut,
+            (&known.mean, &known.inv_std),
+            (&known.values.0, &known.values.1),
+            (&norm.gamma, &norm.beta),
+            activation,
+        )?;
+        input.output = Some(y.clone());
         Ok(y)
     }
 
-    fn kept(&self, slot: usize) -> Result<Kept> {
-        self.kept.borrow().get(&slot).cloned().ok_or_else(|| {
-            ModelError::Spec(format!(
-                "batch-norm layer {slot} was not reached by the forward pass"
-            ))
-        })
-    }
-
-    /// What the layer in `slot` kept, normalised by the global moments: h, its cut, μ, 1/σ.
+    /// The layer in `slot`, normalised by the global moments in this pass: its input h, its
+    /// cut, μ and 1/σ.
     fn normalised(&self, slot: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        match self.kept(slot)? {
-            Kept::Normalised {
-                h,
-                cut,
-                mean,
-                inv_std,
-            } => Ok((h, cut, mean, inv_std)),
-            Kept::Sums(_) => Err(ModelError::Spec(format!(
+        let moments = match &self.mode {
+            Mode::Train { moments, .. } => moments.get(slot).and_then(Option::as_ref),
+            Mode::Eval => None,
+        };
+        match (self.inputs.borrow().get(&slot), moments) {
+            (
+                Some(LayerInput {
+                    h,
+                    cut,
+                    output: Some(_),
+                }),
+                Some(m),
+            ) => Ok((h.clone(), cut.clone(), m.mean.clone(), m.inv_std.clone())),
+            _ => Err(ModelError::Spec(format!(
                 "batch-norm layer {slot} was not normalised by the global moments"
             ))),
         }
@@ -356,14 +330,16 @@ pub struct Norms {
     under_way: Mutex<Vec<UnderWay>>,
 }
 
-/// What one step's rounds leave for the next ones and the loss: the layers' inputs, and the
-/// backward pass once it has begun. Keyed by the step and the batch's tensor; only the current
-/// step's wait (other ranks' in a test, or one a halt abandoned).
+/// What one step's rounds leave for the next ones and the loss: the layers' inputs, this
+/// rank's moment sums of each layer (its update statistics), and the backward pass once it has
+/// begun. Keyed by the step and the batch's tensor; only the current step's wait (other ranks'
+/// in a test, or one a halt abandoned).
 #[derive(Debug)]
 struct UnderWay {
     step: u64,
     batch: TensorId,
     inputs: Inputs,
+    sums: BTreeMap<usize, Tensor>,
     backward: Option<Segments>,
 }
 
@@ -435,12 +411,45 @@ impl Norms {
         }
     }
 
+    /// Where round `round`'s sums start in the statistics of a step.
+    fn round_start(&self, round: usize) -> usize {
+        self.rounds().iter().take(round).sum()
+    }
+
     /// The global sums of the model's own rounds in `stats` (every round's sums, in order, as
     /// far as they are known): empty until they are all known.
     pub fn own_stats<'a>(&self, stats: &'a [f32]) -> &'a [f32] {
-        let at: usize = self.layers.iter().map(|l| 2 * l.width).sum();
+        let at = self.round_start(self.layers.len());
         let len: usize = self.own.iter().sum();
         stats.get(at..at + len).unwrap_or(&[])
+    }
+
+    /// Runs `f` on what step `step` on `batch` (this rank's input tensor) left so far, starting
+    /// it if there is none (and dropping what other steps left).
+    fn under_way<R>(
+        &self,
+        (step, batch): (u64, TensorId),
+        f: impl FnOnce(&mut UnderWay) -> R,
+    ) -> R {
+        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
+        let at = match under_way
+            .iter()
+            .position(|u| (u.step, u.batch) == (step, batch))
+        {
+            Some(at) => at,
+            None => {
+                under_way.retain(|u| u.step == step);
+                under_way.push(UnderWay {
+                    step,
+                    batch,
+                    inputs: BTreeMap::new(),
+                    sums: BTreeMap::new(),
+                    backward: None,
+                });
+                under_way.len() - 1
+            }
+        };
+        f(&mut under_way[at])
     }
 
     /// A training pass of step `step` on `batch` (this rank's input tensor) normalising by the
@@ -477,49 +486,44 @@ impl Norms {
                 values: (mean, inv_std),
             }));
         }
-        let sums = (moments.len() < self.layers.len()).then_some(moments.len());
+        let measuring = (moments.len() < self.layers.len()).then_some(moments.len());
         moments.resize(self.layers.len(), None);
         let key = (step, batch.id());
-        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
-        let inputs = match under_way.iter().find(|u| (u.step, u.batch) == key) {
-            Some(u) => u.inputs.clone(),
-            None => {
-                under_way.retain(|u| u.step == step);
-                under_way.push(UnderWay {
-                    step,
-                    batch: key.1,
-                    inputs: BTreeMap::new(),
-                    backward: None,
-                });
-                BTreeMap::new()
-            }
-        };
+        let inputs = self.under_way(key, |u| u.inputs.clone());
         Ok(Norming {
-            mode: Mode::Train { moments, sums },
-            kept: RefCell::new(BTreeMap::new()),
-            key: Some(key),
+            mode: Mode::Train {
+                moments,
+                measuring,
+                key,
+            },
             inputs: RefCell::new(inputs),
+            sums: RefCell::new(None),
         })
     }
 
-    /// The moment sums of the layer in `slot` that a training pass kept (a moments round); the
-    /// inputs it computed wait for the step's next rounds.
+    /// The moment sums of the layer in `slot` that a training pass kept (a moments round);
+    /// they and the inputs it computed wait for the step's next rounds and its loss.
     pub fn moment_sums(&self, norming: &Norming, slot: usize) -> Result<Tensor> {
-        if let Some(u) = self
-            .under_way
-            .lock()
-            .expect("batch-norm steps lock")
-            .iter_mut()
-            .find(|u| Some((u.step, u.batch)) == norming.key)
-        {
+        let Mode::Train { measuring, key, .. } = &norming.mode else {
+            return Err(ModelError::Spec(
+                "batch-norm moments come from a training pass".into(),
+            ));
+        };
+        let sums = norming
+            .sums
+            .borrow()
+            .clone()
+            .filter(|_| *measuring == Some(slot))
+            .ok_or_else(|| {
+                ModelError::Spec(format!(
+                    "batch-norm layer {slot} was not reached by the forward pass of its round"
+                ))
+            })?;
+        self.under_way(*key, |u| {
             u.inputs = norming.inputs.borrow().clone();
-        }
-        match norming.kept(slot)? {
-            Kept::Sums(s) => Ok(s),
-            Kept::Normalised { .. } => Err(ModelError::Spec(format!(
-                "batch-norm layer {slot}'s moments were already known"
-            ))),
-        }
+            u.sums.insert(slot, sums.clone());
+        });
+        Ok(sums)
     }
 
     /// `[Σg, Σg·x̂]` of the layer in `slot` over this rank's rows (the gradient round of
@@ -537,8 +541,14 @@ impl Norms {
         slot: usize,
         pass: impl FnOnce(&Norming) -> Result<LossOutput>,
     ) -> Result<Tensor> {
-        let last = self.layers.len() - 1;
-        let segments = if slot == last {
+        let layer = self.layers.get(slot).ok_or_else(|| {
+            ModelError::Input(format!(
+                "batch-norm slot {slot}, expected below {}",
+                self.layers.len()
+            ))
+        })?;
+        let key = (step, batch.id());
+        let segments = if slot + 1 == self.layers.len() {
             let norming = self.training(stats, rows, (step, batch))?;
             let output = pass(&norming)?;
             let sink = params.grad_sink();
@@ -548,23 +558,17 @@ impl Norms {
                 output,
                 params: BTreeMap::new(),
                 cuts: BTreeMap::new(),
-                next: last,
+                next: slot,
                 sink_pass: sink.current_step(),
             };
             let loss = segments.output.loss.clone();
             self.differentiate(params, &mut segments, &loss)?;
             segments
         } else {
-            let mut segments = self.resume((step, batch), slot + 1)?;
+            let mut segments = self.resume(key, slot + 1)?;
             self.carry_down(params, &mut segments, stats, rows)?;
             segments
         };
-        let layer = self.layers.get(slot).ok_or_else(|| {
-            ModelError::Input(format!(
-                "batch-norm slot {slot}, expected below {}",
-                last + 1
-            ))
-        })?;
         let of = |t: &Tensor, part: &str| -> Result<Tensor> {
             Ok(
                 match segments.params.get(&format!("{}.{part}", layer.name)) {
@@ -574,26 +578,14 @@ impl Norms {
             )
         };
         let sums = Tensor::cat(&[of(&layer.beta, "bias")?, of(&layer.gamma, "weight")?], 0)?;
-        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
-        match under_way
-            .iter_mut()
-            .find(|u| (u.step, u.batch) == (step, batch.id()))
-        {
-            Some(u) => u.backward = Some(segments),
-            None => under_way.push(UnderWay {
-                step,
-                batch: batch.id(),
-                inputs: BTreeMap::new(),
-                backward: Some(segments),
-            }),
-        }
+        self.under_way(key, |u| u.backward = Some(segments));
         Ok(sums)
     }
 
     /// The step's loss, once every gradient round is done: the last segment is carried down
     /// to the input, and the loss returned is the objective's in value whose gradient is the
     /// step's (see the module's documentation), with the update statistics of this rank's
-    /// `local_rows` rows.
+    /// `local_rows` rows. What the step left is let go.
     pub fn finish(
         &self,
         params: &Params,
@@ -602,7 +594,13 @@ impl Norms {
         rows: u64,
         local_rows: usize,
     ) -> Result<LossOutput> {
-        let mut segments = self.resume((step, batch), 0)?;
+        let key = (step, batch.id());
+        let mut segments = self.resume(key, 0)?;
+        let moment_sums = self.under_way(key, |u| std::mem::take(&mut u.sums));
+        self.under_way
+            .lock()
+            .expect("batch-norm steps lock")
+            .retain(|u| (u.step, u.batch) != key);
         let sink = params.grad_sink();
         // The trainer began a pass of its own before the loss: the rounds' deposits are this
         // step's all the same.
@@ -610,18 +608,20 @@ impl Norms {
         self.carry_down(params, &mut segments, stats, rows)?;
         let mut output = segments.output;
         let value = output.loss.detach();
-        output.update_stats = Some(self.update_stats(&segments.norming, local_rows)?);
+        output.update_stats = Some(self.update_stats(moment_sums, local_rows)?);
         if sink.enabled() && params.device().is_cpu() {
             // The trainer reads the step's gradients from the sink, where fused layers leave
             // theirs on CPU: hand the others over there too, and the loss is its value alone.
             // (On a GPU the surrogate keeps them on the device.)
             for (name, g) in &segments.params {
-                let values = g.flatten_all()?.to_vec1::<f32>()?;
+                let g = g.contiguous()?;
+                let values = cpu_flat(&g)?;
+                let values = values.values()?;
                 sink.deposit(name, |dst, current| {
                     if current {
-                        dst.iter_mut().zip(&values).for_each(|(d, v)| *d += v);
+                        dst.iter_mut().zip(values).for_each(|(d, v)| *d += v);
                     } else {
-                        dst.copy_from_slice(&values);
+                        dst.copy_from_slice(values);
                     }
                 })
                 .ok_or_else(|| {
@@ -649,27 +649,20 @@ impl Norms {
         Ok(output)
     }
 
-    /// The step's backward pass waiting for the segment of the layer in `next` (the last
-    /// segment: the step's end, which takes all it left).
-    fn resume(&self, (step, batch): (u64, &Tensor), next: usize) -> Result<Segments> {
-        let mut under_way = self.under_way.lock().expect("batch-norm steps lock");
-        let waiting = |u: &UnderWay| {
-            (u.step, u.batch) == (step, batch.id())
-                && u.backward.as_ref().is_some_and(|s| s.next == next)
-        };
-        let at = under_way.iter().position(waiting).ok_or_else(|| {
-            ModelError::Spec(format!(
-                "batch norm's backward pass of step {step} is not waiting for layer \
-                     {next}: the gradient rounds come in order, last layer first, before the \
-                     loss, on the same batch"
-            ))
-        })?;
-        let backward = if next == 0 {
-            under_way.swap_remove(at).backward
-        } else {
-            under_way[at].backward.take()
-        };
-        backward.ok_or_else(|| ModelError::Spec("batch norm's backward pass vanished".into()))
+    /// The step's backward pass, waiting for the segment of the layer in `next`.
+    fn resume(&self, key: (u64, TensorId), next: usize) -> Result<Segments> {
+        self.under_way(key, |u| match u.backward.take() {
+            Some(s) if s.next == next => Ok(s),
+            other => {
+                u.backward = other;
+                Err(ModelError::Spec(format!(
+                    "batch norm's backward pass of step {} is not waiting for layer {next}: \
+                     the gradient rounds come in order, last layer first, before the loss, on \
+                     the same batch",
+                    key.0
+                )))
+            }
+        })
     }
 
     /// Runs the segment of the layer in `segments.next`: its gradient at the cut completed by
@@ -685,12 +678,9 @@ impl Norms {
         let layer = &self.layers[slot];
         let w = layer.width;
         let n = rows.max(1) as f64;
-        let at = self.layers.iter().map(|l| 2 * l.width).sum::<usize>()
-            + self.own.iter().sum::<usize>()
-            + self.layers[slot + 1..]
-                .iter()
-                .map(|l| 2 * l.width)
-                .sum::<usize>();
+        // Gradient rounds come last layer first, after the moments and the model's own.
+        let round = 2 * self.layers.len() + self.own.len() - 1 - slot;
+        let at = self.round_start(round);
         let sums = stats.get(at..at + 2 * w).ok_or_else(|| {
             ModelError::Input(format!(
                 "batch norm {} needs its gradient sums, which the statistics lack",
@@ -727,12 +717,15 @@ impl Norms {
                 add(&mut segments.params, name.clone(), g.clone())?;
             }
         }
-        for slot in 0..self.layers.len() {
-            if let Ok((_, cut, _, _)) = segments.norming.normalised(slot) {
-                if let Some(g) = grads.get(&cut) {
-                    add(&mut segments.cuts, slot, g.clone())?;
-                }
-            }
+        let cuts: Vec<(usize, Tensor)> = segments
+            .norming
+            .inputs
+            .borrow()
+            .iter()
+            .filter_map(|(slot, input)| Some((*slot, grads.get(&input.cut)?.clone())))
+            .collect();
+        for (slot, g) in cuts {
+            add(&mut segments.cuts, slot, g)?;
         }
         Ok(())
     }
@@ -742,13 +735,18 @@ impl Norms {
         self.layers.iter().map(|l| 2 * l.width).sum::<usize>() + 1
     }
 
-    /// The update statistics of this rank's rows from the step's training pass: every layer's
-    /// `[Σ(h − m), Σ(h − m)²]`, then the row count.
-    fn update_stats(&self, norming: &Norming, rows: usize) -> Result<Tensor> {
+    /// The update statistics of this rank's rows: every layer's `[Σ(h − m), Σ(h − m)²]` (its
+    /// moments round's, `sums` by slot: the inputs the training pass normalised), then the row
+    /// count.
+    fn update_stats(&self, mut sums: BTreeMap<usize, Tensor>, rows: usize) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let (h, ..) = norming.normalised(layer.slot)?;
-            parts.push(shifted_sums(&h.detach(), &layer.running_mean)?);
+            parts.push(sums.remove(&layer.slot).ok_or_else(|| {
+                ModelError::Spec(format!(
+                    "batch norm {} had no moments round in this step",
+                    layer.name
+                ))
+            })?);
         }
         parts.push(Tensor::new(&[rows as f32], &self.device())?);
         Ok(Tensor::cat(&parts, 0)?)
