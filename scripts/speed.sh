@@ -8,6 +8,8 @@
 #   ladder-bn    the same with batch norm in every hidden layer (BN=1 for the twin)
 #   vqvae        configs/vqvae-mnist.toml, batch 128    beside scripts/vqvae_twin.py step
 #   m2           configs/m2-mnist.toml, batch 200       beside scripts/m2_step.py
+#   prior        configs/vqvae-prior-mnist.toml, batch 128 beside scripts/code_prior_twin.py step
+#                (needs the trained VQ-VAE at runs/vqvae-mnist that the config names)
 #   conv-S-B     the conv VAE at S px (28, 32 or 64), batch B, beside
 #                ../shared/reference/torch_conv_vae_step.py (dense 256, z 10)
 # Needs a release build (cargo build --release) and a Python with torch (PYTHON;
@@ -15,7 +17,7 @@
 # Usage: scripts/speed.sh MODEL [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: scripts/speed.sh vae|ladder|ladder-bn|vqvae|m2|conv-SIDE-BATCH [ROUNDS]"
+usage="usage: scripts/speed.sh vae|ladder|ladder-bn|vqvae|m2|prior|conv-SIDE-BATCH [ROUNDS]"
 model=${1:?$usage}
 rounds=${2:-5}
 if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
@@ -43,6 +45,14 @@ case $model in
     ours=($elbo bench train --config configs/m2-mnist.toml --shape 1,28,28 --batch-size 200
       --steps 100)
     twin=("$py" scripts/m2_step.py 200 100 2) ;;
+  prior)
+    [ -d runs/vqvae-mnist ] || {
+      echo "prior: train the VQ-VAE first: elbo train --config configs/vqvae-mnist.toml" >&2
+      exit 2
+    }
+    ours=($elbo bench train --config configs/vqvae-prior-mnist.toml --shape 1,28,28
+      --batch-size 128 --steps 10)
+    twin=("$py" scripts/code_prior_twin.py step 128 10 2) ;;
   conv-*-*)
     IFS=- read -r _ side batch <<< "$model"
     case $side in 28 | 32 | 64) ;; *) echo "$usage: SIDE is 28, 32 or 64" >&2; exit 2 ;; esac

@@ -2,23 +2,25 @@
 //! as candle ops with hand-written backward passes (NCHW, square kernels, any stride, padding
 //! and, for the transposed one, output padding).
 //!
-//! On CPU both are im2col/col2im around one gemm per image, the images of a batch split across
-//! the pool (each thread with its own column buffer, reused across its images): a convolution
-//! is `y_b = W·cols(x_b) + b`, and a transposed convolution is its data gradient,
-//! `y_b = col2im(Wᵀ·x_b) + b`. The backward passes are the same pieces the other way round —
+//! On CPU both are im2col/col2im around gemms, the images of a batch split across the pool
+//! (each thread with its own column buffers, reused across its images). A convolution is
+//! `y_b = W·cols(x_b) + b`, and a transposed convolution is its data gradient,
+//! `y_b = col2im(Wᵀ·x_b) + b`. Small images go several to a gemm, their windows side by side
+//! (256 columns or more where the thread has the images), so a 7×7 image does not pay a whole
+//! gemm's packing alone. The backward passes are the same pieces the other way round —
 //! `dW = Σ_b g_b·cols(x_b)ᵀ`, `dx_b = col2im(Wᵀ·g_b)` for a convolution, `dx_b = W·cols(g_b)`
 //! and `dW = Σ_b x_b·cols(g_b)ᵀ` for a transposed one, `db = Σ g` — with `g = dY·[y > 0]` when
 //! the ReLU is fused, the input's gradient only when the input needs one (never for data), and
 //! the weight and bias gradients written into the gradient sink when it is on. Each thread sums
-//! its images' weight gradients into its own buffer; the buffers are added in thread order, so
-//! a result depends on the thread count only through that order. Other devices, and other
-//! dtypes, compose candle's `conv2d` ([`crate::conv_gemm`]).
+//! its groups' weight gradients into its own buffer; the buffers are added in thread order, so
+//! a result depends on the thread count only through that order and the groups it makes. Other
+//! devices, and other dtypes, compose candle's `conv2d` ([`crate::conv_gemm`]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32 as contiguous, cpu_flat};
+use crate::cpu::{contiguous_f32 as contiguous, cpu_flat, lane_sum};
 use crate::dense::{matmul_here, Operand, SinkSlots};
 use crate::error::Result;
 
@@ -118,29 +120,39 @@ impl Geometry {
         self.channels * self.stride * self.stride * rows * cols
     }
 
-    /// `cols (rows × windows)`: each window's values, zero outside the image. `phases` is
+    /// `cols (rows × windows)`: each window's values, zero outside the image, row `r` at
+    /// `cols[r·ld..]` (`ld ≥ windows`: the image's block of a group's columns). `phases` is
     /// scratch space.
-    fn im2col(&self, image: &[f32], phases: &mut Vec<f32>, cols: &mut [f32]) {
+    fn im2col(&self, image: &[f32], phases: &mut Vec<f32>, cols: &mut [f32], ld: usize) {
         if self.pointwise() {
-            cols.copy_from_slice(image);
+            let l = self.windows();
+            for (c, plane) in image.chunks_exact(l).enumerate() {
+                cols[c * ld..][..l].copy_from_slice(plane);
+            }
             return;
         }
         phases.clear();
         phases.resize(self.phases_len(), 0.0);
         split(self, image, phases);
-        windows_from_phases(self, phases, cols);
+        windows_from_phases(self, phases, cols, ld);
     }
 
-    /// Adds `cols (rows × windows)` back into the image positions they were read from.
-    /// `phases` is scratch space.
-    fn col2im(&self, cols: &[f32], phases: &mut Vec<f32>, image: &mut [f32]) {
+    /// Adds `cols (rows × windows)`, row `r` at `cols[r·ld..]`, back into the image positions
+    /// they were read from. `phases` is scratch space.
+    fn col2im(&self, cols: &[f32], phases: &mut Vec<f32>, image: &mut [f32], ld: usize) {
         if self.pointwise() {
-            image.iter_mut().zip(cols).for_each(|(v, c)| *v += c);
+            let l = self.windows();
+            for (c, plane) in image.chunks_exact_mut(l).enumerate() {
+                plane
+                    .iter_mut()
+                    .zip(&cols[c * ld..][..l])
+                    .for_each(|(v, c)| *v += c);
+            }
             return;
         }
         phases.clear();
         phases.resize(self.phases_len(), 0.0);
-        windows_into_phases(self, cols, phases);
+        windows_into_phases(self, cols, phases, ld);
         merge(self, phases, image);
     }
 }
@@ -212,10 +224,11 @@ fn merge(g: &Geometry, phases: &[f32], image: &mut [f32]) {
 }
 
 /// Calls `f(plane_at, window_at)` for every window row of `g`: where its `out_w` values lie,
-/// contiguous, in the polyphase planes, and where they go in the columns (`rows × windows`).
+/// contiguous, in the polyphase planes, and where they go in the columns (`rows × windows`,
+/// row `r` at `r·ld`).
 #[inline(always)]
-fn window_rows(g: &Geometry, mut f: impl FnMut(usize, usize)) {
-    let (k, s, l) = (g.kernel, g.stride, g.windows());
+fn window_rows(g: &Geometry, ld: usize, mut f: impl FnMut(usize, usize)) {
+    let (k, s) = (g.kernel, g.stride);
     let (mt, rows, ml, cols) = g.planes();
     let taps = g.taps_read();
     for c in 0..g.channels {
@@ -230,7 +243,7 @@ fn window_rows(g: &Geometry, mut f: impl FnMut(usize, usize)) {
                 let (t, b) = phase_of(kj, g.padding, s);
                 let plane = ((c * s + r) * s + t) * rows * cols;
                 let left = (ml as isize + b) as usize;
-                let row = (c * taps + tap) * l;
+                let row = (c * taps + tap) * ld;
                 tap += 1;
                 for oh in 0..g.out_h {
                     f(plane + (top + oh) * cols + left, row + oh * g.out_w);
@@ -242,16 +255,18 @@ fn window_rows(g: &Geometry, mut f: impl FnMut(usize, usize)) {
 
 /// The window rows of [`Geometry::im2col`], copied out of the planes.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn windows_from_phases(g: &Geometry, phases: &[f32], out: &mut [f32]) {
+fn windows_from_phases(g: &Geometry, phases: &[f32], out: &mut [f32], ld: usize) {
     let n = g.out_w;
     // Rows of the built-in stacks' narrow widths are copied as fixed-size arrays, inline: a call
     // to `memcpy` per row of 7 to 16 values cost more than the copy (5.9% of a 28 px step).
     match n {
-        7 => window_rows(g, |p, w| copy_fixed::<7>(&mut out[w..], &phases[p..])),
-        8 => window_rows(g, |p, w| copy_fixed::<8>(&mut out[w..], &phases[p..])),
-        14 => window_rows(g, |p, w| copy_fixed::<14>(&mut out[w..], &phases[p..])),
-        16 => window_rows(g, |p, w| copy_fixed::<16>(&mut out[w..], &phases[p..])),
-        _ => window_rows(g, |p, w| out[w..w + n].copy_from_slice(&phases[p..p + n])),
+        7 => window_rows(g, ld, |p, w| copy_fixed::<7>(&mut out[w..], &phases[p..])),
+        8 => window_rows(g, ld, |p, w| copy_fixed::<8>(&mut out[w..], &phases[p..])),
+        14 => window_rows(g, ld, |p, w| copy_fixed::<14>(&mut out[w..], &phases[p..])),
+        16 => window_rows(g, ld, |p, w| copy_fixed::<16>(&mut out[w..], &phases[p..])),
+        _ => window_rows(g, ld, |p, w| {
+            out[w..w + n].copy_from_slice(&phases[p..p + n])
+        }),
     }
 }
 
@@ -264,14 +279,22 @@ fn copy_fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
 
 /// Adds the window rows of `cols` into the planes: the adjoint of [`windows_from_phases`].
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn windows_into_phases(g: &Geometry, windows: &[f32], phases: &mut [f32]) {
+fn windows_into_phases(g: &Geometry, windows: &[f32], phases: &mut [f32], ld: usize) {
     let n = g.out_w;
     match n {
-        7 => window_rows(g, |p, w| add_fixed::<7>(&mut phases[p..], &windows[w..])),
-        8 => window_rows(g, |p, w| add_fixed::<8>(&mut phases[p..], &windows[w..])),
-        14 => window_rows(g, |p, w| add_fixed::<14>(&mut phases[p..], &windows[w..])),
-        16 => window_rows(g, |p, w| add_fixed::<16>(&mut phases[p..], &windows[w..])),
-        _ => window_rows(g, |p, w| {
+        7 => window_rows(g, ld, |p, w| {
+            add_fixed::<7>(&mut phases[p..], &windows[w..])
+        }),
+        8 => window_rows(g, ld, |p, w| {
+            add_fixed::<8>(&mut phases[p..], &windows[w..])
+        }),
+        14 => window_rows(g, ld, |p, w| {
+            add_fixed::<14>(&mut phases[p..], &windows[w..])
+        }),
+        16 => window_rows(g, ld, |p, w| {
+            add_fixed::<16>(&mut phases[p..], &windows[w..])
+        }),
+        _ => window_rows(g, ld, |p, w| {
             let src = &windows[w..w + n];
             phases[p..p + n]
                 .iter_mut()
@@ -421,6 +444,46 @@ impl ConvOp {
     }
 }
 
+/// Columns a gemm is given at least, where images are small: the windows of several images
+/// side by side make one gemm (a 7×7 image alone gives 49, too few to amortise the packing, and
+/// its weight gradient would be a rank-49 update of the whole weight per image).
+const GROUP_COLUMNS: usize = 256;
+
+/// Images per gemm for images of `l` windows: one where an image alone fills a gemm.
+fn group_of(l: usize) -> usize {
+    GROUP_COLUMNS.div_ceil(l.max(1))
+}
+
+/// `m` images of `channels × l` values side by side as one (channels × m·l) matrix, image
+/// `i`'s channel `c` at `c·m·l + i·l`: the images themselves when `m` is 1, else written
+/// into `buf`.
+fn gather<'a>(images: &'a [f32], channels: usize, l: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let m = images.len() / (channels * l);
+    if m == 1 {
+        return images;
+    }
+    buf.resize(images.len(), 0.0);
+    for (i, image) in images.chunks_exact(channels * l).enumerate() {
+        for (c, plane) in image.chunks_exact(l).enumerate() {
+            buf[(c * m + i) * l..][..l].copy_from_slice(plane);
+        }
+    }
+    buf
+}
+
+/// Adds a (channels × m·l) matrix laid out as [`gather`] writes it into its `m` images.
+fn scatter_add(side: &[f32], channels: usize, l: usize, images: &mut [f32]) {
+    let m = images.len() / (channels * l);
+    for (i, image) in images.chunks_exact_mut(channels * l).enumerate() {
+        for (c, plane) in image.chunks_exact_mut(l).enumerate() {
+            plane
+                .iter_mut()
+                .zip(&side[(c * m + i) * l..][..l])
+                .for_each(|(v, s)| *v += s);
+        }
+    }
+}
+
 /// Images per task: the batch split evenly over the pool's threads.
 fn per_task(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -456,37 +519,55 @@ impl CustomOp3 for ConvOp {
         let (in_len, out_len) = (d.in_len(), d.out_len());
         let plane = d.output.1 * d.output.2;
         let mut y = vec![0.0f32; d.batch * out_len];
-        let per = per_task(d.batch);
+        let (per, l) = (per_task(d.batch), g.windows());
+        let group = group_of(l);
         y.par_chunks_mut(per * out_len)
             .zip(x.par_chunks(per * in_len))
             .try_for_each(|(ys, xs)| -> candle_core::Result<()> {
-                let mut cols = vec![0.0f32; g.rows() * g.windows()];
-                let mut phases = Vec::new();
-                for (y, x) in ys.chunks_exact_mut(out_len).zip(xs.chunks_exact(in_len)) {
-                    for (o, bias) in y.chunks_exact_mut(plane).zip(b) {
-                        o.fill(*bias);
+                let mut cols = Vec::new();
+                let (mut phases, mut side) = (Vec::new(), Vec::new());
+                for (ys, xs) in ys
+                    .chunks_mut(group * out_len)
+                    .zip(xs.chunks(group * in_len))
+                {
+                    let m = ys.len() / out_len;
+                    cols.resize(g.rows() * m * l, 0.0);
+                    for y in ys.chunks_exact_mut(out_len) {
+                        for (o, bias) in y.chunks_exact_mut(plane).zip(b) {
+                            o.fill(*bias);
+                        }
                     }
                     if self.spec.transposed {
-                        // cols (O·k·k × H·W) = Wᵀ·x, W being (C × O·k·k).
-                        let (c, l) = (d.input.0, d.input.1 * d.input.2);
+                        // cols (O·k·k × m·H·W) = Wᵀ·x, W being (C × O·k·k).
+                        let c = d.input.0;
+                        let xg = gather(xs, c, l, &mut side);
                         matmul_here(
                             &mut cols,
                             false,
                             Operand(w, c, g.rows(), true),
-                            Operand(x, c, l, false),
+                            Operand(xg, c, m * l, false),
                         )?;
-                        g.col2im(&cols, &mut phases, y);
+                        for (i, y) in ys.chunks_exact_mut(out_len).enumerate() {
+                            g.col2im(&cols[i * l..], &mut phases, y, m * l);
+                        }
                     } else {
-                        g.im2col(x, &mut phases, &mut cols);
-                        matmul_here(
-                            y,
-                            true,
+                        for (i, x) in xs.chunks_exact(in_len).enumerate() {
+                            g.im2col(x, &mut phases, &mut cols[i * l..], m * l);
+                        }
+                        let (w, cols) = (
                             Operand(w, d.output.0, g.rows(), false),
-                            Operand(&cols, g.rows(), g.windows(), false),
-                        )?;
+                            Operand(&cols, g.rows(), m * l, false),
+                        );
+                        if m == 1 {
+                            matmul_here(ys, true, w, cols)?;
+                        } else {
+                            side.resize(d.output.0 * m * l, 0.0);
+                            matmul_here(&mut side, false, w, cols)?;
+                            scatter_add(&side, d.output.0, l, ys);
+                        }
                     }
                     if self.relu {
-                        y.iter_mut().for_each(|v| *v = v.max(0.0));
+                        ys.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
                 }
                 Ok(())
@@ -608,66 +689,89 @@ impl Backward<'_> {
         let (cout, plane) = (d.output.0, d.output.1 * d.output.2);
         let mut dw = vec![0.0f32; self.w.len()];
         let mut db = vec![0.0f32; cout];
-        let mut cols = vec![0.0f32; geo.rows() * geo.windows()];
-        let mut phases = Vec::new();
-        let mut masked = Vec::new();
-        for (i, image) in images.enumerate() {
-            let x = &self.x[image * in_len..][..in_len];
-            let dy = &self.dy[image * out_len..][..out_len];
+        let (l, rows) = (geo.windows(), geo.rows());
+        let group = group_of(l);
+        let (mut cols, mut phases) = (Vec::new(), Vec::new());
+        let (mut masked, mut side, mut side_x) = (Vec::new(), Vec::new(), Vec::new());
+        let mut at = images.start;
+        while at < images.end {
+            let m = group.min(images.end - at);
+            let span = |len: usize| at * len..(at + m) * len;
+            let (x, dy) = (&self.x[span(in_len)], &self.dy[span(out_len)]);
             let g = match self.y {
                 Some(y) => {
-                    let y = &y[image * out_len..][..out_len];
                     masked.clear();
-                    masked.extend(
-                        dy.iter()
-                            .zip(y)
-                            .map(|(d, y)| if *y > 0.0 { *d } else { 0.0 }),
-                    );
+                    masked.extend(dy.iter().zip(&y[span(out_len)]).map(|(d, y)| {
+                        if *y > 0.0 {
+                            *d
+                        } else {
+                            0.0
+                        }
+                    }));
                     &masked[..]
                 }
                 None => dy,
             };
-            for (s, o) in db.iter_mut().zip(g.chunks_exact(plane)) {
-                *s += o.iter().sum::<f32>();
+            for image in g.chunks_exact(out_len) {
+                for (s, o) in db.iter_mut().zip(image.chunks_exact(plane)) {
+                    *s += lane_sum(o);
+                }
             }
-            let dx = dx.as_deref_mut().map(|dx| &mut dx[i * in_len..][..in_len]);
+            let first = (at - images.start) * in_len;
+            let dx = dx
+                .as_deref_mut()
+                .map(|dx| &mut dx[first..first + m * in_len]);
+            cols.resize(rows * m * l, 0.0);
             if self.op.spec.transposed {
-                // cols(g) (O·k·k × H·W); dx = W·cols(g), dW += x·cols(g)ᵀ, W being (C × O·k·k).
-                let (c, l) = (d.input.0, d.input.1 * d.input.2);
-                geo.im2col(g, &mut phases, &mut cols);
+                // cols(g) (O·k·k × m·H·W); dx = W·cols(g), dW += x·cols(g)ᵀ, W being (C × O·k·k).
+                let c = d.input.0;
+                for (i, image) in g.chunks_exact(out_len).enumerate() {
+                    geo.im2col(image, &mut phases, &mut cols[i * l..], m * l);
+                }
                 if let Some(dx) = dx {
-                    matmul_here(
-                        dx,
-                        false,
-                        Operand(self.w, c, geo.rows(), false),
-                        Operand(&cols, geo.rows(), l, false),
-                    )?;
+                    let (w, cols) = (
+                        Operand(self.w, c, rows, false),
+                        Operand(&cols, rows, m * l, false),
+                    );
+                    if m == 1 {
+                        matmul_here(dx, false, w, cols)?;
+                    } else {
+                        side.resize(c * m * l, 0.0);
+                        matmul_here(&mut side, false, w, cols)?;
+                        scatter_add(&side, c, l, dx);
+                    }
                 }
                 matmul_here(
                     &mut dw,
                     true,
-                    Operand(x, c, l, false),
-                    Operand(&cols, geo.rows(), l, true),
+                    Operand(gather(x, c, l, &mut side_x), c, m * l, false),
+                    Operand(&cols, rows, m * l, true),
                 )?;
             } else {
                 // dW += g·cols(x)ᵀ; dx = col2im(Wᵀ·g), W being (O × C·k·k).
-                geo.im2col(x, &mut phases, &mut cols);
+                for (i, image) in x.chunks_exact(in_len).enumerate() {
+                    geo.im2col(image, &mut phases, &mut cols[i * l..], m * l);
+                }
+                let g = gather(g, cout, l, &mut side);
                 matmul_here(
                     &mut dw,
                     true,
-                    Operand(g, cout, plane, false),
-                    Operand(&cols, geo.rows(), geo.windows(), true),
+                    Operand(g, cout, m * l, false),
+                    Operand(&cols, rows, m * l, true),
                 )?;
                 if let Some(dx) = dx {
                     matmul_here(
                         &mut cols,
                         false,
-                        Operand(self.w, cout, geo.rows(), true),
-                        Operand(g, cout, plane, false),
+                        Operand(self.w, cout, rows, true),
+                        Operand(g, cout, m * l, false),
                     )?;
-                    geo.col2im(&cols, &mut phases, dx);
+                    for (i, dx) in dx.chunks_exact_mut(in_len).enumerate() {
+                        geo.col2im(&cols[i * l..], &mut phases, dx, m * l);
+                    }
                 }
             }
+            at += m;
         }
         Ok((dw, db))
     }

@@ -16,6 +16,21 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
+/// `Σ v`, in eight interleaved partial sums (vectorised; a sum in order is one dependent add per
+/// value). The order is fixed, so the result depends on `v` alone.
+#[inline]
+pub(crate) fn lane_sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `f` applied element by element to two contiguous f32 tensors of one shape: the forward pass
 /// of an elementwise CPU op.
 pub(crate) fn map2(

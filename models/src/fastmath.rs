@@ -14,7 +14,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.0);
     // Round to nearest by adding and removing 1.5·2²³ (no `floor`, which is a call without
     // SSE4.1).
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -23,7 +24,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ: `shifted` holds n (−126 to 127) in its low mantissa bits, so its bits less those of
+    // 1.5·2²³ are n as an integer — integer arithmetic only (a saturating `as i32` would add a
+    // range and NaN check per element and keep the loop from vectorizing).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// `ln x` for a positive normal `x` (the only inputs it is given).

@@ -4,6 +4,7 @@
 //! the composed form.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::cpu::contiguous_f32;
@@ -14,6 +15,25 @@ use crate::fastmath::exp;
 #[inline(always)]
 fn halves(a: f32, b: f32) -> (f32, f32) {
     (1.0 - 2.0 / (exp(2.0 * a) + 1.0), 1.0 / (1.0 + exp(-b)))
+}
+
+/// `y = tanh(a)·σ(b)`, elementwise.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn forward(y: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+        let (t, s) = halves(*a, *b);
+        *y = t * s;
+    }
+}
+
+/// The gradients `da`, `db` of `tanh(a)·σ(b)` given its output's gradient `g`, elementwise.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn backward(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f32]) {
+    for ((((da, db), a), b), g) in da.iter_mut().zip(db).zip(a).zip(b).zip(g) {
+        let (t, s) = halves(*a, *b);
+        *da = g * s * (1.0 - t * t);
+        *db = g * t * s * (1.0 - s);
+    }
 }
 
 /// For an input (B, 2C, …): B, and the values in each half of one example (C·…); an error for
@@ -42,10 +62,7 @@ impl CustomOp1 for Gate {
             .zip(x.par_chunks(2 * half))
             .for_each(|(y, x)| {
                 let (a, b) = x.split_at(half);
-                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                    let (t, s) = halves(*a, *b);
-                    *y = t * s;
-                }
+                forward(y, a, b);
             });
         let mut dims = l.shape().dims().to_vec();
         dims[1] /= 2;
@@ -91,11 +108,7 @@ impl CustomOp2 for GateGrad {
             .for_each(|((dx, x), g)| {
                 let (da, db) = dx.split_at_mut(half);
                 let (a, b) = x.split_at(half);
-                for ((((da, db), a), b), g) in da.iter_mut().zip(db).zip(a).zip(b).zip(g) {
-                    let (t, s) = halves(*a, *b);
-                    *da = g * s * (1.0 - t * t);
-                    *db = g * t * s * (1.0 - s);
-                }
+                backward(da, db, a, b, g);
             });
         Ok((CpuStorage::F32(dx), lx.shape().clone()))
     }

@@ -59,8 +59,11 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, usize, ConvSpec)> {
         (2, 2, 3, 8, 6, spec(2, 0, 0, false), 3),
         // The output padding reaches past the last phase row.
         (1, 2, 2, 3, 4, spec(2, 0, 1, true), 4),
-        // Batches of many images per thread, on the VQ models' grid sizes.
+        // Batches of many images per thread, on the VQ models' grid sizes: several images'
+        // windows side by side in one gemm, the last group of a thread shorter.
         (47, 2, 3, 7, 7, spec(1, 1, 0, false), 3),
+        (41, 3, 2, 4, 4, spec(2, 1, 0, true), 4),
+        (29, 2, 3, 7, 7, spec(1, 1, 0, true), 3),
         (13, 2, 3, 7, 7, spec(1, 0, 0, false), 1),
         (13, 2, 2, 28, 28, spec(2, 1, 0, false), 4),
     ]
@@ -137,6 +140,7 @@ fn masked_convolutions_match_the_weight_times_the_mask() {
         (1, 3, 2, 7, 5, 1, 2),
         (2, 2, 3, 6, 3, 2, 1),
         (2, 1, 2, 4, 1, 1, 0),
+        (37, 3, 4, 7, 3, 1, 1),
     ] {
         let spec = ConvSpec {
             stride,
