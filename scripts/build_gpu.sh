@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries that scripts/gpu_check.sh runs on a GPU machine, on a machine
-# without a GPU: NVIDIA's toolkit from PyPI (scripts/cuda_root.sh, cached in CACHE_DIR, default
-# ~/.cache/elbo-cuda), then `elbo` and the GPU tests (engine/tests/gpu.rs) with
-# `--features cuda`, stripped and xz-compressed into target/gpu-bin (the kernels' PTX makes them
-# ~70 MB each; ~10 MB compressed). CUDA_COMPUTE_CAP (default 90: Hopper) picks the
-# GPU generation the kernels are compiled for.
+# without a GPU: NVIDIA's toolkit and cuDNN from PyPI (scripts/cuda_root.sh, cached in
+# CACHE_DIR, default ~/.cache/elbo-cuda), then `elbo` and the GPU tests (engine/tests/gpu.rs)
+# twice: with `--features cuda` (elbo, gpu-tests) and with `--features cudnn`, whose
+# convolutions run through cuDNN (elbo-cudnn, gpu-tests-cudnn; CUDNN=0 skips them). Each is
+# stripped and xz-compressed into target/gpu-bin (the kernels' PTX makes them ~70 MB each;
+# ~10 MB compressed). CUDA_COMPUTE_CAP (default 90: Hopper) picks the GPU generation the kernels
+# are compiled for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(scripts/cuda_root.sh "${CACHE_DIR:-$HOME/.cache/elbo-cuda}")"
+variants=(cuda:)
+[ "${CUDNN:-1}" = 0 ] || variants+=(cudnn:-cudnn)
+eval "$(scripts/cuda_root.sh "${CACHE_DIR:-$HOME/.cache/elbo-cuda}" \
+  "$([ "${#variants[@]}" -gt 1 ] && echo --cudnn)")"
 export LIBRARY_PATH="$CUDA_ROOT/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
-cargo build --release --locked --features cuda --bin elbo
-tests="$(cargo test --release --locked --features cuda -p elbo-engine --test gpu --no-run \
-  --message-format json | python3 -c 'import json, sys
+rm -rf target/gpu-bin
+mkdir -p target/gpu-bin
+for variant in "${variants[@]}"; do
+  features="${variant%%:*}" suffix="${variant#*:}"
+  cargo build --release --locked --features "$features" --bin elbo
+  tests="$(cargo test --release --locked --features "$features" -p elbo-engine --test gpu \
+    --no-run --message-format json | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"):
         print(m["executable"])')"
-rm -rf target/gpu-bin
-mkdir -p target/gpu-bin
-for pair in "target/release/elbo:elbo" "$tests:gpu-tests"; do
-  src="${pair%%:*}" name="${pair##*:}"
-  strip -o "target/gpu-bin/$name" "$src"
-  xz -T0 -6 "target/gpu-bin/$name"
+  for pair in "target/release/elbo:elbo$suffix" "$tests:gpu-tests$suffix"; do
+    src="${pair%%:*}" name="${pair##*:}"
+    strip -o "target/gpu-bin/$name" "$src"
+    xz -T0 -6 "target/gpu-bin/$name"
+  done
 done
 ls -l target/gpu-bin

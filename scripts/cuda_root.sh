@@ -2,7 +2,8 @@
 # Assembles a CUDA toolkit root from NVIDIA's PyPI wheels, enough to build elbo with
 # `--features cuda` on a machine without a GPU or a system CUDA install.
 #
-#   scripts/cuda_root.sh DIR        # prints the environment to `eval` before cargo
+#   scripts/cuda_root.sh DIR           # prints the environment to `eval` before cargo
+#   scripts/cuda_root.sh DIR --cudnn   # the same, with cuDNN, for a `--features cudnn` build
 #
 # DIR caches the wheels' venv (DIR/venv) and the assembled root (DIR/root); a second call
 # reuses both. The toolkit is pinned (ELBO_CUDA_TOOLKIT, default 13.0.*): PTX from a newer nvcc
@@ -11,9 +12,20 @@
 # the GPU driver, not in any wheel: the root gets a stub of it in lib/stubs, generated from the
 # driver entry points cudarc declares, each returning CUDA_ERROR_STUB_LIBRARY. Linking needs it;
 # a GPU machine's real driver replaces it at run time (cargo check needs no stub at all).
+# cuDNN (pinned by ELBO_CUDNN, default 9.28.1.4) is only linked against: a binary built with it
+# loads whichever cuDNN 9 the machine it runs on has (libcudnn.so.9, e.g. PyTorch's).
 set -euo pipefail
 
-dir="${1:?usage: scripts/cuda_root.sh DIR}"
+usage="usage: scripts/cuda_root.sh DIR [--cudnn]"
+dir="${1:?$usage}"
+case "${2:-}" in
+  "") cudnn="" ;;
+  --cudnn) cudnn="${ELBO_CUDNN:-9.28.1.4}" ;;
+  *)
+    echo "error: unknown argument '$2' ($usage)" >&2
+    exit 2
+    ;;
+esac
 toolkit="${ELBO_CUDA_TOOLKIT:-13.0.*}"
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
@@ -67,6 +79,20 @@ print(next(os.path.dirname(p["manifest_path"]) for p in pkgs if p["name"] == "cu
     "$root/lib/stubs/cuda_stub.c"
   # With the stubs on LD_LIBRARY_PATH a CUDA build also starts here (and finds no device).
   ln -s libcuda.so "$root/lib/stubs/libcuda.so.1"
+fi
+
+if [ -n "$cudnn" ]; then
+  if [ "$(cat "$dir/cudnn-version" 2>/dev/null)" != "$cudnn" ]; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cudnn-cu13==$cudnn" >&2
+    echo "$cudnn" >"$dir/cudnn-version"
+  fi
+  cudnn_lib="$("$venv/bin/python" -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))')"
+  if [ ! -f "$cudnn_lib/libcudnn.so.9" ]; then
+    echo "error: no libcudnn.so.9 in $cudnn_lib: the cuDNN wheel ($cudnn) did not install one" >&2
+    exit 1
+  fi
+  for lib in "$cudnn_lib"/libcudnn*.so.9; do ln -sfn "$lib" "$root/lib/"; done
+  ln -sfn libcudnn.so.9 "$root/lib/libcudnn.so"
 fi
 
 cat <<EOF

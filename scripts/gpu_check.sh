@@ -3,6 +3,7 @@
 # toolchain: give it the binaries `scripts/build_gpu.sh` built on another machine.
 #
 #   scripts/gpu_check.sh [BIN_DIR]   # BIN_DIR (default target/gpu-bin): elbo.xz, gpu-tests.xz
+#                                    # and, if built, elbo-cudnn.xz, gpu-tests-cudnn.xz
 #
 # 1. the GPU tests: every model kind's loss and gradients equal the CPU's, 20 training steps
 #    track the CPU's, sampling runs;
@@ -11,6 +12,9 @@
 # 3. `elbo bench train --device cuda:0` for the MLP VAE and the conv VAE at batch 128 and 1024,
 #    interleaved with the same models in PyTorch eager on the same GPU (scripts/torch_gpu_step.py),
 #    and the ratios.
+# With the cuDNN build (`--features cudnn`) beside it, its GPU tests run too, at full FP32
+# (NVIDIA_TF32_OVERRIDE=0: the CPU's numerics), and the conv benchmarks time it in each round
+# as a third contender, with cuDNN's default math — TF32 allowed, as in PyTorch's convolutions.
 # Writes logs and a summary to $OUT (default /tmp/elbo-gpu-check); exits non-zero if a check
 # failed. One run takes a few minutes.
 set -uo pipefail
@@ -21,13 +25,21 @@ rounds="${ROUNDS:-3}"
 bin="$(mktemp -d)"
 trap 'rm -rf "$bin"' EXIT
 mkdir -p "$out"
-for name in elbo gpu-tests; do
+unpack() {
   python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
-    "$packed/$name.xz" "$bin/$name" && chmod +x "$bin/$name" || {
-    echo "error: cannot unpack $packed/$name.xz (build it with scripts/build_gpu.sh)" >&2
+    "$packed/$1.xz" "$bin/$1" && chmod +x "$bin/$1" || {
+    echo "error: cannot unpack $packed/$1.xz (build it with scripts/build_gpu.sh)" >&2
     exit 1
   }
-done
+}
+unpack elbo
+unpack gpu-tests
+cudnn=0
+if [ -f "$packed/elbo-cudnn.xz" ] || [ -f "$packed/gpu-tests-cudnn.xz" ]; then
+  unpack elbo-cudnn
+  unpack gpu-tests-cudnn
+  cudnn=1
+fi
 summary="$out/summary.txt"
 : >"$summary"
 failed=0
@@ -45,7 +57,7 @@ check() {
   fi
 }
 
-# CUDA's user-space libraries (cuBLAS, cuRAND, NVRTC) come with PyTorch's wheels here.
+# CUDA's user-space libraries (cuBLAS, cuRAND, NVRTC, cuDNN) come with PyTorch's wheels here.
 libs="$(python3 - <<'EOF'
 import glob, os, site
 dirs = set()
@@ -62,6 +74,11 @@ say "== torch $(python3 -c 'import torch; print(torch.__version__, torch.version
 
 check version "$bin/elbo" --version
 check gpu-tests timeout 300 "$bin/gpu-tests" --test-threads 1 --nocapture
+if [ "$cudnn" = 1 ]; then
+  check version-cudnn "$bin/elbo-cudnn" --version
+  check gpu-tests-cudnn env NVIDIA_TF32_OVERRIDE=0 timeout 300 "$bin/gpu-tests-cudnn" \
+    --test-threads 1 --nocapture
+fi
 
 # `elbo train`: CPU, GPU, two workers sharing the GPU; 20 steps each, then compared.
 train() {
@@ -111,7 +128,8 @@ assert track < 2e-3 and g_cpu < 1e-2 and g_workers < 1e-4
 EOF
 grep -h "loss gap" "$out/train-compare.log" | tee -a "$summary"
 
-# Benchmarks, interleaved rounds: elbo then PyTorch, per model and batch size.
+# Benchmarks, interleaved rounds: elbo (then elbo with cuDNN, for the conv VAE) then PyTorch,
+# per model and batch size.
 bench() {
   local model="$1" bs="$2" round="$3"
   local conv=(--shape 1,64,64 --set model.architecture=conv --set 'model.hidden=[256]'
@@ -122,6 +140,11 @@ bench() {
   [ "$model" = conv ] && steps=30
   timeout 120 "$bin/elbo" bench train --device cuda:0 --batch-size "$bs" --steps "$steps" --json "${args[@]}" \
     >"$out/bench-elbo-$model-$bs-$round.json" 2>>"$out/bench.log" || return 1
+  if [ "$cudnn" = 1 ] && [ "$model" = conv ]; then
+    timeout 120 "$bin/elbo-cudnn" bench train --device cuda:0 --batch-size "$bs" --steps "$steps" \
+      --json "${args[@]}" >"$out/bench-cudnn-$model-$bs-$round.json" 2>>"$out/bench.log" ||
+      return 1
+  fi
   timeout 120 python3 scripts/torch_gpu_step.py "$model" "$bs" "$steps" 64 \
     >"$out/bench-torch-$model-$bs-$round.json" 2>>"$out/bench.log" || return 1
 }
@@ -135,28 +158,32 @@ done
 python3 - "$out" "$rounds" <<'EOF' | tee -a "$summary"
 import json, os, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
+names = {"elbo": "elbo", "cudnn": "elbo with cuDNN"}
 for model in ("mlp", "conv"):
     for bs in (128, 1024):
-        ratios, parts = [], []
-        for r in range(1, rounds + 1):
-            try:
-                e = json.load(open(os.path.join(out, f"bench-elbo-{model}-{bs}-{r}.json")))
-                t = json.load(open(os.path.join(out, f"bench-torch-{model}-{bs}-{r}.json")))
-            except (OSError, ValueError):
+        for contender, name in names.items():
+            ratios, parts = [], []
+            for r in range(1, rounds + 1):
+                try:
+                    e = json.load(open(os.path.join(out, f"bench-{contender}-{model}-{bs}-{r}.json")))
+                    t = json.load(open(os.path.join(out, f"bench-torch-{model}-{bs}-{r}.json")))
+                except (OSError, ValueError):
+                    continue
+                ratios.append(e["samples_per_s"] / t["samples_per_s"])
+                parts.append((e["ms_per_step"], e["ms_compute"], e["ms_reduce"], e["ms_update"],
+                              t["ms_per_step"]))
+            if not ratios:
+                if contender == "elbo":
+                    print(f"{model} vae, batch {bs}: no result")
                 continue
-            ratios.append(e["samples_per_s"] / t["samples_per_s"])
-            parts.append((e["ms_per_step"], e["ms_compute"], e["ms_reduce"], e["ms_update"],
-                          t["ms_per_step"]))
-        if not ratios:
-            print(f"{model} vae, batch {bs}: no result")
-            continue
-        ms = [p[0] for p in parts]
-        print(f"{model} vae, batch {bs}: elbo/torch {statistics.median(ratios):.2f}x "
-              f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); elbo ms/step "
-              f"{statistics.median(ms):.3f} (compute {statistics.median(p[1] for p in parts):.3f}, "
-              f"reduce {statistics.median(p[2] for p in parts):.3f}, update "
-              f"{statistics.median(p[3] for p in parts):.3f}), torch ms/step "
-              f"{statistics.median(p[4] for p in parts):.3f}")
+            ms = [p[0] for p in parts]
+            print(f"{model} vae, batch {bs}: {name}/torch {statistics.median(ratios):.2f}x "
+                  f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); {name} ms/step "
+                  f"{statistics.median(ms):.3f} (compute "
+                  f"{statistics.median(p[1] for p in parts):.3f}, reduce "
+                  f"{statistics.median(p[2] for p in parts):.3f}, update "
+                  f"{statistics.median(p[3] for p in parts):.3f}), torch ms/step "
+                  f"{statistics.median(p[4] for p in parts):.3f}")
 EOF
 rm -rf "$out/cache"
 exit "$failed"
