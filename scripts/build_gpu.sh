@@ -9,10 +9,16 @@
 # are compiled for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variants=(cuda:)
-[ "${CUDNN:-1}" = 0 ] || variants+=(cudnn:-cudnn)
-eval "$(scripts/cuda_root.sh "${CACHE_DIR:-$HOME/.cache/elbo-cuda}" \
-  "$([ "${#variants[@]}" -gt 1 ] && echo --cudnn)")"
+variants=(cuda:) root_args=()
+case "${CUDNN:-1}" in
+  1) variants+=(cudnn:-cudnn) root_args=(--cudnn) ;;
+  0) ;;
+  *)
+    echo "error: CUDNN is '$CUDNN'; expected 1 (build the cuDNN variant too) or 0" >&2
+    exit 2
+    ;;
+esac
+eval "$(scripts/cuda_root.sh "${CACHE_DIR:-$HOME/.cache/elbo-cuda}" "${root_args[@]}")"
 export LIBRARY_PATH="$CUDA_ROOT/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 rm -rf target/gpu-bin
 mkdir -p target/gpu-bin

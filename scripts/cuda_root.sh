@@ -34,7 +34,8 @@ root="$dir/root"
 stamp="$dir/toolkit-version"
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$toolkit" ]; then
-  rm -rf "$venv" "$root"
+  # A new venv holds no cuDNN: its stamp goes with the old one.
+  rm -rf "$venv" "$root" "$dir/cudnn-version"
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     "cuda-toolkit[nvcc,cudart,cccl,crt,cublas,curand,nvrtc]==$toolkit" >&2
