@@ -471,6 +471,26 @@ fn gather<'a>(images: &'a [f32], channels: usize, l: usize, buf: &'a mut Vec<f32
     buf
 }
 
+/// Adds the product `a·b`, a (channels × m·l) matrix laid out as [`gather`] writes it, into
+/// its `m` images of `l` values a channel: straight into the images when `m` is 1, else
+/// through `side`.
+fn add_product(
+    images: &mut [f32],
+    a: Operand<'_>,
+    b: Operand<'_>,
+    l: usize,
+    side: &mut Vec<f32>,
+) -> candle_core::Result<()> {
+    let channels = a.rows();
+    if images.len() == channels * l {
+        return matmul_here(images, true, a, b);
+    }
+    side.resize(images.len(), 0.0);
+    matmul_here(side, false, a, b)?;
+    scatter_add(side, channels, l, images);
+    Ok(())
+}
+
 /// Adds a (channels × m·l) matrix laid out as [`gather`] writes it into its `m` images.
 fn scatter_add(side: &[f32], channels: usize, l: usize, images: &mut [f32]) {
     let m = images.len() / (channels * l);
@@ -554,17 +574,13 @@ impl CustomOp3 for ConvOp {
                         for (i, x) in xs.chunks_exact(in_len).enumerate() {
                             g.im2col(x, &mut phases, &mut cols[i * l..], m * l);
                         }
-                        let (w, cols) = (
+                        add_product(
+                            ys,
                             Operand(w, d.output.0, g.rows(), false),
                             Operand(&cols, g.rows(), m * l, false),
-                        );
-                        if m == 1 {
-                            matmul_here(ys, true, w, cols)?;
-                        } else {
-                            side.resize(d.output.0 * m * l, 0.0);
-                            matmul_here(&mut side, false, w, cols)?;
-                            scatter_add(&side, d.output.0, l, ys);
-                        }
+                            l,
+                            &mut side,
+                        )?;
                     }
                     if self.relu {
                         ys.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -729,17 +745,13 @@ impl Backward<'_> {
                     geo.im2col(image, &mut phases, &mut cols[i * l..], m * l);
                 }
                 if let Some(dx) = dx {
-                    let (w, cols) = (
+                    add_product(
+                        dx,
                         Operand(self.w, c, rows, false),
                         Operand(&cols, rows, m * l, false),
-                    );
-                    if m == 1 {
-                        matmul_here(dx, false, w, cols)?;
-                    } else {
-                        side.resize(c * m * l, 0.0);
-                        matmul_here(&mut side, false, w, cols)?;
-                        scatter_add(&side, c, l, dx);
-                    }
+                        l,
+                        &mut side,
+                    )?;
                 }
                 matmul_here(
                     &mut dw,

@@ -42,6 +42,11 @@ pub(crate) struct Operand<'a>(
 );
 
 impl Operand<'_> {
+    /// Rows of the operand as used.
+    pub(crate) fn rows(&self) -> usize {
+        self.dims_strides().0 .0
+    }
+
     /// (rows, cols) of the operand as used, and its (row, column) strides as used.
     fn dims_strides(&self) -> ((usize, usize), (isize, isize)) {
         let Operand(_, r, c, t) = *self;
@@ -377,7 +382,7 @@ impl CustomOp2 for MatMul {
         let ((ar, ac), (br, bc)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let a = Operand(contiguous(s1, l1, "a")?, ar, ac, self.ta);
         let b = Operand(contiguous(s2, l2, "b")?, br, bc, self.tb);
-        let m = a.dims_strides().0 .0;
+        let m = a.rows();
         let n = b.dims_strides().0 .1;
         let mut dst = vec![0.0f32; m * n];
         matmul_into(&mut dst, false, a, b)?;
