@@ -128,24 +128,21 @@ assert track < 2e-3 and g_cpu < 1e-2 and g_workers < 1e-4
 EOF
 grep -h "loss gap" "$out/train-compare.log" | tee -a "$summary"
 
-# Benchmarks, interleaved rounds: elbo (then elbo with cuDNN, for the conv VAE) then PyTorch,
-# per model and batch size.
+# Benchmarks, interleaved rounds: elbo (and elbo-cudnn, for the conv VAE) then PyTorch, per model
+# and batch size. A contender that fails fails the round; the others keep their pairs.
 bench() {
   local model="$1" bs="$2" round="$3"
-  local conv=(--shape 1,64,64 --set model.architecture=conv --set 'model.hidden=[256]'
-    --set model.latent_dim=10)
-  local args=()
-  [ "$model" = conv ] && args=("${conv[@]}")
-  local steps=200
-  [ "$model" = conv ] && steps=30
-  timeout 120 "$bin/elbo" bench train --device cuda:0 --batch-size "$bs" --steps "$steps" --json "${args[@]}" \
-    >"$out/bench-elbo-$model-$bs-$round.json" || return 1
-  # A failing cuDNN build fails the round but still leaves elbo's pair with PyTorch whole.
-  local status=0
-  if [ "$cudnn" = 1 ] && [ "$model" = conv ]; then
-    timeout 120 "$bin/elbo-cudnn" bench train --device cuda:0 --batch-size "$bs" --steps "$steps" \
-      --json "${args[@]}" >"$out/bench-cudnn-$model-$bs-$round.json" || status=1
+  local args=() contenders=(elbo) steps=200 status=0 contender
+  if [ "$model" = conv ]; then
+    args=(--shape 1,64,64 --set model.architecture=conv --set 'model.hidden=[256]'
+      --set model.latent_dim=10)
+    steps=30
+    [ "$cudnn" = 1 ] && contenders+=(elbo-cudnn)
   fi
+  for contender in "${contenders[@]}"; do
+    timeout 120 "$bin/$contender" bench train --device cuda:0 --batch-size "$bs" --steps "$steps" \
+      --json "${args[@]}" >"$out/bench-$contender-$model-$bs-$round.json" || status=1
+  done
   timeout 120 python3 scripts/torch_gpu_step.py "$model" "$bs" "$steps" 64 \
     >"$out/bench-torch-$model-$bs-$round.json" || return 1
   return "$status"
@@ -159,9 +156,9 @@ for model in mlp conv; do
   done
 done
 python3 - "$out" "$rounds" <<'EOF' | tee -a "$summary"
-import json, os, statistics, sys
+import glob, json, os, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
-names = {"elbo": "elbo", "cudnn": "elbo with cuDNN"}
+names = {"elbo": "elbo", "elbo-cudnn": "elbo with cuDNN"}
 for model in ("mlp", "conv"):
     for bs in (128, 1024):
         for contender, name in names.items():
@@ -176,8 +173,9 @@ for model in ("mlp", "conv"):
                 parts.append((e["ms_per_step"], e["ms_compute"], e["ms_reduce"], e["ms_update"],
                               t["ms_per_step"]))
             if not ratios:
-                if contender == "elbo":
-                    print(f"{model} vae, batch {bs}: no result")
+                ran = glob.glob(os.path.join(out, f"bench-{contender}-{model}-{bs}-*"))
+                if contender == "elbo" or ran:
+                    print(f"{model} vae, batch {bs}: {name}/torch: no result")
                 continue
             ms = [p[0] for p in parts]
             print(f"{model} vae, batch {bs}: {name}/torch {statistics.median(ratios):.2f}x "
