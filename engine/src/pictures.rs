@@ -379,7 +379,7 @@ fn draw(
 }
 
 /// `elbo sample`: about `n` samples of a trained run's model as one PNG grid at `path` (see
-/// [`draw`] for labels); returns how many it drew.
+/// `draw` for labels); returns how many it drew.
 pub fn write_samples(
     run: &crate::eval::TrainedRun,
     n: usize,

@@ -15,4 +15,13 @@ pub enum ModelError {
     /// The input does not fit the model.
     #[error("invalid input: {0}")]
     Input(String),
+    /// Not a failure: the forward pass of a batch-norm moments round reached the layer in this
+    /// slot, the one it measures, and stops there, since nothing after that layer is used.
+    /// [`crate::Norms::measure`] runs that pass and takes this as its end; a model that lets
+    /// it escape ran a moments round's pass outside `measure`.
+    #[error(
+        "batch-norm layer {0} was measured, and the forward pass of its moments round stops \
+         there (a moments round's pass runs inside Norms::measure)"
+    )]
+    Measured(usize),
 }

@@ -693,14 +693,9 @@ impl Model for Ladder {
         match norms.round(round)? {
             Round::Moments(slot) => {
                 let norming = norms.training(ctx.batch_stats, rows, (ctx.step, input.x))?;
-                // The forward pass as far as the layer: the bottom-up blocks come first.
-                let bottom_up: usize = self.up.iter().map(|b| b.norms().len()).sum();
-                if slot < bottom_up {
-                    self.bottom_up(input.x, &norming)?;
-                } else {
-                    self.terms(input, ctx.noise, train, &norming)?;
-                }
-                norms.moment_sums(&norming, slot)
+                norms.measure(&norming, slot, || {
+                    self.terms(input, ctx.noise, train, &norming).map(drop)
+                })
             }
             Round::Own(_) => {
                 let norming = norms.training(ctx.batch_stats, rows, (ctx.step, input.x))?;

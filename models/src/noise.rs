@@ -43,7 +43,7 @@ impl Noise {
     }
 
     /// An `(ids.len() × dim)` tensor: row `i` is drawn from the stream of
-    /// (purpose, counter, ids[i]) — e.g. counter = the global step.
+    /// `(purpose, counter, ids[i])` — e.g. counter = the global step.
     pub fn rows(
         &self,
         purpose: Purpose,

@@ -62,7 +62,7 @@ pub struct WorkerArgs {
     /// Where to serve the ring (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// The address peers reach this worker at (needed when --listen is 0.0.0.0 or [::]).
+    /// The address peers reach this worker at (needed when `--listen` is `0.0.0.0` or `[::]`).
     #[arg(long, env = "ELBO_ADVERTISE")]
     advertise: Option<SocketAddr>,
     /// Device: cpu or cuda:N.

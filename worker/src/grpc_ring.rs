@@ -1,8 +1,8 @@
 //! The ring all-reduce's transport between worker processes: each worker serves `Peer.Ring` (and
 //! grpc.health.v1, for probes) and, for each generation of the ring, streams its chunks to the
 //! next rank over one long-lived gRPC stream (so chunks pipeline); chunks from the previous rank
-//! arrive through this worker's server ([`crate::peer_server`]). Payloads travel as raw
-//! little-endian f32 bytes, framed by hand ([`crate::ring_wire`]): values (or a partial sum)
+//! arrive through this worker's server (`peer_server`). Payloads travel as raw
+//! little-endian f32 bytes, framed by hand (`ring_wire`): values (or a partial sum)
 //! are written once, straight into the outgoing message; a forwarded chunk is not copied at all,
 //! and nothing is copied on receipt before the sum.
 
@@ -372,7 +372,7 @@ const CANCEL_POLL: Duration = Duration::from_millis(2);
 const SPIN_FOR: Duration = Duration::from_micros(200);
 
 impl Drop for GrpcRing {
-    /// Ends the stream to the next rank and waits (at most [`FLUSH_TIMEOUT`]) until everything
+    /// Ends the stream to the next rank and waits (at most `FLUSH_TIMEOUT`) until everything
     /// sent has been delivered, so a rank that finishes first does not cut off its last chunks.
     /// An aborted or broken ring is dropped at once: the next rank may be gone or stalled.
     fn drop(&mut self) {
