@@ -366,11 +366,13 @@ fn bench_train_times_the_model_a_config_describes() {
         (&[][..], "mlp-vae 784-400-20 bernoulli adam"),
         (
             &["--set", "model.kind=m2", "--shape", "1,8,8"][..],
-            "m2 1,8,8 mlp hidden [400] z 16 bernoulli",
+            "m2 1,8,8 mlp 109306 params z 16 bernoulli",
         ),
+        // (784 + 10)·400 + 400, 2·(400·16 + 16), (16 + 10)·400 + 400, 400·784 + 784: the
+        // label's one-hot code beside the input and the latent. Named by the parent of 2 ranks.
         (
             &["--set", "model.kind=cvae", "--workers", "2"][..],
-            "cvae 1,28,28 mlp hidden [400] z 16 bernoulli",
+            "cvae 1,28,28 mlp 656016 params z 16 bernoulli",
         ),
     ] {
         let v: serde_json::Value = serde_json::from_str(&ok(&bench(args))).unwrap();

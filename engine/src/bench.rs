@@ -316,20 +316,21 @@ pub(crate) fn bench_trainer(
     };
     let model = engine.model(&cfg, &schema, device)?;
     let labels = model.labels();
-    let name = bench_name(&cfg, &bench.shape);
+    let name = bench_name(&cfg, &bench.shape, model.params().numel());
     let trainer = Trainer::new(model, step_config(&cfg, steps))?;
     Ok((trainer, name, dim, labels))
 }
 
-/// How a report names a configured model: kind, example shape, trunk, latent, likelihood.
-pub(crate) fn bench_name(cfg: &elbo_settings::Config, shape: &[usize]) -> String {
+/// How a report names a configured model: kind, example shape, trunk, its parameter count (a
+/// variant may size its layers in its own section, so `model.hidden` would not say), latent,
+/// likelihood.
+fn bench_name(cfg: &elbo_settings::Config, shape: &[usize], params: usize) -> String {
     let m = &cfg.model;
     format!(
-        "{} {} {:?} hidden {:?} z {} {:?}",
+        "{} {} {:?} {params} params z {} {:?}",
         m.kind,
         join_shape(shape),
         m.architecture,
-        m.hidden,
         m.latent_dim,
         m.likelihood
     )

@@ -19,14 +19,13 @@ use elbo_worker::Reduce;
 use serde::Serialize;
 
 use crate::bench::{
-    bench_name, bench_trainer, fixed_batch, time_steps, train_here, BenchConfig, StepTimes,
-    TrainBench, TrainBenchReport, MODEL,
+    bench_trainer, fixed_batch, time_steps, train_here, BenchConfig, StepTimes, TrainBench,
+    TrainBenchReport,
 };
 use crate::build::{device, Engine};
 use crate::error::{io, EngineError, Result};
 use crate::procs::{threads_each, Children};
 use elbo_datasets::join_shape;
-use elbo_settings::Layers;
 
 /// How long a rank waits for a peer (a benchmark never hangs past it).
 const RING_TIMEOUT: Duration = Duration::from_secs(60);
@@ -304,17 +303,14 @@ pub fn train_bench(engine: &Engine, args: &TrainBench) -> Result<TrainBenchRepor
         device: args.device.clone(),
         tls: args.tls.clone(),
     };
-    let model = match &args.config {
-        Some(config) => {
-            let cfg = engine.load_config(&Layers {
-                file: config.file.clone(),
-                flags: config.set.clone(),
-                ..Default::default()
-            })?;
-            bench_name(&cfg, &config.shape)
-        }
-        None => MODEL.to_string(),
-    };
+    // The model as the ranks build it, built here on the CPU for its name alone (a bad config
+    // is refused before any rank starts).
+    let (_, model, _, _) = bench_trainer(
+        engine,
+        args.config.as_ref(),
+        args.steps,
+        &candle_core::Device::Cpu,
+    )?;
     let times = run_ranks(&args.exe, args.workers, &rank_args(&bench))?
         .iter()
         .map(|r| serde_json::from_str::<StepTimes>(r.trim()))
