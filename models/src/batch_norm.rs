@@ -278,16 +278,23 @@ impl Norming {
             self.inputs.borrow_mut().insert(norm.slot, input);
         }
         let Some(known) = moments.get(norm.slot).and_then(Option::as_ref) else {
-            if *measuring == Some(norm.slot) {
-                *self.sums.borrow_mut() = Some(shifted_sums(&h.detach(), &norm.running_mean)?);
-                return Err(ModelError::Measured(norm.slot));
-            }
-            return Err(ModelError::Spec(format!(
-                "batch-norm layer {} was reached before layer {}, whose moments round this is: \
-                 the slots must follow the order the forward pass reaches the layers",
-                norm.slot,
-                measuring.map_or_else(|| "none".into(), |m| m.to_string()),
-            )));
+            return Err(match *measuring {
+                Some(slot) if slot == norm.slot => {
+                    *self.sums.borrow_mut() = Some(shifted_sums(&h.detach(), &norm.running_mean)?);
+                    ModelError::Measured(slot)
+                }
+                Some(slot) => ModelError::Spec(format!(
+                    "batch-norm layer {} was reached before layer {slot}, whose moments round \
+                     this is: the slots must follow the order the forward pass reaches the layers",
+                    norm.slot
+                )),
+                // Every layer's moments are known in a pass that measures none.
+                None => ModelError::Spec(format!(
+                    "batch-norm layer {} is not among the model's norms (slots 0 to {})",
+                    norm.slot,
+                    moments.len().saturating_sub(1)
+                )),
+            });
         };
         let mut inputs = self.inputs.borrow_mut();
         let input = inputs.get_mut(&norm.slot).ok_or_else(|| {
@@ -522,9 +529,15 @@ impl Norms {
         forward: impl FnOnce() -> Result<()>,
     ) -> Result<Tensor> {
         match forward() {
-            Err(ModelError::Measured(reached)) if reached == slot => {}
-            Err(e) => return Err(e),
             Ok(()) => {}
+            Err(ModelError::Measured(reached)) if reached == slot => {}
+            Err(ModelError::Measured(reached)) => {
+                return Err(ModelError::Spec(format!(
+                    "the moments round of batch-norm layer {slot} was handed the training pass \
+                     of layer {reached}'s"
+                )))
+            }
+            Err(e) => return Err(e),
         }
         self.moment_sums(norming, slot)
     }
@@ -1008,20 +1021,37 @@ mod tests {
         }
     }
 
+    /// The error of the moments round of `slot` over blocks `a` then `b` with slots `first_a`
+    /// and `first_b`, its training pass made with no moments known (the round of slot 0's).
+    fn measure_error(first_a: usize, first_b: usize, slot: usize) -> String {
+        let (_, a, b, norms) = two_blocks(first_a, first_b);
+        let x = tensor(5, 3, 1);
+        let norming = norms.training(&[], 5, (0, &x)).unwrap();
+        norms
+            .measure(&norming, slot, || {
+                b.forward(&a.forward(&x, &norming)?, &norming).map(drop)
+            })
+            .unwrap_err()
+            .to_string()
+    }
+
     /// A layer reached before the one a moments round measures means the slots do not follow
     /// the forward pass: refused, naming both, instead of measuring a layer whose input was
     /// never normalised.
     #[test]
     fn layers_reached_out_of_slot_order_are_refused() {
-        let (_, a, b, norms) = two_blocks(1, 0);
-        let x = tensor(5, 3, 1);
-        let norming = norms.training(&[], 5, (0, &x)).unwrap();
-        let err = norms
-            .measure(&norming, 0, || {
-                b.forward(&a.forward(&x, &norming)?, &norming).map(drop)
-            })
-            .unwrap_err()
-            .to_string();
+        let err = measure_error(1, 0, 0);
         assert!(err.contains("layer 1 was reached before layer 0"), "{err}");
+    }
+
+    /// A moments round handed the training pass of another layer's round is refused, naming
+    /// both, not taken as its own layer's sums.
+    #[test]
+    fn a_moments_round_refuses_another_layers_pass() {
+        let err = measure_error(0, 1, 1);
+        assert!(
+            err.contains("round of batch-norm layer 1 was handed the training pass of layer 0"),
+            "{err}"
+        );
     }
 }
