@@ -23,16 +23,20 @@
 //! moments known) normalises each layer's input `h` as a leaf, its *cut*. The first gradient
 //! round runs the backward pass from the loss down to the cuts; each later round, knowing the
 //! global sums of the layer above, completes that layer's gradient at its cut with batch
-//! norm's correction `c_r = −γ/σ·(Σg/N + x̂_r·Σ(g·x̂)/N)` (constants of the global batch) and
-//! carries it on from `h` down to the cuts below; the loss, knowing the lowest layer's sums,
-//! carries the last segment down to the input. Every node of the graph is differentiated once.
+//! norm's correction `c_r = −γ/σ·(Σg/N + x̂_r·Σ(g·x̂)/N)` (constants of the global batch; one
+//! pass over the rows on CPU) and carries it on from `h` down to the cuts below, from a root
+//! whose gradient at `h` is that gradient; the loss, knowing the lowest layer's sums, carries
+//! the last segment down to the input. Every node of the graph is differentiated once.
 //! Each layer's input, computed with the layers before it normalised, is computed once a step
 //! and shared, with its cut and (once its moments are known) its output, by the later rounds
-//! and the training pass ([`Norming::input`]). A moments round's forward pass stops at the
-//! layer it measures ([`Norms::measure`]), so a step costs one training pass, one backward
-//! pass, and per layer only what lies between the cached inputs before it (the ladder's
-//! posterior heads, say). Before the stop each round ran on to the model's output: the
-//! ladder's batch-normalised step took 2.2–2.6× the plain one, and now 1.6–1.9× (README).
+//! and the training pass ([`Norming::input`]), and so is what the model computes from an
+//! output alone through [`Norming::reuse`] (the ladder's posterior heads). A moments round's
+//! forward pass stops at the layer it measures ([`Norms::measure`]), so a step costs one
+//! training pass, one backward pass, and per layer only what lies between the kept tensors
+//! before it (the ladder's sampling, say). The layers' weight gradients go to the gradient
+//! sink like every dense layer's. The ladder's batch-normalised step took 2.2–2.6× the plain
+//! one when each round ran on to the model's output, 1.6–1.9× once it stopped at its layer,
+//! and 1.3–1.5× with the posterior heads kept (README).
 //! What a step's rounds computed waits in the model between its calls (keyed by the step and
 //! the batch's tensor); the loss hands the summed gradients to the trainer in the gradient sink
 //! when it is on (CPU), else as the gradient of a surrogate (`Σ θ·G` minus the same detached,
@@ -53,7 +57,7 @@ use crate::cpu::cpu_flat;
 use crate::error::{ModelError, Result};
 use crate::layers::{linear, linear_without_bias, Activation, Linear};
 use crate::model::LossOutput;
-use crate::normalise::normalise;
+use crate::normalise::{completed, normalise, seeded};
 use crate::params::Params;
 
 /// ε of the normalisation (PyTorch's default).
@@ -237,6 +241,8 @@ struct LayerInput {
     h: Tensor,
     cut: Tensor,
     output: Option<Tensor>,
+    /// What the model computed from the output alone, by name ([`Norming::reuse`]).
+    derived: BTreeMap<&'static str, Vec<Tensor>>,
 }
 
 /// The step's [`LayerInput`]s, by slot.
@@ -274,6 +280,7 @@ impl Norming {
                 h: h.clone(),
                 cut,
                 output: None,
+                derived: BTreeMap::new(),
             };
             self.inputs.borrow_mut().insert(norm.slot, input);
         }
@@ -314,9 +321,48 @@ impl Norming {
         Ok(y)
     }
 
+    /// `f()`, computed once a step where `output` is a batch-normalised layer's output in a
+    /// training pass: that output is the same tensor in every round of the step and in its
+    /// training pass, and so is what `f` computes from it when `f` reads nothing but `output`
+    /// and the parameters (the ladder's posterior heads over a block, which each moments round
+    /// after it would otherwise compute again). `name` tells apart what different calls compute
+    /// from the same output. Elsewhere (evaluation, the output of a layer that is not
+    /// normalised) `f` runs every time.
+    pub fn reuse(
+        &self,
+        output: &Tensor,
+        name: &'static str,
+        f: impl FnOnce() -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        let slot = self.inputs.borrow().iter().find_map(|(slot, input)| {
+            input
+                .output
+                .as_ref()
+                .is_some_and(|y| y.id() == output.id())
+                .then_some(*slot)
+        });
+        let Some(slot) = slot else {
+            return f();
+        };
+        let kept = self
+            .inputs
+            .borrow()
+            .get(&slot)
+            .and_then(|input| input.derived.get(name).cloned());
+        if let Some(kept) = kept {
+            return Ok(kept);
+        }
+        // `f` may normalise layers of its own: the inputs are not borrowed while it runs.
+        let computed = f()?;
+        if let Some(input) = self.inputs.borrow_mut().get_mut(&slot) {
+            input.derived.insert(name, computed.clone());
+        }
+        Ok(computed)
+    }
+
     /// The layer in `slot`, normalised by the global moments in this pass: its input h, its
-    /// cut, μ and 1/σ.
-    fn normalised(&self, slot: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// cut and its moments.
+    fn normalised(&self, slot: usize) -> Result<(Tensor, Tensor, Moments)> {
         let moments = match &self.mode {
             Mode::Train { moments, .. } => moments.get(slot).and_then(Option::as_ref),
             Mode::Eval => None,
@@ -327,9 +373,10 @@ impl Norming {
                     h,
                     cut,
                     output: Some(_),
+                    ..
                 }),
                 Some(m),
-            ) => Ok((h.clone(), cut.clone(), m.mean.clone(), m.inv_std.clone())),
+            ) => Ok((h.clone(), cut.clone(), m.clone())),
             _ => Err(ModelError::Spec(format!(
                 "batch-norm layer {slot} was not normalised by the global moments"
             ))),
@@ -728,23 +775,25 @@ impl Norms {
                 layer.name
             ))
         })?;
-        let (h, cut, mean, inv_std) = segments.norming.normalised(slot)?;
-        let x_hat = cut.detach().broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
-        let device = h.device();
-        let mean_g = (Tensor::from_slice(&sums[..w], (1, w), device)? / n)?;
-        let mean_gx = (Tensor::from_slice(&sums[w..], (1, w), device)? / n)?;
-        let scale = inv_std
-            .broadcast_mul(&layer.gamma.detach().unsqueeze(0)?)?
-            .neg()?;
-        let correction = x_hat
-            .broadcast_mul(&mean_gx)?
-            .broadcast_add(&mean_g)?
-            .broadcast_mul(&scale)?;
-        let g = match segments.cuts.remove(&slot) {
-            Some(at_cut) => (at_cut + correction)?,
-            None => correction,
-        };
-        self.differentiate(params, segments, &(&h * &g)?.sum_all()?)?;
+        let (h, cut, moments) = segments.norming.normalised(slot)?;
+        let means: (Vec<f32>, Vec<f32>) = (
+            sums[..w]
+                .iter()
+                .map(|s| (f64::from(*s) / n) as f32)
+                .collect(),
+            sums[w..]
+                .iter()
+                .map(|s| (f64::from(*s) / n) as f32)
+                .collect(),
+        );
+        let g = completed(
+            &cut.detach(),
+            segments.cuts.remove(&slot).as_ref(),
+            &layer.gamma,
+            (&moments.values.0, &moments.values.1),
+            (&means.0, &means.1),
+        )?;
+        self.differentiate(params, segments, &seeded(&h, &g)?)?;
         segments.next = slot.saturating_sub(1);
         Ok(())
     }
@@ -1053,5 +1102,82 @@ mod tests {
             err.contains("round of batch-norm layer 1 was handed the training pass of layer 0"),
             "{err}"
         );
+    }
+
+    /// What a model computes from a normalised layer's output through [`Norming::reuse`] is
+    /// computed once a step: the later moments rounds and the training pass get the very
+    /// tensor the first computed; in evaluation, and from a tensor that is no normalised
+    /// layer's output, it is computed every time.
+    #[test]
+    fn what_is_computed_from_a_layers_output_is_computed_once_a_step() {
+        let mut params = Params::new(&Device::Cpu, 5);
+        let mut buffers = Buffers::new(&Device::Cpu);
+        let mut block = |name: &str, sizes: &[usize], first: usize| {
+            NormedMlp::new(
+                &mut params,
+                &mut buffers,
+                name,
+                sizes,
+                Activation::Relu,
+                true,
+                first,
+            )
+            .unwrap()
+        };
+        let (a, b) = (block("a", &[3, 4], 0), block("b", &[4, 2], 1));
+        let norms = Norms::new([a.norms(), b.norms()].concat(), Vec::new()).unwrap();
+        let x = tensor(5, 3, 1);
+        let runs = std::cell::Cell::new(0);
+        // The ids of what each pass got, in order.
+        let got = RefCell::new(Vec::new());
+        let pass = |norming: &Norming| -> Result<()> {
+            let y = a.forward(&x, norming)?;
+            let derived = norming.reuse(&y, "square", || {
+                runs.set(runs.get() + 1);
+                Ok(vec![y.sqr()?])
+            })?;
+            got.borrow_mut().push(derived[0].id());
+            b.forward(&y, norming).map(drop)
+        };
+        let mut stats: Vec<f32> = Vec::new();
+        for slot in 0..2 {
+            let norming = norms.training(&stats, 5, (0, &x)).unwrap();
+            let sums = norms.measure(&norming, slot, || pass(&norming)).unwrap();
+            stats.extend(values(&sums));
+        }
+        assert_eq!(runs.get(), 1, "computed in the round of the layer after it");
+        let training = norms.training(&stats, 5, (0, &x)).unwrap();
+        pass(&training).unwrap();
+        assert_eq!(runs.get(), 1, "the training pass computed it again");
+        let got = got.into_inner();
+        assert_eq!(got.len(), 2, "the round of b and the training pass");
+        assert_eq!(got[0], got[1], "the training pass got another tensor");
+        let other = norming_reuse_runs(&training, &x);
+        assert_eq!(other, 2, "a tensor that is no layer's output");
+        let eval = Norming::eval();
+        let y = a.forward(&x, &eval).unwrap();
+        for _ in 0..2 {
+            eval.reuse(&y, "square", || {
+                runs.set(runs.get() + 1);
+                Ok(vec![y.sqr()?])
+            })
+            .unwrap();
+        }
+        assert_eq!(runs.get(), 3, "evaluation computes it every time");
+    }
+
+    /// How many times `reuse` of `norming` runs its function over `x` (no layer's output) in
+    /// two calls.
+    fn norming_reuse_runs(norming: &Norming, x: &Tensor) -> usize {
+        let mut runs = 0;
+        for _ in 0..2 {
+            norming
+                .reuse(x, "square", || {
+                    runs += 1;
+                    Ok(vec![x.sqr()?])
+                })
+                .unwrap();
+        }
+        runs
     }
 }

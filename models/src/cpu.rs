@@ -31,6 +31,25 @@ pub(crate) fn lane_sum(v: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `Σ a·b` over equally long slices, in eight interleaved partial sums like [`lane_sum`].
+#[inline]
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for ((l, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *l += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `f` applied element by element to two contiguous f32 tensors of one shape: the forward pass
 /// of an elementwise CPU op.
 pub(crate) fn map2(

@@ -143,12 +143,13 @@ struct DenseOp {
 }
 
 /// A dense layer's slots in a gradient sink: the sink and the weight and bias names, built once
-/// per layer (cloning is three reference-count increments, no allocation per call).
+/// per layer (cloning is a few reference-count increments, no allocation per call). A layer
+/// without a bias parameter (batch norm's β stands for it) has a weight slot only.
 #[derive(Debug, Clone)]
 pub(crate) struct SinkSlots {
     sink: Arc<GradSink>,
     weight: Arc<str>,
-    bias: Arc<str>,
+    bias: Option<Arc<str>>,
 }
 
 impl SinkSlots {
@@ -157,7 +158,16 @@ impl SinkSlots {
         SinkSlots {
             sink,
             weight: format!("{layer}.weight").into(),
-            bias: format!("{layer}.bias").into(),
+            bias: Some(format!("{layer}.bias").into()),
+        }
+    }
+
+    /// Slot `{layer}.weight` of `sink` alone, for a layer whose bias is a constant.
+    pub(crate) fn weight_only(sink: Arc<GradSink>, layer: &str) -> Self {
+        SinkSlots {
+            sink,
+            weight: format!("{layer}.weight").into(),
+            bias: None,
         }
     }
 
@@ -180,22 +190,24 @@ impl SinkSlots {
                 true
             }
         }
-        match (
-            self.sink.deposit(&self.weight, put(dw)),
-            self.sink.deposit(&self.bias, put(db)),
-        ) {
+        let weight = self.sink.deposit(&self.weight, put(dw));
+        let bias = match &self.bias {
+            Some(name) => self.sink.deposit(name, put(db)),
+            None => Some(true),
+        };
+        match (weight, bias) {
             (Some(true), Some(true)) => Ok(true),
             _ => candle_core::bail!(
-                "{} or {} has no slot of its size in the gradient sink",
-                self.weight,
-                self.bias
+                "{} or its bias has no slot of its size in the gradient sink",
+                self.weight
             ),
         }
     }
 }
 
 impl DenseOp {
-    /// Writes dW = gᵀ·x and db = Σ g straight into the gradient sink; false if it is off.
+    /// Writes dW = gᵀ·x and db = Σ g (when the bias is a parameter) straight into the
+    /// gradient sink; false if it is off.
     fn deposit(&self, g: &Tensor, x: &Tensor) -> candle_core::Result<bool> {
         let Some(SinkSlots {
             sink,
@@ -216,10 +228,13 @@ impl DenseOp {
                 Operand(x, rows, inputs, false),
             )
         });
-        let b = sink.deposit(b_name, |dst, acc| column_sums_into(dst, acc, g, outputs));
+        let b = match b_name {
+            Some(b_name) => sink.deposit(b_name, |dst, acc| column_sums_into(dst, acc, g, outputs)),
+            None => Some(()),
+        };
         match (w, b) {
             (Some(w), Some(())) => w.map(|()| true),
-            _ => candle_core::bail!("dense: {w_name} or {b_name} has no slot in the gradient sink"),
+            _ => candle_core::bail!("dense: {w_name} or its bias has no slot in the gradient sink"),
         }
     }
 }

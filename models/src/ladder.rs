@@ -428,12 +428,31 @@ impl Ladder {
         let mut out = Vec::with_capacity(self.dims.len());
         for i in 0..self.dims.len() {
             h = self.up[i].forward(&h, true, norming)?;
-            out.push(Gaussian {
-                mu: self.up_mu[i].forward(&h)?,
-                log_var: self.clamp(self.up_log_var[i].forward(&h)?)?,
-            });
+            out.push(self.head(&self.up_mu[i], &self.up_log_var[i], &h, "up", norming)?);
         }
         Ok(out)
+    }
+
+    /// The Gaussian of heads `mu` and `log_var` over a block's output `h` (named `name` among
+    /// what is computed from it), computed once a step where batch norm keeps `h`.
+    fn head(
+        &self,
+        mu: &Linear,
+        log_var: &Linear,
+        h: &Tensor,
+        name: &'static str,
+        norming: &Norming,
+    ) -> Result<Gaussian> {
+        let both = norming.reuse(h, name, || {
+            Ok(vec![mu.forward(h)?, self.clamp(log_var.forward(h)?)?])
+        })?;
+        match <[Tensor; 2]>::try_from(both) {
+            Ok([mu, log_var]) => Ok(Gaussian { mu, log_var }),
+            Err(kept) => Err(ModelError::Spec(format!(
+                "the heads over a ladder block kept {} tensors, expected 2",
+                kept.len()
+            ))),
+        }
     }
 
     /// The decoder's output (logits or means) for bottom latents `z`: (N, D).
@@ -450,10 +469,13 @@ impl Ladder {
     /// The prior of layer `i` given `z_{i+1}`.
     fn prior(&self, i: usize, parent: &Tensor, norming: &Norming) -> Result<Gaussian> {
         let t = self.down[i].forward(parent, true, norming)?;
-        Ok(Gaussian {
-            mu: self.down_mu[i].forward(&t)?,
-            log_var: self.clamp(self.down_log_var[i].forward(&t)?)?,
-        })
+        self.head(
+            &self.down_mu[i],
+            &self.down_log_var[i],
+            &t,
+            "prior",
+            norming,
+        )
     }
 
     /// The top-down pass over bottom-up estimates `ups` with noise `eps` (rows, Σd; layers

@@ -44,8 +44,9 @@ pub struct Linear {
     bias: Tensor,
     /// g, when weight-normalised.
     scale: Option<Tensor>,
-    /// Names of the weight and bias in the gradient sink (built once, shared by every call);
-    /// none for a layer without a bias parameter, whose weight gradient goes through autograd.
+    /// Names of the weight and bias in the gradient sink (built once, shared by every call;
+    /// the weight's alone for a layer without a bias parameter); none for a weight-normalised
+    /// layer, whose gradients go through autograd.
     sink_slots: Option<SinkSlots>,
 }
 
@@ -122,7 +123,7 @@ pub fn linear_without_bias(
         weight,
         bias,
         scale: None,
-        sink_slots: None,
+        sink_slots: Some(SinkSlots::weight_only(params.grad_sink().clone(), name)),
     })
 }
 

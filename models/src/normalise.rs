@@ -6,11 +6,11 @@
 //! the affine part, and other devices use the composed form. The moments' own part of the
 //! gradient is the correction of [`crate::Norms`].
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use multiversion::multiversion;
 
-use crate::cpu::{contiguous_f32, cpu_flat};
-use crate::error::Result;
+use crate::cpu::{contiguous_f32, cpu_flat, lane_dot};
+use crate::error::{ModelError, Result};
 use crate::layers::Activation;
 
 /// The moments of one layer: `μ` and `s = 1/σ`, one per feature; ReLU after them or not.
@@ -169,6 +169,141 @@ pub(crate) fn normalise(
     )
 }
 
+/// A backward pass's root whose gradient with respect to `h` is `g` (of h's shape): `Σ h·g` in
+/// value. A segment of batch norm's backward pass starts at a layer's input with the gradient
+/// the layers above left there; composed, the root is the product and its sum, whose backward
+/// pass takes two products, two sums of gradients and a broadcast of the layer's size.
+struct Seed {
+    g: Tensor,
+}
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "batch-norm-seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l.shape() != self.g.shape() {
+            candle_core::bail!(
+                "batch-norm seed: h {:?} and its gradient {:?} differ in shape",
+                l.shape(),
+                self.g.shape()
+            );
+        }
+        let h = contiguous_f32(s, l, "batch-norm seed")?;
+        let g = cpu_flat(&self.g)?;
+        let dot = lane_dot(h, g.values()?);
+        Ok((CpuStorage::F32(vec![dot]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _value: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match grad.to_scalar::<f32>()? {
+            1.0 => Ok(Some(self.g.clone())),
+            scale => Ok(Some(self.g.affine(f64::from(scale), 0.0)?)),
+        }
+    }
+}
+
+/// `Σ h·g`, whose gradient with respect to `h` is `g` (a root for [`Tensor::backward`]).
+pub(crate) fn seeded(h: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if h.device().is_cpu() && h.dtype() == DType::F32 && g.dtype() == DType::F32 {
+        let g = g.contiguous()?;
+        return Ok(h.contiguous()?.apply_op1(Seed { g })?);
+    }
+    Ok((h * g)?.sum_all()?)
+}
+
+/// Batch norm's gradient at a layer's input `x` (B, width), completed with the moments' part:
+/// `at_input + c` with `c_r = −γ·s·(Σg/N + x̂_r·Σ(g·x̂)/N)` and `x̂_r = (x_r − μ)·s`, given
+/// `μ`, `s = 1/σ` (`moments`) and `Σg/N`, `Σ(g·x̂)/N` (`means`) per feature. Per feature it is
+/// `c_r = −γ·(u + v·x_r)` with `u = s·(Σg/N − s·μ·Σ(g·x̂)/N)` and `v = s²·Σ(g·x̂)/N`: one pass
+/// over the rows on CPU, three broadcast ops elsewhere (γ stays on the device).
+pub(crate) fn completed(
+    x: &Tensor,
+    at_input: Option<&Tensor>,
+    gamma: &Tensor,
+    moments: (&[f32], &[f32]),
+    means: (&[f32], &[f32]),
+) -> Result<Tensor> {
+    let (u, v) = correction_terms(moments, means);
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let x = x.contiguous()?;
+        let at_input = at_input.map(Tensor::contiguous).transpose()?;
+        let gamma = gamma.to_vec1::<f32>()?;
+        let xv = cpu_flat(&x)?;
+        let xs = xv.values()?;
+        let mut out = match &at_input {
+            Some(t) => cpu_flat(t)?.values()?.to_vec(),
+            None => vec![0.0; xs.len()],
+        };
+        let width = x.dims().last().copied().unwrap_or(0);
+        if out.len() != xs.len() || gamma.len() != u.len() || width != u.len() {
+            return Err(ModelError::Spec(format!(
+                "batch norm's gradient at an input of shape {:?}: {} values above it, γ of {}, \
+                 moments of {}",
+                x.dims(),
+                out.len(),
+                gamma.len(),
+                u.len()
+            )));
+        }
+        complete_rows(&mut out, xs, (&gamma, &u, &v));
+        return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+    }
+    composed_completion(x, at_input, gamma, (&u, &v))
+}
+
+/// `u` and `v` of [`completed`], per feature.
+fn correction_terms(
+    (mean, inv_std): (&[f32], &[f32]),
+    (mean_g, mean_gx): (&[f32], &[f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    mean.iter()
+        .zip(inv_std)
+        .zip(mean_g.iter().zip(mean_gx))
+        .map(|((m, s), (g, gx))| (s * (g - s * m * gx), s * s * gx))
+        .unzip()
+}
+
+/// `out_r −= γ·(u + v·x_r)` over rows of `u.len()` features.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn complete_rows(out: &mut [f32], x: &[f32], (gamma, u, v): (&[f32], &[f32], &[f32])) {
+    let w = u.len();
+    if w == 0 {
+        return;
+    }
+    for (out, x) in out.chunks_exact_mut(w).zip(x.chunks_exact(w)) {
+        let features = gamma.iter().zip(u.iter().zip(v));
+        for ((out, x), (gamma, (u, v))) in out.iter_mut().zip(x).zip(features) {
+            *out -= gamma * (u + v * x);
+        }
+    }
+}
+
+/// [`completed`] in candle's ops, for devices other than the CPU.
+fn composed_completion(
+    x: &Tensor,
+    at_input: Option<&Tensor>,
+    gamma: &Tensor,
+    (u, v): (&[f32], &[f32]),
+) -> Result<Tensor> {
+    let w = u.len();
+    let device = x.device();
+    let gamma = gamma.detach().unsqueeze(0)?;
+    let a = Tensor::from_slice(u, (1, w), device)?.mul(&gamma)?.neg()?;
+    let b = Tensor::from_slice(v, (1, w), device)?.mul(&gamma)?.neg()?;
+    let c = x.broadcast_mul(&b)?.broadcast_add(&a)?;
+    Ok(match at_input {
+        Some(t) => (t + c)?,
+        None => c,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -243,5 +378,91 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The completed gradient at a layer's input equals batch norm's correction written out,
+    /// `g_r − γ·s·(Σg/N + x̂_r·Σ(g·x̂)/N)` in f64, with and without a gradient from above, on
+    /// CPU (one pass) and in the composed form other devices take.
+    #[test]
+    fn the_completed_gradient_is_batch_norms_correction() {
+        let (rows, w) = (6, 4);
+        let series = |n: usize, k: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.53 + k).cos() * 1.7).collect()
+        };
+        let cpu = Device::Cpu;
+        let xs = series(rows * w, 0.4);
+        let above = series(rows * w, 2.9);
+        let gammas = series(w, 1.3);
+        let (mean, inv_std) = (series(w, 4.1), vec![0.9, 2.2, 0.35, 1.1]);
+        let (mean_g, mean_gx) = (series(w, 0.7), series(w, 5.3));
+        let x = Tensor::from_slice(&xs, (rows, w), &cpu).unwrap();
+        let at = Tensor::from_slice(&above, (rows, w), &cpu).unwrap();
+        let gamma = Tensor::from_slice(&gammas, w, &cpu).unwrap();
+        let moments = (&mean[..], &inv_std[..]);
+        let means = (&mean_g[..], &mean_gx[..]);
+        for with_above in [false, true] {
+            let expected: Vec<f64> = (0..rows * w)
+                .map(|i| {
+                    let j = i % w;
+                    let s = f64::from(inv_std[j]);
+                    let x_hat = (f64::from(xs[i]) - f64::from(mean[j])) * s;
+                    let c = -f64::from(gammas[j])
+                        * s
+                        * (f64::from(mean_g[j]) + x_hat * f64::from(mean_gx[j]));
+                    c + if with_above { f64::from(above[i]) } else { 0.0 }
+                })
+                .collect();
+            let above = with_above.then_some(&at);
+            let fused = completed(&x, above, &gamma, moments, means).unwrap();
+            let terms = correction_terms(moments, means);
+            let composed = composed_completion(&x, above, &gamma, (&terms.0, &terms.1)).unwrap();
+            for (form, got) in [("fused", &fused), ("composed", &composed)] {
+                assert_eq!(got.dims(), &[rows, w], "{form}");
+                for (i, (g, e)) in values(got).iter().zip(&expected).enumerate() {
+                    assert!(
+                        (f64::from(*g) - e).abs() < 1e-5 * (1.0 + e.abs()),
+                        "{form}, above {with_above}, value {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+        let narrow = Tensor::from_slice(&gammas[..3], 3, &cpu).unwrap();
+        let err = completed(&x, Some(&at), &narrow, moments, means).unwrap_err();
+        assert!(err.to_string().contains("γ of 3"), "{err}");
+        let short = |v: &[f32]| v[..3].to_vec();
+        let (m3, s3, g3, gx3) = (
+            short(&mean),
+            short(&inv_std),
+            short(&mean_g),
+            short(&mean_gx),
+        );
+        let err = completed(&x, None, &narrow, (&m3, &s3), (&g3, &gx3)).unwrap_err();
+        assert!(err.to_string().contains("moments of 3"), "{err}");
+    }
+
+    /// A seeded root is `Σ h·g` in value and hands `g` (times the root's own gradient) to `h`.
+    #[test]
+    fn a_seeded_root_hands_its_gradient_to_the_input() {
+        let cpu = Device::Cpu;
+        let h = Var::from_vec(vec![1.0f32, -2.0, 0.5, 3.0, 0.25, -1.5], (2, 3), &cpu).unwrap();
+        let gs = vec![0.5f32, 1.5, -2.0, 4.0, -0.75, 2.0];
+        let g = Tensor::from_slice(&gs, (2, 3), &cpu).unwrap();
+        let root = seeded(&h, &g).unwrap();
+        let dot: f32 = values(h.as_tensor())
+            .iter()
+            .zip(&gs)
+            .map(|(a, b)| a * b)
+            .sum();
+        assert!((root.to_scalar::<f32>().unwrap() - dot).abs() < 1e-6);
+        let grads = root.backward().unwrap();
+        assert_eq!(values(grads.get(h.as_tensor()).unwrap()), gs);
+        let grads = (root * 3.0).unwrap().backward().unwrap();
+        let tripled: Vec<f32> = gs.iter().map(|g| g * 3.0).collect();
+        assert_eq!(values(grads.get(h.as_tensor()).unwrap()), tripled);
+        let wrong = Tensor::zeros((3, 2), DType::F32, &cpu).unwrap();
+        assert!(
+            seeded(&h, &wrong).is_err(),
+            "shapes that differ are refused"
+        );
     }
 }
