@@ -328,12 +328,12 @@ impl Norming {
     /// after it would otherwise compute again). `name` tells apart what different calls compute
     /// from the same output. Elsewhere (evaluation, the output of a layer that is not
     /// normalised) `f` runs every time.
-    pub fn reuse(
+    pub fn reuse<const N: usize>(
         &self,
         output: &Tensor,
         name: &'static str,
-        f: impl FnOnce() -> Result<Vec<Tensor>>,
-    ) -> Result<Vec<Tensor>> {
+        f: impl FnOnce() -> Result<[Tensor; N]>,
+    ) -> Result<[Tensor; N]> {
         let slot = self.inputs.borrow().iter().find_map(|(slot, input)| {
             input
                 .output
@@ -350,12 +350,17 @@ impl Norming {
             .get(&slot)
             .and_then(|input| input.derived.get(name).cloned());
         if let Some(kept) = kept {
-            return Ok(kept);
+            return <[Tensor; N]>::try_from(kept).map_err(|kept| {
+                ModelError::Spec(format!(
+                    "{name} over batch-norm layer {slot} was kept as {} tensors, asked for as {N}",
+                    kept.len()
+                ))
+            });
         }
         // `f` may normalise layers of its own: the inputs are not borrowed while it runs.
         let computed = f()?;
         if let Some(input) = self.inputs.borrow_mut().get_mut(&slot) {
-            input.derived.insert(name, computed.clone());
+            input.derived.insert(name, computed.to_vec());
         }
         Ok(computed)
     }
@@ -776,22 +781,15 @@ impl Norms {
             ))
         })?;
         let (h, cut, moments) = segments.norming.normalised(slot)?;
-        let means: (Vec<f32>, Vec<f32>) = (
-            sums[..w]
-                .iter()
-                .map(|s| (f64::from(*s) / n) as f32)
-                .collect(),
-            sums[w..]
-                .iter()
-                .map(|s| (f64::from(*s) / n) as f32)
-                .collect(),
-        );
+        let mean = |sums: &[f32]| -> Vec<f32> {
+            sums.iter().map(|s| (f64::from(*s) / n) as f32).collect()
+        };
         let g = completed(
             &cut.detach(),
             segments.cuts.remove(&slot).as_ref(),
             &layer.gamma,
             (&moments.values.0, &moments.values.1),
-            (&means.0, &means.1),
+            (&mean(&sums[..w]), &mean(&sums[w..])),
         )?;
         self.differentiate(params, segments, &seeded(&h, &g)?)?;
         segments.next = slot.saturating_sub(1);
@@ -1132,11 +1130,11 @@ mod tests {
         let got = RefCell::new(Vec::new());
         let pass = |norming: &Norming| -> Result<()> {
             let y = a.forward(&x, norming)?;
-            let derived = norming.reuse(&y, "square", || {
+            let [square] = norming.reuse(&y, "square", || {
                 runs.set(runs.get() + 1);
-                Ok(vec![y.sqr()?])
+                Ok([y.sqr()?])
             })?;
-            got.borrow_mut().push(derived[0].id());
+            got.borrow_mut().push(square.id());
             b.forward(&y, norming).map(drop)
         };
         let mut stats: Vec<f32> = Vec::new();
@@ -1152,6 +1150,15 @@ mod tests {
         let got = got.into_inner();
         assert_eq!(got.len(), 2, "the round of b and the training pass");
         assert_eq!(got[0], got[1], "the training pass got another tensor");
+        let y = a.forward(&x, &training).unwrap();
+        let err = training
+            .reuse(&y, "square", || Ok([y.clone(), y.clone()]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kept as 1 tensors, asked for as 2"),
+            "{err}"
+        );
         let other = norming_reuse_runs(&training, &x);
         assert_eq!(other, 2, "a tensor that is no layer's output");
         let eval = Norming::eval();
@@ -1159,7 +1166,7 @@ mod tests {
         for _ in 0..2 {
             eval.reuse(&y, "square", || {
                 runs.set(runs.get() + 1);
-                Ok(vec![y.sqr()?])
+                Ok([y.sqr()?])
             })
             .unwrap();
         }
@@ -1174,7 +1181,7 @@ mod tests {
             norming
                 .reuse(x, "square", || {
                     runs += 1;
-                    Ok(vec![x.sqr()?])
+                    Ok([x.sqr()?])
                 })
                 .unwrap();
         }

@@ -31,20 +31,21 @@ pub(crate) fn lane_sum(v: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `Σ a·b` over equally long slices, in eight interleaved partial sums like [`lane_sum`].
+/// `Σ f(a, b)` over equally long slices, in eight interleaved partial sums like [`lane_sum`]
+/// (a dot product, a squared distance).
 #[inline]
-pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn lane_sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(a, b)| a * b)
+        .map(|(a, b)| f(*a, *b))
         .sum();
     for (a, b) in ca.zip(cb) {
         for ((l, a), b) in lanes.iter_mut().zip(a).zip(b) {
-            *l += a * b;
+            *l += f(*a, *b);
         }
     }
     lanes.iter().sum::<f32>() + tail

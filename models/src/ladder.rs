@@ -443,16 +443,10 @@ impl Ladder {
         name: &'static str,
         norming: &Norming,
     ) -> Result<Gaussian> {
-        let both = norming.reuse(h, name, || {
-            Ok(vec![mu.forward(h)?, self.clamp(log_var.forward(h)?)?])
+        let [mu, log_var] = norming.reuse(h, name, || {
+            Ok([mu.forward(h)?, self.clamp(log_var.forward(h)?)?])
         })?;
-        match <[Tensor; 2]>::try_from(both) {
-            Ok([mu, log_var]) => Ok(Gaussian { mu, log_var }),
-            Err(kept) => Err(ModelError::Spec(format!(
-                "the heads over a ladder block kept {} tensors, expected 2",
-                kept.len()
-            ))),
-        }
+        Ok(Gaussian { mu, log_var })
     }
 
     /// The decoder's output (logits or means) for bottom latents `z`: (N, D).

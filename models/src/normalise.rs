@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use multiversion::multiversion;
 
-use crate::cpu::{contiguous_f32, cpu_flat, lane_dot};
+use crate::cpu::{contiguous_f32, cpu_flat, lane_sum_zip};
 use crate::error::{ModelError, Result};
 use crate::layers::Activation;
 
@@ -192,7 +192,7 @@ impl CustomOp1 for Seed {
         }
         let h = contiguous_f32(s, l, "batch-norm seed")?;
         let g = cpu_flat(&self.g)?;
-        let dot = lane_dot(h, g.values()?);
+        let dot = lane_sum_zip(h, g.values()?, |h, g| h * g);
         Ok((CpuStorage::F32(vec![dot]), Shape::from(())))
     }
 
@@ -314,14 +314,16 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// `n` test values, a sine from phase `k`.
+    fn series(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.71 + k).sin() * 1.3).collect()
+    }
+
     /// The fused form's value and gradients (input, γ, β) equal the composed form's, which
     /// runs through candle's ops and their gradients, with each activation after it.
     #[test]
     fn the_fused_form_equals_the_composed_one() {
         let (rows, w) = (5, 3);
-        let series = |n: usize, k: f32| -> Vec<f32> {
-            (0..n).map(|i| (i as f32 * 0.71 + k).sin() * 1.3).collect()
-        };
         let cpu = Device::Cpu;
         let x = Var::from_vec(series(rows * w, 0.2), (rows, w), &cpu).unwrap();
         let gamma = Var::from_vec(series(w, 1.1), w, &cpu).unwrap();
@@ -386,9 +388,6 @@ mod tests {
     #[test]
     fn the_completed_gradient_is_batch_norms_correction() {
         let (rows, w) = (6, 4);
-        let series = |n: usize, k: f32| -> Vec<f32> {
-            (0..n).map(|i| (i as f32 * 0.53 + k).cos() * 1.7).collect()
-        };
         let cpu = Device::Cpu;
         let xs = series(rows * w, 0.4);
         let above = series(rows * w, 2.9);

@@ -48,6 +48,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::buffers::Buffers;
+use crate::cpu::lane_sum_zip;
 use crate::error::{ModelError, Result};
 use crate::model::StepContext;
 use crate::noise::Purpose;
@@ -121,20 +122,7 @@ pub fn nearest_codes(z: &[f32], codebook: &[f32], dim: usize) -> Vec<u32> {
 /// depends on the row alone).
 #[inline]
 fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += (x[i] - y[i]) * (x[i] - y[i]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    lane_sum_zip(a, b, |x, y| (x - y) * (x - y))
 }
 
 /// exp(entropy) of the distribution proportional to `counts` (0 when they are all 0).
