@@ -702,7 +702,7 @@ impl Norms {
         let mut output = segments.output;
         let value = output.loss.detach();
         output.update_stats = Some(self.update_stats(moment_sums, local_rows)?);
-        if sink.enabled() && params.device().is_cpu() {
+        if sink.enabled() && crate::forms::fused_on(params.device()) {
             // The trainer reads the step's gradients from the sink, where fused layers leave
             // theirs on CPU: hand the others over there too, and the loss is its value alone.
             // (On a GPU the surrogate keeps them on the device.)

@@ -186,7 +186,7 @@ impl CustomOp3 for BernoulliNllGrad {
 
 /// Per-example Bernoulli negative log-likelihood of `x` (B, D) under `logits` (B, D), in nats.
 pub fn bernoulli_nll(logits: &Tensor, x: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() {
+    if crate::forms::fused(logits) {
         Ok(logits
             .contiguous()?
             .apply_op2(&x.contiguous()?, BernoulliNll)?)

@@ -147,7 +147,7 @@ pub(crate) fn class_rows(
     classes: &Tensor,
     relu: bool,
 ) -> Result<Tensor> {
-    if y.device().is_cpu() && y.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(y) {
         let op = ClassRows {
             rows: rows.map(Tensor::to_vec1::<u32>).transpose()?,
             classes: classes.to_vec1::<u32>()?,

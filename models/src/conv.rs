@@ -805,7 +805,7 @@ pub(crate) fn conv2d_with_sink(
     relu: bool,
     sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(x) {
         let op = ConvOp {
             spec,
             relu,
@@ -846,7 +846,7 @@ pub(crate) fn conv2d_masked_with_sink(
             "a masked convolution is not transposed and has at most 11×11 taps, not {k}×{k} ({spec:?})"
         )));
     }
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(x) {
         let op = ConvOp {
             spec,
             relu: false,

@@ -477,7 +477,7 @@ pub(crate) fn dense_bernoulli_nll_with_sink(
     target: &Tensor,
     sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(x) {
         let op = DenseOp {
             epilogue: Epilogue::BernoulliNll {
                 target: target.contiguous()?,
@@ -499,7 +499,7 @@ pub(crate) fn dense_with_sink(
     relu: bool,
     sink: Option<SinkSlots>,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(x) {
         let epilogue = if relu { Epilogue::Relu } else { Epilogue::None };
         Ok(x.contiguous()?
             .apply_op3(w, b, DenseOp { epilogue, sink })?)

@@ -118,7 +118,7 @@ impl CustomOp2 for GateGrad {
 /// (B, 2C, …): (B, C, …).
 pub fn gated_tanh(x: &Tensor) -> Result<Tensor> {
     blocks(x.shape())?;
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::forms::fused(x) {
         return Ok(x.contiguous()?.apply_op1(Gate)?);
     }
     let c = x.dim(1)? / 2;

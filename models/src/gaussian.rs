@@ -121,13 +121,9 @@ impl CustomOp2 for KlLogVarGrad {
     }
 }
 
-fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-}
-
 /// `z = μ + exp(½ log σ²)·ε`, all (B, d).
 pub fn reparameterise(mu: &Tensor, log_var: &Tensor, eps: &Tensor) -> Result<Tensor> {
-    if fused(mu) {
+    if crate::forms::fused(mu) {
         Ok(mu
             .contiguous()?
             .apply_op3(&log_var.contiguous()?, &eps.contiguous()?, Reparam)?)
@@ -138,7 +134,7 @@ pub fn reparameterise(mu: &Tensor, log_var: &Tensor, eps: &Tensor) -> Result<Ten
 
 /// Per-example, per-dimension KL(N(μ, σ²) ‖ N(0, 1)) = ½(σ² + μ² − 1 − log σ²): (B, d).
 pub fn gaussian_kl(mu: &Tensor, log_var: &Tensor) -> Result<Tensor> {
-    if fused(mu) {
+    if crate::forms::fused(mu) {
         Ok(mu.contiguous()?.apply_op2(&log_var.contiguous()?, KlDims)?)
     } else {
         Ok((((log_var.exp()? + mu.sqr()?)? - 1.0)? - log_var)?.affine(0.5, 0.0)?)

@@ -149,7 +149,7 @@ pub(crate) fn normalise(
     (gamma, beta): (&Tensor, &Tensor),
     activation: Activation,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::forms::fused(x) {
         let relu = activation == Activation::Relu;
         let op = Normalise {
             mean: values.0.to_vec(),
@@ -211,7 +211,7 @@ impl CustomOp1 for Seed {
 
 /// `Σ h·g`, whose gradient with respect to `h` is `g` (a root for [`Tensor::backward`]).
 pub(crate) fn seeded(h: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if h.device().is_cpu() && h.dtype() == DType::F32 && g.dtype() == DType::F32 {
+    if crate::forms::fused(h) && g.dtype() == DType::F32 {
         let g = g.contiguous()?;
         return Ok(h.contiguous()?.apply_op1(Seed { g })?);
     }
@@ -231,7 +231,7 @@ pub(crate) fn completed(
     means: (&[f32], &[f32]),
 ) -> Result<Tensor> {
     let (u, v) = correction_terms(moments, means);
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::forms::fused(x) {
         let x = x.contiguous()?;
         let at_input = at_input.map(Tensor::contiguous).transpose()?;
         let gamma = gamma.to_vec1::<f32>()?;
