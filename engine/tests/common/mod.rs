@@ -51,7 +51,7 @@ pub const CASES: &[(&str, &[&str])] = &[
 ];
 
 /// The input shape of every case.
-pub const SHAPE: [usize; 3] = [1, 28, 28];
+const SHAPE: [usize; 3] = [1, 28, 28];
 
 fn engine() -> Engine {
     let cache = std::env::temp_dir().join("elbo-engine-test-cache");
