@@ -1,7 +1,8 @@
 //! Which form an op takes. Each op with a fused CPU kernel (dense layers, convolutions, the
 //! likelihoods, the reparameterisation, batch norm, the PixelCNN gate) takes it for f32 on the
 //! CPU, and otherwise its composed form: candle's ops, which every device runs, and the only
-//! form a GPU runs. [`ComposedForms`] makes the ops called on one thread take their composed
+//! form a GPU runs. The VQ quantiser's nearest-code search takes its host form on the CPU for
+//! any dtype. [`ComposedForms`] makes the ops called on one thread take their composed
 //! forms on the CPU too, so that what a GPU computes is checked against the fused kernels on a
 //! machine without one (`engine/tests/composed.rs`).
 

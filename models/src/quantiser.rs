@@ -3,9 +3,13 @@
 //! updated from statistics that are sums over rows, so that the sums of N ranks are the sums of
 //! one process.
 //!
-//! **Quantiser.** Each position's nearest code by squared distance, computed row by row on the
-//! host (ties go to the lowest index; a row's code never depends on the rows beside it);
-//! straight-through: the decoder reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
+//! **Quantiser.** Each position's nearest code by squared distance; a row's code never depends
+//! on the rows beside it. On the CPU (the fused form, [`crate::forms`], for any dtype) the
+//! search runs row by row on the host, exact in f32, ties going to the lowest index; elsewhere
+//! (the composed form, the one a GPU runs) it stays on the batch's device as
+//! `argmin_k ‖e_k‖² − 2 z·e_k`, one matrix product, where near-ties may resolve the other way,
+//! and so do the one-hot counts and sums of the EMA update. Straight-through: the decoder
+//! reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
 //!
 //! **EMA codebook** (non-gradient state in [`Buffers`]): each step's one-hot counts `n_i` and
 //! sums `s_i` of the encoder outputs assigned to code i are update statistics — summed across
@@ -42,6 +46,8 @@
 //! `{name}.kmeans_pending` (1 until then) makes the rounds a function of the replicated state,
 //! not of the step: a skipped step leaves it pending, a resumed run does not repeat it.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use rayon::prelude::*;
@@ -50,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use crate::buffers::Buffers;
 use crate::cpu::lane_sum_zip;
 use crate::error::{ModelError, Result};
+use crate::forms::fused_on;
 use crate::model::StepContext;
 use crate::noise::Purpose;
 use crate::params::Params;
@@ -116,6 +123,16 @@ pub fn nearest_codes(z: &[f32], codebook: &[f32], dim: usize) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// The composed form of [`nearest_codes`], on the rows' device: the index (u32) of the nearest
+/// row of `codebook` (K, D) to each row of `rows` (N, D), as `argmin_k ‖e_k‖² − 2 z·e_k`
+/// (`‖z‖²` is the same for every code of a row).
+fn nearest_codes_composed(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
+    let book = codebook.detach().to_dtype(rows.dtype())?;
+    let norms = book.sqr()?.sum(1)?.unsqueeze(0)?;
+    let dots = rows.detach().matmul(&book.t()?)?;
+    Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&norms)?.argmin(1)?)
 }
 
 /// `‖a − b‖²`, summed in eight lanes (vectorised; the order is fixed, so a row's distance
@@ -230,18 +247,72 @@ impl UpdateLayout {
     }
 }
 
+/// Where a batch's nearest codes were found (see the module docs).
+enum Search {
+    /// On the host: each position's code, and the encoder outputs (positions, D) flattened.
+    Host { indices: Vec<u32>, z: Vec<f32> },
+    /// On the batch's device: the codes (positions,) u32, and the detached encoder outputs
+    /// (positions, D).
+    Device { indices: Tensor, rows: Tensor },
+}
+
 /// A quantised batch.
 pub(crate) struct Quantised {
-    /// The code of each position, row-major over (row, y, x).
-    pub indices: Vec<u32>,
-    /// The encoder outputs, (positions, D) flattened.
-    pub z: Vec<f32>,
+    search: Search,
     /// The decoder's input (B, D, h, w), straight-through.
     pub zq: Tensor,
     /// Each row's commitment `mean ‖z_e − sg(e)‖²` (B,).
     pub commitment: Tensor,
     /// Each row's codebook term `mean ‖sg(z_e) − e‖²` (B,), with the codebook loss.
     pub codebook: Option<Tensor>,
+}
+
+impl Quantised {
+    /// The code of each position, row-major over (row, y, x), on the host.
+    pub fn indices(&self) -> Result<Vec<u32>> {
+        match &self.search {
+            Search::Host { indices, .. } => Ok(indices.clone()),
+            Search::Device { indices, .. } => Ok(indices.to_vec1::<u32>()?),
+        }
+    }
+
+    /// The encoder outputs (positions, D) flattened, on the host.
+    fn z(&self) -> Result<Cow<'_, [f32]>> {
+        match &self.search {
+            Search::Host { z, .. } => Ok(Cow::Borrowed(z)),
+            Search::Device { rows, .. } => Ok(Cow::Owned(host_values(rows)?)),
+        }
+    }
+
+    /// Each of the `codes` codes' count of positions (K) and, with `sums`, the sum of the
+    /// `dim`-long encoder outputs assigned to it (K·D), as one f32 tensor on the batch's
+    /// device; computed there (a one-hot matrix product) when the search ran there, so that
+    /// the encoder outputs never leave it.
+    pub fn assignments(&self, (codes, dim): (usize, usize), sums: bool) -> Result<Tensor> {
+        match &self.search {
+            Search::Host { indices, z } => {
+                let mut stats = vec![0f32; codes + usize::from(sums) * codes * dim];
+                add_assignments(&mut stats, codes, (indices, z, dim), sums);
+                let len = stats.len();
+                Ok(Tensor::from_vec(stats, len, self.zq.device())?)
+            }
+            Search::Device { indices, rows } => {
+                let all = Tensor::arange(0u32, codes as u32, rows.device())?.unsqueeze(0)?;
+                // In f32 whatever the batch's dtype: a count past 2048 is exact there, not in f16.
+                let one_hot = indices
+                    .unsqueeze(1)?
+                    .broadcast_eq(&all)?
+                    .to_dtype(DType::F32)?;
+                let counts = one_hot.sum(0)?;
+                if !sums {
+                    return Ok(counts);
+                }
+                let rows = rows.to_dtype(DType::F32)?;
+                let vectors = one_hot.t()?.matmul(&rows)?.flatten_all()?;
+                Ok(Tensor::cat(&[counts, vectors], 0)?)
+            }
+        }
+    }
 }
 
 /// A codebook of `codes` × `dim` over a grid of `positions`, its state named `{name}.codebook`,
@@ -336,30 +407,32 @@ impl Quantiser {
     /// the codebook or (k-means initialisation) the given `centroids` (K·D).
     pub fn quantise(&self, z_e: &Tensor, centroids: Option<&[f32]>) -> Result<Quantised> {
         let (b, d, gh, gw) = z_e.dims4()?;
+        let device = z_e.device();
         let rows = positions(z_e)?;
-        let z = host_values(&rows)?;
-        let (indices, e) = match centroids {
-            Some(book) => {
-                let indices = nearest_codes(&z, book, d);
-                let e: Vec<f32> = indices
-                    .iter()
-                    .flat_map(|&i| &book[i as usize * d..][..d])
-                    .copied()
-                    .collect();
-                let e = Tensor::from_vec(e, (indices.len(), d), z_e.device())?;
-                (indices, e.to_dtype(rows.dtype())?)
-            }
-            None => {
-                let codebook = host_values(&self.codebook)?;
-                let indices = nearest_codes(&z, &codebook, d);
-                let idx = Tensor::from_slice(&indices, indices.len(), z_e.device())?;
-                let e = self
-                    .codebook
-                    .index_select(&idx, 0)?
-                    .to_dtype(rows.dtype())?;
-                (indices, e)
-            }
+        let book = match centroids {
+            Some(book) => Tensor::from_slice(book, (self.codes, d), device)?,
+            None => self.codebook.clone(),
         };
+        let (search, idx) = if fused_on(device) {
+            let z = host_values(&rows)?;
+            let indices = match centroids {
+                Some(book) => nearest_codes(&z, book, d),
+                None => nearest_codes(&z, &host_values(&book)?, d),
+            };
+            let idx = Tensor::from_slice(&indices, indices.len(), device)?;
+            (Search::Host { indices, z }, idx)
+        } else {
+            let indices = nearest_codes_composed(&rows, &book)?;
+            let rows = rows.detach();
+            (
+                Search::Device {
+                    indices: indices.clone(),
+                    rows,
+                },
+                indices,
+            )
+        };
+        let e = book.index_select(&idx, 0)?.to_dtype(rows.dtype())?;
         let e_sg = e.detach();
         let straight = (&rows + (&e_sg - rows.detach())?)?;
         let per_row = gh * gw * d;
@@ -378,8 +451,7 @@ impl Quantiser {
             .permute((0, 3, 1, 2))?
             .contiguous()?;
         Ok(Quantised {
-            indices,
-            z,
+            search,
             zq,
             commitment,
             codebook,
@@ -536,9 +608,16 @@ impl Quantiser {
             .contiguous()?)
     }
 
+    /// Each code's count of positions in a quantised batch (K).
+    pub fn counts(&self, q: &Quantised) -> Result<Vec<f32>> {
+        Ok(q.assignments((self.codes, self.dim), false)?
+            .to_vec1::<f32>()?)
+    }
+
     /// This rank's update statistics for a quantised batch of the rows `ids`, the codes' EMA
     /// counts before the step being `usage`; at the step of a k-means initialisation
-    /// (`initialising`) without restart candidates.
+    /// (`initialising`) without restart candidates. An f32 tensor on the batch's device; the
+    /// encoder outputs reach the host only when a code is due for a restart.
     pub fn update_statistics(
         &self,
         usage: &[f32],
@@ -546,29 +625,33 @@ impl Quantiser {
         ids: &[u64],
         ctx: &StepContext<'_>,
         initialising: bool,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Tensor> {
         let layout = self.layout();
         let (_, cand_at, _) = layout.offsets();
-        let mut stats = vec![0f32; layout.len()];
-        let assigned = (&q.indices[..], &q.z[..], self.dim);
-        add_assignments(&mut stats, self.codes, assigned, layout.sums);
-        if !layout.restart || initialising {
-            return Ok(stats);
+        let assigned = q.assignments((self.codes, self.dim), layout.sums)?;
+        if !layout.restart {
+            return Ok(assigned);
         }
+        let device = q.zq.device();
         let threshold = self.settings.restart_threshold as f32;
         let dead: Vec<bool> = usage.iter().map(|n| *n < threshold).collect();
-        if dead.contains(&true) {
-            let candidates = &mut stats[cand_at..];
+        let len = layout.len() - cand_at;
+        let candidates = if initialising || !dead.contains(&true) {
+            Tensor::zeros(len, DType::F32, device)?
+        } else {
+            let mut candidates = vec![0f32; len];
+            let z = q.z()?;
             self.add_candidates(
-                candidates,
+                &mut candidates,
                 RESTART_SLOTS,
                 self.salt,
-                (&q.z, ids),
+                (&z, ids),
                 ctx,
                 &dead,
             );
-        }
-        Ok(stats)
+            Tensor::from_vec(candidates, len, device)?
+        };
+        Ok(Tensor::cat(&[assigned, candidates], 0)?)
     }
 
     /// Applies a step's all-reduced update statistics: the EMA step and the restarts (or, with
@@ -655,5 +738,41 @@ impl Quantiser {
                 (self.codes - 1) as u32
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// The composed search finds the host search's codes, with codes whose norms differ by
+    /// more than a factor of ten (so that a wrong `‖e‖²` weight moves rows to other codes).
+    #[test]
+    fn the_composed_search_finds_the_host_searchs_codes() {
+        let (n, k, d) = (600, 16, 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let book: Vec<f32> = (0..k)
+            .flat_map(|i| {
+                let scale = 0.2 + 0.2 * i as f32;
+                (0..d).map(move |_| scale).collect::<Vec<_>>()
+            })
+            .zip((0..k * d).map(|_| rng.random_range(-1.0f32..1.0)))
+            .map(|(scale, u)| scale * u)
+            .collect();
+        let z: Vec<f32> = (0..n * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let want = nearest_codes(&z, &book, d);
+        let rows = Tensor::from_slice(&z, (n, d), &Device::Cpu).unwrap();
+        let codebook = Tensor::from_slice(&book, (k, d), &Device::Cpu).unwrap();
+        let got = nearest_codes_composed(&rows, &codebook)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(got, want);
+        let used = want.iter().collect::<std::collections::BTreeSet<_>>().len();
+        assert!(used > k / 2, "{used} of {k} codes in use");
     }
 }

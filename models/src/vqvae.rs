@@ -664,11 +664,10 @@ impl CodeModel for VqVae {
     }
 
     fn encode_codes(&self, x: &Tensor) -> Result<Vec<Vec<u32>>> {
-        Ok(self
-            .quantise_levels(x, None)?
-            .into_iter()
-            .map(|q| q.indices)
-            .collect())
+        self.quantise_levels(x, None)?
+            .iter()
+            .map(Quantised::indices)
+            .collect()
     }
 
     fn decode_codes(&self, codes: &[Vec<u32>], n: usize) -> Result<Tensor> {
@@ -809,15 +808,14 @@ impl Model for VqVae {
                 LEVEL_TERMS[3][col],
                 Term::constant(perplexity(&counts), rows, device)?,
             );
-            stats.extend(quantiser.update_statistics(&usage, q, input.ids, ctx, initialising)?);
+            stats.push(quantiser.update_statistics(&usage, q, input.ids, ctx, initialising)?);
         }
         terms.insert("loss", Term::per_row(&per_row)?);
         let loss = (per_row.sum_all()? / ctx.global_rows as f64)?;
-        let len = stats.len();
         Ok(LossOutput {
             loss,
             terms,
-            update_stats: Some(Tensor::from_vec(stats, len, device)?),
+            update_stats: Some(Tensor::cat(&stats, 0)?),
         })
     }
 
@@ -961,13 +959,15 @@ impl Evaluator for VqEvaluator<'_> {
         let (rec, mse) = m.reconstruction(&pass.out, input.x)?;
         self.rec += sum(&rec)?;
         self.mse += sum(&mse)?;
-        for (figures, q) in self.levels.iter_mut().zip(pass.levels) {
+        for ((figures, q), (_, quantiser)) in
+            self.levels.iter_mut().zip(pass.levels).zip(m.levels())
+        {
             figures.commitment += sum(&q.commitment)?;
             if let Some(cb) = &q.codebook {
                 figures.codebook += sum(cb)?;
             }
-            for i in q.indices {
-                figures.counts[i as usize] += 1.0;
+            for (total, n) in figures.counts.iter_mut().zip(quantiser.counts(&q)?) {
+                *total += f64::from(n);
             }
         }
         self.rows += input.ids.len() as u64;
@@ -1091,7 +1091,7 @@ mod tests {
         let z = Var::from_vec(nchw, (1, 2, 2, 2), &Device::Cpu).unwrap();
         let q = m.quantiser.quantise(z.as_tensor(), None).unwrap();
         // (0.5, 0.5) is as near code 0 as code 1: the lower index wins.
-        assert_eq!(q.indices, vec![0, 1, 2, 0]);
+        assert_eq!(q.indices().unwrap(), vec![0, 1, 2, 0]);
         let codes = [[0.0, 0.0], [1.0, 1.0], [-1.0, 2.0], [0.0, 0.0]];
         let want: f32 = positions
             .iter()

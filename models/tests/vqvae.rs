@@ -6,9 +6,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use elbo_models::{
-    nearest_codes, round_statistics, whole_batch_statistics, Activation, Architecture,
-    CodebookInit, CodebookLearning, Input, LikelihoodKind, Model, ModelSpec, Noise, Objective,
-    StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM, RESTART_SLOTS, SEED_SLOTS,
+    nearest_codes, round_statistics, whole_batch_statistics, Activation, Architecture, CodeModel,
+    CodebookInit, CodebookLearning, ComposedForms, Input, LikelihoodKind, Model, ModelSpec, Noise,
+    Objective, StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM, RESTART_SLOTS,
+    SEED_SLOTS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -101,6 +102,55 @@ fn the_nearest_code_wins_and_ties_go_to_the_lowest_index() {
         assert_eq!(nearest_codes(row, &cb, 3), vec![*code]);
         let d = |k: usize| -> f32 { (0..3).map(|j| (row[j] - cb[k * 3 + j]).powi(2)).sum() };
         assert!((0..7).all(|k| d(*code as usize) <= d(k)));
+    }
+}
+
+/// The composed forms (what a GPU runs: the search as one matrix product and an argmin, the
+/// one-hot counts and sums as another, on the device) give the host search's codes and the
+/// same update statistics and loss, with and without restart candidates, at either level count.
+#[test]
+fn the_composed_search_and_statistics_match_the_host_forms() {
+    for (levels, threshold) in [(1, 0.5), (1, 2.0), (2, 0.5), (2, 2.0)] {
+        let cfg = VqVaeConfig {
+            restart_threshold: threshold,
+            ..config()
+        };
+        let m = VqVae::new(
+            &spec(LikelihoodKind::Bernoulli),
+            cfg,
+            levels,
+            &Device::Cpu,
+            3,
+        )
+        .unwrap();
+        let x = data(12, 6);
+        let ids: Vec<u64> = (40..52).collect();
+        let run = || (m.encode_codes(&x).unwrap(), step(&m, &x, &ids, 12, 3));
+        let (codes, (stats, loss)) = run();
+        let (composed_codes, (composed_stats, composed_loss)) = {
+            let _composed = ComposedForms::on();
+            run()
+        };
+        let case = format!("{levels} level(s), restart threshold {threshold}");
+        assert_eq!(codes, composed_codes, "{case}: codes");
+        assert_eq!(stats.len(), composed_stats.len(), "{case}");
+        for (i, (a, b)) in stats.iter().zip(&composed_stats).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "{case}: statistic [{i}] {a} vs {b}"
+            );
+        }
+        if threshold > 1.0 {
+            assert!(
+                composed_stats.iter().skip(8 + 8 * DIM).any(|c| *c > 0.0),
+                "{case}: the dead codes found candidates"
+            );
+        }
+        let (a, b) = (
+            loss.to_scalar::<f32>().unwrap(),
+            composed_loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{case}: loss {a} vs {b}");
     }
 }
 
