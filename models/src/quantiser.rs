@@ -7,9 +7,9 @@
 //! on the rows beside it. On the CPU (the fused form, [`crate::forms`], for any dtype) the
 //! search runs row by row on the host, exact in f32, ties going to the lowest index; elsewhere
 //! (the composed form, the one a GPU runs) it stays on the batch's device as
-//! `argmin_k ‖e_k‖² − 2 z·e_k`, one matrix product, where near-ties may resolve the other way,
-//! and so do the one-hot counts and sums of the EMA update. Straight-through: the decoder
-//! reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
+//! `argmin_k ‖e_k‖² − 2 z·e_k`, one matrix product, where near-ties may resolve the other way;
+//! the one-hot counts and sums of the EMA update are computed there too. Straight-through: the
+//! decoder reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
 //!
 //! **EMA codebook** (non-gradient state in [`Buffers`]): each step's one-hot counts `n_i` and
 //! sums `s_i` of the encoder outputs assigned to code i are update statistics — summed across
@@ -126,12 +126,12 @@ pub fn nearest_codes(z: &[f32], codebook: &[f32], dim: usize) -> Vec<u32> {
 }
 
 /// The composed form of [`nearest_codes`], on the rows' device: the index (u32) of the nearest
-/// row of `codebook` (K, D) to each row of `rows` (N, D), as `argmin_k ‖e_k‖² − 2 z·e_k`
-/// (`‖z‖²` is the same for every code of a row).
+/// row of `codebook` (K, D) to each of the detached `rows` (N, D), as
+/// `argmin_k ‖e_k‖² − 2 z·e_k` (`‖z‖²` is the same for every code of a row).
 fn nearest_codes_composed(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     let book = codebook.detach().to_dtype(rows.dtype())?;
     let norms = book.sqr()?.sum(1)?.unsqueeze(0)?;
-    let dots = rows.detach().matmul(&book.t()?)?;
+    let dots = rows.matmul(&book.t()?)?;
     Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&norms)?.argmin(1)?)
 }
 
@@ -422,15 +422,10 @@ impl Quantiser {
             let idx = Tensor::from_slice(&indices, indices.len(), device)?;
             (Search::Host { indices, z }, idx)
         } else {
-            let indices = nearest_codes_composed(&rows, &book)?;
             let rows = rows.detach();
-            (
-                Search::Device {
-                    indices: indices.clone(),
-                    rows,
-                },
-                indices,
-            )
+            let indices = nearest_codes_composed(&rows, &book)?;
+            let idx = indices.clone();
+            (Search::Device { indices, rows }, idx)
         };
         let e = book.index_select(&idx, 0)?.to_dtype(rows.dtype())?;
         let e_sg = e.detach();
@@ -755,13 +750,8 @@ mod tests {
     fn the_composed_search_finds_the_host_searchs_codes() {
         let (n, k, d) = (600, 16, 5);
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let book: Vec<f32> = (0..k)
-            .flat_map(|i| {
-                let scale = 0.2 + 0.2 * i as f32;
-                (0..d).map(move |_| scale).collect::<Vec<_>>()
-            })
-            .zip((0..k * d).map(|_| rng.random_range(-1.0f32..1.0)))
-            .map(|(scale, u)| scale * u)
+        let book: Vec<f32> = (0..k * d)
+            .map(|j| (0.2 + 0.2 * (j / d) as f32) * rng.random_range(-1.0f32..1.0))
             .collect();
         let z: Vec<f32> = (0..n * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         let want = nearest_codes(&z, &book, d);

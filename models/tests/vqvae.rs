@@ -141,10 +141,15 @@ fn the_composed_search_and_statistics_match_the_host_forms() {
             );
         }
         if threshold > 1.0 {
-            assert!(
-                composed_stats.iter().skip(8 + 8 * DIM).any(|c| *c > 0.0),
-                "{case}: the dead codes found candidates"
-            );
+            // Each level's statistics: counts (K), sums (K·D), then the restart candidates.
+            let codes = config().codes as usize;
+            assert_eq!(composed_stats.len() % levels, 0, "{case}");
+            for level in composed_stats.chunks(composed_stats.len() / levels) {
+                assert!(
+                    level[codes + codes * DIM..].iter().any(|c| *c > 0.0),
+                    "{case}: the dead codes found candidates"
+                );
+            }
         }
         let (a, b) = (
             loss.to_scalar::<f32>().unwrap(),
