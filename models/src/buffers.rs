@@ -46,6 +46,12 @@ impl Buffers {
         Ok(self.var(name)?.as_tensor().flatten_all()?.to_vec1()?)
     }
 
+    /// Buffer `name` as a tensor on the store's device (no copy to the host); it sees every
+    /// later [`Buffers::set`].
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        Ok(self.var(name)?.as_tensor().detach())
+    }
+
     /// Replaces the values of buffer `name` (same number of values).
     pub fn set(&self, name: &str, values: &[f32]) -> Result<()> {
         let var = self.var(name)?;
@@ -57,6 +63,21 @@ impl Buffers {
             )));
         }
         var.set(&Tensor::from_slice(values, var.shape(), &self.device)?)?;
+        Ok(())
+    }
+
+    /// Replaces the values of buffer `name` with `values`, a tensor of its shape on its device
+    /// (copied there, in f32).
+    pub fn set_tensor(&self, name: &str, values: &Tensor) -> Result<()> {
+        let var = self.var(name)?;
+        if values.shape() != var.shape() {
+            return Err(ModelError::Input(format!(
+                "buffer {name} has shape {:?}, got {:?}",
+                var.shape().dims(),
+                values.dims()
+            )));
+        }
+        var.set(&values.to_dtype(candle_core::DType::F32)?)?;
         Ok(())
     }
 

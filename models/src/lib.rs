@@ -63,9 +63,7 @@ pub use model::{
 pub use noise::{Noise, Purpose};
 pub use objective::{free_bits_statistics, gaussian_kl, vae_loss, Objective, VAE_TERMS};
 pub use params::Params;
-pub use quantiser::{
-    ema_step, nearest_codes, CodebookInit, CodebookLearning, RESTART_SLOTS, SEED_SLOTS,
-};
+pub use quantiser::{nearest_codes, CodebookInit, CodebookLearning, RESTART_SLOTS, SEED_SLOTS};
 pub use registry::{NoSection, Registry, Section, SectionError, Variant};
 pub use spec::{Architecture, BaseModel, BuildContext, ModelSpec};
 pub use vae::{BetaVae, Vae, VaeNet};

@@ -90,6 +90,15 @@ impl Term {
             count: rows as f64,
         })
     }
+
+    /// A scalar tensor that is the same for every row (a figure of the model's state, left on
+    /// its device), counted per row.
+    pub fn repeated(value: &Tensor, rows: usize) -> Result<Term> {
+        Ok(Term {
+            sum: value.affine(rows as f64, 0.0)?,
+            count: rows as f64,
+        })
+    }
 }
 
 /// The result of a loss evaluation.

@@ -8,8 +8,9 @@
 //! search runs row by row on the host, exact in f32, ties going to the lowest index; elsewhere
 //! (the composed form, the one a GPU runs) it stays on the batch's device as
 //! `argmin_k ‖e_k‖² − 2 z·e_k`, one matrix product, where near-ties may resolve the other way;
-//! the one-hot counts and sums of the EMA update are computed there too. Straight-through: the
-//! decoder reads `z_e + sg(e − z_e)`, so `∂/∂z_e` is the identity.
+//! the one-hot counts and sums of the update statistics (assignments and restart candidates)
+//! are computed there too. Straight-through: the decoder reads `z_e + sg(e − z_e)`, so
+//! `∂/∂z_e` is the identity.
 //!
 //! **EMA codebook** (non-gradient state in [`Buffers`]): each step's one-hot counts `n_i` and
 //! sums `s_i` of the encoder outputs assigned to code i are update statistics — summed across
@@ -17,7 +18,10 @@
 //! `N_i ← γN_i + (1−γ)n_i`, `m_i ← γm_i + (1−γ)s_i` and `e_i = m_i / Ñ_i` with the
 //! Laplace-smoothed `Ñ_i = (N_i + ε)/(ΣN + Kε)·ΣN`. N starts at 1 and m at the initial codebook
 //! (Jukebox's start: an unused code keeps its place instead of jumping to m/ε). With the
-//! codebook loss instead, the codebook is a parameter and N only tracks usage.
+//! codebook loss instead, the codebook is a parameter and N only tracks usage. The update runs
+//! on the codebook's device, in f32, from one upload of the all-reduced statistics, and each
+//! step's figures (codes alive, perplexity) are computed there too: a GPU step reads no state
+//! back to the host.
 //!
 //! **Dead-code restart.** A code whose `N_i` is below the restart threshold before a step is
 //! replaced by one encoder output of that step's *global* batch, and its statistics reset
@@ -27,7 +31,9 @@
 //! 1/(outputs in the global batch), and a slot with exactly one candidate names it — counts
 //! and sums of the candidates ride in the same all-reduce, so every rank, at any world size,
 //! restarts the same codes with the same vectors. A code whose slots all miss (about 16% of
-//! steps) waits for the next step.
+//! steps) waits for the next step. The draws read no encoder output, and every code's slots
+//! collect candidates; the update keeps those of the codes that were dead, so the counts that
+//! decide it never leave the device.
 //!
 //! **k-means initialisation** (`init = "kmeans"`, EMA codebook). The first applied step of a
 //! run starts the codebook from k-means on the encoder outputs of its *global* batch, in rounds
@@ -45,8 +51,6 @@
 //! steps at γ 0.99, measured: perplexity fell to 19 before they were restarted.) A buffer
 //! `{name}.kmeans_pending` (1 until then) makes the rounds a function of the replicated state,
 //! not of the step: a skipped step leaves it pending, a resumed run does not repeat it.
-
-use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
@@ -192,34 +196,40 @@ fn add_assignments(
     }
 }
 
-/// One EMA step of a codebook from a step's global one-hot `counts` (K) and `sums` (K·D):
-/// updates `count` and `sum` in place and returns the codebook `m_i / Ñ_i` with
-/// Laplace-smoothed counts (see the module docs). Computed in f64.
-pub fn ema_step(
-    count: &mut [f32],
-    sum: &mut [f32],
-    counts: &[f32],
-    sums: &[f32],
-    decay: f64,
-    epsilon: f64,
-) -> Vec<f32> {
-    let k = count.len();
-    let dim = sum.len() / k.max(1);
-    for (n, c) in count.iter_mut().zip(counts) {
-        *n = (decay * f64::from(*n) + (1.0 - decay) * f64::from(*c)) as f32;
-    }
-    for (m, s) in sum.iter_mut().zip(sums) {
-        *m = (decay * f64::from(*m) + (1.0 - decay) * f64::from(*s)) as f32;
-    }
-    let total: f64 = count.iter().map(|n| f64::from(*n)).sum();
-    let mut codebook = vec![0f32; k * dim];
-    for i in 0..k {
-        let smoothed = (f64::from(count[i]) + epsilon) / (total + k as f64 * epsilon) * total;
-        for j in 0..dim {
-            codebook[i * dim + j] = (f64::from(sum[i * dim + j]) / smoothed) as f32;
+/// For `ids` (N,) u32 below `classes`: each class's count (classes) and, with `vectors` (N, D),
+/// the sum of the vectors of its ids (classes·D), as one f32 tensor on their device: a one-hot
+/// matrix and its product with the vectors, in f32 whatever their dtype (a count past 2048 is
+/// exact there, not in f16; a class with one id gets that vector exactly).
+fn one_hot_sums(ids: &Tensor, classes: usize, vectors: Option<&Tensor>) -> Result<Tensor> {
+    let all = Tensor::arange(0u32, classes as u32, ids.device())?.unsqueeze(0)?;
+    let one_hot = ids.unsqueeze(1)?.broadcast_eq(&all)?.to_dtype(DType::F32)?;
+    let counts = one_hot.sum(0)?;
+    let Some(vectors) = vectors else {
+        return Ok(counts);
+    };
+    let sums = one_hot.t()?.matmul(&vectors.to_dtype(DType::F32)?)?;
+    Ok(Tensor::cat(&[counts, sums.flatten_all()?], 0)?)
+}
+
+/// An encoder output of this rank that is a candidate for a slot (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    slot: u32,
+    /// Row-major over (row, position).
+    output: u32,
+}
+
+/// Adds each candidate's count to its slot's in `stats[..slots]` and its output's vector (of
+/// the `dim`-long outputs `z`) to the slot's sum in `stats[slots..]`.
+fn add_candidates(stats: &mut [f32], slots: usize, (found, z, dim): (&[Candidate], &[f32], usize)) {
+    for c in found {
+        let s = c.slot as usize;
+        stats[s] += 1.0;
+        let vector = &z[c.output as usize * dim..][..dim];
+        for (t, x) in stats[slots + s * dim..][..dim].iter_mut().zip(vector) {
+            *t += x;
         }
     }
-    codebook
 }
 
 /// The layout of a quantiser's update statistics: counts (K), then with the EMA codebook the
@@ -276,14 +286,6 @@ impl Quantised {
         }
     }
 
-    /// The encoder outputs (positions, D) flattened, on the host.
-    fn z(&self) -> Result<Cow<'_, [f32]>> {
-        match &self.search {
-            Search::Host { z, .. } => Ok(Cow::Borrowed(z)),
-            Search::Device { rows, .. } => Ok(Cow::Owned(host_values(rows)?)),
-        }
-    }
-
     /// Each of the `codes` codes' count of positions (K) and, with `sums`, the sum of the
     /// `dim`-long encoder outputs assigned to it (K·D), as one f32 tensor on the batch's
     /// device; computed there (a one-hot matrix product) when the search ran there, so that
@@ -296,20 +298,36 @@ impl Quantised {
                 let len = stats.len();
                 Ok(Tensor::from_vec(stats, len, self.zq.device())?)
             }
-            Search::Device { indices, rows } => {
-                let all = Tensor::arange(0u32, codes as u32, rows.device())?.unsqueeze(0)?;
-                // In f32 whatever the batch's dtype: a count past 2048 is exact there, not in f16.
-                let one_hot = indices
-                    .unsqueeze(1)?
-                    .broadcast_eq(&all)?
-                    .to_dtype(DType::F32)?;
-                let counts = one_hot.sum(0)?;
-                if !sums {
-                    return Ok(counts);
-                }
-                let rows = rows.to_dtype(DType::F32)?;
-                let vectors = one_hot.t()?.matmul(&rows)?.flatten_all()?;
-                Ok(Tensor::cat(&[counts, vectors], 0)?)
+            Search::Device { indices, rows } => one_hot_sums(indices, codes, sums.then_some(rows)),
+        }
+    }
+
+    /// Each of `slots` slots' count of the candidates `found` (slots) and the sum of their
+    /// `dim`-long encoder outputs (slots·D), as one f32 tensor on the batch's device; summed
+    /// there (a one-hot matrix product) when the search ran there.
+    fn candidate_statistics(
+        &self,
+        found: &[Candidate],
+        (slots, dim): (usize, usize),
+    ) -> Result<Tensor> {
+        let device = self.zq.device();
+        match &self.search {
+            Search::Host { z, .. } => {
+                let mut stats = vec![0f32; slots * (1 + dim)];
+                add_candidates(&mut stats, slots, (found, z, dim));
+                let len = stats.len();
+                Ok(Tensor::from_vec(stats, len, device)?)
+            }
+            Search::Device { .. } if found.is_empty() => {
+                Ok(Tensor::zeros(slots * (1 + dim), DType::F32, device)?)
+            }
+            Search::Device { rows, .. } => {
+                let column = |f: fn(&Candidate) -> u32| {
+                    let v: Vec<u32> = found.iter().map(f).collect();
+                    Tensor::from_vec(v, found.len(), device)
+                };
+                let vectors = rows.index_select(&column(|c| c.output)?, 0)?;
+                one_hot_sums(&column(|c| c.slot)?, slots, Some(&vectors))
             }
         }
     }
@@ -397,10 +415,20 @@ impl Quantiser {
         buffers.values(&format!("{}.ema_count", self.name))
     }
 
-    /// Codes whose EMA count (`usage`) is at least the restart threshold, and at least 1.
-    pub fn alive(&self, usage: &[f32]) -> usize {
-        let threshold = self.settings.restart_threshold.max(1.0) as f32;
-        usage.iter().filter(|n| **n >= threshold).count()
+    /// The codes alive (an EMA count of at least the restart threshold, and at least 1) and
+    /// the perplexity of the EMA counts (0 when they sum to 0), as f32 scalars on the
+    /// codebook's device: each step's figures, never read back there.
+    pub fn usage_figures(&self, buffers: &Buffers) -> Result<(Tensor, Tensor)> {
+        let usage = buffers.tensor(&format!("{}.ema_count", self.name))?;
+        let threshold = self.settings.restart_threshold.max(1.0);
+        let alive = usage.ge(threshold)?.to_dtype(DType::F32)?.sum_all()?;
+        let total = usage.sum_all()?;
+        let p = usage.broadcast_div(&total.clamp(f32::MIN_POSITIVE, f32::MAX)?)?;
+        let entropy = (&p * p.clamp(f32::MIN_POSITIVE, 1.0)?.log()?)?
+            .sum_all()?
+            .neg()?;
+        let perplexity = (entropy.exp()? * total.gt(0.0)?.to_dtype(DType::F32)?)?;
+        Ok((alive, perplexity))
     }
 
     /// Nearest codes of `z_e` (B, D, h, w) and the straight-through decoder input, against
@@ -497,8 +525,8 @@ impl Quantiser {
         let z = host_values(&positions(z_e)?)?;
         let mut stats = vec![0f32; rounds[round]];
         if round == 0 {
-            let all = vec![true; self.codes];
-            self.add_candidates(&mut stats, SEED_SLOTS, 2 + self.salt, (&z, ids), ctx, &all);
+            let found = self.candidates(SEED_SLOTS, 2 + self.salt, ids, ctx);
+            add_candidates(&mut stats, self.codes * SEED_SLOTS, (&found, &z, self.dim));
         } else {
             let centroids = self.init_centroids(before)?;
             let indices = nearest_codes(&z, &centroids, self.dim);
@@ -549,47 +577,45 @@ impl Quantiser {
         Ok(book)
     }
 
-    /// Adds each of this rank's outputs `z` (of the rows `ids`) that is a candidate for a slot
-    /// (`slots` per code, of the codes `eligible` names) to the slot's count in `stats[..K·slots]`
-    /// and its vector to the slot's sum in `stats[K·slots..]`. An output is a slot's candidate
-    /// with probability 1/(outputs in the global batch), decided by draws keyed by the step,
-    /// the `stream`, the row id and the position alone (geometric skips over the slots).
-    fn add_candidates(
+    /// This rank's candidates among `slots` slots per code, as (slot, output) pairs in the
+    /// order of its outputs (row-major over its rows `ids` and their positions). An output is a
+    /// slot's candidate with probability 1/(outputs in the global batch), decided by draws keyed
+    /// by the step, the `stream`, the row id and the position alone (geometric skips over the
+    /// slots): the encoder outputs are not read, so the draws need nothing from the device.
+    fn candidates(
         &self,
-        stats: &mut [f32],
         slots: usize,
         stream: u64,
-        (z, ids): (&[f32], &[u64]),
+        ids: &[u64],
         ctx: &StepContext<'_>,
-        eligible: &[bool],
-    ) {
-        let d = self.dim;
-        let all = self.codes * slots;
+    ) -> Vec<Candidate> {
+        let all = (self.codes * slots) as u64;
         let outputs = ctx.global_rows as f64 * self.positions as f64;
         let log_miss = (-1.0 / outputs).ln_1p();
-        for (row, &id) in ids.iter().enumerate() {
-            for p in 0..self.positions {
-                let v = row * self.positions + p;
-                let mut slot = 0u64;
-                for draw in 0u64.. {
-                    let key = (stream << 60) | ((p as u64) << 32) | draw;
-                    let u = ctx.noise.uniform(Purpose::Choice, ctx.step, id, key);
-                    slot += ((1.0 - u).ln() / log_miss).floor() as u64;
-                    if slot >= all as u64 {
-                        break;
-                    }
-                    let s = slot as usize;
-                    if eligible[s / slots] {
-                        stats[s] += 1.0;
-                        let vector = &z[v * d..][..d];
-                        for (t, x) in stats[all + s * d..][..d].iter_mut().zip(vector) {
-                            *t += x;
+        let positions = self.positions;
+        ids.par_iter()
+            .enumerate()
+            .flat_map_iter(|(row, &id)| {
+                let mut found = Vec::new();
+                for p in 0..positions {
+                    let mut slot = 0u64;
+                    for draw in 0u64.. {
+                        let key = (stream << 60) | ((p as u64) << 32) | draw;
+                        let u = ctx.noise.uniform(Purpose::Choice, ctx.step, id, key);
+                        slot += ((1.0 - u).ln() / log_miss).floor() as u64;
+                        if slot >= all {
+                            break;
                         }
+                        found.push(Candidate {
+                            slot: slot as u32,
+                            output: (row * positions + p) as u32,
+                        });
+                        slot += 1;
                     }
-                    slot += 1;
                 }
-            }
-        }
+                found
+            })
+            .collect()
     }
 
     /// The code vectors of `n` grids of codes (row-major): (n, D, h, w).
@@ -609,48 +635,36 @@ impl Quantiser {
             .to_vec1::<f32>()?)
     }
 
-    /// This rank's update statistics for a quantised batch of the rows `ids`, the codes' EMA
-    /// counts before the step being `usage`; at the step of a k-means initialisation
-    /// (`initialising`) without restart candidates. An f32 tensor on the batch's device; the
-    /// encoder outputs reach the host only when a code is due for a restart.
+    /// This rank's update statistics for a quantised batch of the rows `ids`; at the step of a
+    /// k-means initialisation (`initialising`) without restart candidates. An f32 tensor on the
+    /// batch's device, computed there: the candidates of every code's restart slots are
+    /// summed, and [`Quantiser::update_state`] keeps those of the codes that were dead.
     pub fn update_statistics(
         &self,
-        usage: &[f32],
         q: &Quantised,
         ids: &[u64],
         ctx: &StepContext<'_>,
         initialising: bool,
     ) -> Result<Tensor> {
         let layout = self.layout();
-        let (_, cand_at, _) = layout.offsets();
         let assigned = q.assignments((self.codes, self.dim), layout.sums)?;
         if !layout.restart {
             return Ok(assigned);
         }
-        let device = q.zq.device();
-        let threshold = self.settings.restart_threshold as f32;
-        let dead: Vec<bool> = usage.iter().map(|n| *n < threshold).collect();
-        let len = layout.len() - cand_at;
-        let candidates = if initialising || !dead.contains(&true) {
-            Tensor::zeros(len, DType::F32, device)?
+        let slots = self.codes * RESTART_SLOTS;
+        let candidates = if initialising {
+            Tensor::zeros(slots * (1 + self.dim), DType::F32, q.zq.device())?
         } else {
-            let mut candidates = vec![0f32; len];
-            let z = q.z()?;
-            self.add_candidates(
-                &mut candidates,
-                RESTART_SLOTS,
-                self.salt,
-                (&z, ids),
-                ctx,
-                &dead,
-            );
-            Tensor::from_vec(candidates, len, device)?
+            let found = self.candidates(RESTART_SLOTS, self.salt, ids, ctx);
+            q.candidate_statistics(&found, (slots, self.dim))?
         };
         Ok(Tensor::cat(&[assigned, candidates], 0)?)
     }
 
     /// Applies a step's all-reduced update statistics: the EMA step and the restarts (or, with
-    /// the codebook loss, the usage counts only).
+    /// the codebook loss, the usage counts only). Computed on the codebook's device, in f32,
+    /// from one upload of the statistics: nothing is read back (with `init = "kmeans"`, the
+    /// pending flag is).
     pub fn update_state(&self, buffers: &Buffers, stats: &[f32]) -> Result<()> {
         let layout = self.layout();
         if stats.len() != layout.len() {
@@ -662,59 +676,80 @@ impl Quantiser {
             )));
         }
         let (k, d) = (self.codes, self.dim);
-        let (sums_at, cand_at, cand_sums_at) = layout.offsets();
-        let counts = &stats[..k];
+        let (sums_at, cand_at, _) = layout.offsets();
+        let device = self.codebook.device();
+        let step = Tensor::from_slice(&stats[..cand_at], cand_at, device)?;
+        let counts = step.narrow(0, 0, k)?;
         let count_name = format!("{}.ema_count", self.name);
-        let mut count = buffers.values(&count_name)?;
+        // The codes' counts before the step: a code below the restart threshold is dead.
+        let count = buffers.tensor(&count_name)?;
+        let g = self.settings.decay;
+        let ema = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
+            Ok((old.affine(g, 0.0)? + new.affine(1.0 - g, 0.0)?)?)
+        };
         if !layout.sums {
-            let g = self.settings.decay;
-            for (n, c) in count.iter_mut().zip(counts) {
-                *n = (g * f64::from(*n) + (1.0 - g) * f64::from(*c)) as f32;
-            }
-            return buffers.set(&count_name, &count);
+            return buffers.set_tensor(&count_name, &ema(&count, &counts)?);
         }
+        let sums = step.narrow(0, sums_at, k * d)?.reshape((k, d))?;
         let sum_name = format!("{}.ema_sum", self.name);
-        let mut sum = buffers.values(&sum_name)?;
+        let mut sum = buffers.tensor(&sum_name)?;
         let initialising = self.init_pending(buffers)?;
-        if initialising {
-            // The EMA starts as any codebook's does (N = 1, m = e), at this step's centroids.
-            count.fill(1.0);
-            for (code, &n) in counts.iter().enumerate().filter(|(_, n)| **n > 0.0) {
-                let step_sums = &stats[sums_at + code * d..][..d];
-                for (m, s) in sum[code * d..][..d].iter_mut().zip(step_sums) {
-                    *m = s / n;
-                }
-            }
-        }
-        let mut codebook = ema_step(
-            &mut count,
-            &mut sum,
-            counts,
-            &stats[sums_at..][..k * d],
-            self.settings.decay,
-            self.settings.epsilon,
-        );
+        let mut count_next = if initialising {
+            // The EMA starts as any codebook's does (N = 1, m = e), at this step's centroids:
+            // a code with outputs at their mean, the others where they were.
+            let used = counts.gt(0.0)?.unsqueeze(1)?.broadcast_as((k, d))?;
+            let means = sums.broadcast_div(&counts.clamp(1.0, f32::MAX)?.unsqueeze(1)?)?;
+            sum = used.where_cond(&means, &sum)?;
+            ema(&Tensor::ones(k, DType::F32, device)?, &counts)?
+        } else {
+            ema(&count, &counts)?
+        };
+        let mut sum_next = ema(&sum, &sums)?;
+        // Laplace smoothing: Ñ_i = (N_i + ε)/(ΣN + Kε)·ΣN.
+        let eps = self.settings.epsilon;
+        let total = count_next.sum_all()?;
+        let scale = (&total / total.affine(1.0, k as f64 * eps)?)?;
+        let smoothed = count_next.affine(1.0, eps)?.broadcast_mul(&scale)?;
+        let mut codebook = sum_next.broadcast_div(&smoothed.unsqueeze(1)?)?;
         if initialising {
             buffers.set(&format!("{}.kmeans_pending", self.name), &[0.0])?;
-        } else if layout.restart {
-            let reset = self.settings.restart_threshold as f32;
-            for code in 0..k {
-                let slot = (0..RESTART_SLOTS)
-                    .map(|s| code * RESTART_SLOTS + s)
-                    .find(|s| stats[cand_at + s] == 1.0);
-                if let Some(s) = slot {
-                    let vector = &stats[cand_sums_at + s * d..][..d];
-                    codebook[code * d..][..d].copy_from_slice(vector);
-                    count[code] = reset;
-                    for (m, v) in sum[code * d..][..d].iter_mut().zip(vector) {
-                        *m = reset * v;
-                    }
-                }
+        } else if let Some((chosen, vectors)) = self.restart_vectors(stats, layout) {
+            let reset = self.settings.restart_threshold;
+            let dead = count.lt(reset)?;
+            let restart = (dead * Tensor::from_vec(chosen, k, device)?)?;
+            let vectors = Tensor::from_vec(vectors, (k, d), device)?;
+            let rows = restart.unsqueeze(1)?.broadcast_as((k, d))?;
+            codebook = rows.where_cond(&vectors, &codebook)?;
+            sum_next = rows.where_cond(&vectors.affine(reset, 0.0)?, &sum_next)?;
+            count_next =
+                restart.where_cond(&count_next.ones_like()?.affine(reset, 0.0)?, &count_next)?;
+        }
+        buffers.set_tensor(&count_name, &count_next)?;
+        buffers.set_tensor(&sum_name, &sum_next)?;
+        buffers.set_tensor(&format!("{}.codebook", self.name), &codebook)
+    }
+
+    /// From a step's all-reduced update statistics (host values), each code's restart: 1 where
+    /// one of its slots found exactly one candidate (K, u8), and that candidate's vector, the
+    /// first such slot's (K·D, zeros elsewhere); None when no code has one or restarts are off.
+    fn restart_vectors(&self, stats: &[f32], layout: UpdateLayout) -> Option<(Vec<u8>, Vec<f32>)> {
+        if !layout.restart {
+            return None;
+        }
+        let (k, d) = (self.codes, self.dim);
+        let (_, cand_at, cand_sums_at) = layout.offsets();
+        let mut chosen = vec![0u8; k];
+        let mut vectors = vec![0f32; k * d];
+        for code in 0..k {
+            let slot = (0..RESTART_SLOTS)
+                .map(|s| code * RESTART_SLOTS + s)
+                .find(|s| stats[cand_at + s] == 1.0);
+            if let Some(s) = slot {
+                chosen[code] = 1;
+                vectors[code * d..][..d].copy_from_slice(&stats[cand_sums_at + s * d..][..d]);
             }
         }
-        buffers.set(&count_name, &count)?;
-        buffers.set(&sum_name, &sum)?;
-        buffers.set(&format!("{}.codebook", self.name), &codebook)
+        chosen.contains(&1).then_some((chosen, vectors))
     }
 
     /// `n` grids of codes drawn independently per position from the EMA usage.

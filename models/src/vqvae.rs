@@ -788,7 +788,6 @@ impl Model for VqVae {
         let pass = self.forward(input.x, init)?;
         let (rec, mse) = self.reconstruction(&pass.out, input.x)?;
         let rows = input.ids.len();
-        let device = input.x.device();
         let mut per_row = rec.clone();
         let mut terms =
             BTreeMap::from([("mse", Term::per_row(&mse)?), ("rec", Term::per_row(&rec)?)]);
@@ -799,16 +798,11 @@ impl Model for VqVae {
                 per_row = (per_row + cb)?;
                 terms.insert(LEVEL_TERMS[0][col], Term::per_row(cb)?);
             }
-            let usage = quantiser.usage(&self.buffers)?;
-            let alive = quantiser.alive(&usage) as f64;
-            let counts: Vec<f64> = usage.iter().map(|n| f64::from(*n)).collect();
-            terms.insert(LEVEL_TERMS[1][col], Term::constant(alive, rows, device)?);
+            let (alive, perplexity) = quantiser.usage_figures(&self.buffers)?;
+            terms.insert(LEVEL_TERMS[1][col], Term::repeated(&alive, rows)?);
             terms.insert(LEVEL_TERMS[2][col], Term::per_row(&q.commitment)?);
-            terms.insert(
-                LEVEL_TERMS[3][col],
-                Term::constant(perplexity(&counts), rows, device)?,
-            );
-            stats.push(quantiser.update_statistics(&usage, q, input.ids, ctx, initialising)?);
+            terms.insert(LEVEL_TERMS[3][col], Term::repeated(&perplexity, rows)?);
+            stats.push(quantiser.update_statistics(q, input.ids, ctx, initialising)?);
         }
         terms.insert("loss", Term::per_row(&per_row)?);
         let loss = (per_row.sum_all()? / ctx.global_rows as f64)?;

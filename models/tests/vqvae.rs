@@ -7,9 +7,9 @@ mod common;
 use candle_core::{Device, Tensor};
 use elbo_models::{
     nearest_codes, round_statistics, whole_batch_statistics, Activation, Architecture, CodeModel,
-    CodebookInit, CodebookLearning, ComposedForms, Input, LikelihoodKind, Model, ModelSpec, Noise,
-    Objective, StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM, RESTART_SLOTS,
-    SEED_SLOTS,
+    CodebookInit, CodebookLearning, ComposedForms, Input, LikelihoodKind, LossOutput, Model,
+    ModelSpec, Noise, Objective, StepContext, VqVae, VqVaeConfig, CODEBOOK, EMA_COUNT, EMA_SUM,
+    RESTART_SLOTS, SEED_SLOTS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -66,9 +66,9 @@ fn outputs(m: &VqVae, x: &Tensor) -> Vec<f32> {
     )
 }
 
-/// The update statistics (and the loss) of `rows` of `x`, as one rank of a global batch of
-/// `global` rows sees them.
-fn step(m: &VqVae, x: &Tensor, ids: &[u64], global: u64, step: u64) -> (Vec<f32>, Tensor) {
+/// The loss output of the rows `ids` of `x`, as one rank of a global batch of `global` rows
+/// sees it at step `step`.
+fn loss_output(m: &VqVae, x: &Tensor, ids: &[u64], global: u64, step: u64) -> LossOutput {
     let labels = vec![None; ids.len()];
     let noise = Noise::new(11);
     let input = Input {
@@ -82,7 +82,13 @@ fn step(m: &VqVae, x: &Tensor, ids: &[u64], global: u64, step: u64) -> (Vec<f32>
         global_rows: global,
         batch_stats: &[],
     };
-    let out = m.loss(&input, &ctx).unwrap();
+    m.loss(&input, &ctx).unwrap()
+}
+
+/// The update statistics (and the loss) of `rows` of `x`, as one rank of a global batch of
+/// `global` rows sees them.
+fn step(m: &VqVae, x: &Tensor, ids: &[u64], global: u64, step: u64) -> (Vec<f32>, Tensor) {
+    let out = loss_output(m, x, ids, global, step);
     (values(&out.update_stats.unwrap()), out.loss)
 }
 
@@ -106,8 +112,9 @@ fn the_nearest_code_wins_and_ties_go_to_the_lowest_index() {
 }
 
 /// The composed forms (what a GPU runs: the search as one matrix product and an argmin, the
-/// one-hot counts and sums as another, on the device) give the host search's codes and the
-/// same update statistics and loss, with and without restart candidates, at either level count.
+/// one-hot counts and sums of the assignments and of the restart candidates as others, on the
+/// device) give the host search's codes and the same update statistics and loss, with and
+/// without dead codes, at either level count.
 #[test]
 fn the_composed_search_and_statistics_match_the_host_forms() {
     for (levels, threshold) in [(1, 0.5), (1, 2.0), (2, 0.5), (2, 2.0)] {
@@ -140,16 +147,15 @@ fn the_composed_search_and_statistics_match_the_host_forms() {
                 "{case}: statistic [{i}] {a} vs {b}"
             );
         }
-        if threshold > 1.0 {
-            // Each level's statistics: counts (K), sums (K·D), then the restart candidates.
-            let codes = config().codes as usize;
-            assert_eq!(composed_stats.len() % levels, 0, "{case}");
-            for level in composed_stats.chunks(composed_stats.len() / levels) {
-                assert!(
-                    level[codes + codes * DIM..].iter().any(|c| *c > 0.0),
-                    "{case}: the dead codes found candidates"
-                );
-            }
+        // Each level's statistics: counts (K), sums (K·D), then the restart candidates, which
+        // every code's slots collect (the update keeps the dead codes').
+        let codes = config().codes as usize;
+        assert_eq!(composed_stats.len() % levels, 0, "{case}");
+        for level in composed_stats.chunks(composed_stats.len() / levels) {
+            assert!(
+                level[codes + codes * DIM..].iter().any(|c| *c > 0.0),
+                "{case}: the slots found candidates"
+            );
         }
         let (a, b) = (
             loss.to_scalar::<f32>().unwrap(),
@@ -424,6 +430,20 @@ fn dead_codes_restart_at_encoder_outputs_of_the_batch() {
         m.update_state(&stats, 1).unwrap();
         let after = m.buffers().unwrap().values(CODEBOOK).unwrap();
         let count = m.buffers().unwrap().values(EMA_COUNT).unwrap();
+        if restart {
+            // The live code's slots found a single candidate too; it is not restarted.
+            let live = used[0] as usize;
+            let slots = &stats[8 + 8 * DIM + live * RESTART_SLOTS..][..RESTART_SLOTS];
+            assert!(slots.contains(&1.0), "the live code's slots: {slots:?}");
+            assert!(
+                count[live] > 1.5,
+                "the live code keeps its count: {count:?}"
+            );
+            assert!(
+                !z.chunks(DIM).any(|out| out == &after[live * DIM..][..DIM]),
+                "the live code is not moved to an encoder output"
+            );
+        }
         let mut restarted = 0;
         for code in (0..8).filter(|c| *c != used[0] as usize) {
             let new = &after[code * DIM..][..DIM];
@@ -451,6 +471,56 @@ fn dead_codes_restart_at_encoder_outputs_of_the_batch() {
         } else {
             assert_eq!(restarted, 0, "without restarts dead codes stay");
         }
+    }
+}
+
+/// Each step's figures of a level, computed on the codebook's device: the codes alive (an EMA
+/// count of at least the restart threshold, and at least 1) and the perplexity of the EMA
+/// counts, against the host formulas on the counts after a few updates.
+#[test]
+fn the_step_figures_are_the_ema_counts_alive_and_perplexity() {
+    for threshold in [0.0, 1.0, 2.0] {
+        let mut m = model(VqVaeConfig {
+            restart_threshold: threshold,
+            decay: 0.5,
+            ..config()
+        });
+        let ids: Vec<u64> = (0..6).collect();
+        for s in 0..3 {
+            let (stats, _) = step(&m, &data(6, 20 + s), &ids, 6, s);
+            m.update_state(&stats, s).unwrap();
+        }
+        let count: Vec<f64> = m
+            .buffers()
+            .unwrap()
+            .values(EMA_COUNT)
+            .unwrap()
+            .iter()
+            .map(|n| f64::from(*n))
+            .collect();
+        let alive = count.iter().filter(|n| **n >= threshold.max(1.0)).count();
+        let total: f64 = count.iter().sum();
+        let perplexity = (-count
+            .iter()
+            .filter(|n| **n > 0.0)
+            .map(|n| n / total * (n / total).ln())
+            .sum::<f64>())
+        .exp();
+        assert!(
+            alive > 0 && alive < 8,
+            "threshold {threshold}: some codes alive, some not: {count:?}"
+        );
+        let out = loss_output(&m, &data(6, 30), &ids, 6, 3);
+        let figure = |name: &str| {
+            let t = &out.terms[name];
+            f64::from(t.sum.to_scalar::<f32>().unwrap()) / t.count
+        };
+        assert_eq!(figure("codes_alive"), alive as f64, "threshold {threshold}");
+        let p = figure("perplexity");
+        assert!(
+            (p - perplexity).abs() <= 1e-5 * perplexity,
+            "threshold {threshold}: perplexity {p} vs {perplexity}"
+        );
     }
 }
 
