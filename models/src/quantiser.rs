@@ -651,20 +651,19 @@ impl Quantiser {
         if !layout.restart {
             return Ok(assigned);
         }
-        let slots = self.codes * RESTART_SLOTS;
-        let candidates = if initialising {
-            Tensor::zeros(slots * (1 + self.dim), DType::F32, q.zq.device())?
+        let found = if initialising {
+            Vec::new()
         } else {
-            let found = self.candidates(RESTART_SLOTS, self.salt, ids, ctx);
-            q.candidate_statistics(&found, (slots, self.dim))?
+            self.candidates(RESTART_SLOTS, self.salt, ids, ctx)
         };
+        let candidates = q.candidate_statistics(&found, (self.codes * RESTART_SLOTS, self.dim))?;
         Ok(Tensor::cat(&[assigned, candidates], 0)?)
     }
 
     /// Applies a step's all-reduced update statistics: the EMA step and the restarts (or, with
     /// the codebook loss, the usage counts only). Computed on the codebook's device, in f32,
-    /// from one upload of the statistics: nothing is read back (with `init = "kmeans"`, the
-    /// pending flag is).
+    /// from one upload of the statistics (and, when a slot found one candidate, of each code's
+    /// restart slot): nothing is read back (with `init = "kmeans"`, the pending flag is).
     pub fn update_state(&self, buffers: &Buffers, stats: &[f32]) -> Result<()> {
         let layout = self.layout();
         if stats.len() != layout.len() {
@@ -676,9 +675,9 @@ impl Quantiser {
             )));
         }
         let (k, d) = (self.codes, self.dim);
-        let (sums_at, cand_at, _) = layout.offsets();
+        let (sums_at, cand_at, cand_sums_at) = layout.offsets();
         let device = self.codebook.device();
-        let step = Tensor::from_slice(&stats[..cand_at], cand_at, device)?;
+        let step = Tensor::from_slice(stats, stats.len(), device)?;
         let counts = step.narrow(0, 0, k)?;
         let count_name = format!("{}.ema_count", self.name);
         // The codes' counts before the step: a code below the restart threshold is dead.
@@ -713,11 +712,19 @@ impl Quantiser {
         let mut codebook = sum_next.broadcast_div(&smoothed.unsqueeze(1)?)?;
         if initialising {
             buffers.set(&format!("{}.kmeans_pending", self.name), &[0.0])?;
-        } else if let Some((chosen, vectors)) = self.restart_vectors(stats, layout) {
+        } else if let Some(slots) = self.restart_slots(stats, layout) {
+            let slots = Tensor::from_vec(slots, k, device)?;
+            let all = k * RESTART_SLOTS;
+            let single = step
+                .narrow(0, cand_at, all)?
+                .index_select(&slots, 0)?
+                .eq(1.0)?;
+            let vectors = step
+                .narrow(0, cand_sums_at, all * d)?
+                .reshape((all, d))?
+                .index_select(&slots, 0)?;
             let reset = self.settings.restart_threshold;
-            let dead = count.lt(reset)?;
-            let restart = (dead * Tensor::from_vec(chosen, k, device)?)?;
-            let vectors = Tensor::from_vec(vectors, (k, d), device)?;
+            let restart = (count.lt(reset)? * single)?;
             let rows = restart.unsqueeze(1)?.broadcast_as((k, d))?;
             codebook = rows.where_cond(&vectors, &codebook)?;
             sum_next = rows.where_cond(&vectors.affine(reset, 0.0)?, &sum_next)?;
@@ -729,27 +736,23 @@ impl Quantiser {
         buffers.set_tensor(&format!("{}.codebook", self.name), &codebook)
     }
 
-    /// From a step's all-reduced update statistics (host values), each code's restart: 1 where
-    /// one of its slots found exactly one candidate (K, u8), and that candidate's vector, the
-    /// first such slot's (K·D, zeros elsewhere); None when no code has one or restarts are off.
-    fn restart_vectors(&self, stats: &[f32], layout: UpdateLayout) -> Option<(Vec<u8>, Vec<f32>)> {
+    /// From a step's all-reduced update statistics (host values), each code's restart slot:
+    /// the first of its slots that found exactly one candidate, else its first slot (whose
+    /// count is then not 1); None when no slot found one or restarts are off.
+    fn restart_slots(&self, stats: &[f32], layout: UpdateLayout) -> Option<Vec<u32>> {
         if !layout.restart {
             return None;
         }
-        let (k, d) = (self.codes, self.dim);
-        let (_, cand_at, cand_sums_at) = layout.offsets();
-        let mut chosen = vec![0u8; k];
-        let mut vectors = vec![0f32; k * d];
-        for code in 0..k {
-            let slot = (0..RESTART_SLOTS)
-                .map(|s| code * RESTART_SLOTS + s)
-                .find(|s| stats[cand_at + s] == 1.0);
-            if let Some(s) = slot {
-                chosen[code] = 1;
-                vectors[code * d..][..d].copy_from_slice(&stats[cand_sums_at + s * d..][..d]);
-            }
-        }
-        chosen.contains(&1).then_some((chosen, vectors))
+        let (_, cand_at, _) = layout.offsets();
+        let counts = &stats[cand_at..][..self.codes * RESTART_SLOTS];
+        let single = |s: &usize| counts[*s] == 1.0;
+        let slots: Vec<u32> = (0..self.codes)
+            .map(|code| {
+                let first = code * RESTART_SLOTS;
+                (first..first + RESTART_SLOTS).find(single).unwrap_or(first) as u32
+            })
+            .collect();
+        counts.contains(&1.0).then_some(slots)
     }
 
     /// `n` grids of codes drawn independently per position from the EMA usage.
@@ -778,6 +781,59 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+
+    /// A dead code restarts only at a slot with exactly one candidate: a code whose slots
+    /// found two candidates, or none, keeps its place, however many candidates it had.
+    #[test]
+    fn a_dead_code_restarts_only_at_a_slot_with_one_candidate() {
+        let (k, d) = (3, 2);
+        let settings = CodebookSettings {
+            learning: CodebookLearning::Ema,
+            decay: 0.5,
+            epsilon: 1e-5,
+            restart_threshold: 2.0,
+            init_offset: 0.0,
+            init: CodebookInit::Uniform,
+            kmeans_iterations: 0,
+        };
+        let mut params = Params::new(&Device::Cpu, 0);
+        let mut buffers = Buffers::new(&Device::Cpu);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let q = Quantiser::new(
+            &mut params,
+            &mut buffers,
+            &mut rng,
+            "q",
+            (k, d),
+            1,
+            0,
+            settings,
+        )
+        .unwrap();
+        let before = buffers.values("q.codebook").unwrap();
+        // Every code is dead (counts start at 1, below 2). Code 0: two candidates in its
+        // first slot; code 1: one in its third; code 2: none.
+        let s = RESTART_SLOTS;
+        let mut stats = vec![0f32; q.update_len()];
+        let (_, cand_at, cand_sums_at) = q.layout().offsets();
+        stats[cand_at] = 2.0;
+        stats[cand_sums_at..][..d].copy_from_slice(&[5.0, 7.0]);
+        stats[cand_at + s + 2] = 1.0;
+        stats[cand_sums_at + (s + 2) * d..][..d].copy_from_slice(&[3.0, -4.0]);
+        q.update_state(&buffers, &stats).unwrap();
+        let count = buffers.values("q.ema_count").unwrap();
+        let book = buffers.values("q.codebook").unwrap();
+        assert_eq!(count, vec![0.5, 2.0, 0.5], "only code 1 is reset");
+        assert_eq!(&book[d..2 * d], &[3.0, -4.0], "code 1 at its candidate");
+        for code in [0, 2] {
+            for (a, b) in book[code * d..][..d].iter().zip(&before[code * d..][..d]) {
+                assert!(
+                    (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                    "code {code} stays: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     /// The composed search finds the host search's codes, with codes whose norms differ by
     /// more than a factor of ten (so that a wrong `‖e‖²` weight moves rows to other codes).
